@@ -1,0 +1,56 @@
+"""ExpertSlots: the fixed pool of device expert buffers and the expert <-> slot maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class ExpertSlots:
+    """``num_slots`` device buffers of ``block_numel`` elements, allocated once.
+
+    ``expert_to_slot[key]`` is the slot holding expert ``key`` or -1;
+    ``slot_to_expert[slot]`` the expert in a slot or -1 (free).
+    """
+
+    def __init__(self, num_slots: int, num_keys: int, block_numel: int, dtype: torch.dtype, device: torch.device):
+        if num_slots < 1:
+            raise ValueError("need at least one slot")
+        self.buffers = torch.empty((num_slots, block_numel), dtype=dtype, device=device)  # [S, 3HI]
+        self.expert_to_slot = np.full(num_keys, -1, dtype=np.int64)
+        self.slot_to_expert = np.full(num_slots, -1, dtype=np.int64)
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def num_slots(self) -> int:
+        return self.buffers.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffers.numel() * self.buffers.element_size()
+
+    def lookup(self, key: int) -> int:
+        return int(self.expert_to_slot[key])
+
+    def has_free(self) -> bool:
+        return bool(self._free)
+
+    def take_free(self) -> int:
+        return self._free.pop()
+
+    def assign(self, key: int, slot: int) -> None:
+        old = self.slot_to_expert[slot]
+        if old >= 0:
+            self.expert_to_slot[old] = -1
+        self.slot_to_expert[slot] = key
+        self.expert_to_slot[key] = slot
+
+    def evict(self, key: int) -> int:
+        """Forget ``key``; its slot stays taken until reassigned. Returns the slot."""
+        slot = int(self.expert_to_slot[key])
+        self.expert_to_slot[key] = -1
+        self.slot_to_expert[slot] = -1
+        return slot
+
+    def resident(self) -> list[int]:
+        return [int(k) for k in self.slot_to_expert if k >= 0]

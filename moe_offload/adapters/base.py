@@ -1,0 +1,62 @@
+"""ModelAdapter: what differs between MoE families, and nothing else."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from transformers import PretrainedConfig
+
+# On disk a routed expert is either per-expert 2-D tensors (what save_pretrained
+# and the hub checkpoints write) or, in newer checkpoints, the fused 3-D
+# tensors transformers keeps in memory.
+_PER_EXPERT = r"model\.layers\.(?P<layer>\d+)\.{block}\.experts\.(?P<expert>\d+)\.(?P<proj>{names})\.weight"
+_FUSED = r"model\.layers\.(?P<layer>\d+)\.{block}\.experts\.(?P<proj>gate_up_proj|down_proj)"
+
+
+@dataclass(frozen=True)
+class ExpertTensorName:
+    """A routed-expert tensor on disk: model layer, expert (None when fused over experts), role."""
+
+    layer: int
+    expert: int | None
+    role: str  # "gate" | "up" | "down" | "gate_up" (fused) | "down_fused"
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Per-family facts: names on disk, the in-memory experts class, KV size."""
+
+    model_type: str
+    experts_class: str                      # transformers class replaced by OffloadedExperts
+    disk_block: str = "mlp"                 # name of the MoE block on disk ("block_sparse_moe" for Mixtral)
+    gate_name: str = "gate_proj"
+    up_name: str = "up_proj"
+    down_name: str = "down_proj"
+    renames: tuple[tuple[str, str], ...] = ()   # disk -> memory regex renames for dense tensors
+
+    def expert_tensor(self, name: str) -> ExpertTensorName | None:
+        """Parse a routed-expert tensor name; None for every other tensor."""
+        names = "|".join((self.gate_name, self.up_name, self.down_name))
+        for block in {self.disk_block, "mlp"}:
+            m = re.fullmatch(_PER_EXPERT.format(block=re.escape(block), names=names), name)
+            if m:
+                role = {self.gate_name: "gate", self.up_name: "up", self.down_name: "down"}[m["proj"]]
+                return ExpertTensorName(int(m["layer"]), int(m["expert"]), role)
+            m = re.fullmatch(_FUSED.format(block=re.escape(block)), name)
+            if m:
+                role = "gate_up" if m["proj"] == "gate_up_proj" else "down_fused"
+                return ExpertTensorName(int(m["layer"]), None, role)
+        return None
+
+    def memory_name(self, disk_name: str) -> str:
+        """Name of a dense tensor in the transformers module tree."""
+        for pattern, repl in self.renames:
+            disk_name = re.sub(pattern, repl, disk_name)
+        return disk_name
+
+    def kv_bytes_per_token(self, config: PretrainedConfig, element_size: int) -> int:
+        """Bytes of KV cache one token adds across all layers (transformers' cache layout)."""
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 2 * config.num_hidden_layers * heads * head_dim * element_size

@@ -1,0 +1,5 @@
+"""OLMoE: 64 experts top-8, no shared expert."""
+
+from .base import ModelAdapter
+
+ADAPTER = ModelAdapter(model_type="olmoe", experts_class="OlmoeExperts")

@@ -1,0 +1,189 @@
+"""from_pretrained: dense weights to the device, routed experts to the host store."""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
+
+from .adapters import ModelAdapter, adapter_for
+from .budget import MemoryPlan, plan_memory
+from .cache import ExpertCache, ExpertSlots, make_policy
+from .checkpoint import Checkpoint, resolve_model_dir
+from .config import OffloadConfig
+from .engine import Engine
+from .errors import MoEOffloadError
+from .experts import OffloadedExperts
+from .runtime import OffloadRuntime
+from .skeleton import ExpertsSite, build_skeleton, find_experts
+from .stats import OffloadStats
+from .transfer import CopyEngine, ExpertShape, HostExpertStore
+
+
+def load_config(directory: os.PathLike) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError, OSError) as err:
+        raise MoEOffloadError(f"cannot read {directory}/config.json: {str(err).splitlines()[0]}") from None
+
+
+def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+class ModelParts:
+    """What inspecting a checkpoint tells before anything big is allocated."""
+
+    def __init__(self, model_path: str | os.PathLike, cfg: OffloadConfig):
+        self.directory = resolve_model_dir(model_path)
+        self.checkpoint = Checkpoint(self.directory)
+        self.hf_config = load_config(self.directory)
+        self.adapter: ModelAdapter = adapter_for(self.hf_config)
+        self.dtype = cfg.dtype or checkpoint_dtype(self.hf_config)
+        self.model = build_skeleton(self.hf_config, self.dtype)
+        self.sites: list[ExpertsSite] = find_experts(self.model, self.adapter)
+        first = self.sites[0].module
+        num_experts, two_i, hidden = first.gate_up_proj.shape
+        self.num_experts = num_experts
+        self.shape = ExpertShape(hidden=hidden, intermediate=two_i // 2)
+        self.plan: MemoryPlan = plan_memory(
+            cfg,
+            dense_bytes=self._dense_bytes(),
+            bytes_per_expert=self.shape.numel * self.dtype.itemsize,
+            num_moe_layers=len(self.sites),
+            experts_per_layer=num_experts,
+            kv_bytes_per_token=self.adapter.kv_bytes_per_token(self.hf_config, self.dtype.itemsize),
+        )
+
+    def _dense_bytes(self) -> int:
+        expert_params = {id(p) for s in self.sites for p in s.module.parameters()}
+        return sum(p.numel() * self.dtype.itemsize for p in self.model.parameters() if id(p) not in expert_params)
+
+
+def _keeps_fp32(model: PreTrainedModel, name: str) -> bool:
+    patterns = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    patterns += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    return any(re.search(rf"(^|\.){re.escape(p)}(\.|$)", name) for p in patterns)
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[leaf] = value
+
+
+def load_dense(parts: ModelParts, device: torch.device) -> None:
+    """Every non-expert tensor of the checkpoint onto ``device``; error if any is missing."""
+    model, adapter = parts.model, parts.adapter
+    targets = dict(model.named_parameters()) | dict(model.named_buffers())
+    for disk_name, info in parts.checkpoint.tensors.items():
+        if adapter.expert_tensor(disk_name):
+            continue
+        name = adapter.memory_name(disk_name)
+        if name not in targets:
+            continue  # extra tensors (e.g. multi-token-prediction heads) that transformers ignores too
+        if tuple(info.shape) != tuple(targets[name].shape):
+            raise MoEOffloadError(
+                f"tensor {disk_name} has shape {list(info.shape)} but config.json implies "
+                f"{list(targets[name].shape)}; the weights and config.json do not belong together"
+            )
+        tensor = parts.checkpoint.get(disk_name)
+        if tensor.is_floating_point() and not _keeps_fp32(model, name):
+            tensor = tensor.to(parts.dtype)
+        _set_tensor(model, name, tensor.to(device))
+    for name, buf in model.named_buffers():
+        if buf.device != device:
+            _set_tensor(model, name, buf.to(device))
+    model.tie_weights()
+
+
+def fill_store(parts: ModelParts, store: HostExpertStore, progress: bool) -> None:
+    """Read routed experts tensor by tensor from safetensors into the host store."""
+    ordinal = {s.model_layer: i for i, s in enumerate(parts.sites)}
+    names = [(n, parts.adapter.expert_tensor(n)) for n in parts.checkpoint.tensors]
+    names = [(n, t) for n, t in names if t is not None]
+    for name, t in tqdm(names, desc="experts -> host", unit="tensor", disable=not progress, leave=False):
+        if t.layer not in ordinal:
+            raise MoEOffloadError(
+                f"checkpoint has routed experts for layer {t.layer} ({name}) but config.json makes it dense"
+            )
+        layer = ordinal[t.layer]
+        if t.expert is not None:
+            if t.expert >= store.num_experts:
+                raise MoEOffloadError(f"{name}: expert {t.expert} >= num_experts {store.num_experts} in config.json")
+            store.write(store.key(layer, t.expert), t.role, parts.checkpoint.get(name).to(store.dtype))
+            continue
+        role = "gate_up" if t.role == "gate_up" else "down"
+        for e in range(store.num_experts):
+            store.write(store.key(layer, e), role, parts.checkpoint.get_slice(name, e).to(store.dtype))
+
+
+def check_complete(parts: ModelParts, store: HostExpertStore) -> None:
+    missing = [n for n, p in parts.model.named_parameters() if p.is_meta]
+    if missing:
+        raise MoEOffloadError(
+            f"checkpoint {parts.directory} lacks {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}; "
+            "the checkpoint is incomplete or does not match config.json"
+        )
+    absent = store.missing_keys()
+    if absent:
+        layer, expert = divmod(absent[0], store.num_experts)
+        raise MoEOffloadError(
+            f"checkpoint {parts.directory} lacks weights of {len(absent)} routed expert(s), e.g. expert {expert} "
+            f"of MoE layer {layer} (model layer {parts.sites[layer].model_layer}); the checkpoint is incomplete"
+        )
+
+
+def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
+    device = cfg.torch_device
+    store = HostExpertStore(len(parts.sites), parts.num_experts, parts.shape, parts.dtype,
+                            pin=torch.cuda.is_available() and device.type == "cuda")
+    for site in parts.sites:  # drop the meta expert parameters before anything is loaded
+        setattr(site.parent, site.attr, nn.Identity())
+    load_dense(parts, device)
+    fill_store(parts, store, cfg.progress)
+    slots = ExpertSlots(parts.plan.slots, store.num_keys, parts.shape.numel, parts.dtype, device)
+    cache = ExpertCache(slots, make_policy(cfg.cache_policy))
+    stats = OffloadStats(len(parts.sites), store.bytes_per_expert)
+    engine = Engine(store, cache, CopyEngine(store, slots.buffers), stats)
+    for i, site in enumerate(parts.sites):
+        setattr(site.parent, site.attr,
+                OffloadedExperts(engine, i, site.model_layer, parts.num_experts, site.module.act_fn))
+    check_complete(parts, store)
+    model = parts.model
+    model.config._name_or_path = str(parts.directory)
+    if (parts.directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(parts.directory)
+    model.offload = OffloadRuntime(cfg, parts.plan, store, engine, [s.model_layer for s in parts.sites])
+    return model
+
+
+def from_pretrained(model: str | os.PathLike, config: OffloadConfig | None = None, **fields) -> PreTrainedModel:
+    """Load a local HF MoE checkpoint with its routed experts offloaded.
+
+    ``model`` is a checkpoint directory or a shipped model name ('tiny-mixtral');
+    ``fields`` override ``config`` (an OffloadConfig). Returns the transformers
+    model, with ``model.offload`` (an OffloadRuntime) for statistics.
+    """
+    cfg = (config or OffloadConfig()).replace(**fields) if fields else (config or OffloadConfig())
+    parts = None
+    try:
+        parts = ModelParts(model, cfg)
+        return assemble(parts, cfg)
+    except BaseException:
+        del parts  # nothing half-loaded stays referenced
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise

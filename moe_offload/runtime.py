@@ -1,0 +1,32 @@
+"""OffloadRuntime: what a loaded model exposes as ``model.offload``."""
+
+from __future__ import annotations
+
+from .budget import MemoryPlan
+from .config import OffloadConfig
+from .engine import Engine
+from .stats import OffloadStats
+from .transfer import HostExpertStore
+
+
+class OffloadRuntime:
+    """Config, memory plan, host store and engine of one offloaded model."""
+
+    def __init__(self, config: OffloadConfig, plan: MemoryPlan, store: HostExpertStore, engine: Engine,
+                 moe_layers: list[int]):
+        self.config = config
+        self.plan = plan
+        self.store = store
+        self.engine = engine
+        self.moe_layers = moe_layers  # model layer index of each MoE-layer ordinal
+
+    @property
+    def stats(self) -> OffloadStats:
+        return self.engine.stats
+
+    def reset_stats(self) -> None:
+        self.engine.stats.reset()
+
+    def __repr__(self) -> str:
+        return (f"OffloadRuntime(device={self.config.device}, slots={self.plan.slots}/{self.plan.num_experts}, "
+                f"policy={self.config.cache_policy}, {self.stats.summary()})")
