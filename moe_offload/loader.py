@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+import traceback
 
 import torch
 from torch import nn
@@ -181,8 +182,11 @@ def from_pretrained(model: str | os.PathLike, config: OffloadConfig | None = Non
     try:
         parts = ModelParts(model, cfg)
         return assemble(parts, cfg)
-    except BaseException:
-        del parts  # nothing half-loaded stays referenced
+    except BaseException as err:
+        # Nothing half-loaded stays referenced: drop our locals and those the
+        # traceback's frames hold, so a caught error keeps no weights alive.
+        del parts
+        traceback.clear_frames(err.__traceback__)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
