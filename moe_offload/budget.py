@@ -8,8 +8,15 @@ from .config import OffloadConfig
 from .errors import MoEOffloadError
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.3f} GiB"
+def format_bytes(n: int | float) -> str:
+    """1536 -> '1.50 KiB'; picks the unit that keeps the number readable."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+_gib = format_bytes
 
 
 @dataclass(frozen=True)

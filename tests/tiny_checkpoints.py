@@ -54,3 +54,16 @@ def make_checkpoint(family: str, directory: Path, seed: int = 0, **overrides) ->
                 buf.normal_(0, 0.1)
     model.save_pretrained(directory)
     return directory
+
+
+def add_char_tokenizer(directory: Path) -> Path:
+    """A 96-entry character tokenizer (printable ASCII + <unk>) saved in HF format."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0} | {chr(c): c - 31 for c in range(32, 127)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>").save_pretrained(directory)
+    return directory

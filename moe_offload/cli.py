@@ -1,0 +1,127 @@
+"""moe-offload command line: run, info."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .config import OffloadConfig
+from .errors import MoEOffloadError
+
+DEFAULT_MODEL = "tiny-mixtral"
+DEFAULT_PROMPT = "def fibonacci(n):\n"
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--gpu-memory", help="device memory the model may use, e.g. 6GiB, 500MB")
+    group.add_argument("--expert-slots", type=int, help="expert slots in the device cache")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"checkpoint directory or shipped model name (default {DEFAULT_MODEL})")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--dtype", help="float32, float16, bfloat16 (default: the checkpoint's)")
+    p.add_argument("--config", help="OffloadConfig YAML; flags override it")
+    add_budget_args(p)
+
+
+def offload_config(args: argparse.Namespace, **extra) -> OffloadConfig:
+    cfg = OffloadConfig.from_yaml(args.config) if getattr(args, "config", None) else OffloadConfig()
+    fields = {"device": args.device, "dtype": args.dtype, "gpu_memory": args.gpu_memory,
+              "expert_slots": args.expert_slots} | extra
+    return cfg.replace(**{k: v for k, v in fields.items() if v is not None})
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .generation import TimedStreamer
+    from .loader import from_pretrained
+
+    cfg = offload_config(args, cache_policy=args.cache_policy)
+    model = from_pretrained(args.model, cfg)
+    directory = model.config._name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError):
+        raise MoEOffloadError(f"{directory} has no tokenizer files; `run` needs them (tokenizer.json etc.)") from None
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
+    streamer = TimedStreamer(tokenizer)
+    print(args.prompt, end="", flush=True)
+    generate = dict(max_new_tokens=args.max_new_tokens, streamer=streamer,
+                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    if args.temperature > 0:
+        generate |= dict(do_sample=True, temperature=args.temperature, top_p=0.95)
+    else:
+        generate |= dict(do_sample=False)
+    with torch.inference_mode():
+        model.generate(**inputs, **generate)
+    t, stats = streamer.timing(), model.offload.stats
+    print(f"[moe-offload] prefill {t.prefill_tokens_per_s:.1f} tok/s ({t.prompt_tokens} tokens), "
+          f"decode {t.decode_tokens_per_s:.1f} tok/s ({t.new_tokens} tokens), "
+          f"hit rate {stats.hit_rate:.1%}, {stats.bytes_copied.sum() / 1e9:.3f} GB copied, "
+          f"{model.offload.plan.slots}/{model.offload.plan.num_experts} experts on {cfg.device}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .loader import ModelParts
+
+    cfg = offload_config(args)
+    parts = ModelParts(args.model, cfg)
+    plan = parts.plan
+    from .budget import format_bytes
+
+    def gib(n: int) -> str:
+        return f"{format_bytes(n)} ({n:,} bytes)"
+
+    rows = [
+        ("model", f"{parts.directory} ({parts.hf_config.model_type}, {parts.dtype})"),
+        ("dense bytes", gib(plan.dense_bytes)),
+        ("expert bytes", gib(plan.expert_bytes)),
+        ("bytes per expert", gib(plan.bytes_per_expert)),
+        ("experts", f"{plan.num_experts} ({plan.num_moe_layers} MoE layers x {plan.experts_per_layer})"),
+        ("KV reserve", f"{gib(plan.kv_reserve_bytes)} for {cfg.kv_reserve_tokens} tokens"),
+        ("budget", gib(plan.budget_bytes) if plan.budget_bytes else
+         f"{cfg.expert_slots} expert slots" if cfg.expert_slots else "none (every expert gets a slot)"),
+        ("slots", f"{plan.slots} ({plan.slots / plan.num_experts:.1%} of experts)"),
+        ("one expert per MoE layer", "yes" if plan.one_per_layer else
+         f"no: {plan.slots} slots for {plan.num_moe_layers} MoE layers (layers share slots)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-offload", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="generate text, streaming it, then print speed and cache stats")
+    run.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    add_model_args(run)
+    run.add_argument("--max-new-tokens", type=int, default=64)
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    run.add_argument("--cache-policy", help="expert cache policy")
+    run.set_defaults(func=cmd_run)
+    info = sub.add_parser("info", help="sizes of a checkpoint and what a memory budget holds")
+    add_model_args(info)
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MoEOffloadError as err:
+        print(f"moe-offload: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

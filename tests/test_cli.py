@@ -1,0 +1,49 @@
+"""The moe-offload command line: run and info, and their errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from tiny_checkpoints import add_char_tokenizer
+
+from moe_offload.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, mixtral_dir):
+    return add_char_tokenizer(shutil.copytree(mixtral_dir, tmp_path_factory.mktemp("cli") / "m"))
+
+
+def test_run_streams_text_then_stats(model_dir, capsys):
+    rc = main(["run", "def f(x):", "--model", str(model_dir), "--expert-slots", "4", "--device", "cpu",
+               "--max-new-tokens", "12"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.startswith("def f(x):")
+    text, stats = out.rstrip("\n").rsplit("\n", 1)
+    assert len(text) > len("def f(x):")
+    assert stats.startswith("[moe-offload] prefill") and "decode" in stats and "hit rate" in stats
+    assert "4/24 experts on cpu" in stats
+
+
+def test_info_reports_sizes_and_budget(model_dir, capsys):
+    assert main(["info", "--model", str(model_dir), "--expert-slots", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "bytes per expert" in out and "9.00 KiB (9,216 bytes)" in out
+    assert "24 (3 MoE layers x 8)" in out
+    assert "one expert per MoE layer  no" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--model", "/no/such/dir"], "does not exist"),
+    (["info", "--model", "/no/such/dir"], "does not exist"),
+    (["info", "--gpu-memory", "1KB"], "smaller than the dense weights"),
+    (["info", "--gpu-memory", "lots"], "cannot read memory size"),
+])
+def test_errors_exit_2_with_one_line(argv, message, model_dir, capsys):
+    if "--model" not in argv:
+        argv = argv + ["--model", str(model_dir)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.startswith("moe-offload: error:") and "\n" not in err
