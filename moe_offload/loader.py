@@ -20,6 +20,7 @@ from .config import OffloadConfig
 from .engine import Engine
 from .errors import MoEOffloadError
 from .experts import OffloadedExperts
+from .router_tap import RouterTap
 from .runtime import OffloadRuntime
 from .skeleton import ExpertsSite, build_skeleton, find_experts
 from .stats import OffloadStats
@@ -166,7 +167,8 @@ def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
     model.config._name_or_path = str(parts.directory)
     if (parts.directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(parts.directory)
-    model.offload = OffloadRuntime(cfg, parts.plan, store, engine, [s.model_layer for s in parts.sites])
+    tap = RouterTap([getattr(s.parent, parts.adapter.router_attr) for s in parts.sites], parts.adapter.router_scoring)
+    model.offload = OffloadRuntime(cfg, parts.plan, store, engine, [s.model_layer for s in parts.sites], tap)
     return model
 
 

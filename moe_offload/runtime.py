@@ -5,6 +5,7 @@ from __future__ import annotations
 from .budget import MemoryPlan
 from .config import OffloadConfig
 from .engine import Engine
+from .router_tap import RouterTap
 from .stats import OffloadStats
 from .transfer import HostExpertStore
 
@@ -13,12 +14,13 @@ class OffloadRuntime:
     """Config, memory plan, host store and engine of one offloaded model."""
 
     def __init__(self, config: OffloadConfig, plan: MemoryPlan, store: HostExpertStore, engine: Engine,
-                 moe_layers: list[int]):
+                 moe_layers: list[int], router_tap: RouterTap):
         self.config = config
         self.plan = plan
         self.store = store
         self.engine = engine
         self.moe_layers = moe_layers  # model layer index of each MoE-layer ordinal
+        self.router_tap = router_tap
 
     @property
     def stats(self) -> OffloadStats:

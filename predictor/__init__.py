@@ -1,1 +1,5 @@
-"""moe_offload.predictor"""
+"""Expert predictors and routing traces (moe_offload.predictor)."""
+
+from .trace import TRACE_VERSION, Trace, TraceFormatError
+
+__all__ = ["TRACE_VERSION", "Trace", "TraceFormatError"]

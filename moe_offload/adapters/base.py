@@ -34,6 +34,8 @@ class ModelAdapter:
     up_name: str = "up_proj"
     down_name: str = "down_proj"
     renames: tuple[tuple[str, str], ...] = ()   # disk -> memory regex renames for dense tensors
+    router_attr: str = "gate"               # the router module beside the experts module
+    router_scoring: str = "softmax"         # how router logits become per-expert scores
 
     def expert_tensor(self, name: str) -> ExpertTensorName | None:
         """Parse a routed-expert tensor name; None for every other tensor."""

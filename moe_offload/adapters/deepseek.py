@@ -18,4 +18,4 @@ class DeepseekAdapter(ModelAdapter):
 
 
 DEEPSEEK_V2 = DeepseekAdapter(model_type="deepseek_v2", experts_class="DeepseekV2Experts")
-DEEPSEEK_V3 = DeepseekAdapter(model_type="deepseek_v3", experts_class="DeepseekV3Experts")
+DEEPSEEK_V3 = DeepseekAdapter(model_type="deepseek_v3", experts_class="DeepseekV3Experts", router_scoring="sigmoid")
