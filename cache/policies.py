@@ -18,6 +18,7 @@ class CachePolicy(ABC):
     """
 
     name: str = "policy"
+    wants_router_probs: bool = False   # True: observe() needs the router's scores over all experts
 
     def observe(self, layer: int, chosen: Sequence[int], router_probs: np.ndarray | None = None) -> None:
         """Router call of MoE layer ``layer``: local ids ``chosen`` were selected."""

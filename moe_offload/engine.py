@@ -22,6 +22,11 @@ class Engine:
         self.cache = cache
         self.copier = copier
         self.stats = stats
+        self._router_probs: dict[int, torch.Tensor] = {}   # layer -> [T, E] scores of its latest router call
+
+    def on_router(self, layer: int, gate_input: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> None:
+        """RouterTap listener: runs just before the layer's experts."""
+        self._router_probs[layer] = probs
 
     def run_layer(
         self,
@@ -46,7 +51,7 @@ class Engine:
         hits = [e for e in selected if self.cache.lookup(keys[e]) >= 0]
         misses = [e for e in selected if self.cache.lookup(keys[e]) < 0]
         self._count(layer, hidden.shape[0], len(hits), len(misses))
-        self.cache.policy.observe(layer, selected)
+        self._observe(layer, selected)
 
         locked = set(keys.values())  # selected experts not yet computed: never evicted
         for e in misses:  # start copies now, into slots this layer does not need
@@ -66,6 +71,14 @@ class Engine:
             locked.discard(key)
             self.cache.touch(key)
         return out
+
+    def _observe(self, layer: int, selected: list[int]) -> None:
+        policy = self.cache.policy
+        probs = self._router_probs.pop(layer, None)
+        if policy.wants_router_probs and probs is not None:
+            policy.observe(layer, selected, probs.cpu().numpy())  # host copy: the policy keeps scores on the host
+        else:
+            policy.observe(layer, selected)
 
     def _load(self, key: int, locked: set[int]) -> bool:
         got = self.cache.acquire(key, locked)

@@ -168,6 +168,7 @@ def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
     if (parts.directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(parts.directory)
     tap = RouterTap([getattr(s.parent, parts.adapter.router_attr) for s in parts.sites], parts.adapter.router_scoring)
+    tap.add(engine.on_router)
     model.offload = OffloadRuntime(cfg, parts.plan, store, engine, [s.model_layer for s in parts.sites], tap)
     return model
 
