@@ -21,6 +21,11 @@ class ExpertSlots:
         self.slot_to_expert = np.full(num_slots, -1, dtype=np.int64)
         self._free = list(range(num_slots - 1, -1, -1))
 
+    @classmethod
+    def bookkeeping(cls, num_slots: int, num_keys: int) -> "ExpertSlots":
+        """Slot maps without device buffers (zero-size blocks), for the simulator."""
+        return cls(num_slots, num_keys, 0, torch.float32, torch.device("cpu"))
+
     @property
     def num_slots(self) -> int:
         return self.buffers.shape[0]
@@ -54,3 +59,9 @@ class ExpertSlots:
 
     def resident(self) -> list[int]:
         return [int(k) for k in self.slot_to_expert if k >= 0]
+
+    def release(self, key: int) -> int:
+        """Forget ``key`` and return its slot to the free list. Returns the slot."""
+        slot = self.evict(key)
+        self._free.append(slot)
+        return slot

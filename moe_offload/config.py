@@ -24,6 +24,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
 CACHE_POLICIES = ("lru",)
+from .scheduler import CPU_MODES  # noqa: E402
 
 
 def parse_bytes(value: int | float | str) -> int:
@@ -79,6 +80,15 @@ class OffloadConfig:
     kv_reserve_tokens: int = 2048             # KV cache kept free inside gpu_memory
     workspace_bytes: int = 64 * 2**20         # activations and allocator slack inside gpu_memory
     progress: bool = True                     # tqdm bar while loading experts
+    cpu_experts: str | None = None            # "auto": the scheduler picks copy or CPU per miss;
+                                              # "never": copy every miss; "always": every miss on the CPU;
+                                              # None: "auto" on CUDA, "never" on CPU
+    cpu_threads: int | None = None            # CPU kernel threads (default: all cores)
+    hardware: str | None = None               # hardware profile (name in configs/hardware or YAML path);
+                                              # None: measured at load when the scheduler needs costs
+    predictor: str | None = None              # "none", "cross_layer", "learned", ...; None: cross_layer on CUDA
+    prefetch_depth: int = 1                   # layers ahead to prefetch
+    prefetch_width: int | None = None         # experts per token prefetched per layer (default: top-k)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
@@ -92,6 +102,10 @@ class OffloadConfig:
             raise MoEOffloadError(
                 f"unknown cache_policy {self.cache_policy!r}; choose one of {', '.join(CACHE_POLICIES)}"
             )
+        if self.cpu_experts is not None and self.cpu_experts not in CPU_MODES:
+            raise MoEOffloadError(f"cpu_experts must be one of {', '.join(CPU_MODES)}, got {self.cpu_experts!r}")
+        if self.prefetch_depth < 0 or (self.prefetch_width is not None and self.prefetch_width < 1):
+            raise MoEOffloadError("prefetch_depth must be >= 0 and prefetch_width >= 1")
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise MoEOffloadError("device 'cuda' requested but no CUDA GPU is visible; use device='cpu'")
@@ -101,6 +115,24 @@ class OffloadConfig:
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.torch_device.type == "cuda"
+
+    @property
+    def cpu_mode(self) -> str:
+        """cpu_experts as the engine runs it; unset: the scheduler beside a GPU, plain copies on CPU."""
+        if self.cpu_experts is None:
+            return "auto" if self.on_cuda else "never"
+        return self.cpu_experts
+
+    @property
+    def predictor_name(self) -> str:
+        """predictor as the engine runs it; unset: the cross-layer gate on CUDA, none on CPU."""
+        if self.predictor is None:
+            return "cross_layer" if self.on_cuda else "none"
+        return self.predictor
 
     def replace(self, **fields: Any) -> "OffloadConfig":
         """A copy with ``fields`` changed; unknown names raise MoEOffloadError."""

@@ -1,13 +1,15 @@
-"""Engine: runs one MoE layer's routed experts out of the device expert cache."""
+"""Engine: runs one MoE layer's routed experts out of the device cache, the copy engine and the CPU."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .cache import ExpertCache
+from .scheduler import COPY, CPU, RESIDENT, ExpertLoad, Plan, plan_layer
 from .stats import OffloadStats
 from .transfer import CopyEngine, HostExpertStore, down_view, gate_up_view
 
@@ -15,18 +17,32 @@ from .transfer import CopyEngine, HostExpertStore, down_view, gate_up_view
 
 
 class Engine:
-    """Per-layer residency lookup, demand copies and expert compute."""
+    """Per layer: residency lookup, placement plan, demand copies, device compute, CPU jobs, combine."""
 
-    def __init__(self, store: HostExpertStore, cache: ExpertCache, copier: CopyEngine, stats: OffloadStats):
+    def __init__(self, store: HostExpertStore, cache: ExpertCache, copier: CopyEngine, stats: OffloadStats,
+                 cpu_mode: str = "never", costs=None, cpu_runner=None, act: str = "silu"):
         self.store = store
         self.cache = cache
         self.copier = copier
         self.stats = stats
+        self.cpu_mode = cpu_mode          # "never" | "always" | "auto" (scheduler with ``costs``)
+        self.costs = costs
+        self.cpu_runner = cpu_runner
+        self.act = act
+        self.prefetcher = None
         self._router_probs: dict[int, torch.Tensor] = {}   # layer -> [T, E] scores of its latest router call
+        self._cpu_blocks = None
+        if cpu_mode != "never":
+            from .cpu_kernels import as_numpy_block
+
+            # numpy views of the host blocks, made once: the CPU kernels read the store in place
+            self._cpu_blocks = [as_numpy_block(store.block(key)) for key in range(store.num_keys)]
 
     def on_router(self, layer: int, gate_input: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> None:
         """RouterTap listener: runs just before the layer's experts."""
         self._router_probs[layer] = probs
+        if self.prefetcher is not None:
+            self.prefetcher.on_router(layer, gate_input, probs, chosen)
 
     def run_layer(
         self,
@@ -41,24 +57,28 @@ class Engine:
         order = torch.argsort(flat, stable=True)                        # [T*k] assignments grouped by expert
         rows = order // k                                               # [T*k] token row of each assignment
         weights = top_k_weights.reshape(-1)[order]                      # [T*k]
-        # Host sync, once per layer: which experts run decides which copies start.
+        # Host sync, once per layer: which experts run decides copies and placement.
         counts = torch.bincount(flat, minlength=num_experts).tolist()   # [E]
-        starts = [0]
-        for c in counts:
-            starts.append(starts[-1] + c)
+        starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
         selected = [e for e in range(num_experts) if counts[e]]
         keys = {e: self.store.key(layer, e) for e in selected}
-        hits = [e for e in selected if self.cache.lookup(keys[e]) >= 0]
-        misses = [e for e in selected if self.cache.lookup(keys[e]) < 0]
-        self._count(layer, hidden.shape[0], len(hits), len(misses))
+        if self.prefetcher is not None:
+            self.prefetcher.begin_layer(layer, set(keys.values()))
+        plan = self._plan(keys, counts)
+        self._count(layer, hidden.shape[0], plan)
         self._observe(layer, selected)
 
-        locked = set(keys.values())  # selected experts not yet computed: never evicted
-        for e in misses:  # start copies now, into slots this layer does not need
+        device_experts = plan.experts(RESIDENT) + plan.experts(COPY)   # resident first, while copies land
+        locked = {keys[e] for e in device_experts}  # device experts not yet computed: never evicted
+        for e in plan.experts(RESIDENT):
+            if self.copier.is_queued(keys[e]):     # a prefetch that has not started: it is a demand now
+                self.copier.copy(keys[e], self.cache.lookup(keys[e]))
+        for e in plan.experts(COPY):  # start copies now, into slots this layer does not need
             if not self._load(keys[e], locked):
                 break
+        cpu_result = self._submit_cpu(plan.experts(CPU), keys, hidden, rows, weights, starts)
         out = torch.zeros_like(hidden)                                  # [T, H]
-        for e in hits + misses:  # resident experts first, while copies land
+        for e in device_experts:
             key = keys[e]
             slot = self.cache.lookup(key)
             if slot < 0:
@@ -70,7 +90,33 @@ class Engine:
             self.copier.release(slot)
             locked.discard(key)
             self.cache.touch(key)
+        if cpu_result is not None:
+            cpu_out = torch.from_numpy(cpu_result.result())            # [T, H] weighted sum of the CPU experts
+            out += cpu_out.to(out.device, out.dtype)
         return out
+
+    def _plan(self, keys: dict[int, int], counts: list[int]) -> Plan:
+        loads = []
+        for e, key in keys.items():
+            slot = self.cache.lookup(key)
+            ready = 0.0 if slot < 0 or self.copier.ready_now(slot) or self.costs is None else self.costs.copy_s()
+            loads.append(ExpertLoad(e, counts[e], resident=slot >= 0, ready_s=ready))
+        if self.cpu_mode == "auto" and self.costs is None:
+            raise RuntimeError("cpu_experts='auto' needs a cost model")
+        return plan_layer(loads, self.costs, self.cpu_mode)
+
+    def _submit_cpu(self, experts, keys, hidden, rows, weights, starts):
+        if not experts:
+            return None
+        from .cpu_kernels import CpuJob
+
+        # Host copies: the CPU kernels read token rows and routing weights from host memory.
+        hidden_host = hidden.detach().float().cpu().numpy()            # [T, H] float32
+        rows_host = rows.cpu().numpy()
+        weights_host = weights.detach().float().cpu().numpy()
+        jobs = [CpuJob(self._cpu_blocks[keys[e]], rows_host[starts[e] : starts[e + 1]],
+                       weights_host[starts[e] : starts[e + 1]], self.act) for e in experts]
+        return self.cpu_runner.submit(hidden_host, jobs)
 
     def _observe(self, layer: int, selected: list[int]) -> None:
         policy = self.cache.policy
@@ -99,8 +145,9 @@ class Engine:
         y = y * w[:, None]
         out.index_add_(0, idx, y.to(out.dtype))
 
-    def _count(self, layer: int, tokens: int, hits: int, misses: int) -> None:
+    def _count(self, layer: int, tokens: int, plan: Plan) -> None:
         self.stats.layer_calls[layer] += 1
         self.stats.tokens[layer] += tokens
-        self.stats.hits[layer] += hits
-        self.stats.misses[layer] += misses
+        self.stats.hits[layer] += len(plan.experts(RESIDENT))
+        self.stats.misses[layer] += len(plan.experts(COPY)) + len(plan.experts(CPU))
+        self.stats.cpu_experts[layer] += len(plan.experts(CPU))

@@ -16,7 +16,9 @@ from .adapters import ModelAdapter, adapter_for
 from .budget import MemoryPlan, plan_memory
 from .cache import ExpertCache, ExpertSlots, make_policy
 from .checkpoint import Checkpoint, resolve_model_dir
+from .calibrate import measure_profile
 from .config import OffloadConfig
+from .cost import CostModel, HardwareProfile
 from .engine import Engine
 from .errors import MoEOffloadError
 from .experts import OffloadedExperts
@@ -147,6 +149,26 @@ def check_complete(parts: ModelParts, store: HostExpertStore) -> None:
         )
 
 
+def make_cpu_runner(cfg: OffloadConfig, parts: ModelParts):
+    """The CPU expert runner, compiled now so no JIT happens at the first token; None if unused."""
+    if cfg.cpu_mode == "never":
+        return None
+    from .cpu_kernels import CpuRunner
+
+    runner = CpuRunner(num_threads=cfg.cpu_threads)
+    runner.warmup(dtypes=[str(parts.dtype).removeprefix("torch.")], acts=[parts.hf_config.hidden_act])
+    return runner
+
+
+def cost_model(cfg: OffloadConfig, parts: ModelParts, store: HostExpertStore, slots: ExpertSlots, runner) -> CostModel:
+    """Costs from the named hardware profile, or measured now on one expert."""
+    if cfg.hardware is not None:
+        profile = HardwareProfile.from_yaml(cfg.hardware)
+    else:
+        profile = measure_profile(store.block(0), slots.buffers[0], parts.shape, runner, repeats=3)
+    return CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize)
+
+
 def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
     device = cfg.torch_device
     store = HostExpertStore(len(parts.sites), parts.num_experts, parts.shape, parts.dtype,
@@ -158,7 +180,10 @@ def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
     slots = ExpertSlots(parts.plan.slots, store.num_keys, parts.shape.numel, parts.dtype, device)
     cache = ExpertCache(slots, make_policy(cfg.cache_policy))
     stats = OffloadStats(len(parts.sites), store.bytes_per_expert)
-    engine = Engine(store, cache, CopyEngine(store, slots.buffers), stats)
+    copier = CopyEngine(store, slots.buffers)
+    runner = make_cpu_runner(cfg, parts)
+    costs = cost_model(cfg, parts, store, slots, runner) if cfg.cpu_mode == "auto" else None
+    engine = Engine(store, cache, copier, stats, cfg.cpu_mode, costs, runner, parts.hf_config.hidden_act)
     for i, site in enumerate(parts.sites):
         setattr(site.parent, site.attr,
                 OffloadedExperts(engine, i, site.model_layer, parts.num_experts, site.module.act_fn))

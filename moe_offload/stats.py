@@ -6,54 +6,83 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+_COUNTERS = ("layer_calls", "tokens", "hits", "misses", "evictions", "cpu_experts",
+             "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "predicted_found", "predicted_total")
+
 
 @dataclass
 class OffloadStats:
-    """Counters per MoE layer (index = MoE-layer ordinal, not the model layer)."""
+    """Counters per MoE layer (index = MoE-layer ordinal, not the model layer).
+
+    hits: selected experts already resident (or prefetched); misses: selected
+    experts not resident, whether copied or run on the CPU (``cpu_experts`` of
+    them ran on the CPU, the rest were copied). Prefetches are issued for a
+    predicted layer, used when that layer selects them, wasted otherwise.
+    ``predicted_found / predicted_total`` is the predictor's live recall at
+    distance 1 (share of selected experts that were among its top-k).
+    """
 
     num_layers: int
     bytes_per_expert: int
     layer_calls: np.ndarray = field(init=False)
-    tokens: np.ndarray = field(init=False)          # token rows seen by the layer
-    hits: np.ndarray = field(init=False)            # selected experts already resident
-    misses: np.ndarray = field(init=False)          # selected experts that had to be copied
+    tokens: np.ndarray = field(init=False)
+    hits: np.ndarray = field(init=False)
+    misses: np.ndarray = field(init=False)
     evictions: np.ndarray = field(init=False)
+    cpu_experts: np.ndarray = field(init=False)
+    prefetch_issued: np.ndarray = field(init=False)
+    prefetch_used: np.ndarray = field(init=False)
+    prefetch_wasted: np.ndarray = field(init=False)
+    prefetch_cancelled: np.ndarray = field(init=False)  # wasted ones dropped before their copy started
+    predicted_found: np.ndarray = field(init=False)
+    predicted_total: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        for name in ("layer_calls", "tokens", "hits", "misses", "evictions"):
+        for name in _COUNTERS:
             setattr(self, name, np.zeros(self.num_layers, dtype=np.int64))
 
     @property
+    def copies(self) -> np.ndarray:
+        """Experts copied to the device: demand copies plus prefetches that started."""
+        return self.misses - self.cpu_experts + self.prefetch_issued - self.prefetch_cancelled
+
+    @property
     def bytes_copied(self) -> np.ndarray:
-        return self.misses * self.bytes_per_expert
+        return self.copies * self.bytes_per_expert
 
     @property
     def hit_rate(self) -> float:
         total = int(self.hits.sum() + self.misses.sum())
         return float(self.hits.sum()) / total if total else 1.0
 
+    @property
+    def predictor_recall(self) -> float | None:
+        total = int(self.predicted_total.sum())
+        return float(self.predicted_found.sum()) / total if total else None
+
     def to_dict(self) -> dict:
         return {
             "hit_rate": self.hit_rate,
             "hits": int(self.hits.sum()),
             "misses": int(self.misses.sum()),
+            "cpu_experts": int(self.cpu_experts.sum()),
             "bytes_copied": int(self.bytes_copied.sum()),
-            "per_layer": {
-                "layer_calls": self.layer_calls.tolist(),
-                "tokens": self.tokens.tolist(),
-                "hits": self.hits.tolist(),
-                "misses": self.misses.tolist(),
-                "evictions": self.evictions.tolist(),
-                "bytes_copied": self.bytes_copied.tolist(),
-            },
+            "prefetch_issued": int(self.prefetch_issued.sum()),
+            "prefetch_used": int(self.prefetch_used.sum()),
+            "prefetch_wasted": int(self.prefetch_wasted.sum()),
+            "predictor_recall": self.predictor_recall,
+            "per_layer": {name: getattr(self, name).tolist() for name in _COUNTERS}
+            | {"bytes_copied": self.bytes_copied.tolist()},
         }
 
     def summary(self) -> str:
-        gb = self.bytes_copied.sum() / 1e9
-        return (
-            f"hit rate {self.hit_rate:.1%} ({int(self.hits.sum())} hits, {int(self.misses.sum())} misses), "
-            f"{gb:.3f} GB copied"
-        )
+        text = (f"hit rate {self.hit_rate:.1%} ({int(self.hits.sum())} hits, {int(self.misses.sum())} misses, "
+                f"{int(self.cpu_experts.sum())} on CPU), {self.bytes_copied.sum() / 1e9:.3f} GB copied")
+        if self.prefetch_issued.sum():
+            text += (f", prefetch {int(self.prefetch_used.sum())}/{int(self.prefetch_issued.sum())} used")
+        if self.predictor_recall is not None:
+            text += f", predictor recall {self.predictor_recall:.1%}"
+        return text

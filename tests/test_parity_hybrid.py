@@ -1,0 +1,51 @@
+"""Parity with misses on the CPU kernels: cpu_experts never / always / auto, at every budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_checkpoints import num_experts
+from transformers import AutoModelForCausalLM
+
+import moe_offload
+from moe_offload.cost import HardwareProfile
+
+TOKENS = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(3))  # [B, S]
+
+
+@pytest.fixture(scope="module")
+def split_profile(tmp_path_factory):
+    """Costs under which 1-token misses run on the CPU and many-token misses are copied."""
+    profile = HardwareProfile(name="split", h2d_gbps=0.01, copy_latency_us=0.0, gpu_mem_gbps=1000.0,
+                              gpu_tflops=1000.0, gpu_launch_us=0.0, cpu_mem_gbps=1.0, cpu_gflops=0.02,
+                              cpu_start_us=0.0)
+    return profile.to_yaml(tmp_path_factory.mktemp("hw") / "split.yaml")
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("mode", ["never", "always", "auto"])
+def test_logits_and_generation_match(checkpoints, family, mode, split_profile):
+    path = checkpoints[family]
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = ref(TOKENS).logits
+    expected_ids = ref.generate(TOKENS[:, :4], **gen)
+    for k in (1, num_experts(family) // 2, num_experts(family)):
+        model = moe_offload.from_pretrained(path, device="cpu", dtype=torch.float32, expert_slots=k,
+                                            cpu_experts=mode, hardware=str(split_profile), progress=False)
+        with torch.no_grad():
+            assert rel_err(model(TOKENS).logits, expected) < 1e-5, (mode, k)
+        assert torch.equal(model.generate(TOKENS[:, :4], **gen), expected_ids), (mode, k)
+        stats = model.offload.stats
+        if mode == "never":
+            assert stats.cpu_experts.sum() == 0
+        if mode == "always":
+            assert stats.cpu_experts.sum() == stats.misses.sum() > 0
+            assert stats.bytes_copied.sum() == 0
+        if mode == "auto" and k < num_experts(family):
+            assert 0 < stats.cpu_experts.sum() < stats.misses.sum(), "both CPU runs and copies expected"
