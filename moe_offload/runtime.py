@@ -29,6 +29,25 @@ class OffloadRuntime:
     def reset_stats(self) -> None:
         self.engine.stats.reset()
 
+    def preload(self, experts: list[tuple[int, int]]) -> int:
+        """Copy ``(moe_layer, expert)`` pairs into free or evictable slots now; returns how many landed.
+
+        With ``cpu_experts="always"`` nothing evicts them later: the static hot-expert
+        placement that kTransformers uses.
+        """
+        engine, loaded = self.engine, 0
+        for layer, expert in experts:
+            key = self.store.key(layer, expert)
+            if engine.cache.lookup(key) >= 0:
+                continue
+            got = engine.cache.acquire(key)
+            if got is None:
+                break
+            engine.copier.copy(key, got[0])
+            loaded += 1
+        engine.copier.synchronize()
+        return loaded
+
     def __repr__(self) -> str:
         return (f"OffloadRuntime(device={self.config.device}, slots={self.plan.slots}/{self.plan.num_experts}, "
                 f"policy={self.config.cache_policy}, {self.stats.summary()})")

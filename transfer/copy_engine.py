@@ -40,6 +40,8 @@ class CopyEngine:
             self.released = [torch.cuda.Event() for _ in range(num_slots)]
         self._written = [False] * num_slots
         self._read = [False] * num_slots
+        self.timing = False                      # when set, every CUDA copy records start/end events
+        self._timed: list[tuple] = []
 
     # -- submitting -------------------------------------------------------------------------
     def copy(self, key: int, slot: int) -> None:
@@ -82,9 +84,26 @@ class CopyEngine:
         with torch.cuda.stream(stream):
             if self._read[slot]:
                 stream.wait_event(self.released[slot])  # never overwrite what queued compute still reads
+            start = self._timing_event(stream)
             self.buffers[slot].copy_(src, non_blocking=self.store.pinned)
             self.ready[slot].record(stream)
+            if start is not None:
+                self._timed.append((start, self._timing_event(stream)))
         self._written[slot] = True
+
+    def _timing_event(self, stream):
+        if not self.timing:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
+
+    def copy_seconds(self) -> float:
+        """Total device time of the timed copies so far (synchronizes); resets the record."""
+        self.synchronize()
+        total = sum(start.elapsed_time(end) for start, end in self._timed) / 1e3
+        self._timed.clear()
+        return total
 
     # -- consuming --------------------------------------------------------------------------
     def ready_now(self, slot: int) -> bool:

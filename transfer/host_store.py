@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .pinning import pinned_empty
+
 # L = MoE layers, E = experts per layer, H = hidden size, I = expert intermediate size
 # A block is [gate_up (2I*H) | down (H*I)] flattened: gate_up rows 0..I-1 are the
 # gate projection, rows I..2I-1 the up projection (transformers' fused layout).
@@ -50,7 +52,12 @@ class HostExpertStore:
         self.shape = shape
         self.dtype = dtype
         self.pinned = pin
-        self.blocks = torch.empty((num_layers * num_experts, shape.numel), dtype=dtype, pin_memory=pin)  # [L*E, 3HI]
+        self.pinning = "none"   # how the store is page-locked: "registered" (cudaHostRegister), "torch" or "none"
+        rows = (num_layers * num_experts, shape.numel)
+        if pin:
+            self.blocks, self.pinning = pinned_empty(rows, dtype)   # [L*E, 3HI]
+        else:
+            self.blocks = torch.empty(rows, dtype=dtype)            # [L*E, 3HI]
         self.filled = torch.zeros(num_layers * num_experts, dtype=torch.bool)
 
     @property

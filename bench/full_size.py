@@ -1,0 +1,128 @@
+"""Random-weight checkpoints with the shapes of real MoE models, streamed to disk in shards.
+
+    python bench/full_size.py --preset mixtral-8x7b --layers 8 --out /data/mixtral-8x7b-l8
+
+Written one layer at a time with per-expert tensor names as hub checkpoints use
+them, so loading goes through the same safetensors path as a real model and no
+full model is ever in memory. ``--layers`` keeps the first N decoder layers
+(full width), for disks smaller than the model; tokens/s then covers N layers.
+Random weights route almost uniformly: benchmarks pair these models with
+routing replay (bench/routing_replay.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+
+PRESETS: dict[str, dict] = {
+    # mistralai/Mixtral-8x7B-v0.1 config.json
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                         vocab_size=32000, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5),
+    # deepseek-ai/DeepSeek-V2-Lite config.json
+    "deepseek-v2-lite": dict(model_type="deepseek_v2", hidden_size=2048, intermediate_size=10944,
+                             moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+                             num_key_value_heads=16, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+                             first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+                             qk_nope_head_dim=128, v_head_dim=128, topk_method="greedy", n_group=1, topk_group=1,
+                             routed_scaling_factor=1.0, vocab_size=102400, max_position_embeddings=163840),
+    # Qwen/Qwen3-30B-A3B config.json
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936,
+                          max_position_embeddings=40960, rope_theta=1e6),
+}
+
+_DISK_NAMES = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
+_DEFAULT_NAMES = ("mlp", "gate_proj", "up_proj", "down_proj")
+
+
+def preset_config(preset: str, layers: int | None, dtype: torch.dtype):
+    spec = dict(PRESETS[preset])
+    model_type = spec.pop("model_type")
+    if layers is not None:
+        spec["num_hidden_layers"] = layers
+    return AutoConfig.for_model(model_type, **spec, dtype=dtype, tie_word_embeddings=False)
+
+
+def disk_tensors(name: str, shape: torch.Size, model_type: str) -> list[tuple[str, tuple, str]]:
+    """On-disk (name, shape, role) of one in-memory parameter; fused experts become per-expert tensors."""
+    block, gate, up, down = _DISK_NAMES.get(model_type, _DEFAULT_NAMES)
+    if block != "mlp":
+        name = name.replace(".mlp.", f".{block}.")
+    if name.endswith(".experts.gate_up_proj"):
+        e, two_i, h = shape
+        base = name.removesuffix("gate_up_proj")
+        return [(f"{base}{x}.{p}.weight", (two_i // 2, h), "expert") for x in range(e) for p in (gate, up)]
+    if name.endswith(".experts.down_proj"):
+        e, h, i = shape
+        base = name.removesuffix("down_proj")
+        return [(f"{base}{x}.{down}.weight", (h, i), "expert") for x in range(e)]
+    return [(name, tuple(shape), "dense")]
+
+
+def random_tensor(name: str, shape: tuple, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    if "norm" in name or name.endswith("e_score_correction_bias"):
+        return torch.ones(shape, dtype=dtype) if "norm" in name else torch.zeros(shape, dtype=torch.float32)
+    return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+
+
+def write_checkpoint(preset: str, out: Path, layers: int | None, dtype: torch.dtype, shard_gb: float) -> Path:
+    config = preset_config(preset, layers, dtype)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    gen = torch.Generator().manual_seed(0)
+    names = [t for n, p in skeleton.named_parameters() for t in disk_tensors(n, p.shape, config.model_type)]
+    weight_map, shard, shard_bytes, index = {}, {}, 0, 0
+    for name, shape, _ in tqdm(names, desc=f"writing {preset}", unit="tensor"):
+        tensor = random_tensor(name, shape, dtype, gen)
+        shard[name] = tensor
+        shard_bytes += tensor.numel() * tensor.element_size()
+        if shard_bytes >= shard_gb * 1e9:
+            index = _flush(out, shard, index, weight_map)
+            shard, shard_bytes = {}, 0
+    _flush(out, shard, index, weight_map)
+    total = sum((out / f).stat().st_size for f in set(weight_map.values()))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return out
+
+
+def _flush(out: Path, shard: dict, index: int, weight_map: dict) -> int:
+    if not shard:
+        return index
+    file = f"model-{index + 1:05d}.safetensors"
+    save_file(shard, out / file, metadata={"format": "pt"})
+    weight_map.update({name: file for name in shard})
+    return index + 1
+
+
+def main(args: argparse.Namespace) -> int:
+    dtype = getattr(torch, args.dtype)
+    path = write_checkpoint(args.preset, Path(args.out), args.layers, dtype, args.shard_gb)
+    print(f"wrote {path}")
+    return 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--layers", type=int, help="keep the first N decoder layers")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--shard-gb", type=float, default=4.0)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))
