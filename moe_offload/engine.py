@@ -142,8 +142,11 @@ class Engine:
         x = hidden[idx]                                                     # [t, H]
         gate, up = F.linear(x, gate_up_view(block, shape)).chunk(2, dim=-1) # [t, I] each
         y = F.linear(act_fn(gate) * up, down_view(block, shape))            # [t, H]
-        y = y * w[:, None]
-        out.index_add_(0, idx, y.to(out.dtype))
+        y = (y * w[:, None]).to(out.dtype)
+        if idx.shape[0] == out.shape[0]:  # serves every token (always so at decode): rows are 0..T-1 in order
+            out += y
+        else:
+            out.index_add_(0, idx, y)
 
     def _count(self, layer: int, tokens: int, plan: Plan) -> None:
         self.stats.layer_calls[layer] += 1
