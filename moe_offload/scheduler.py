@@ -100,8 +100,10 @@ def _improve(device: list, cpu: list, costs: Costs, backlog: float) -> tuple[lis
     return device, cpu
 
 
-def plan_layer(loads: Sequence[ExpertLoad], costs: Costs | None, mode: str = "auto", copy_backlog_s: float = 0.0) -> Plan:
-    """Place each expert of one layer; ``mode`` 'never' copies every miss, 'always' runs every miss on the CPU."""
+def plan_layer(loads: Sequence[ExpertLoad], costs: Costs | None, mode: str = "auto", copy_backlog_s: float = 0.0,
+               refine: bool = True) -> Plan:
+    """Place each expert of one layer; ``mode`` 'never' copies every miss, 'always' runs every miss on the CPU.
+    ``refine=False`` stops after HybriMoE's greedy (for comparison)."""
     if mode not in CPU_MODES:
         raise ValueError(f"cpu_experts must be one of {CPU_MODES}, got {mode!r}")
     loads = [i for i in loads if i.tokens > 0]
@@ -110,7 +112,9 @@ def plan_layer(loads: Sequence[ExpertLoad], costs: Costs | None, mode: str = "au
     elif mode == "always":
         device, cpu = [i for i in loads if i.resident], [i for i in loads if not i.resident]
     else:
-        device, cpu = _improve(*_greedy(list(loads), costs, copy_backlog_s), costs, copy_backlog_s)
+        device, cpu = _greedy(list(loads), costs, copy_backlog_s)
+        if refine:
+            device, cpu = _improve(device, cpu, costs, copy_backlog_s)
     placement = {i.expert: (RESIDENT if i.resident else COPY) for i in device} | {i.expert: CPU for i in cpu}
     finish = float("nan") if costs is None else _makespan(device, cpu, costs, copy_backlog_s)
     return Plan(placement, finish)
