@@ -1,19 +1,41 @@
-"""ExpertCache: residency decisions over ExpertSlots, made by a CachePolicy."""
+"""ExpertCache: residency decisions over ExpertSlots, made by a CachePolicy within slot pools."""
 
 from __future__ import annotations
 
 from collections.abc import Collection
 
-from .policies import CachePolicy
+from .policy import CachePolicy
+from .pools import SlotPools
 from .slots import ExpertSlots
 
 
 class ExpertCache:
-    """Which experts hold device slots; hands out a slot for a miss."""
+    """Which experts hold device slots; hands out a slot for a miss.
 
-    def __init__(self, slots: ExpertSlots, policy: CachePolicy):
+    ``pools`` partitions the slots (default: one shared pool). A key whose pool
+    is below capacity takes a free slot; a full pool evicts among its own
+    residents, as its policy chooses.
+    """
+
+    def __init__(self, slots: ExpertSlots, policy: CachePolicy, pools: SlotPools | None = None):
         self.slots = slots
         self.policy = policy
+        self.pools = pools or SlotPools.shared(slots.num_slots)
+        if self.pools.num_slots > slots.num_slots:
+            raise ValueError(f"pools need {self.pools.num_slots} slots but only {slots.num_slots} exist")
+        self._residents: list[set[int]] = []
+        self._releases_seen = -1
+        self._sync()
+        policy.bind_pools(self.pools)
+
+    def _sync(self) -> None:
+        """Rebuild the per-pool resident sets when slots were released behind the cache's back."""
+        if self._releases_seen == self.slots.releases:
+            return
+        self._residents = [set() for _ in range(self.pools.num_pools)]
+        for key in self.slots.resident():
+            self._residents[self.pools.pool_of(key)].add(key)
+        self._releases_seen = self.slots.releases
 
     def lookup(self, key: int) -> int:
         """Slot of ``key`` or -1."""
@@ -22,19 +44,41 @@ class ExpertCache:
     def touch(self, key: int) -> None:
         self.policy.touch(key)
 
+    def residents(self, pool: int = 0) -> set[int]:
+        """Keys resident in ``pool`` (a copy)."""
+        self._sync()
+        return set(self._residents[pool])
+
+    def release(self, key: int) -> int:
+        """Drop resident ``key`` (e.g. a cancelled prefetch) and free its slot. Returns the slot."""
+        self._sync()
+        self._residents[self.pools.pool_of(key)].discard(key)
+        self.policy.remove(key)
+        slot = self.slots.release(key)
+        self._releases_seen = self.slots.releases
+        return slot
+
     def acquire(self, key: int, locked: Collection[int] = ()) -> tuple[int, int] | None:
-        """A slot for missing expert ``key``: a free one, else the policy's victim
-        among residents not in ``locked``. Returns (slot, evicted key or -1), or
-        None when every slot is locked."""
-        if self.slots.has_free():
+        """A slot for missing expert ``key``: a free one while its pool is below
+        capacity, else the policy's victim among the pool's residents not in
+        ``locked``. Returns (slot, evicted key or -1), or None when every
+        resident of the pool is locked."""
+        self._sync()
+        pool = self.pools.pool_of(key)
+        residents = self._residents[pool]
+        if len(residents) < self.pools.capacity[pool]:
+            self.policy.on_miss(key)
             slot, evicted = self.slots.take_free(), -1
         else:
-            candidates = [k for k in self.slots.resident() if k not in locked]
+            candidates = list(residents.difference(locked))
             if not candidates:
                 return None
+            self.policy.on_miss(key)
             evicted = self.policy.victim(candidates)
             self.policy.remove(evicted)
+            residents.discard(evicted)
             slot = self.slots.evict(evicted)
         self.slots.assign(key, slot)
+        residents.add(key)
         self.policy.admit(key)
         return slot, evicted

@@ -1,70 +1,37 @@
-"""Eviction policies behind one interface. Keys are flat expert ids (layer * E + expert)."""
+"""Registry of eviction policies by name. Keys are flat expert ids (layer * E + expert)."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections import OrderedDict
-from collections.abc import Sequence
+from .arc import ARCPolicy
+from .belady import BeladyPolicy
+from .layout import ExpertLayout
+from .lfu import LFUPolicy
+from .lru import LRUPolicy
+from .policy import CachePolicy
+from .score import ScorePolicy
 
-import numpy as np
-
-
-class CachePolicy(ABC):
-    """Bookkeeping that picks which resident expert leaves the cache.
-
-    The cache calls ``observe`` once per router call of a layer, ``touch`` when a
-    resident expert is used, ``admit`` when an expert enters, ``remove`` when one
-    leaves, and ``victim`` to choose among evictable residents.
-    """
-
-    name: str = "policy"
-    wants_router_probs: bool = False   # True: observe() needs the router's scores over all experts
-
-    def observe(self, layer: int, chosen: Sequence[int], router_probs: np.ndarray | None = None) -> None:
-        """Router call of MoE layer ``layer``: local ids ``chosen`` were selected."""
-
-    @abstractmethod
-    def touch(self, key: int) -> None: ...
-
-    @abstractmethod
-    def admit(self, key: int) -> None: ...
-
-    @abstractmethod
-    def remove(self, key: int) -> None: ...
-
-    @abstractmethod
-    def victim(self, candidates: Sequence[int]) -> int: ...
+# Policies the runtime can use: they decide from the past only.
+POLICIES: dict[str, type[CachePolicy]] = {
+    "lru": LRUPolicy,
+    "lfu": LFUPolicy,
+    "score": ScorePolicy,
+    "arc": ARCPolicy,
+}
+# Policies that need the future: the simulator builds them from the trace.
+SIMULATION_ONLY: dict[str, type[CachePolicy]] = {"belady": BeladyPolicy}
 
 
-class LRUPolicy(CachePolicy):
-    """Least recently used: evict the candidate whose last use is oldest."""
-
-    name = "lru"
-
-    def __init__(self) -> None:
-        self._order: OrderedDict[int, None] = OrderedDict()  # oldest first
-
-    def touch(self, key: int) -> None:
-        self._order.move_to_end(key)
-
-    def admit(self, key: int) -> None:
-        self._order[key] = None
-
-    def remove(self, key: int) -> None:
-        self._order.pop(key, None)
-
-    def victim(self, candidates: Sequence[int]) -> int:
-        allowed = set(candidates)
-        for key in self._order:
-            if key in allowed:
-                return key
-        raise ValueError("no evictable candidate")
-
-
-POLICIES = {"lru": LRUPolicy}
-
-
-def make_policy(name: str, **kwargs) -> CachePolicy:
+def make_policy(name: str, layout: ExpertLayout | None = None, **params) -> CachePolicy:
+    """A fresh runtime policy ``name`` for a model of ``layout`` (LRU and ARC do not need one)."""
+    if name in SIMULATION_ONLY:
+        raise ValueError(f"cache policy {name!r} needs the future routing and exists only in the simulator")
     if name not in POLICIES:
         raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(POLICIES)}")
-    return POLICIES[name](**kwargs)
+    cls = POLICIES[name]
+    if layout is None and cls in (LFUPolicy, ScorePolicy):
+        raise ValueError(f"cache policy {name!r} needs the model's ExpertLayout")
+    return cls(layout, **params)
+
+
+__all__ = ["ARCPolicy", "BeladyPolicy", "CachePolicy", "LFUPolicy", "LRUPolicy", "POLICIES", "SIMULATION_ONLY",
+           "ScorePolicy", "make_policy"]

@@ -20,6 +20,7 @@ class ExpertSlots:
         self.expert_to_slot = np.full(num_keys, -1, dtype=np.int64)
         self.slot_to_expert = np.full(num_slots, -1, dtype=np.int64)
         self._free = list(range(num_slots - 1, -1, -1))
+        self.releases = 0   # release() calls so far: caches keeping their own residency lists resync on change
 
     @classmethod
     def bookkeeping(cls, num_slots: int, num_keys: int) -> "ExpertSlots":
@@ -64,4 +65,5 @@ class ExpertSlots:
         """Forget ``key`` and return its slot to the free list. Returns the slot."""
         slot = self.evict(key)
         self._free.append(slot)
+        self.releases += 1
         return slot

@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from . import fit_predictor_cli, sweep, trace_cli
 from .config import OffloadConfig
 from .errors import MoEOffloadError
 
@@ -98,6 +99,38 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Time copies, device and CPU expert compute for the model's expert shape; save a profile."""
+    from .calibrate import measure_profile
+    from .cost import PROFILE_DIR, CostModel
+    from .cpu_kernels import CpuRunner
+    from .loader import ModelParts
+    from .transfer.pinning import pinned_empty
+
+    cfg = offload_config(args, expert_slots=1)
+    parts = ModelParts(args.model, cfg)
+    device, numel = cfg.torch_device, parts.shape.numel
+    if cfg.on_cuda:
+        host, _ = pinned_empty((numel,), parts.dtype)
+    else:
+        host = torch.empty(numel, dtype=parts.dtype)
+    host.copy_(torch.randn(numel) * 0.02)
+    slot = torch.empty(numel, dtype=parts.dtype, device=device)
+    runner = CpuRunner(num_threads=args.cpu_threads)
+    runner.warmup(dtypes=[str(parts.dtype).removeprefix("torch.")], acts=[parts.hf_config.hidden_act])
+    profile = measure_profile(host, slot, parts.shape, runner, name=args.name, repeats=args.repeats)
+    out = args.out or PROFILE_DIR / f"{args.name}.yaml"
+    profile.to_yaml(out)
+    costs = CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize)
+    print(f"copy {profile.h2d_gbps:.2f} GB/s, device {profile.gpu_mem_gbps:.1f} GB/s / "
+          f"{profile.gpu_tflops:.3f} TFLOP/s, CPU {profile.cpu_mem_gbps:.1f} GB/s / {profile.cpu_gflops:.1f} GFLOP/s")
+    for tokens in (1, 8, 64):
+        print(f"  {tokens:>3} tokens: copy {costs.copy_s() * 1e3:.3f} ms + device {costs.gpu_s(tokens) * 1e3:.3f} ms"
+              f" vs CPU {costs.cpu_s(tokens) * 1e3:.3f} ms")
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-offload", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="sizes of a checkpoint and what a memory budget holds")
     add_model_args(info)
     info.set_defaults(func=cmd_info)
+    cal = sub.add_parser("calibrate", help="measure copy, device and CPU expert costs; write a hardware profile")
+    cal.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint whose expert shape is measured")
+    cal.add_argument("--device", help="cuda, cuda:N or cpu")
+    cal.add_argument("--dtype", help="expert dtype (default: the checkpoint's)")
+    cal.add_argument("--name", default="local", help="profile name (file configs/hardware/NAME.yaml)")
+    cal.add_argument("--out", help="YAML path to write instead")
+    cal.add_argument("--cpu-threads", type=int)
+    cal.add_argument("--repeats", type=int, default=5)
+    cal.set_defaults(func=cmd_calibrate, config=None, gpu_memory=None, expert_slots=None)
+    trace_cli.add_parser(sub)
+    fit_predictor_cli.add_parser(sub)
+    sweep.add_parser(sub)
     return parser
 
 

@@ -23,8 +23,12 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
-CACHE_POLICIES = ("lru",)
+CACHE_POLICIES = ("lru", "lfu", "score", "arc")
+SIMULATION_ONLY_POLICIES = ("belady",)
+SLOT_ALLOCATIONS = ("global", "uniform", "shallow")
 from .scheduler import CPU_MODES  # noqa: E402
+
+PREDICTORS = ("none", "cross_layer", "cross_layer_raw", "learned", "previous")
 
 
 def parse_bytes(value: int | float | str) -> int:
@@ -76,7 +80,8 @@ class OffloadConfig:
     dtype: torch.dtype | None = None          # None: the checkpoint's dtype
     gpu_memory: int | None = None             # bytes
     expert_slots: int | None = None
-    cache_policy: str = "lru"
+    cache_policy: str = "score"
+    slot_allocation: str = "global"           # global | uniform | shallow: slots per MoE layer
     kv_reserve_tokens: int = 2048             # KV cache kept free inside gpu_memory
     workspace_bytes: int = 64 * 2**20         # activations and allocator slack inside gpu_memory
     progress: bool = True                     # tqdm bar while loading experts
@@ -98,12 +103,28 @@ class OffloadConfig:
             raise MoEOffloadError("give either gpu_memory or expert_slots, not both")
         if self.expert_slots is not None and int(self.expert_slots) < 1:
             raise MoEOffloadError(f"expert_slots must be at least 1, got {self.expert_slots}")
+        if self.cache_policy in SIMULATION_ONLY_POLICIES:
+            raise MoEOffloadError(
+                f"cache_policy {self.cache_policy!r} needs the future routing and is simulation-only "
+                f"(moe-offload sweep --simulate); at runtime choose one of {', '.join(CACHE_POLICIES)}"
+            )
         if self.cache_policy not in CACHE_POLICIES:
             raise MoEOffloadError(
                 f"unknown cache_policy {self.cache_policy!r}; choose one of {', '.join(CACHE_POLICIES)}"
             )
+        if self.slot_allocation == "dp":
+            raise MoEOffloadError(
+                "slot_allocation 'dp' needs per-layer miss curves measured on a routing trace, so it exists only "
+                f"in the simulator (moe-offload sweep --simulate); at runtime choose one of {', '.join(SLOT_ALLOCATIONS)}"
+            )
+        if self.slot_allocation not in SLOT_ALLOCATIONS:
+            raise MoEOffloadError(
+                f"unknown slot_allocation {self.slot_allocation!r}; choose one of {', '.join(SLOT_ALLOCATIONS)}"
+            )
         if self.cpu_experts is not None and self.cpu_experts not in CPU_MODES:
             raise MoEOffloadError(f"cpu_experts must be one of {', '.join(CPU_MODES)}, got {self.cpu_experts!r}")
+        if self.predictor is not None and self.predictor not in PREDICTORS:
+            raise MoEOffloadError(f"unknown predictor {self.predictor!r}; choose one of {', '.join(PREDICTORS)}")
         if self.prefetch_depth < 0 or (self.prefetch_width is not None and self.prefetch_width < 1):
             raise MoEOffloadError("prefetch_depth must be >= 0 and prefetch_width >= 1")
         device = torch.device(self.device)

@@ -14,7 +14,7 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrai
 
 from .adapters import ModelAdapter, adapter_for
 from .budget import MemoryPlan, plan_memory
-from .cache import ExpertCache, ExpertSlots, make_policy
+from .cache import ExpertCache, ExpertLayout, ExpertSlots, SlotPools, make_policy, slot_pools
 from .checkpoint import Checkpoint, resolve_model_dir
 from .calibrate import measure_profile
 from .config import OffloadConfig
@@ -169,8 +169,38 @@ def cost_model(cfg: OffloadConfig, parts: ModelParts, store: HostExpertStore, sl
     return CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize)
 
 
+def expert_pools(parts: ModelParts, cfg: OffloadConfig) -> tuple[ExpertLayout, SlotPools]:
+    """The model's expert layout and the slot pools of ``cfg.slot_allocation``."""
+    layout = ExpertLayout(len(parts.sites), parts.num_experts, parts.hf_config.num_experts_per_tok)
+    try:
+        return layout, slot_pools(cfg.slot_allocation, parts.plan.slots, layout)
+    except ValueError as err:
+        raise MoEOffloadError(f"slot_allocation {cfg.slot_allocation!r}: {err}; give more expert slots "
+                              "or use slot_allocation='global'") from None
+
+
+def attach_prefetcher(model: PreTrainedModel, cfg: OffloadConfig, parts: ModelParts) -> None:
+    """Predictor-driven prefetch for the next ``prefetch_depth`` layers, unless predictor is 'none'."""
+    name = cfg.predictor_name
+    if name == "none" or cfg.prefetch_depth == 0:
+        return
+    from .predictor.registry import load_predictor
+    from .prefetch import Prefetcher
+    from .router_params import router_params
+
+    try:
+        predictor = load_predictor(name, parts.directory, router_params(model))
+    except (ValueError, FileNotFoundError) as err:
+        raise MoEOffloadError(f"predictor {name!r}: {err}") from None
+    engine = model.offload.engine
+    width = cfg.prefetch_width or parts.hf_config.num_experts_per_tok
+    engine.prefetcher = Prefetcher(predictor, engine.cache, engine.copier, engine.store, engine.stats,
+                                   cfg.prefetch_depth, width)
+
+
 def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
     device = cfg.torch_device
+    layout, pools = expert_pools(parts, cfg)
     store = HostExpertStore(len(parts.sites), parts.num_experts, parts.shape, parts.dtype,
                             pin=torch.cuda.is_available() and device.type == "cuda")
     for site in parts.sites:  # drop the meta expert parameters before anything is loaded
@@ -178,7 +208,7 @@ def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
     load_dense(parts, device)
     fill_store(parts, store, cfg.progress)
     slots = ExpertSlots(parts.plan.slots, store.num_keys, parts.shape.numel, parts.dtype, device)
-    cache = ExpertCache(slots, make_policy(cfg.cache_policy))
+    cache = ExpertCache(slots, make_policy(cfg.cache_policy, layout), pools)
     stats = OffloadStats(len(parts.sites), store.bytes_per_expert)
     copier = CopyEngine(store, slots.buffers)
     runner = make_cpu_runner(cfg, parts)
@@ -195,6 +225,7 @@ def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
     tap = RouterTap([getattr(s.parent, parts.adapter.router_attr) for s in parts.sites], parts.adapter.router_scoring)
     tap.add(engine.on_router)
     model.offload = OffloadRuntime(cfg, parts.plan, store, engine, [s.model_layer for s in parts.sites], tap)
+    attach_prefetcher(model, cfg, parts)
     return model
 
 

@@ -1,5 +1,22 @@
-"""Expert predictors and routing traces (moe_offload.predictor)."""
+"""Expert predictors, routing traces and prediction metrics (moe_offload.predictor)."""
 
+from .base import Predictor
+from .baselines import OraclePredictor, PopularityPredictor, PreviousTokenPredictor
+from .cross_layer import CrossLayerGatePredictor
+from .eam import ActivationMatrixPredictor
+from .fit_correction import CorrectionFitConfig, fit_correction
+from .learned import CorrectionFormatError, LearnedCorrection, LearnedCorrectionPredictor
+from .metrics import RecallCounter, chance_recall, recall, topk_hits
+from .registry import PREDICTOR_NAMES, correction_path, load_predictor, make_predictor
+from .replay import replay
+from .routing import RouterParams, cross_layer_input, router_logits, router_scores, selection_scores
 from .trace import TRACE_VERSION, Trace, TraceFormatError
 
-__all__ = ["TRACE_VERSION", "Trace", "TraceFormatError"]
+__all__ = [
+    "ActivationMatrixPredictor", "CorrectionFitConfig", "CorrectionFormatError", "CrossLayerGatePredictor",
+    "LearnedCorrection", "LearnedCorrectionPredictor", "OraclePredictor", "PREDICTOR_NAMES",
+    "PopularityPredictor", "Predictor", "PreviousTokenPredictor", "RecallCounter", "RouterParams",
+    "TRACE_VERSION", "Trace", "TraceFormatError", "chance_recall", "correction_path", "cross_layer_input",
+    "fit_correction", "load_predictor", "make_predictor", "recall", "replay", "router_logits", "router_scores",
+    "selection_scores", "topk_hits",
+]

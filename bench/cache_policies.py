@@ -1,0 +1,236 @@
+"""Expert-cache hit rate per policy, slot allocation and budget, with Belady's optimum as the bound.
+
+    python bench/cache_policies.py [--models tiny-mixtral,tiny-deepseek] [--prompts 24] [--new-tokens 64]
+                                   [--synthetic-tokens 4096] [--budgets 10,25,50,75]
+
+Traces: (a) greedy generation of each shipped model on held-out standard-library
+prompts (skipped, with a note, when the model is not shipped in this checkout);
+(b) a long synthetic trace (predictor.synthetic: Zipf skew 1.0 with a random
+per-layer permutation, repeat probability 0.3; 16 MoE layers x 64 experts,
+top-4; sequences of 512 tokens, the first 32 of each a prompt). Every trace is
+replayed by the cache simulator (the runtime's ExpertCache and policies) from
+a cold cache. The "dp" allocation's per-layer miss curves are measured on
+the first half of each trace. On the synthetic trace an "oracle-online" reference, which
+knows the generating process but not its random draws, shows how much of the
+gap to Belady any online policy could close. Prints one table per trace and allocation and writes
+bench/results/cache_policies.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, write_json  # noqa: E402
+
+from moe_offload.cache import CachePolicy, CacheSimulator, ExpertLayout, RoutingArrays, lru_miss_curves  # noqa: E402
+from moe_offload.predictor.synthetic import SyntheticTraceConfig, synthetic_trace  # noqa: E402
+
+POLICIES = ("lru", "lfu", "arc", "score", "belady")
+ALLOCATIONS = ("global", "uniform")
+ALLOCATION_STUDY = ("shallow", "dp")   # run for the score policy only
+SYNTHETIC_REPEAT = 0.3
+
+
+class ProcessOraclePolicy(CachePolicy):
+    """Reference for synthetic traces only: knows the process that generated the trace.
+
+    An expert's value is its probability of being selected at its layer's next
+    call: ``repeat`` if the layer's last call selected it (the token repeats),
+    plus ``(1 - repeat) * frequency`` (a fresh draw, frequency = its selection
+    rate over the whole trace). Evicting the lowest value is the best a policy
+    that knows the statistics but not the draws can do one call ahead; its gap
+    to Belady is what no online policy can close on that trace.
+    """
+
+    name = "oracle-online"
+
+    def __init__(self, layout: ExpertLayout, frequency: np.ndarray, repeat: float):
+        self.experts = layout.experts_per_layer
+        self.value = (1.0 - repeat) * np.asarray(frequency, dtype=np.float64)   # [K]
+        self.repeat = repeat
+        self._last: dict[int, list[int]] = {}
+
+    def observe(self, layer, chosen, router_probs=None) -> None:
+        base = layer * self.experts
+        for e in self._last.get(layer, []):
+            self.value[base + e] -= self.repeat
+        self._last[layer] = list(chosen)
+        for e in chosen:
+            self.value[base + e] += self.repeat
+
+    def touch(self, key: int) -> None:
+        pass
+
+    def admit(self, key: int) -> None:
+        pass
+
+    def remove(self, key: int) -> None:
+        pass
+
+    def victim(self, candidates) -> int:
+        keys = np.fromiter(candidates, dtype=np.int64)
+        values = self.value[keys]
+        return int(keys[values == values.min()].min())
+
+
+def selection_frequency(trace) -> np.ndarray:
+    """[K] share of tokens whose top-k includes each flat expert id."""
+    layers, experts = trace.num_layers, trace.num_experts
+    keys = trace.expert_ids.astype(np.int64) + (np.arange(layers) * experts)[None, :, None]   # [N, L, k]
+    return np.bincount(keys.ravel(), minlength=layers * experts) / trace.num_tokens
+
+
+def model_trace(name: str, prompts: int, new_tokens: int):
+    """Routing trace of a shipped model on held-out prompts, or None when it is not shipped."""
+    from transformers import AutoTokenizer
+
+    import moe_offload
+    from moe_offload.models import shipped_model_dir
+    from moe_offload.trace_cli import stdlib_prompts
+    from moe_offload.tracing import record_trace
+
+    path = shipped_model_dir(name)
+    if path is None:
+        return None
+    model = moe_offload.from_pretrained(path, device="cpu", progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return record_trace(model, tokenizer, stdlib_prompts(prompts, held_out=True), new_tokens, progress=False)
+
+
+def long_synthetic(tokens: int):
+    return synthetic_trace(SyntheticTraceConfig(tokens=tokens, layers=16, experts=64, top_k=4, skew=1.0,
+                                                repeat=SYNTHETIC_REPEAT, tokens_per_sequence=512, prompt_tokens=32,
+                                                seed=0))
+
+
+def run_trace(trace, budgets: list[int], synthetic: bool) -> list[dict]:
+    """Every policy x allocation x budget on one trace (and the process oracle on synthetic ones)."""
+    routing = RoutingArrays.of(trace)
+    fit = routing.select_tokens(routing.num_tokens // 2)   # dp's miss curves come from the first half
+    simulator = CacheSimulator(routing, miss_curves=lru_miss_curves(fit))
+    layout = simulator.layout
+    runs = [(p, a) for a in ALLOCATIONS for p in POLICIES] + [("score", a) for a in ALLOCATION_STUDY]
+    runs += [("oracle-online", a) for a in ALLOCATIONS] if synthetic else []
+    frequency = selection_frequency(trace) if synthetic else None
+    rows = []
+    for policy, allocation in runs:
+        for percent in budgets:
+            slots = max(1, round(percent / 100 * layout.num_keys))
+            if allocation != "global" and slots < layout.num_layers:
+                continue   # a per-layer split needs a slot per layer
+            start = time.perf_counter()
+            chosen = ProcessOraclePolicy(layout, frequency, SYNTHETIC_REPEAT) if policy == "oracle-online" else policy
+            result = simulator.run(chosen, slots, allocation)
+            rows.append({"policy": policy, "allocation": allocation, "budget_percent": percent, "slots": slots,
+                         "hit_rate": result.hit_rate, "hits": result.hits, "misses": result.misses,
+                         "replay_s": time.perf_counter() - start})
+    return rows
+
+
+def gaps(rows: list[dict], budgets: list[int]) -> dict:
+    """Hit-rate points of score minus Belady and minus LRU, per allocation and budget."""
+    rate = {(r["policy"], r["allocation"], r["budget_percent"]): r["hit_rate"] for r in rows}
+    out = {}
+    for allocation in ALLOCATIONS:
+        for percent in budgets:
+            if ("score", allocation, percent) in rate:
+                score = rate[("score", allocation, percent)]
+                out[f"{allocation}/{percent}%"] = {
+                    "score_minus_belady_points": 100 * (score - rate[("belady", allocation, percent)]),
+                    "score_minus_lru_points": 100 * (score - rate[("lru", allocation, percent)]),
+                }
+    return out
+
+
+def print_tables(name: str, summary: dict, rows: list[dict], budgets: list[int]) -> None:
+    print(f"\n## {name}: {summary['tokens']} tokens ({summary['decode_tokens']} generated), "
+          f"{summary['layers']} MoE layers x {summary['experts']} experts, top-{summary['top_k']}")
+    for allocation in (*ALLOCATIONS, *ALLOCATION_STUDY):
+        mine = [r for r in rows if r["allocation"] == allocation]
+        if not mine:
+            continue
+        print(f"\nhit rate (%), allocation {allocation}")
+        print(f"{'policy':>16}" + "".join(f"{str(b) + '%':>9}" for b in budgets))
+        for policy in dict.fromkeys(r["policy"] for r in mine):
+            cells = {r["budget_percent"]: 100 * r["hit_rate"] for r in mine if r["policy"] == policy}
+            print(f"{policy:>16}" + "".join(f"{cells[b]:>9.1f}" if b in cells else f"{'-':>9}" for b in budgets))
+        if allocation in ALLOCATIONS:
+            for label, key in (("score - belady", "score_minus_belady_points"),
+                               ("score - lru", "score_minus_lru_points")):
+                cells = {b: summary["gaps"].get(f"{allocation}/{b}%", {}).get(key) for b in budgets}
+                print(f"{label:>16}" + "".join(f"{v:>+9.1f}" if v is not None else f"{'-':>9}" for v in cells.values()))
+
+
+def plot(path: Path, traces: dict, budgets: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(traces)
+    fig, axes = plt.subplots(len(names), len(ALLOCATIONS), figsize=(5.2 * len(ALLOCATIONS), 3.6 * len(names)),
+                             squeeze=False)
+    for i, name in enumerate(names):
+        for j, allocation in enumerate(ALLOCATIONS):
+            ax = axes[i][j]
+            rows = [r for r in traces[name]["results"] if r["allocation"] == allocation]
+            for policy in dict.fromkeys(r["policy"] for r in rows):
+                mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["budget_percent"])
+                ax.plot([r["budget_percent"] for r in mine], [100 * r["hit_rate"] for r in mine], marker="o",
+                        label=policy, linestyle="-" if policy in POLICIES[:-1] else "--")
+            ax.set(title=f"{name}, {allocation} slots", xlabel="expert slots (% of routed experts)",
+                   ylabel="hit rate (%)", xticks=budgets)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summarize(trace, rows: list[dict], budgets: list[int]) -> dict:
+    return {"tokens": int(trace.num_tokens), "decode_tokens": int(np.sum(trace.decode)), "layers": trace.num_layers,
+            "experts": trace.num_experts, "top_k": trace.top_k, "results": rows, "gaps": gaps(rows, budgets)}
+
+
+def main(args: argparse.Namespace) -> int:
+    budgets = [int(b) for b in args.budgets.split(",")]
+    sources, notes = {}, []
+    for name in (m for m in args.models.split(",") if m):
+        trace = model_trace(name, args.prompts, args.new_tokens)
+        if trace is None:
+            notes.append(f"{name}: not shipped in this checkout (moe_offload/models/{name} missing); skipped")
+            print(f"[bench] {notes[-1]}")
+            continue
+        sources[name] = trace
+    sources[f"synthetic-{args.synthetic_tokens}"] = long_synthetic(args.synthetic_tokens)
+    traces = {}
+    for name, trace in sources.items():
+        rows = run_trace(trace, budgets, synthetic=name.startswith("synthetic"))
+        traces[name] = summarize(trace, rows, budgets)
+        print_tables(name, traces[name], rows, budgets)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / "cache_policies.json", {"machine": machine(), "command": " ".join(sys.argv),
+                                                 "budgets_percent": budgets, "notes": notes, "traces": traces})
+    plot(RESULTS / "cache_policies.png", traces, budgets)
+    print(f"\nwrote {RESULTS / 'cache_policies.json'} and .png")
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="tiny-mixtral,tiny-deepseek", help="shipped models to trace (comma list)")
+    p.add_argument("--prompts", type=int, default=24, help="held-out stdlib prompts per model")
+    p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens generated per prompt")
+    p.add_argument("--synthetic-tokens", type=int, default=4096)
+    p.add_argument("--budgets", default="10,25,50,75", help="expert slots as %% of routed experts")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

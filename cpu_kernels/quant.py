@@ -1,0 +1,66 @@
+"""Per-output-row symmetric int8 quantisation of expert blocks.
+
+    # H = hidden, I = intermediate
+    q      int8    [3 * I * H]   same layout as the block (gate_up [2I, H] | down [H, I])
+    scales float32 [2I + H]      one per output row: gate_up rows, then down rows
+    W[r, :] ~= scales[r] * q[r, :],   scales[r] = max |W[r, :]| / 127
+
+Rounding error per weight is at most scales[r] / 2 = max|W[r]| / 254.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .blocks import block_matrices, check_block, widen_to_float32
+
+QMAX = 127
+# Rows quantised per pass: bounds the float32 temporaries to CHUNK_ROWS rows.
+CHUNK_ROWS = 512
+
+
+def _quantize_rows(src: np.ndarray, q_out: np.ndarray, scale_out: np.ndarray) -> None:
+    """src [R, K] (any block format) -> q_out [R, K] int8 and scale_out [R] float32, in chunks."""
+    for start in range(0, src.shape[0], CHUNK_ROWS):
+        rows = widen_to_float32(src[start:start + CHUNK_ROWS])  # [r, K]
+        absmax = np.abs(rows).max(axis=1)  # [r]
+        scale = (absmax / QMAX).astype(np.float32)
+        safe = np.where(scale > 0, scale, np.float32(1.0))
+        q = np.rint(rows / safe[:, None])
+        q_out[start:start + rows.shape[0]] = np.clip(q, -QMAX, QMAX).astype(np.int8)
+        scale_out[start:start + rows.shape[0]] = scale
+
+
+def quantize_block_int8(block: np.ndarray, hidden: int, inter: int) -> tuple[np.ndarray, np.ndarray]:
+    """Expert block (float32 / float16 / uint16 bf16 bits) -> (q int8 [3IH], scales float32 [2I+H])."""
+    if block.dtype == np.int8:
+        raise ValueError("block is already int8")
+    check_block(block, hidden, inter)
+    q = np.empty(block.size, dtype=np.int8)
+    scales = np.empty(2 * inter + hidden, dtype=np.float32)
+    gate_up, down = block_matrices(block, hidden, inter)
+    q_gate_up, q_down = block_matrices(q, hidden, inter)
+    _quantize_rows(gate_up, q_gate_up, scales[:2 * inter])
+    _quantize_rows(down, q_down, scales[2 * inter:])
+    return q, scales
+
+
+def check_scales(scales: np.ndarray, hidden: int, inter: int) -> None:
+    """Validate the per-row scales of an int8 block."""
+    if not isinstance(scales, np.ndarray) or scales.dtype != np.float32:
+        raise ValueError("int8 block scales must be a float32 numpy array")
+    if scales.shape != (2 * inter + hidden,) or not scales.flags.c_contiguous:
+        raise ValueError(
+            f"int8 block scales must be contiguous with shape ({2 * inter + hidden},) = (2I + H,), "
+            f"got {scales.shape}"
+        )
+
+
+def dequantize_block_int8(q: np.ndarray, scales: np.ndarray, hidden: int, inter: int) -> np.ndarray:
+    """(q, scales) -> float32 block [3IH] (a new array; for references and accuracy checks)."""
+    check_block(q, hidden, inter)
+    check_scales(scales, hidden, inter)
+    q_gate_up, q_down = block_matrices(q, hidden, inter)
+    gate_up = q_gate_up.astype(np.float32) * scales[:2 * inter, None]
+    down = q_down.astype(np.float32) * scales[2 * inter:, None]
+    return np.concatenate([gate_up.reshape(-1), down.reshape(-1)])

@@ -1,0 +1,75 @@
+"""The law under every cache policy and slot allocation: offloaded logits equal transformers'."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_checkpoints import num_experts
+from transformers import AutoModelForCausalLM
+
+import moe_offload
+from moe_offload import MoEOffloadError
+from moe_offload.cache import POLICIES
+
+TOKENS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))  # [B, S]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def load(path, **fields):
+    return moe_offload.from_pretrained(path, device="cpu", dtype=torch.float32, progress=False, **fields)
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints):
+    cache = {}
+
+    def logits(family: str) -> torch.Tensor:
+        if family not in cache:
+            ref = AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.float32).eval()
+            with torch.no_grad():
+                cache[family] = ref(TOKENS).logits
+        return cache[family]
+    return logits
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_logits_match_with_every_policy(checkpoints, references, family, policy):
+    path, expected = checkpoints[family], references(family)
+    total = None
+    for slots in (1, "half", "all"):
+        if slots == "half":
+            slots = total // 2
+        elif slots == "all":
+            slots = total
+        model = load(path, expert_slots=slots, cache_policy=policy)
+        total = model.offload.plan.num_experts
+        with torch.no_grad():
+            got = model(TOKENS).logits
+        assert rel_err(got, expected) < 1e-5, (family, policy, slots)
+        assert model.offload.config.cache_policy == policy
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("allocation", ["uniform", "shallow"])
+def test_logits_match_with_per_layer_quotas(checkpoints, references, family, allocation):
+    path, expected = checkpoints[family], references(family)
+    layers = 3 if family == "mixtral" else 2
+    for slots in (layers, layers * num_experts(family) // 2 + 1):
+        model = load(path, expert_slots=slots, slot_allocation=allocation)
+        with torch.no_grad():
+            assert rel_err(model(TOKENS).logits, expected) < 1e-5, (family, allocation, slots)
+        assert model.offload.engine.cache.pools.num_pools == layers
+
+
+def test_runtime_rejects_simulation_only_choices(checkpoints):
+    with pytest.raises(MoEOffloadError, match="simulation-only"):
+        load(checkpoints["mixtral"], cache_policy="belady")
+    with pytest.raises(MoEOffloadError, match="slot_allocation 'dp'"):
+        load(checkpoints["mixtral"], slot_allocation="dp")
+    with pytest.raises(MoEOffloadError, match="one slot per MoE layer"):
+        load(checkpoints["mixtral"], expert_slots=2, slot_allocation="uniform")
+    assert moe_offload.OffloadConfig(device="cpu").cache_policy == "score"

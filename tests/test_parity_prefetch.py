@@ -1,0 +1,70 @@
+"""Parity with prefetching on: every runtime predictor, every budget."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from tiny_checkpoints import add_char_tokenizer, num_experts
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import moe_offload
+from moe_offload import MoEOffloadError
+from moe_offload.predictor.fit_correction import fit_correction
+from moe_offload.predictor.registry import correction_path
+from moe_offload.router_params import router_params
+from moe_offload.tracing import record_trace
+
+TOKENS = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(5))  # [B, S]
+PROMPTS = ["def f(x):", "import os", "class A:", "for i in range(3):", "x = [1, 2]", "print('hi')"]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, checkpoints):
+    """Copies of the tiny checkpoints with a learned correction fitted on their own traces."""
+    out = {}
+    for family in ("mixtral", "deepseek_v3", "qwen2_moe"):
+        path = add_char_tokenizer(shutil.copytree(checkpoints[family], tmp_path_factory.mktemp(family) / "m"))
+        model = moe_offload.from_pretrained(path, device="cpu", dtype=torch.float32, progress=False)
+        trace = record_trace(model, AutoTokenizer.from_pretrained(path), PROMPTS, 6, gate_inputs=True,
+                             progress=False)
+        fit_correction(trace, router_params(model)).save(correction_path(path))
+        out[family] = path
+    return out
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen2_moe"])
+@pytest.mark.parametrize("predictor", ["cross_layer", "cross_layer_raw", "learned", "previous"])
+def test_prefetch_keeps_the_math(fitted, family, predictor):
+    path = fitted[family]
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = ref(TOKENS).logits
+    expected_ids = ref.generate(TOKENS[:, :4], **gen)
+    e = num_experts(family)
+    for slots, depth in ((1, 1), (e // 2, 2), (e, 1)):
+        model = moe_offload.from_pretrained(path, device="cpu", dtype=torch.float32, expert_slots=slots,
+                                            predictor=predictor, prefetch_depth=depth, progress=False)
+        assert model.offload.engine.prefetcher is not None
+        with torch.no_grad():
+            assert rel_err(model(TOKENS).logits, expected) < 1e-5, (slots, depth)
+        assert torch.equal(model.generate(TOKENS[:, :4], **gen), expected_ids), (slots, depth)
+        stats = model.offload.stats
+        if slots == e // 2:
+            assert stats.prefetch_issued.sum() > 0
+            assert stats.prefetch_used.sum() + stats.prefetch_wasted.sum() <= stats.prefetch_issued.sum()
+        if predictor != "previous" and slots == e // 2:
+            assert stats.predictor_recall is not None and 0.0 <= stats.predictor_recall <= 1.0
+
+
+def test_unknown_or_unfitted_predictor(checkpoints):
+    with pytest.raises(MoEOffloadError, match="unknown predictor"):
+        moe_offload.from_pretrained(checkpoints["mixtral"], device="cpu", predictor="psychic", progress=False)
+    with pytest.raises(MoEOffloadError, match="does not exist; fit it first"):
+        moe_offload.from_pretrained(checkpoints["olmoe"], device="cpu", predictor="learned", progress=False)

@@ -1,0 +1,174 @@
+"""Exact decisions of every cache policy on short hand-written traces.
+
+Each trace is replayed the way the engine drives the cache: observe the router
+call, then on a miss acquire a slot (the call's experts locked), then touch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moe_offload.cache import (
+    ARCPolicy,
+    BeladyPolicy,
+    ExpertCache,
+    ExpertLayout,
+    ExpertSlots,
+    LFUPolicy,
+    LRUPolicy,
+    ScorePolicy,
+    SlotPools,
+    make_policy,
+)
+
+HIT = "hit"
+
+
+def make_cache(policy, slots: int, keys: int = 16, pools: SlotPools | None = None) -> ExpertCache:
+    return ExpertCache(ExpertSlots.bookkeeping(slots, keys), policy, pools)
+
+
+def access(cache: ExpertCache, key: int, probs=None, experts: int = 16):
+    """One single-expert router call; returns HIT or the evicted key (-1: a free slot)."""
+    layer = key // experts
+    cache.policy.observe(layer, [key - layer * experts], None if probs is None else np.asarray([probs]))
+    if cache.lookup(key) >= 0:
+        cache.touch(key)
+        return HIT
+    _, evicted = cache.acquire(key, {key})
+    cache.touch(key)
+    return evicted
+
+
+def replay(cache: ExpertCache, keys: list[int], experts: int = 16) -> list:
+    return [access(cache, k, experts=experts) for k in keys]
+
+
+def test_lru():
+    cache = make_cache(LRUPolicy(), 2)
+    # 1 miss, 2 miss, 1 hit, 3 miss evicts 2 (older), 2 miss evicts 1, 4 miss evicts 3, 4 hit, 1 miss evicts 2
+    assert replay(cache, [1, 2, 1, 3, 2, 4, 4, 1]) == [-1, -1, HIT, 2, 1, 3, HIT, 2]
+    assert cache.residents() == {1, 4}
+
+
+def test_lfu_counts_survive_eviction_and_ties_go_to_lru():
+    cache = make_cache(LFUPolicy(ExpertLayout(1, 16, 1)), 2)
+    # 1 miss, 1 hit (1: 2 uses), 2 miss (2: 1 use), 3 miss: 2 has fewer uses than 1 -> evict 2;
+    # 2 miss: 3 (1 use) < 1 (2 uses) -> evict 3, and 2 now has 2 uses (its count survived);
+    # 4 miss: 1 and 2 both have 2 uses, 1 was used longer ago -> evict 1;
+    # 1 miss (3 uses now): 4 (1 use) < 2 (2 uses) -> evict 4
+    assert replay(cache, [1, 1, 2, 3, 2, 4, 1]) == [-1, HIT, -1, 2, 3, 1, 4]
+    assert cache.residents() == {1, 2}
+    assert cache.policy._uses[[1, 2, 3, 4]].tolist() == [3, 2, 1, 1]
+
+
+def score_cache(slots: int = 2, **params) -> ExpertCache:
+    return make_cache(ScorePolicy(ExpertLayout(1, 4, 1), **params), slots, keys=4)
+
+
+def test_score_minus_recent_decisions():
+    cache = score_cache()            # alpha 0.5, top_p = 2 * top_k = 2
+    policy = cache.policy
+    # call 1: s = [.6 .3 .1 0], top-2 = {0, 1}: S = [.3 .15 0 0]; 0 misses into a free slot
+    assert access(cache, 0, [0.6, 0.3, 0.1, 0.0], experts=4) == -1
+    np.testing.assert_allclose(policy.scores, [0.3, 0.15, 0, 0])
+    # call 2: s = [.1 .2 .7 0], top-2 = {2, 1}: S = [.15 .175 .35 0]; 2 takes the other free slot
+    assert access(cache, 2, [0.1, 0.2, 0.7, 0.0], experts=4) == -1
+    np.testing.assert_allclose(policy.scores, [0.15, 0.175, 0.35, 0])
+    # call 3: s = [0 .5 .1 .4], top-2 = {1, 3}: S = [.075 .3375 .175 .2]; 1 evicts 0 (.075 < .175)
+    assert access(cache, 1, [0.0, 0.5, 0.1, 0.4], experts=4) == 0
+    np.testing.assert_allclose(policy.scores, [0.075, 0.3375, 0.175, 0.2])
+    # call 4: s = [0 .1 .2 .7], top-2 = {3, 2}: S = [.0375 .16875 .1875 .45]; 3 evicts 1 (.16875 < .1875),
+    # where LRU would evict 2 (used longer ago)
+    assert access(cache, 3, [0.0, 0.1, 0.2, 0.7], experts=4) == 1
+    np.testing.assert_allclose(policy.scores, [0.0375, 0.16875, 0.1875, 0.45])
+    assert cache.residents() == {2, 3}
+
+
+def test_score_prefill_averages_tokens_and_defaults():
+    policy = ScorePolicy(ExpertLayout(2, 8, 2))
+    assert (policy.alpha, policy.top_p) == (0.5, 4)
+    policy = ScorePolicy(ExpertLayout(1, 4, 1), alpha=0.5, top_p=2)
+    # two tokens: mean s = [.4 .2 .4 0]; top-2 (ties by expert id) = {0, 2}
+    policy.observe(0, [0, 2], np.array([[0.8, 0.2, 0.0, 0.0], [0.0, 0.2, 0.8, 0.0]]))
+    np.testing.assert_allclose(policy.scores, [0.2, 0.0, 0.2, 0.0])
+    # no scores given: s = 1/len(chosen) on the chosen experts, here s = [0 0 0 1]; top-2 = {3, 0}
+    policy.observe(0, [3], None)
+    np.testing.assert_allclose(policy.scores, [0.1, 0.0, 0.1, 0.5])
+
+
+def test_score_hint_protects_predicted_experts_until_the_layer_runs():
+    policy = ScorePolicy(ExpertLayout(2, 4, 1), top_p=1)
+    policy.observe(1, [0], np.array([[0.9, 0.1, 0.0, 0.0]]))   # S[4] = .45, S[5..7] = 0
+    policy.observe(0, [2], np.array([[0.0, 0.0, 0.6, 0.4]]))   # S[2] = .3
+    assert policy.victim([2, 5]) == 5
+    policy.hint(1, np.array([0.0, 0.8, 0.0, 0.0]))              # layer 1's next call predicted to use expert 1
+    assert policy.victim([2, 5]) == 2                           # max(S[5], .8) > S[2]
+    policy.observe(1, [0], np.array([[1.0, 0.0, 0.0, 0.0]]))   # the layer ran: hint cleared
+    assert policy.victim([2, 5]) == 5
+
+
+def test_arc_decisions():
+    cache = make_cache(ARCPolicy(), 2)
+    st = cache.policy.state(0)
+    # 1, 2: misses into t1 = [1, 2]; 1 hit: t1 = [2], t2 = [1]
+    # 3: new; |t1| = 1 > p = 0: evict t1's oldest, 2 -> b1 = [2]; t1 = [3]
+    # 2: ghost hit in b1: p = 0 + max(0/1, 1) = 1; |t1| = 1 is not > p: evict t2's oldest, 1 -> b2 = [1];
+    #    2 enters t2 = [2]
+    # 3 hit: t1 = [], t2 = [2, 3]
+    # 4: new; t1 empty: evict t2's oldest, 2 -> b2 = [1, 2]; t1 = [4]
+    # 1: ghost hit in b2: p = max(0, 1 - max(0/2, 1)) = 0; |t1| = 1 > 0: evict 4 -> b1 = [4]; t2 = [3, 1]
+    #    (LRU would evict 3 here)
+    # 5: new; directory full (|t1|+|t2|+|b1|+|b2| = 4 = 2c): drop b2's oldest, 2; evict t2's oldest, 3 -> b2 = [3]
+    assert replay(cache, [1, 2, 1, 3, 2, 3, 4, 1, 5]) == [-1, -1, HIT, 2, 1, HIT, 2, 4, 3]
+    assert cache.residents() == {1, 5}
+    assert (list(st.t1), list(st.t2), list(st.b1), list(st.b2), st.p) == ([5], [1], [4], [3], 0.0)
+
+
+def test_arc_runs_one_instance_per_layer_pool():
+    pools = SlotPools.per_layer([1, 2], experts_per_layer=8)
+    cache = make_cache(ARCPolicy(), 3, pools=pools)
+    assert [s.capacity for s in cache.policy._states] == [1, 2]
+    # layer 0 (keys 0..7) holds one expert: 3 evicts 1; layer 1 fills its two slots, untouched by layer 0
+    assert replay(cache, [1, 9, 10, 3, 9], experts=8) == [-1, -1, -1, 1, HIT]
+    assert cache.residents(0) == {3} and cache.residents(1) == {9, 10}
+
+
+def test_belady_evicts_the_furthest_next_use():
+    future = [[1], [2], [3], [1], [2], [4], [1], [3]]   # one call per step
+    cache = make_cache(BeladyPolicy(ExpertLayout(1, 16, 1), future), 2)
+    # step 2: 3 misses; next uses 1 -> 3, 2 -> 4: evict 2. step 4: 2 misses; 1 -> 6, 3 -> 7: evict 3.
+    # step 5: 4 misses; 1 -> 6, 2 -> never: evict 2. step 7: 3 misses; 1 and 4 never used again: smaller key, 1
+    assert replay(cache, [k for (k,) in future]) == [-1, -1, 2, HIT, 3, 2, HIT, 1]
+    assert cache.policy.clock == len(future) - 1
+
+
+def test_locked_and_pool_quotas():
+    pools = SlotPools.per_layer([2, 1], experts_per_layer=4)
+    cache = make_cache(LRUPolicy(), 3, keys=8, pools=pools)
+    cache.acquire(0), cache.acquire(1), cache.acquire(4)
+    assert cache.acquire(5) == (cache.slots.lookup(5), 4)   # layer 1 at quota evicts its own resident
+    assert cache.acquire(2, locked={0, 1}) is None          # layer 0 full and locked
+    assert cache.acquire(2, locked={0})[1] == 1
+    assert cache.residents(0) == {0, 2} and cache.residents(1) == {5}
+
+
+def test_release_behind_the_cache_resyncs():
+    cache = make_cache(LRUPolicy(), 2)
+    cache.acquire(1), cache.acquire(2)
+    cache.slots.release(1)          # e.g. a cancelled prefetch freed through the slots
+    cache.policy.remove(1)
+    assert cache.residents() == {2}
+    assert cache.acquire(3) == (cache.slots.lookup(3), -1)
+    assert cache.release(2) >= 0 and cache.residents() == {3}
+
+
+def test_make_policy():
+    layout = ExpertLayout(2, 4, 2)
+    assert make_policy("score", layout, alpha=0.3).alpha == 0.3
+    assert isinstance(make_policy("lru"), LRUPolicy)
+    with pytest.raises(ValueError, match="simulator"):
+        make_policy("belady", layout)
+    with pytest.raises(ValueError, match="unknown cache policy"):
+        make_policy("fifo", layout)
