@@ -94,7 +94,7 @@ def torch_expert(x: np.ndarray, block: np.ndarray, scales, hidden: int, inter: i
     return torch._weight_int8pack_mm(F.silu(g) * u, down, s[2 * inter :])
 
 
-def time_per_call(run, blocks: list[tuple], repeats: int, budget_s: float = 2.0) -> tuple[float, int]:
+def time_per_call(run, blocks: list[tuple], repeats: int, budget_s: float) -> tuple[float, int]:
     """(median over passes of pass time / blocks per pass in ms, blocks per pass).
 
     Slow (compute-bound) cases cycle fewer blocks and take fewer passes (>= 3), so that one
@@ -122,8 +122,9 @@ def bench_case(dtype: str, tokens: int, blocks: list[tuple], args, mem_gbps: flo
     out = np.empty((tokens, hidden), dtype=np.float32)  # [T, H]
     scratch = np.empty(tokens * inter, dtype=np.float32)  # [T, I]
     numba_ms, cycled = time_per_call(
-        lambda b, s: expert_ffn(x, b, hidden, inter, "silu", out, scratch, s), blocks, args.repeats)
-    torch_ms, _ = time_per_call(lambda b, s: torch_expert(x, b, s, hidden, inter), blocks, args.repeats)
+        lambda b, s: expert_ffn(x, b, hidden, inter, "silu", out, scratch, s), blocks, args.repeats, args.budget)
+    torch_ms, _ = time_per_call(
+        lambda b, s: torch_expert(x, b, s, hidden, inter), blocks, args.repeats, args.budget)
     block, scales = blocks[0]
     weight_bytes = block.nbytes + (0 if scales is None else scales.nbytes)
     weight_gbps = weight_bytes / (numba_ms * 1e-3) / 1e9
@@ -218,7 +219,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "bf16", "int8"],
                    choices=["fp32", "fp16", "bf16", "int8"])
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=15, help="max timing passes per case")
+    p.add_argument("--budget", type=float, default=1.2, help="seconds per timing (fewer passes when slow)")
     p.add_argument("--working-set", type=int, default=256, help="MiB of distinct expert weights per pass")
     return p.parse_args(argv)
 

@@ -282,8 +282,9 @@ def save_checkpoint(model, tokenizer, out: Path) -> None:
 
 
 def file_sizes(out: Path) -> dict[str, int]:
-    """{file name: bytes} of the checkpoint directory."""
-    return {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    """{file name: bytes} of the saved checkpoint files (weights, config, tokenizer)."""
+    skip = {"README.md", "training.json"}
+    return {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file() and p.name not in skip}
 
 
 def architecture_lines(config) -> list[str]:
@@ -365,7 +366,10 @@ def model_card(name: str, config, info: dict, args: argparse.Namespace) -> str:
         "",
         markdown_table(rs),
         "",
-        "Reproduce: `python bench/train_tiny_moe.py " + " ".join(info["argv"]) + "`",
+        "Reproduce: `python bench/train_tiny_moe.py " + " ".join(info["argv"]) + "`. A run that stops by "
+        "step count is bit-identical for a given seed with `--threads 1`; with 2 threads float reductions may "
+        "differ in the last bits, and a run that stops at the `--minutes` cap gets as many steps as the "
+        "machine allows.",
         "",
     ])
 

@@ -22,10 +22,18 @@ class ScorePolicy(CachePolicy):
     kept for every expert, resident or not. Defaults follow HybriMoE:
     alpha = 0.5, top_p = 2 * top_k.
 
-    A call with several tokens (prefill) uses s = the mean router score over
-    its tokens (HybriMoE takes the first token's; the mean weighs every token
-    of the chunk the same and equals the token's scores for a one-token call).
+    s: each token's router scores normalised to sum 1 (softmax scores already
+    do; sigmoid scores, as DeepSeek-V3's, then weigh the same), averaged over
+    the call's tokens, so a prompt (prefill) weighs every token the same and a
+    one-token call uses the token's scores (HybriMoE takes the first token's).
     Without scores, s = 1 / len(chosen) on the chosen experts.
+
+    Routers whose selection does not follow their scores (a selection bias as
+    in DeepSeek-V3, group-limited top-k): once a one-token call of a layer
+    selects an expert that scores below one it left out, the scores no longer
+    say what that layer will pick, and from then on only the chosen experts are
+    credited there (s = their scores renormalised over the chosen). For plain
+    top-k routers that never happens and the rule above is HybriMoE's exactly.
 
     ``hint(layer, scores)``: predicted scores [E] for the layer's next call (a
     predictor's output). Until that call, the layer's experts rank by
@@ -43,11 +51,12 @@ class ScorePolicy(CachePolicy):
         self.top_p = min(int(top_p or 2 * layout.top_k), self.experts)
         if self.top_p < 1:
             raise ValueError(f"top_p must be at least 1, got {top_p}")
-        self.scores = np.zeros(layout.num_keys, dtype=np.float64)     # [K] S
-        self._hints = np.zeros(layout.num_keys, dtype=np.float64)     # [K] predicted scores, 0 = none
+        self.scores = np.zeros(layout.num_keys, dtype=np.float64)                 # [K] S
+        self.selection_follows_scores = np.ones(layout.num_layers, dtype=bool)   # [L]
+        self._hints = np.zeros(layout.num_keys, dtype=np.float64)                 # [K] predicted, 0 = none
 
     def observe(self, layer: int, chosen: Sequence[int], router_probs: np.ndarray | None = None) -> None:
-        s = self._call_scores(chosen, router_probs)                   # [E]
+        s = self._call_scores(layer, list(chosen), router_probs)     # [E]
         top = np.argsort(-s, kind="stable")[: self.top_p]             # [p] highest scores, ties by expert id
         base = layer * self.experts
         block = self.scores[base : base + self.experts]               # [E] view
@@ -59,13 +68,23 @@ class ScorePolicy(CachePolicy):
         base = layer * self.experts
         self._hints[base : base + self.experts] = np.asarray(scores, dtype=np.float64).reshape(self.experts)
 
-    def _call_scores(self, chosen: Sequence[int], router_probs: np.ndarray | None) -> np.ndarray:
-        if router_probs is None:
+    def _call_scores(self, layer: int, chosen: list[int], router_probs: np.ndarray | None) -> np.ndarray:
+        """s [E] of one router call."""
+        if router_probs is None or not chosen:
             s = np.zeros(self.experts)
-            s[list(chosen)] = 1.0 / max(len(chosen), 1)
+            s[chosen] = 1.0 / max(len(chosen), 1)
             return s
         probs = np.asarray(router_probs, dtype=np.float64).reshape(-1, self.experts)  # [T, E]
-        return probs[0] if probs.shape[0] == 1 else probs.mean(axis=0)
+        probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-30)
+        s = probs[0] if probs.shape[0] == 1 else probs.mean(axis=0)
+        picked = np.zeros(self.experts, dtype=bool)
+        picked[chosen] = True
+        if probs.shape[0] == 1 and not picked.all() and s[picked].min() < s[~picked].max():
+            self.selection_follows_scores[layer] = False
+        if self.selection_follows_scores[layer]:
+            return s
+        s = np.where(picked, s, 0.0)
+        return s / max(s.sum(), 1e-30)
 
     def touch(self, key: int) -> None:
         pass

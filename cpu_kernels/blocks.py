@@ -44,7 +44,7 @@ def as_numpy_block(tensor: torch.Tensor) -> np.ndarray:
     if not tensor.is_contiguous():
         raise ValueError("expert block must be contiguous; the host store keeps one 1-D tensor per expert")
     view_dtype = _TORCH_VIEWS[tensor.dtype]
-    flat = tensor.reshape(-1)
+    flat = tensor.detach().reshape(-1)
     if view_dtype is not None:
         flat = flat.view(view_dtype)
     return flat.numpy()

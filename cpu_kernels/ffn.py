@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .activations import activation_code
+from .activations import ACTIVATIONS, activation_code
 from .blocks import check_block
 from .formats import kernel_view
 from .kernels import ffn_decode, ffn_prefill
@@ -45,8 +45,9 @@ def scratch_view(scratch: np.ndarray, tokens: int, inter: int) -> np.ndarray:
     return scratch.reshape(-1)[: tokens * inter].reshape(tokens, inter)
 
 
-def _check_scales_for(fmt: str, scales, hidden: int, inter: int) -> np.ndarray:
-    """int8 blocks need their scales; float blocks must not get any."""
+def check_weights(block: np.ndarray, scales, hidden: int, inter: int) -> np.ndarray:
+    """Validate a block (and the scales int8 blocks need); returns the scales the kernels read."""
+    fmt = check_block(block, hidden, inter)
     if fmt == "int8":
         if scales is None:
             raise ValueError("an int8 block needs its per-row scales (see quantize_block_int8)")
@@ -55,6 +56,15 @@ def _check_scales_for(fmt: str, scales, hidden: int, inter: int) -> np.ndarray:
     if scales is not None:
         raise ValueError(f"scales are only for int8 blocks; this block is {fmt}")
     return NO_SCALES
+
+
+def check_act(act: str | int) -> int:
+    """Activation name (or a valid code) -> kernel activation code."""
+    if isinstance(act, (int, np.integer)) and not isinstance(act, bool):
+        if int(act) not in ACTIVATIONS.values():
+            raise ValueError(f"unknown activation code {act}; use a name from {sorted(ACTIVATIONS)}")
+        return int(act)
+    return activation_code(act)
 
 
 def expert_ffn(
@@ -76,9 +86,8 @@ def expert_ffn(
     tokens = _check_tokens(x, hidden, "x")
     if _check_tokens(out, hidden, "out") != tokens:
         raise ValueError(f"out has {out.shape[0]} rows, x has {tokens}")
-    fmt = check_block(block, hidden, inter)
-    row_scales = _check_scales_for(fmt, scales, hidden, inter)
-    code = act if isinstance(act, int) else activation_code(act)
+    row_scales = check_weights(block, scales, hidden, inter)
+    code = check_act(act)
     h = scratch_view(scratch, tokens, inter)  # [T, I]
     kernel = ffn_decode if tokens == 1 else ffn_prefill
     kernel(x, kernel_view(block), row_scales, hidden, inter, code, out, h)

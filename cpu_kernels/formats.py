@@ -39,7 +39,7 @@ ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 def canonical_format(name: str) -> str:
     """'bf16' / 'bfloat16' / 'fp16' / ... -> canonical format name; ValueError if unknown."""
-    key = str(name).lower().replace("torch.", "")
+    key = str(name).lower().replace("torch.", "")  # accepts torch dtypes too
     if key not in FORMAT_ALIASES:
         raise ValueError(f"unknown weight format {name!r}; use one of {sorted(set(FORMAT_ALIASES.values()))}")
     return FORMAT_ALIASES[key]

@@ -6,6 +6,12 @@
 
 Rows no job touches stay zero, so the caller adds the result to its GPU-side sum (or
 index_adds it). The numba kernels release the GIL, so the caller keeps running meanwhile.
+
+Shared cores: numba's OpenMP threads spin at each barrier by default. When the cores are
+oversubscribed (a busy caller thread plus num_threads == cores, or other processes) a
+preempted thread can stall a kernel for a whole scheduler time slice (~30 ms measured on a
+2-core machine, against ~1 ms of work). Start the process with OMP_WAIT_POLICY=PASSIVE
+(libgomp reads it once, at load) or use fewer threads than cores in that case.
 """
 
 from __future__ import annotations
@@ -18,20 +24,16 @@ import numba
 import numpy as np
 import torch
 
-from .activations import activation_code
-from .blocks import check_block, infer_inter
-from .ffn import expert_ffn
+from .blocks import infer_inter
+from .ffn import check_act, check_weights, expert_ffn
+from .formats import canonical_format
 from .quant import quantize_block_int8
 from .rows import gather_rows, scatter_add_rows
 from .workspace import Workspace
 
 # Shapes used to compile every kernel variant at warmup (odd sizes exercise every tail loop).
 _WARMUP_HIDDEN, _WARMUP_INTER, _WARMUP_TOKENS = 10, 6, 5
-_WARMUP_BLOCK_DTYPES = {
-    "float32": np.float32, "fp32": np.float32,
-    "float16": np.float16, "fp16": np.float16,
-    "bfloat16": np.uint16, "bf16": np.uint16,
-}
+_WARMUP_BLOCK_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
 @dataclass(frozen=True)
@@ -65,14 +67,14 @@ def _as_float32_2d(array, name: str) -> np.ndarray:
 def _check_job(job: CpuJob, tokens: int, hidden: int) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Validate a job; returns (rows int64, weights float32, inter, act code)."""
     inter = infer_inter(job.block, hidden)
-    check_block(job.block, hidden, inter)
+    check_weights(job.block, job.scales, hidden, inter)
     rows = np.ascontiguousarray(job.rows, dtype=np.int64)
     weights = np.ascontiguousarray(job.weights, dtype=np.float32)
     if rows.ndim != 1 or weights.shape != rows.shape:
         raise ValueError(f"job rows {list(rows.shape)} and weights {list(weights.shape)} must be matching 1-D")
     if rows.size and (rows.min() < 0 or rows.max() >= tokens):
         raise ValueError(f"job rows must lie in [0, {tokens}); got min {rows.min()}, max {rows.max()}")
-    return rows, weights, inter, activation_code(job.act)
+    return rows, weights, inter, check_act(job.act)
 
 
 class CpuRunner:
@@ -156,31 +158,28 @@ class CpuRunner:
 
     def warmup(
         self,
-        dtypes: Sequence[str] = ("float32", "float16", "bfloat16"),
+        dtypes: Sequence = ("float32", "float16", "bfloat16"),
         acts: Sequence[str] = ("silu",),
         int8: bool = False,
     ) -> None:
         """Compile (or load from numba's cache) every kernel variant now, in the worker thread.
 
-        dtypes: weight formats to prepare; int8 also prepares the int8 kernels.
-        Runs decode (T = 1) and prefill (T > 1) paths for each format and activation.
+        dtypes: weight formats to prepare ("bf16", "bfloat16", torch.bfloat16, "int8", ...);
+        int8=True also prepares the int8 kernels. Runs the decode (T = 1) and prefill (T > 1)
+        paths for each format and activation, so no compilation happens at the first token.
         """
-        for name in dtypes:
-            if str(name).lower() not in _WARMUP_BLOCK_DTYPES:
-                raise ValueError(f"unknown weight dtype {name!r}; use float32, float16 or bfloat16")
-        for act in acts:
-            activation_code(act)
-        hidden, inter = _WARMUP_HIDDEN, _WARMUP_INTER
-        x = np.ones((_WARMUP_TOKENS, hidden), dtype=np.float32)
-        jobs = []
-        for name in dtypes:
-            block = np.full(3 * hidden * inter, 0.01, dtype=np.float32)
-            block = block.astype(_WARMUP_BLOCK_DTYPES[str(name).lower()])
-            jobs += self._warmup_jobs(block, None, acts)
+        formats = {canonical_format(name) for name in dtypes}
         if int8:
-            q, scales = quantize_block_int8(np.full(3 * hidden * inter, 0.01, np.float32), hidden, inter)
-            jobs += self._warmup_jobs(q, scales, acts)
-        self.run(x, jobs)
+            formats.add("int8")
+        hidden, inter = _WARMUP_HIDDEN, _WARMUP_INTER
+        weights = np.full(3 * hidden * inter, 0.01, dtype=np.float32)
+        jobs = []
+        for fmt in sorted(formats):
+            if fmt == "int8":
+                jobs += self._warmup_jobs(*quantize_block_int8(weights, hidden, inter), acts)
+            else:
+                jobs += self._warmup_jobs(weights.astype(_WARMUP_BLOCK_DTYPES[fmt]), None, acts)
+        self.run(np.ones((_WARMUP_TOKENS, hidden), dtype=np.float32), jobs)
 
     @staticmethod
     def _warmup_jobs(block, scales, acts) -> list[CpuJob]:

@@ -34,6 +34,7 @@ def router_params(model: nn.Module) -> RouterParams:
         num_groups=num_groups,
         top_groups=top_groups,
         group_rule=rule,
+        top_k=getattr(routers[0], "top_k", None),
     )
 
 

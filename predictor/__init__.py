@@ -9,7 +9,7 @@ from .learned import CorrectionFormatError, LearnedCorrection, LearnedCorrection
 from .metrics import RecallCounter, chance_recall, recall, topk_hits
 from .registry import PREDICTOR_NAMES, correction_path, load_predictor, make_predictor
 from .replay import replay
-from .routing import RouterParams, cross_layer_input, router_logits, router_scores, selection_scores
+from .routing import RouterParams, cross_layer_input, router_logits, selection_scores
 from .trace import TRACE_VERSION, Trace, TraceFormatError
 
 __all__ = [
@@ -17,6 +17,6 @@ __all__ = [
     "LearnedCorrection", "LearnedCorrectionPredictor", "OraclePredictor", "PREDICTOR_NAMES",
     "PopularityPredictor", "Predictor", "PreviousTokenPredictor", "RecallCounter", "RouterParams",
     "TRACE_VERSION", "Trace", "TraceFormatError", "chance_recall", "correction_path", "cross_layer_input",
-    "fit_correction", "load_predictor", "make_predictor", "recall", "replay", "router_logits", "router_scores",
+    "fit_correction", "load_predictor", "make_predictor", "recall", "replay", "router_logits",
     "selection_scores", "topk_hits",
 ]

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import PurePath
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .learned import LearnedCorrection, layer_block, source_features
+from .learned import LearnedCorrection, layer_block, router_fingerprint, source_features
 from .metrics import topk_hits
 from .routing import RouterParams, selection_scores
 from .trace import Trace
@@ -91,6 +92,7 @@ def fit_correction(trace: Trace, params: RouterParams, config: CorrectionFitConf
     """Fit the maps of a LearnedCorrection on ``trace`` (which needs gate inputs)."""
     if trace.gate_inputs is None:
         raise ValueError("fitting a learned correction needs a trace recorded with gate inputs")
+    fingerprint = router_fingerprint(params)
     params = params.to("cpu", torch.float64)
     held = (trace.sequence % config.validation_every) == config.validation_every - 1    # [N]
     maps, lambdas = {}, {}
@@ -102,7 +104,8 @@ def fit_correction(trace: Trace, params: RouterParams, config: CorrectionFitConf
             lambdas[f"{source}+{target - source}"] = lam
     meta = {"distances": list(config.distances), "lambdas": lambdas, "prior": config.prior,
             "fit_tokens": trace.num_tokens, "fit_sequences": int(len(np.unique(trace.sequence))),
-            "model": trace.meta.get("model"), "model_type": trace.meta.get("model_type")}
+            "model": PurePath(str(trace.meta.get("model", ""))).name, "model_type": trace.meta.get("model_type"),
+            "router_fingerprint": fingerprint}
     return LearnedCorrection(maps, trace.num_layers, trace.num_experts, config.feature_set, meta)
 
 

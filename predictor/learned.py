@@ -117,6 +117,25 @@ class LearnedCorrection:
         return cls(maps, meta.pop("num_layers"), meta.pop("num_experts"), meta.pop("feature_set"), meta)
 
 
+def router_fingerprint(params: RouterParams) -> list[float]:
+    """Per MoE layer, the sum of |router weight|: tells whether a correction was fitted for these routers."""
+    return [float(w.detach().double().abs().sum()) for w in params.weights]
+
+
+def check_fitted_for(correction: LearnedCorrection, params: RouterParams) -> None:
+    """ValueError when ``correction`` was fitted for another model (other sizes or other router weights)."""
+    if correction.num_layers != params.num_layers or correction.num_experts != params.num_experts:
+        raise ValueError(f"learned correction for {correction.num_layers} layers x {correction.num_experts} experts "
+                         f"does not fit a model with {params.num_layers} x {params.num_experts}")
+    fitted = correction.meta.get("router_fingerprint")
+    if fitted is None:
+        return
+    now = router_fingerprint(params)
+    if any(abs(a - b) > 1e-4 * max(abs(a), 1.0) for a, b in zip(fitted, now)):
+        raise ValueError("the learned correction was fitted for other router weights (the model changed); "
+                         "refit it: moe-offload fit-predictor --model ...")
+
+
 class LearnedCorrectionPredictor(Predictor):
     """Ranks layer l+d's experts by the fitted map's logits, scored like that layer's router.
 
@@ -128,9 +147,7 @@ class LearnedCorrectionPredictor(Predictor):
     needs_gate_inputs = True
 
     def __init__(self, correction: LearnedCorrection, params: RouterParams):
-        if correction.num_layers != params.num_layers or correction.num_experts != params.num_experts:
-            raise ValueError(f"correction for {correction.num_layers} layers x {correction.num_experts} experts "
-                             f"does not fit a model with {params.num_layers} x {params.num_experts}")
+        check_fitted_for(correction, params)
         super().__init__(params.num_layers, params.num_experts)
         device = params.weights[0].device
         self.correction = correction.to(device)

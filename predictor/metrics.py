@@ -50,11 +50,6 @@ class RecallCounter:
         self.hits_2k[target] += int(topk_hits(scores, chosen, 2 * self.top_k).sum())
         self.truths[target] += chosen.numel()
 
-    def merge(self, other: "RecallCounter") -> None:
-        self.hits += other.hits
-        self.hits_2k += other.hits_2k
-        self.truths += other.truths
-
     @property
     def recall(self) -> float:
         return _share(self.hits.sum(), self.truths.sum())

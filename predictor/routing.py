@@ -30,6 +30,7 @@ class RouterParams:
     num_groups: int = 1                 # expert groups (DeepSeek n_group)
     top_groups: int = 1                 # groups a token may use (DeepSeek topk_group)
     group_rule: str = "none"            # how a group is scored: "none", "max" (V2), "top2_sum" (V3)
+    top_k: int | None = None            # experts per token; with group limits it orders the rest (see selection_scores)
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
@@ -62,7 +63,7 @@ class RouterParams:
 
         return RouterParams([move(w) for w in self.weights], [move(b) for b in self.biases],
                             [move(n) for n in self.norm_weights], self.scoring, self.num_groups,
-                            self.top_groups, self.group_rule)
+                            self.top_groups, self.group_rule, self.top_k)
 
 
 def router_logits(params: RouterParams, layer: int, gate_input: Tensor) -> Tensor:
@@ -88,18 +89,15 @@ def cross_layer_input(params: RouterParams, source: int, target: int, gate_input
     return x / safe * w_target
 
 
-def router_scores(params: RouterParams, logits: Tensor) -> Tensor:
-    """[T, E] per-expert router scores (softmax or sigmoid), what traces store as router_probs."""
-    logits = logits.float()
-    return torch.sigmoid(logits) if params.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
-
-
 def selection_scores(params: RouterParams, layer: int, logits: Tensor) -> Tensor:
     """[T, E] scores whose top-k is the router's choice for ``logits`` [T, E]; higher = likelier.
 
     Softmax routers: the router probabilities. Sigmoid routers: ``sigmoid(logits) + bias``.
-    With group-limited routing, experts outside a token's groups are lowered just
-    enough to rank after every expert inside them, so sums over tokens stay meaningful.
+    With group-limited routing the experts the router would pick (top-k inside the
+    token's best groups) are raised above all others, and the rest keep their
+    order by score regardless of group: a prediction's groups are uncertain, so
+    beyond the first k this ranks the true experts higher. Without ``top_k`` the
+    experts outside the token's groups are lowered below every expert inside them.
     """
     logits = logits.float()
     if params.scoring == "sigmoid":
@@ -109,9 +107,14 @@ def selection_scores(params: RouterParams, layer: int, logits: Tensor) -> Tensor
             scores = scores + bias.to(scores.device, torch.float32)
     else:
         scores = torch.softmax(logits, dim=-1)
-    if params.limits_groups:
-        scores = scores - outside_group_penalty(params, layer, scores.device) * ~group_mask(params, scores)  # [T, E]
-    return scores
+    if not params.limits_groups:
+        return scores
+    penalty = outside_group_penalty(params, layer, scores.device)
+    grouped = scores - penalty * ~group_mask(params, scores)                       # [T, E]
+    if not params.top_k:
+        return grouped
+    choice = grouped.topk(params.top_k, dim=-1).indices                            # [T, k]
+    return scores.scatter_add(1, choice, torch.zeros(choice.shape, device=scores.device) + penalty)
 
 
 def outside_group_penalty(params: RouterParams, layer: int, device: torch.device) -> Tensor | float:

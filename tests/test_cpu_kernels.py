@@ -200,6 +200,7 @@ def test_workspace_reuses_buffers():
         (lambda a: {**a, "out": a["out"][:1]}, "rows"),
         (lambda a: {**a, "scratch": a["scratch"][:3]}, "scratch"),
         (lambda a: {**a, "act": "relu"}, "activation"),
+        (lambda a: {**a, "act": 7}, "activation code"),
         (lambda a: {**a, "scales": np.ones(3, np.float32)}, "int8"),
     ],
 )
@@ -218,8 +219,16 @@ def test_bad_input_raises_value_error(change, message):
         expert_ffn(**change(args))
 
 
-def test_runner_rejects_bad_rows():
-    hidden, inter = 16, 8
-    job = CpuJob(np.ones(3 * hidden * inter, np.float32), np.array([5]), np.array([1.0], np.float32))
-    with CpuRunner(num_threads=1) as runner, pytest.raises(ValueError, match="rows"):
+@pytest.mark.parametrize(
+    "job, message",
+    [
+        (CpuJob(np.ones(384, np.float32), np.array([5]), np.array([1.0], np.float32)), "rows"),
+        (CpuJob(np.ones(384, np.float32), np.array([0, 1]), np.array([1.0], np.float32)), "weights"),
+        (CpuJob(np.ones(384, np.int8), np.array([0]), np.array([1.0], np.float32)), "scales"),
+        (CpuJob(np.ones(383, np.float32), np.array([0]), np.array([1.0], np.float32)), "3 \\* H \\* I"),
+    ],
+)
+def test_runner_rejects_bad_jobs_in_the_caller(job, message):
+    hidden = 16  # 384 = 3 * 16 * 8
+    with CpuRunner(num_threads=1) as runner, pytest.raises(ValueError, match=message):
         runner.submit(np.ones((2, hidden), np.float32), [job])

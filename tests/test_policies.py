@@ -98,6 +98,20 @@ def test_score_prefill_averages_tokens_and_defaults():
     np.testing.assert_allclose(policy.scores, [0.1, 0.0, 0.1, 0.5])
 
 
+def test_score_normalises_sigmoid_scores_and_credits_only_the_chosen_when_selection_ignores_scores():
+    policy = ScorePolicy(ExpertLayout(2, 4, 1), top_p=2)
+    # layer 0, sigmoid-like scores follow the selection: s = [.9 .6 .3 .2] / 2 = [.45 .3 .15 .1]; top-2 = {0, 1}
+    policy.observe(0, [0], np.array([[0.9, 0.6, 0.3, 0.2]]))
+    np.testing.assert_allclose(policy.scores[:4], [0.225, 0.15, 0, 0])
+    # layer 1 picks expert 0 although it scores lowest (a biased router): only the chosen are credited,
+    # s = [1 0 0 0]: S = [.5 0 0 0]; the layer stays that way even when a later call looks ordinary
+    policy.observe(1, [0], np.array([[0.1, 0.2, 0.3, 0.4]]))
+    np.testing.assert_allclose(policy.scores[4:], [0.5, 0, 0, 0])
+    policy.observe(1, [1], np.array([[0.1, 0.6, 0.2, 0.1]]))
+    np.testing.assert_allclose(policy.scores[4:], [0.25, 0.5, 0, 0])
+    assert policy.selection_follows_scores.tolist() == [True, False]
+
+
 def test_score_hint_protects_predicted_experts_until_the_layer_runs():
     policy = ScorePolicy(ExpertLayout(2, 4, 1), top_p=1)
     policy.observe(1, [0], np.array([[0.9, 0.1, 0.0, 0.0]]))   # S[4] = .45, S[5..7] = 0

@@ -68,6 +68,16 @@ def test_cross_layer_gate_is_the_true_routing_when_layers_are_identical(scoring,
         assert torch.equal(predictor.predict(0, d).topk(4).indices.sort(1).values, truth.sort(1).values)
 
 
+def test_group_limited_scores_rank_the_routers_choice_first_then_the_rest_by_score():
+    grouped = RouterParams([torch.eye(4)], [torch.zeros(4)], [torch.ones(4)], "sigmoid", num_groups=2, top_groups=1,
+                           group_rule="top2_sum")
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.5]])       # group {2, 3} wins (0.88 + 0.82 > 0.5 + 0.95)
+    assert selection_scores(grouped, 0, logits).argsort(descending=True).tolist() == [[2, 3, 1, 0]]
+    hybrid = RouterParams(grouped.weights, grouped.biases, grouped.norm_weights, "sigmoid", num_groups=2,
+                          top_groups=1, group_rule="top2_sum", top_k=1)
+    assert selection_scores(hybrid, 0, logits).argsort(descending=True).tolist() == [[2, 1, 3, 0]]
+
+
 def test_selection_scores_match_transformers_deepseek_v3_router():
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
@@ -78,12 +88,13 @@ def test_selection_scores_match_transformers_deepseek_v3_router():
     with torch.no_grad():
         router.weight.normal_()
         router.e_score_correction_bias.normal_(0, 0.3)
-    params = RouterParams([router.weight.detach()], [router.e_score_correction_bias], [torch.ones(12)], "sigmoid",
-                          num_groups=4, top_groups=2, group_rule="top2_sum")
     x = torch.randn(200, 12)
     chosen = router(x)[2]
-    ours = selection_scores(params, 0, router_logits(params, 0, x)).topk(4).indices
-    assert torch.equal(ours.sort(1).values, chosen.sort(1).values)
+    for top_k in (None, 4):
+        params = RouterParams([router.weight.detach()], [router.e_score_correction_bias], [torch.ones(12)],
+                              "sigmoid", num_groups=4, top_groups=2, group_rule="top2_sum", top_k=top_k)
+        ours = selection_scores(params, 0, router_logits(params, 0, x)).topk(4).indices
+        assert torch.equal(ours.sort(1).values, chosen.sort(1).values)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe"])
@@ -271,3 +282,15 @@ def test_recall_metrics_on_hand_made_cases():
     counter.add(1, scores[:1], chosen[:1])
     assert counter.per_layer_recall == [None, 0.5, 0.75]
     assert counter.recall == pytest.approx(4 / 6) and counter.recall_at_2k == 1.0
+
+
+def test_learned_correction_refuses_other_router_weights(tmp_path):
+    params = random_params(2, 8, 16, seed=3)
+    mixing = torch.randn(16, 16, generator=torch.Generator().manual_seed(4)) / 4
+    correction = fit_correction(synthetic_linear_trace(params, mixing, 500, seed=5), params,
+                                CorrectionFitConfig(distances=(1,), feature_set="gate"))
+    LearnedCorrectionPredictor(correction, params)
+    with pytest.raises(ValueError, match="other router weights"):
+        LearnedCorrectionPredictor(correction, random_params(2, 8, 16, seed=9))
+    with pytest.raises(ValueError, match="does not fit"):
+        LearnedCorrectionPredictor(correction, random_params(3, 8, 16, seed=3))
