@@ -1,4 +1,4 @@
-"""moe-offload command line: run, info."""
+"""moe-offload command line: run, info, calibrate, trace, fit-predictor, sweep."""
 
 from __future__ import annotations
 
