@@ -9,7 +9,8 @@ prompts (skipped, with a note, when the model is not shipped in this checkout);
 per-layer permutation, repeat probability 0.3; 16 MoE layers x 64 experts,
 top-4; sequences of 512 tokens, the first 32 of each a prompt). Every trace is
 replayed by the cache simulator (the runtime's ExpertCache and policies) from
-a cold cache. The "dp" allocation's per-layer miss curves are measured on
+a cold cache. "score-p=k" is the score policy crediting the top-k instead of
+HybriMoE's top-2k experts per call (a sensitivity check). The "dp" allocation's per-layer miss curves are measured on
 the first half of each trace. On the synthetic trace an "oracle-online" reference, which
 knows the generating process but not its random draws, shows how much of the
 gap to Belady any online policy could close. Prints one table per trace and allocation and writes
@@ -34,6 +35,7 @@ from moe_offload.predictor.synthetic import SyntheticTraceConfig, synthetic_trac
 POLICIES = ("lru", "lfu", "arc", "score", "belady")
 ALLOCATIONS = ("global", "uniform")
 ALLOCATION_STUDY = ("shallow", "dp")   # run for the score policy only
+SCORE_TOP_K = "score-p=k"              # score with top_p = top_k instead of HybriMoE's 2 * top_k
 SYNTHETIC_REPEAT = 0.3
 
 
@@ -116,6 +118,7 @@ def run_trace(trace, budgets: list[int], synthetic: bool) -> list[dict]:
     simulator = CacheSimulator(routing, miss_curves=lru_miss_curves(fit))
     layout = simulator.layout
     runs = [(p, a) for a in ALLOCATIONS for p in POLICIES] + [("score", a) for a in ALLOCATION_STUDY]
+    runs += [(SCORE_TOP_K, a) for a in ALLOCATIONS]
     runs += [("oracle-online", a) for a in ALLOCATIONS] if synthetic else []
     frequency = selection_frequency(trace) if synthetic else None
     rows = []
@@ -125,8 +128,12 @@ def run_trace(trace, budgets: list[int], synthetic: bool) -> list[dict]:
             if allocation != "global" and slots < layout.num_layers:
                 continue   # a per-layer split needs a slot per layer
             start = time.perf_counter()
-            chosen = ProcessOraclePolicy(layout, frequency, SYNTHETIC_REPEAT) if policy == "oracle-online" else policy
-            result = simulator.run(chosen, slots, allocation)
+            if policy == "oracle-online":
+                result = simulator.run(ProcessOraclePolicy(layout, frequency, SYNTHETIC_REPEAT), slots, allocation)
+            elif policy == SCORE_TOP_K:
+                result = simulator.run("score", slots, allocation, top_p=layout.top_k)
+            else:
+                result = simulator.run(policy, slots, allocation)
             rows.append({"policy": policy, "allocation": allocation, "budget_percent": percent, "slots": slots,
                          "hit_rate": result.hit_rate, "hits": result.hits, "misses": result.misses,
                          "replay_s": time.perf_counter() - start})

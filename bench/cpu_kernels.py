@@ -11,8 +11,10 @@ MiB) that the weights come from DRAM, not the last-level cache. memory_gbps is a
 reduction over a 1 GiB float32 array measured in the same run. Prints one table, writes JSON and
 a PNG plot next to it.
 
-OpenMP's wait policy matters when the cores are shared (other processes, or a busy caller
-thread): compare runs with and without OMP_WAIT_POLICY=PASSIVE in the environment.
+OpenMP threads (numba's and torch's share one libgomp) spin at barriers by default; on shared
+cores a preempted thread then stalls a kernel for a scheduler time slice. This script therefore
+defaults OMP_WAIT_POLICY to PASSIVE for both (set it in the environment to override); the value
+used is recorded in the JSON.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-import numba
-import numpy as np
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before numba / torch load libgomp
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, median, print_table, write_json  # noqa: E402

@@ -66,7 +66,7 @@ def load_model(args: argparse.Namespace):
 def get_trace(path: str | None, model, tokenizer, prompts: int, held_out: bool, new_tokens: int,
               save_dir: str | None) -> Trace:
     """A trace with gate inputs: loaded from ``path`` or recorded from stdlib prompts."""
-    from moe_offload.trace_cli import stdlib_prompts
+    from moe_offload.trace_cli import PROMPT_LINES, stdlib_prompts
     from moe_offload.tracing import record_trace
 
     if path:
@@ -74,6 +74,8 @@ def get_trace(path: str | None, model, tokenizer, prompts: int, held_out: bool, 
     start = time.perf_counter()
     trace = record_trace(model, tokenizer, stdlib_prompts(prompts, held_out=held_out), new_tokens, gate_inputs=True)
     label = "heldout" if held_out else "fit"
+    trace.meta |= {"prompts": f"stdlib-{'heldout' if held_out else 'train'} {prompts} x {PROMPT_LINES} lines",
+                   "max_new_tokens": new_tokens}
     print(f"recorded {label} trace: {trace.num_tokens} tokens in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     if save_dir:
         trace.save(Path(save_dir) / f"{Path(model.config._name_or_path).name}-{label}.npz")
@@ -85,9 +87,16 @@ def learned_predictor(args: argparse.Namespace, model_dir: Path, params: RouterP
     """The learned correction: the model's saved one, or (--refit / none saved) one fitted on ``fit``."""
     path = correction_path(model_dir)
     if path.is_file() and not args.refit:
-        return make_predictor("learned", params, model_dir=model_dir), str(path)
+        return make_predictor("learned", params, model_dir=model_dir), f"{model_dir.name}/{path.relative_to(model_dir)}"
     correction = fit_correction(fit, params, CorrectionFitConfig(distances=DISTANCES, feature_set=args.features))
     return LearnedCorrectionPredictor(correction, params), "fitted on the fit trace"
+
+
+def trace_recipe(trace: Trace) -> dict:
+    """How a trace was made, as far as its metadata tells."""
+    return {"prompts": trace.meta.get("prompts"), "max_new_tokens": trace.meta.get("max_new_tokens"),
+            "tokens": trace.num_tokens, "generated_tokens": int(trace.decode.sum()),
+            "sequences": int(len(np.unique(trace.sequence)))}
 
 
 def routing_reproduced(trace: Trace, params: RouterParams) -> float:
@@ -178,7 +187,8 @@ def main(args: argparse.Namespace) -> int:
     payload = {"model": model_dir.name, "model_type": model.config.model_type, "num_layers": held.num_layers,
                "num_experts": held.num_experts, "top_k": held.top_k, "distances": list(DISTANCES),
                "heldout_tokens": held.num_tokens, "heldout_generated_tokens": int(held.decode.sum()),
-               "fit_tokens": fit.num_tokens, "random_recall": chance,
+               "fit_tokens": fit.num_tokens, "heldout_trace": trace_recipe(held), "fit_trace": trace_recipe(fit),
+               "random_recall": chance,
                "random_recall_at_2k": chance_recall(held.num_experts, 2 * held.top_k),
                "routing_reproduced": routing_reproduced(held, params), "learned_correction": learned_source,
                "per_layer_recall_index": "target MoE layer t = l + d (null for t < d)",

@@ -39,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def fit_trace(args: argparse.Namespace, model):
     """The trace to fit on: ``--trace``, or one recorded now from the prompt arguments."""
     from .predictor import Trace
-    from .trace_cli import load_tokenizer, prompts_from_args
+    from .trace_cli import load_tokenizer, prompt_source, prompts_from_args
     from .tracing import record_trace
 
     if args.trace:
@@ -48,8 +48,10 @@ def fit_trace(args: argparse.Namespace, model):
             raise MoEOffloadError(f"{args.trace} has no gate inputs; record it with `moe-offload trace --gate-inputs`")
         return trace
     prompts = prompts_from_args(args)
-    return record_trace(model, load_tokenizer(model), prompts, args.max_new_tokens, gate_inputs=True,
-                        progress=model.offload.config.progress)
+    trace = record_trace(model, load_tokenizer(model), prompts, args.max_new_tokens, gate_inputs=True,
+                         progress=model.offload.config.progress)
+    trace.meta |= {"prompts": prompt_source(args), "max_new_tokens": args.max_new_tokens}
+    return trace
 
 
 def main(args: argparse.Namespace) -> int:

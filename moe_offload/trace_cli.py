@@ -108,6 +108,15 @@ def prompts_from_args(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def prompt_source(args: argparse.Namespace) -> str:
+    """How the prompts were chosen, for the trace's metadata."""
+    if args.prompts:
+        return f"file {Path(args.prompts).name}"
+    if args.stdlib_heldout is not None:
+        return f"stdlib-heldout {args.stdlib_heldout} x {args.prompt_lines} lines"
+    return f"stdlib-train {args.stdlib_train} x {args.prompt_lines} lines"
+
+
 def load_tokenizer(model):
     """The tokenizer saved beside a loaded model's weights."""
     from transformers import AutoTokenizer
@@ -128,6 +137,7 @@ def main(args: argparse.Namespace) -> int:
     model = from_pretrained(args.model, offload_config(args))
     trace = record_trace(model, load_tokenizer(model), prompts, args.max_new_tokens, gate_inputs=args.gate_inputs,
                          progress=model.offload.config.progress)
+    trace.meta |= {"prompts": prompt_source(args), "max_new_tokens": args.max_new_tokens}
     path = trace.save(args.out)
     print(f"[moe-offload] traced {len(prompts)} prompts, {trace.num_tokens} tokens "
           f"({int(trace.decode.sum())} generated), {trace.num_layers} MoE layers x {trace.num_experts} experts, "

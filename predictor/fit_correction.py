@@ -105,7 +105,7 @@ def fit_correction(trace: Trace, params: RouterParams, config: CorrectionFitConf
     meta = {"distances": list(config.distances), "lambdas": lambdas, "prior": config.prior,
             "fit_tokens": trace.num_tokens, "fit_sequences": int(len(np.unique(trace.sequence))),
             "model": PurePath(str(trace.meta.get("model", ""))).name, "model_type": trace.meta.get("model_type"),
-            "router_fingerprint": fingerprint}
+            "fit_prompts": trace.meta.get("prompts"), "router_fingerprint": fingerprint}
     return LearnedCorrection(maps, trace.num_layers, trace.num_experts, config.feature_set, meta)
 
 

@@ -8,9 +8,9 @@ import torch
 
 from moe_offload.predictor import (
     ActivationMatrixPredictor, CorrectionFitConfig, CorrectionFormatError, CrossLayerGatePredictor,
-    LearnedCorrection, LearnedCorrectionPredictor, OraclePredictor, PopularityPredictor, PreviousTokenPredictor, RecallCounter, RouterParams,
-    Trace, correction_path, fit_correction, load_predictor, make_predictor, recall, replay, router_logits,
-    selection_scores, topk_hits,
+    LearnedCorrection, LearnedCorrectionPredictor, OraclePredictor, PopularityPredictor, PreviousTokenPredictor,
+    RecallCounter, RouterParams, Trace, correction_path, fit_correction, load_predictor, make_predictor, recall,
+    replay, router_logits, selection_scores, topk_hits,
 )
 
 # N = tokens, L = MoE layers, E = experts, H = hidden size, k = experts per token
