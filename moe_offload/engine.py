@@ -77,23 +77,29 @@ class Engine:
             if not self._load(keys[e], locked):
                 break
         cpu_result = self._submit_cpu(plan.experts(CPU), keys, hidden, rows, weights, starts)
-        out = torch.zeros_like(hidden)                                  # [T, H]
+        # Device experts write their weighted outputs into their rows of ``ys`` (assignments grouped by
+        # expert); CPU experts' rows stay zero. One gather in, one un-permute and a sum over k out: the
+        # accumulation transformers' grouped_mm path uses, so bf16 results round the same way.
+        x_sorted = hidden[rows]                                             # [T*k, H]
+        ys = hidden.new_zeros(x_sorted.shape) if cpu_result is not None else torch.empty_like(x_sorted)
         for e in device_experts:
             key = keys[e]
             slot = self.cache.lookup(key)
             if slot < 0:
                 self._load(key, locked)
                 slot = self.cache.lookup(key)
-            idx, w = rows[starts[e] : starts[e + 1]], weights[starts[e] : starts[e + 1]]
+            lo, hi = starts[e], starts[e + 1]
             self.copier.acquire(slot)
-            self._expert(self.cache.slots.buffers[slot], hidden, idx, w, act_fn, out)
+            self._expert(self.cache.slots.buffers[slot], x_sorted[lo:hi], weights[lo:hi], act_fn, ys[lo:hi])
             self.copier.release(slot)
             locked.discard(key)
             self.cache.touch(key)
+        unsorted = torch.empty_like(ys).index_copy_(0, order, ys)          # [T*k, H] back in (token, k) order
+        out = unsorted.view(hidden.shape[0], k, -1).sum(dim=1)              # [T, H]
         if cpu_result is not None:
             cpu_out = torch.from_numpy(cpu_result.result())            # [T, H] weighted sum of the CPU experts
             out += cpu_out.to(out.device, out.dtype)
-        return out
+        return out.to(hidden.dtype)
 
     def _plan(self, keys: dict[int, int], counts: list[int]) -> Plan:
         loads = []
@@ -136,17 +142,12 @@ class Engine:
             self.stats.evictions[evicted // self.store.num_experts] += 1
         return True
 
-    def _expert(self, block, hidden, idx, w, act_fn, out) -> None:
-        """out[idx] += w * expert(hidden[idx]), the same ops transformers runs."""
+    def _expert(self, block, x, w, act_fn, out) -> None:
+        """out = w * expert(x), the same ops transformers runs (x: [t, H] rows of this expert)."""
         shape = self.store.shape
-        x = hidden[idx]                                                     # [t, H]
-        gate, up = F.linear(x, gate_up_view(block, shape)).chunk(2, dim=-1) # [t, I] each
-        y = F.linear(act_fn(gate) * up, down_view(block, shape))            # [t, H]
-        y = (y * w[:, None]).to(out.dtype)
-        if idx.shape[0] == out.shape[0]:  # serves every token (always so at decode): rows are 0..T-1 in order
-            out += y
-        else:
-            out.index_add_(0, idx, y)
+        gate, up = F.linear(x, gate_up_view(block, shape)).chunk(2, dim=-1)  # [t, I] each
+        y = F.linear(act_fn(gate) * up, down_view(block, shape))             # [t, H]
+        out.copy_(y * w[:, None])
 
     def _count(self, layer: int, tokens: int, plan: Plan) -> None:
         self.stats.layer_calls[layer] += 1

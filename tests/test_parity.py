@@ -113,7 +113,7 @@ def test_tied_embeddings(tmp_path):
     assert rel_err(got, expected) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_bfloat16_matches_bfloat16_transformers(checkpoints, family):
     """bf16: equal to transformers' eager experts, and no further from fp32 than its default kernel."""
     path = checkpoints[family]
