@@ -9,8 +9,9 @@ prompts (skipped, with a note, when the model is not shipped in this checkout);
 per-layer permutation, repeat probability 0.3; 16 MoE layers x 64 experts,
 top-4; sequences of 512 tokens, the first 32 of each a prompt). Every trace is
 replayed by the cache simulator (the runtime's ExpertCache and policies) from
-a cold cache. "score-p=k" is the score policy crediting the top-k instead of
-HybriMoE's top-2k experts per call (a sensitivity check). The "dp" allocation's per-layer miss curves are measured on
+a cold cache. "score" is the default score policy (each layer duels p = 2k
+against p = k); "score-p=2k" fixes HybriMoE's p = 2 * top_k and "score-p=k"
+credits exactly the selected experts (p = top_k). The "dp" allocation's per-layer miss curves are measured on
 the first half of each trace. On the synthetic trace an "oracle-online" reference, which
 knows the generating process but not its random draws, shows how much of the
 gap to Belady any online policy could close. Prints one table per trace and allocation and writes
@@ -35,7 +36,7 @@ from moe_offload.predictor.synthetic import SyntheticTraceConfig, synthetic_trac
 POLICIES = ("lru", "lfu", "arc", "score", "belady")
 ALLOCATIONS = ("global", "uniform")
 ALLOCATION_STUDY = ("shallow", "dp")   # run for the score policy only
-SCORE_TOP_K = "score-p=k"              # score with top_p = top_k instead of HybriMoE's 2 * top_k
+SCORE_FIXED = {"score-p=2k": 2, "score-p=k": 1}   # score with top_p fixed at this many times top_k
 SYNTHETIC_REPEAT = 0.3
 
 
@@ -118,7 +119,7 @@ def run_trace(trace, budgets: list[int], synthetic: bool) -> list[dict]:
     simulator = CacheSimulator(routing, miss_curves=lru_miss_curves(fit))
     layout = simulator.layout
     runs = [(p, a) for a in ALLOCATIONS for p in POLICIES] + [("score", a) for a in ALLOCATION_STUDY]
-    runs += [(SCORE_TOP_K, a) for a in ALLOCATIONS]
+    runs += [(name, a) for a in ALLOCATIONS for name in SCORE_FIXED]
     runs += [("oracle-online", a) for a in ALLOCATIONS] if synthetic else []
     frequency = selection_frequency(trace) if synthetic else None
     rows = []
@@ -130,8 +131,8 @@ def run_trace(trace, budgets: list[int], synthetic: bool) -> list[dict]:
             start = time.perf_counter()
             if policy == "oracle-online":
                 result = simulator.run(ProcessOraclePolicy(layout, frequency, SYNTHETIC_REPEAT), slots, allocation)
-            elif policy == SCORE_TOP_K:
-                result = simulator.run("score", slots, allocation, top_p=layout.top_k)
+            elif policy in SCORE_FIXED:
+                result = simulator.run("score", slots, allocation, top_p=SCORE_FIXED[policy] * layout.top_k)
             else:
                 result = simulator.run(policy, slots, allocation)
             rows.append({"policy": policy, "allocation": allocation, "budget_percent": percent, "slots": slots,

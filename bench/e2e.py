@@ -60,7 +60,7 @@ def variants(path: Path, device: str, dtype: torch.dtype):
         path, dtype=dtype).to(device).eval()
     yield "offload-100%", "every expert has a slot", lambda: moe_offload.from_pretrained(
         path, device=device, dtype=dtype, progress=False)
-    yield "offload-25%", "25% of experts have slots, LRU", lambda: quarter(path, device, dtype)
+    yield "offload-25%", "25% of experts have slots, default (score) policy", lambda: quarter(path, device, dtype)
 
 
 def quarter(path: Path, device: str, dtype: torch.dtype):

@@ -81,6 +81,9 @@ class OffloadConfig:
     gpu_memory: int | None = None             # bytes
     expert_slots: int | None = None
     cache_policy: str = "score"
+    score_alpha: float = 0.5                  # score policy: weight of the newest router scores (HybriMoE: 0.5)
+    score_top_p: int | None = None            # score policy: experts credited per call; None: each layer
+                                              # duels 2 * top_k (HybriMoE) against top_k
     slot_allocation: str = "global"           # global | uniform | shallow: slots per MoE layer
     kv_reserve_tokens: int = 2048             # KV cache kept free inside gpu_memory
     workspace_bytes: int = 64 * 2**20         # activations and allocator slack inside gpu_memory
@@ -112,6 +115,11 @@ class OffloadConfig:
             raise MoEOffloadError(
                 f"unknown cache_policy {self.cache_policy!r}; choose one of {', '.join(CACHE_POLICIES)}"
             )
+        if not 0.0 < float(self.score_alpha) <= 1.0:
+            raise MoEOffloadError(f"score_alpha must be in (0, 1], got {self.score_alpha}")
+        if self.score_top_p is not None and int(self.score_top_p) < 1:
+            raise MoEOffloadError(f"score_top_p must be at least 1 (or None to duel 2 * top_k vs top_k), "
+                                  f"got {self.score_top_p}")
         if self.slot_allocation == "dp":
             raise MoEOffloadError(
                 "slot_allocation 'dp' needs per-layer miss curves measured on a routing trace, so it exists only "
@@ -147,6 +155,13 @@ class OffloadConfig:
         if self.cpu_experts is None:
             return "auto" if self.on_cuda else "never"
         return self.cpu_experts
+
+    @property
+    def policy_params(self) -> dict[str, Any]:
+        """Keyword arguments for cache_policy's class (the score policy's alpha and p)."""
+        if self.cache_policy != "score":
+            return {}
+        return {"alpha": float(self.score_alpha), "top_p": self.score_top_p}
 
     @property
     def predictor_name(self) -> str:

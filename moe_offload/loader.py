@@ -208,7 +208,7 @@ def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
     load_dense(parts, device)
     fill_store(parts, store, cfg.progress)
     slots = ExpertSlots(parts.plan.slots, store.num_keys, parts.shape.numel, parts.dtype, device)
-    cache = ExpertCache(slots, make_policy(cfg.cache_policy, layout), pools)
+    cache = ExpertCache(slots, make_policy(cfg.cache_policy, layout, **cfg.policy_params), pools)
     stats = OffloadStats(len(parts.sites), store.bytes_per_expert)
     copier = CopyEngine(store, slots.buffers)
     runner = make_cpu_runner(cfg, parts)

@@ -94,6 +94,5 @@ class Prefetcher:
             self.stats.prefetch_wasted[target] += 1
             if self.copier.cancel(key):
                 self.stats.prefetch_cancelled[target] += 1
-                self.cache.slots.release(key)
-                self.cache.policy.remove(key)
+                self.cache.release(key)
         self.copier.pump()

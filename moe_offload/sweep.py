@@ -58,6 +58,7 @@ class SweepSetup:
     prompts: list[torch.Tensor]      # [1, S] token ids each
     new_tokens: int
     progress: bool
+    cpu_experts: str = "never"       # how misses are placed: the engine's cpu_experts mode
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -72,8 +73,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--simulate", action="store_true", help="replay a routing trace instead of running the model")
     p.add_argument("--hardware", default="rtx4090-pcie4",
                    help="hardware profile name or YAML, for --simulate (default rtx4090-pcie4)")
-    p.add_argument("--cpu-experts", choices=("never", "auto", "always"), default="never",
-                   help="with --simulate: copy every miss (never) or place misses as the hybrid scheduler does")
+    p.add_argument("--cpu-experts", choices=("never", "auto", "always"),
+                   help="miss placement: the hybrid scheduler (auto), copy every miss (never), every miss on the "
+                        "CPU (always); default: auto with --simulate, else the runtime's default for the device")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--trace", help="routing trace .npz from `moe-offload trace` (with --simulate)")
     source.add_argument("--synthetic", action="store_true", help="a synthetic trace shaped like the model")
@@ -160,7 +162,8 @@ def run_engine(setup: SweepSetup, policy: str, slots: int) -> tuple[float, float
     from .loader import from_pretrained
 
     model = from_pretrained(setup.model, device=setup.device, dtype=setup.dtype, expert_slots=slots,
-                            cache_policy=policy, slot_allocation=setup.allocation, progress=False)
+                            cache_policy=policy, slot_allocation=setup.allocation, cpu_experts=setup.cpu_experts,
+                            progress=False)
     device = model.device
     gen = dict(max_new_tokens=setup.new_tokens, min_new_tokens=setup.new_tokens, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
@@ -252,7 +255,7 @@ def simulate_rows(args, parts, setup: SweepSetup, runs: list[tuple[str, Budget]]
     trace = sweep_trace(args, parts, setup)
     profile = HardwareProfile.from_yaml(args.hardware)
     cost = CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize)
-    scheduler = None if args.cpu_experts == "never" else EngineScheduler(args.cpu_experts)
+    scheduler = None if setup.cpu_experts == "never" else EngineScheduler(setup.cpu_experts)
     simulator = CacheSimulator(RoutingArrays.of(trace), cost, parts.plan.bytes_per_expert, scheduler)
     rows = []
     for policy, budget in tqdm(runs, desc="sweep (simulated)", unit="run", disable=not setup.progress):
@@ -332,7 +335,9 @@ def main(args: argparse.Namespace) -> int:
     policies, notes = parse_policies(args.policies, args.simulate)
     budgets = parse_budgets(args.budgets, parts)
     prompts = [] if args.trace or args.synthetic else sweep_prompts(parts, args.prompts, args.prompt_tokens)
-    setup = SweepSetup(args.model, cfg.device, args.dtype, args.allocation, prompts, args.new_tokens, cfg.progress)
+    cpu_experts = args.cpu_experts or ("auto" if args.simulate else cfg.cpu_mode)
+    setup = SweepSetup(args.model, cfg.device, args.dtype, args.allocation, prompts, args.new_tokens, cfg.progress,
+                       cpu_experts)
     runs = runnable(parts, setup, policies, budgets, notes)
     if args.simulate:
         rows = simulate_rows(args, parts, setup, runs)
@@ -341,7 +346,7 @@ def main(args: argparse.Namespace) -> int:
         rows = engine_rows(parts, setup, runs)
         hardware = torch.cuda.get_device_name(cfg.torch_device) if cfg.on_cuda else "cpu"
     payload = {"model": str(args.model), "hardware": hardware, "simulated": bool(args.simulate),
-               "allocation": args.allocation, "notes": notes, "results": rows}
+               "allocation": args.allocation, "cpu_experts": cpu_experts, "notes": notes, "results": rows}
     write_outputs(Path(args.out), payload)
     print_rows(rows)
     for note in notes:

@@ -73,3 +73,19 @@ def test_runtime_rejects_simulation_only_choices(checkpoints):
     with pytest.raises(MoEOffloadError, match="one slot per MoE layer"):
         load(checkpoints["mixtral"], expert_slots=2, slot_allocation="uniform")
     assert moe_offload.OffloadConfig(device="cpu").cache_policy == "score"
+
+
+def test_score_parameters_reach_the_runtime_policy(checkpoints, references):
+    path = checkpoints["mixtral"]
+    default = load(path, expert_slots=2).offload.engine.cache.policy
+    assert (default.alpha, default.candidates) == (0.5, (4, 2))        # top-2 model: duel 2k vs k
+    model = load(path, expert_slots=2, score_alpha=0.3, score_top_p=3)
+    policy = model.offload.engine.cache.policy
+    assert (policy.alpha, policy.top_p, policy.candidates) == (0.3, 3, (3,))
+    with torch.no_grad():
+        assert rel_err(model(TOKENS).logits, references("mixtral")) < 1e-5
+    assert policy.scores.any()                                          # the router scores were fed in
+    with pytest.raises(MoEOffloadError, match="score_alpha"):
+        load(path, score_alpha=0)
+    with pytest.raises(MoEOffloadError, match="score_top_p"):
+        load(path, score_top_p=0)

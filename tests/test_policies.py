@@ -68,7 +68,7 @@ def score_cache(slots: int = 2, **params) -> ExpertCache:
 
 
 def test_score_minus_recent_decisions():
-    cache = score_cache()            # alpha 0.5, top_p = 2 * top_k = 2
+    cache = score_cache(top_p=2)     # alpha 0.5, top_p = 2 * top_k = 2 (HybriMoE's rule, no duel)
     policy = cache.policy
     # call 1: s = [.6 .3 .1 0], top-2 = {0, 1}: S = [.3 .15 0 0]; 0 misses into a free slot
     assert access(cache, 0, [0.6, 0.3, 0.1, 0.0], experts=4) == -1
@@ -88,7 +88,8 @@ def test_score_minus_recent_decisions():
 
 def test_score_prefill_averages_tokens_and_defaults():
     policy = ScorePolicy(ExpertLayout(2, 8, 2))
-    assert (policy.alpha, policy.top_p) == (0.5, 4)
+    assert (policy.alpha, policy.top_p, policy.candidates) == (0.5, 4, (4, 2))   # duel 2k vs k by default
+    assert ScorePolicy(ExpertLayout(2, 8, 2), top_p=3).candidates == (3,)
     policy = ScorePolicy(ExpertLayout(1, 4, 1), alpha=0.5, top_p=2)
     # two tokens: mean s = [.4 .2 .4 0]; top-2 (ties by expert id) = {0, 2}
     policy.observe(0, [0, 2], np.array([[0.8, 0.2, 0.0, 0.0], [0.0, 0.2, 0.8, 0.0]]))
@@ -121,6 +122,46 @@ def test_score_hint_protects_predicted_experts_until_the_layer_runs():
     assert policy.victim([2, 5]) == 2                           # max(S[5], .8) > S[2]
     policy.observe(1, [0], np.array([[1.0, 0.0, 0.0, 0.0]]))   # the layer ran: hint cleared
     assert policy.victim([2, 5]) == 5
+
+
+def test_score_duel_rewards_near_misses_when_they_come_next():
+    # one layer, 4 experts, top-1, 2 resident experts: each S "keeps" its top-2 experts
+    policy = ScorePolicy(ExpertLayout(1, 4, 1))                 # p = 2 (HybriMoE) duels p = 1
+    policy.admit(0)
+    policy.admit(1)
+    assert policy.chosen_p == [2]                               # no evidence yet: HybriMoE's p
+    # call 1 picks 0, s = [.6 .4 0 0]: both S are 0, keep {0, 1} (ties by id): both hold 0
+    policy.observe(0, [0], np.array([[0.6, 0.4, 0.0, 0.0]]))
+    np.testing.assert_allclose(policy.merit, [[1.0, 1.0]])
+    np.testing.assert_allclose(policy.shadow, [[0.3, 0.2, 0, 0], [0.3, 0, 0, 0]])
+    # call 2 picks 1, s = [.1 .5 .4 0]: p=2 keeps {0, 1}, p=1 keeps {0, 1} (ties by id): both hold 1
+    policy.observe(0, [1], np.array([[0.1, 0.5, 0.4, 0.0]]))
+    np.testing.assert_allclose(policy.merit, [[1.99, 1.99]])
+    np.testing.assert_allclose(policy.shadow, [[0.15, 0.35, 0.2, 0], [0.15, 0.25, 0, 0]])
+    # call 3 picks 2, last call's near miss: p=2 keeps {1, 2} and holds it, p=1 keeps {1, 0} and does not
+    policy.observe(0, [2], np.array([[0.0, 0.3, 0.7, 0.0]]))
+    np.testing.assert_allclose(policy.merit, [[0.99 * 1.99 + 1, 0.99 * 1.99]])
+    assert policy.chosen_p == [2]
+    np.testing.assert_allclose(policy.scores[:4], [0.075, 0.325, 0.45, 0])
+
+
+def test_score_duel_switches_to_top_k_when_near_misses_mislead():
+    # one layer, 4 experts, top-1, 2 resident: the picks alternate 0, 1, 0, 1, ... and the runner-up is
+    # always expert 2, never picked. p = 1 keeps {0, 1} and holds every pick; p = 2 keeps expert 2
+    # (credited every call) and the last pick, so it misses the next one.
+    policy = ScorePolicy(ExpertLayout(1, 4, 1))
+    policy.admit(0)
+    policy.admit(1)
+    for call in range(20):
+        probs = np.array([0.0, 0.0, 0.45, 0.05])
+        probs[call % 2] = 0.5
+        policy.observe(0, [call % 2], probs[None])
+    assert policy.merit[0, 1] > policy.merit[0, 0] + 5
+    assert policy.chosen_p == [1]
+    np.testing.assert_allclose(policy.scores, policy.shadow[1])
+    # a fixed top_p turns the duel off
+    fixed = ScorePolicy(ExpertLayout(1, 4, 1), top_p=2)
+    assert fixed.candidates == (2,)
 
 
 def test_arc_decisions():

@@ -64,6 +64,26 @@ def test_simulated_sweep_records_a_trace_and_uses_the_hybrid_scheduler(mixtral_d
     assert rows[1]["budget"] == "70MiB" and 1 <= rows[1]["slots"] <= 24
 
 
+def test_simulated_sweep_places_misses_with_the_hybrid_scheduler_by_default(mixtral_dir, tmp_path):
+    def sweep(*extra):
+        out = tmp_path / "-".join(extra or ("default",))
+        argv = ["sweep", "--model", str(mixtral_dir), "--device", "cpu", "--simulate", "--synthetic",
+                "--synthetic-tokens", "200", "--hardware", "h100-pcie5", "--budgets", "25%,50%",
+                "--policies", "lru,score", "--out", str(out), *extra]
+        assert main(argv) == 0
+        payload = read_outputs(out)
+        return payload["cpu_experts"], {(r["policy"], r["budget"]): r for r in payload["results"]}
+
+    mode, hybrid = sweep()
+    assert mode == "auto"
+    _, copies = sweep("--cpu-experts", "never")
+    _, cpu = sweep("--cpu-experts", "always")
+    for run in hybrid:
+        assert cpu[run]["bytes_copied_per_token"] == 0 and cpu[run]["hit_rate"] == 0   # misses never cached
+        assert 0 < hybrid[run]["bytes_copied_per_token"] < copies[run]["bytes_copied_per_token"]
+        assert hybrid[run]["tokens_per_s"] > copies[run]["tokens_per_s"]
+
+
 def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["sweep", "--help"])
