@@ -5,11 +5,74 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from numba import njit
 
 from .layout import ExpertLayout
 from .policy import CachePolicy
 
-# T = tokens of one router call, E = experts per layer, K = flat keys
+# T = tokens of one router call, E = experts per layer, K = flat keys, V = dueling score vectors
+
+
+@njit(cache=True, nogil=True)
+def _call_scores(probs, chosen, follows):  # pragma: no cover - compiled
+    """s [E] of one router call from scores [T, E] (T = 0: none given); may clear ``follows[0]``."""
+    experts = probs.shape[1]
+    s = np.zeros(experts)
+    if probs.shape[0] == 0 or chosen.size == 0:
+        for c in chosen:
+            s[c] = 1.0 / max(chosen.size, 1)
+        return s
+    for t in range(probs.shape[0]):
+        total = max(probs[t].sum(), 1e-30)
+        for e in range(experts):
+            s[e] += probs[t, e] / total
+    if probs.shape[0] > 1:
+        s /= probs.shape[0]
+    picked = np.zeros(experts, dtype=np.bool_)
+    for c in chosen:
+        picked[c] = True
+    if probs.shape[0] == 1 and chosen.size < experts:
+        lowest_picked, highest_other = np.inf, -np.inf
+        for e in range(experts):
+            if picked[e]:
+                lowest_picked = min(lowest_picked, s[e])
+            else:
+                highest_other = max(highest_other, s[e])
+        if lowest_picked < highest_other:
+            follows[0] = False
+    if follows[0]:
+        return s
+    total = 0.0
+    for e in range(experts):
+        if not picked[e]:
+            s[e] = 0.0
+        total += s[e]
+    return s / max(total, 1e-30)
+
+
+@njit(cache=True, nogil=True)
+def _observe(shadow, merit, s, chosen, candidates, kept, alpha, decay):  # pragma: no cover - compiled
+    """Duel and update one layer's score vectors in place; returns the index of the one that ranks.
+
+    shadow [V, E] (the layer's slice of every S), merit [V] (the layer's), s [E], chosen [c]."""
+    experts = s.size
+    top = np.argsort(-s, kind="mergesort")                # highest scores first, ties by expert id
+    duel = candidates.size > 1
+    for v in range(candidates.size):
+        block = shadow[v]
+        if duel:   # would this S have kept the selected experts, with the layer's resident count?
+            held = 0
+            for c in chosen:
+                rank = 0
+                for e in range(experts):
+                    if block[e] > block[c] or (block[e] == block[c] and e < c):
+                        rank += 1
+                held += rank < kept
+            merit[v] = decay * merit[v] + held
+        block *= 1.0 - alpha
+        for i in range(min(candidates[v], experts)):
+            block[top[i]] += alpha * s[top[i]]
+    return np.argmax(merit)                               # ties: the first, HybriMoE's p
 
 
 class ScorePolicy(CachePolicy):
@@ -75,6 +138,8 @@ class ScorePolicy(CachePolicy):
         self.selection_follows_scores = np.ones(layout.num_layers, dtype=bool)   # [L]
         self._hints = np.zeros(layout.num_keys, dtype=np.float64)                 # [K] predicted, 0 = none
         self._residents = np.zeros(layout.num_layers, dtype=np.int64)             # [L] resident experts per layer
+        self._candidates = np.asarray(self.candidates, dtype=np.int64)            # [V]
+        self._no_probs = np.zeros((0, self.experts))                              # [0, E]: no scores given
 
     @property
     def chosen_p(self) -> list[int]:
@@ -82,43 +147,20 @@ class ScorePolicy(CachePolicy):
         return [self.candidates[v] for v in self.merit.argmax(axis=1)]
 
     def observe(self, layer: int, chosen: Sequence[int], router_probs: np.ndarray | None = None) -> None:
-        chosen = list(chosen)
-        s = self._call_scores(layer, chosen, router_probs)            # [E]
-        order = np.argsort(-s, kind="stable")                         # [E] highest scores first, ties by id
-        base = layer * self.experts
-        kept = max(int(self._residents[layer]), 1)
-        for v, p in enumerate(self.candidates):
-            block = self.shadow[v, base : base + self.experts]         # [E] view
-            if len(self.candidates) > 1:                              # duel: would this S have kept them?
-                keep = np.argsort(-block, kind="stable")[:kept]
-                self.merit[layer, v] = self.duel_decay * self.merit[layer, v] + np.isin(chosen, keep).sum()
-            block *= 1.0 - self.alpha
-            block[order[:p]] += self.alpha * s[order[:p]]
-        best = int(self.merit[layer].argmax())                        # ties: the first, HybriMoE's p
-        self.scores[base : base + self.experts] = self.shadow[best, base : base + self.experts]
-        self._hints[base : base + self.experts] = 0.0
+        chosen = np.asarray(chosen, dtype=np.int64).reshape(-1)
+        probs = self._no_probs if router_probs is None else np.asarray(router_probs, dtype=np.float64).reshape(
+            -1, self.experts)                                                # [T, E]
+        lo, hi = layer * self.experts, (layer + 1) * self.experts
+        follows = self.selection_follows_scores[layer : layer + 1]           # view: the kernel may clear it
+        s = _call_scores(probs, chosen, follows)                             # [E]
+        best = _observe(self.shadow[:, lo:hi], self.merit[layer], s, chosen, self._candidates,
+                        max(int(self._residents[layer]), 1), self.alpha, self.duel_decay)
+        self.scores[lo:hi] = self.shadow[best, lo:hi]
+        self._hints[lo:hi] = 0.0
 
     def hint(self, layer: int, scores: np.ndarray) -> None:
         base = layer * self.experts
         self._hints[base : base + self.experts] = np.asarray(scores, dtype=np.float64).reshape(self.experts)
-
-    def _call_scores(self, layer: int, chosen: list[int], router_probs: np.ndarray | None) -> np.ndarray:
-        """s [E] of one router call."""
-        if router_probs is None or not chosen:
-            s = np.zeros(self.experts)
-            s[chosen] = 1.0 / max(len(chosen), 1)
-            return s
-        probs = np.asarray(router_probs, dtype=np.float64).reshape(-1, self.experts)  # [T, E]
-        probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-30)
-        s = probs[0] if probs.shape[0] == 1 else probs.mean(axis=0)
-        picked = np.zeros(self.experts, dtype=bool)
-        picked[chosen] = True
-        if probs.shape[0] == 1 and not picked.all() and s[picked].min() < s[~picked].max():
-            self.selection_follows_scores[layer] = False
-        if self.selection_follows_scores[layer]:
-            return s
-        s = np.where(picked, s, 0.0)
-        return s / max(s.sum(), 1e-30)
 
     def touch(self, key: int) -> None:
         pass

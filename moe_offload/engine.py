@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import accumulate
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,7 +59,7 @@ class Engine:
         weights = top_k_weights.reshape(-1)[order]                      # [T*k]
         # Host sync, once per layer: which experts run decides copies and placement.
         counts = torch.bincount(flat, minlength=num_experts).tolist()   # [E]
-        starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        starts = [0, *accumulate(counts)]                                # [E+1] range of each expert in order
         selected = [e for e in range(num_experts) if counts[e]]
         keys = {e: self.store.key(layer, e) for e in selected}
         if self.prefetcher is not None:
@@ -68,15 +68,16 @@ class Engine:
         self._count(layer, hidden.shape[0], plan)
         self._observe(layer, selected)
 
-        device_experts = plan.experts(RESIDENT) + plan.experts(COPY)   # resident first, while copies land
+        resident, copied, on_cpu = plan.experts(RESIDENT), plan.experts(COPY), plan.experts(CPU)
+        device_experts = resident + copied         # resident first, while copies land
         locked = {keys[e] for e in device_experts}  # device experts not yet computed: never evicted
-        for e in plan.experts(RESIDENT):
+        for e in resident:
             if self.copier.is_queued(keys[e]):     # a prefetch that has not started: it is a demand now
                 self.copier.copy(keys[e], self.cache.lookup(keys[e]))
-        for e in plan.experts(COPY):  # start copies now, into slots this layer does not need
+        for e in copied:  # start copies now, into slots this layer does not need
             if not self._load(keys[e], locked):
                 break
-        cpu_result = self._submit_cpu(plan.experts(CPU), keys, hidden, rows, weights, starts)
+        cpu_result = self._submit_cpu(on_cpu, keys, hidden, rows, weights, starts)
         # Device experts write their weighted outputs into their rows of ``ys`` (assignments grouped by
         # expert); CPU experts' rows stay zero. One gather in, one un-permute and a sum over k out: the
         # accumulation transformers' grouped_mm path uses, so bf16 results round the same way.
