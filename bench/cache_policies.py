@@ -14,8 +14,12 @@ against p = k); "score-p=2k" fixes HybriMoE's p = 2 * top_k and "score-p=k"
 credits exactly the selected experts (p = top_k). The "dp" allocation's per-layer miss curves are measured on
 the first half of each trace. On the synthetic trace an "oracle-online" reference, which
 knows the generating process but not its random draws, shows how much of the
-gap to Belady any online policy could close. Prints one table per trace and allocation and writes
-bench/results/cache_policies.json and .png.
+gap to Belady any online policy could close. On the models' traces "lru+prefetch" and
+"score+prefetch" add the runtime's prefetcher with the model's learned predictor (one layer
+ahead, top-k experts per token; moe_offload.replay_prefetch), prefetched experts taken as landed
+in time: a prefetched expert its layer selects counts as a hit. Belady is the bound without
+prefetch. Prints one table per trace and allocation and writes bench/results/cache_policies.json
+and .png.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ ALLOCATIONS = ("global", "uniform")
 ALLOCATION_STUDY = ("shallow", "dp")   # run for the score policy only
 SCORE_FIXED = {"score-p=2k": 2, "score-p=k": 1}   # score with top_p fixed at this many times top_k
 SYNTHETIC_REPEAT = 0.3
+PREFETCHED = ("lru", "score")          # policies also run with the learned predictor's prefetch
 
 
 class ProcessOraclePolicy(CachePolicy):
@@ -90,11 +95,14 @@ def selection_frequency(trace) -> np.ndarray:
 
 
 def model_trace(name: str, prompts: int, new_tokens: int):
-    """Routing trace of a shipped model on held-out prompts, or None when it is not shipped."""
+    """(routing trace with gate inputs on held-out prompts, predictor maker) of a shipped model,
+    or None when it is not shipped. The maker builds the model's learned predictor."""
     from transformers import AutoTokenizer
 
     import moe_offload
     from moe_offload.models import shipped_model_dir
+    from moe_offload.predictor import make_predictor
+    from moe_offload.router_params import router_params
     from moe_offload.trace_cli import stdlib_prompts
     from moe_offload.tracing import record_trace
 
@@ -103,7 +111,10 @@ def model_trace(name: str, prompts: int, new_tokens: int):
         return None
     model = moe_offload.from_pretrained(path, device="cpu", progress=False)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return record_trace(model, tokenizer, stdlib_prompts(prompts, held_out=True), new_tokens, progress=False)
+    trace = record_trace(model, tokenizer, stdlib_prompts(prompts, held_out=True), new_tokens, gate_inputs=True,
+                         progress=False)
+    params = router_params(model).to("cpu")
+    return trace, lambda: make_predictor("learned", params, model_dir=path)
 
 
 def long_synthetic(tokens: int):
@@ -112,15 +123,21 @@ def long_synthetic(tokens: int):
                                                 seed=0))
 
 
-def run_trace(trace, budgets: list[int], synthetic: bool) -> list[dict]:
-    """Every policy x allocation x budget on one trace (and the process oracle on synthetic ones)."""
+def run_trace(trace, budgets: list[int], synthetic: bool, predictor=None) -> list[dict]:
+    """Every policy x allocation x budget on one trace (and the process oracle on synthetic ones);
+    ``predictor``: makes a fresh predictor for the prefetching runs (none: no such runs)."""
+    from moe_offload.replay_prefetch import ReplayPrefetch
+
     routing = RoutingArrays.of(trace)
     fit = routing.select_tokens(routing.num_tokens // 2)   # dp's miss curves come from the first half
     simulator = CacheSimulator(routing, miss_curves=lru_miss_curves(fit))
+    prefetching = None if predictor is None else CacheSimulator(
+        routing, prefetch=lambda: ReplayPrefetch(trace, predictor()))
     layout = simulator.layout
     runs = [(p, a) for a in ALLOCATIONS for p in POLICIES] + [("score", a) for a in ALLOCATION_STUDY]
     runs += [(name, a) for a in ALLOCATIONS for name in SCORE_FIXED]
     runs += [("oracle-online", a) for a in ALLOCATIONS] if synthetic else []
+    runs += [(f"{p}+prefetch", a) for a in ALLOCATIONS for p in PREFETCHED] if prefetching else []
     frequency = selection_frequency(trace) if synthetic else None
     rows = []
     for policy, allocation in runs:
@@ -131,6 +148,8 @@ def run_trace(trace, budgets: list[int], synthetic: bool) -> list[dict]:
             start = time.perf_counter()
             if policy == "oracle-online":
                 result = simulator.run(ProcessOraclePolicy(layout, frequency, SYNTHETIC_REPEAT), slots, allocation)
+            elif policy.endswith("+prefetch"):
+                result = prefetching.run(policy.removesuffix("+prefetch"), slots, allocation)
             elif policy in SCORE_FIXED:
                 result = simulator.run("score", slots, allocation, top_p=SCORE_FIXED[policy] * layout.top_k)
             else:
@@ -153,6 +172,9 @@ def gaps(rows: list[dict], budgets: list[int]) -> dict:
                     "score_minus_belady_points": 100 * (score - rate[("belady", allocation, percent)]),
                     "score_minus_lru_points": 100 * (score - rate[("lru", allocation, percent)]),
                 }
+                if ("score+prefetch", allocation, percent) in rate:
+                    out[f"{allocation}/{percent}%"]["with_prefetch_score_minus_lru_points"] = 100 * (
+                        rate[("score+prefetch", allocation, percent)] - rate[("lru+prefetch", allocation, percent)])
     return out
 
 
@@ -170,8 +192,11 @@ def print_tables(name: str, summary: dict, rows: list[dict], budgets: list[int])
             print(f"{policy:>16}" + "".join(f"{cells[b]:>9.1f}" if b in cells else f"{'-':>9}" for b in budgets))
         if allocation in ALLOCATIONS:
             for label, key in (("score - belady", "score_minus_belady_points"),
-                               ("score - lru", "score_minus_lru_points")):
+                               ("score - lru", "score_minus_lru_points"),
+                               ("(prefetch) s-l", "with_prefetch_score_minus_lru_points")):
                 cells = {b: summary["gaps"].get(f"{allocation}/{b}%", {}).get(key) for b in budgets}
+                if all(v is None for v in cells.values()):
+                    continue
                 print(f"{label:>16}" + "".join(f"{v:>+9.1f}" if v is not None else f"{'-':>9}" for v in cells.values()))
 
 
@@ -210,16 +235,16 @@ def main(args: argparse.Namespace) -> int:
     budgets = [int(b) for b in args.budgets.split(",")]
     sources, notes = {}, []
     for name in (m for m in args.models.split(",") if m):
-        trace = model_trace(name, args.prompts, args.new_tokens)
-        if trace is None:
+        traced = model_trace(name, args.prompts, args.new_tokens)
+        if traced is None:
             notes.append(f"{name}: not shipped in this checkout (moe_offload/models/{name} missing); skipped")
             print(f"[bench] {notes[-1]}")
             continue
-        sources[name] = trace
-    sources[f"synthetic-{args.synthetic_tokens}"] = long_synthetic(args.synthetic_tokens)
+        sources[name] = traced
+    sources[f"synthetic-{args.synthetic_tokens}"] = (long_synthetic(args.synthetic_tokens), None)
     traces = {}
-    for name, trace in sources.items():
-        rows = run_trace(trace, budgets, synthetic=name.startswith("synthetic"))
+    for name, (trace, predictor) in sources.items():
+        rows = run_trace(trace, budgets, synthetic=name.startswith("synthetic"), predictor=predictor)
         traces[name] = summarize(trace, rows, budgets)
         print_tables(name, traces[name], rows, budgets)
     RESULTS.mkdir(parents=True, exist_ok=True)

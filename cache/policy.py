@@ -24,6 +24,7 @@ class CachePolicy(ABC):
 
     name: str = "policy"
     wants_router_probs: bool = False   # True: observe() needs the router's scores over all experts
+    uses_hints: bool = False           # True: hint() changes what the policy evicts
 
     def bind_pools(self, pools: SlotPools) -> None:
         """The partition of the slots this policy serves (capacity-aware policies size their state)."""

@@ -84,6 +84,13 @@ class ScorePolicy(CachePolicy):
     evict the candidate with the lowest S (ties: the smallest key). Scores are
     kept for every expert, resident or not. alpha defaults to HybriMoE's 0.5.
 
+    Candidates of different layers (a global pool; HybriMoE's slots are per
+    layer, so it never compares across layers) rank by S / d, d = how many
+    router calls until the candidate's layer runs again (1 for the layer after
+    the one that ran last, up to the number of layers): an expert is worth its
+    chance of use per layer-step it holds a slot, so the layers that just ran
+    give way first. Within one layer this is the plain S order.
+
     p: ``top_p`` when given (HybriMoE uses 2 * top_k). By default (``top_p``
     None) each layer chooses between p = 2 * top_k and p = top_k by set dueling
     (as caches choose insertion policies): both score vectors are kept, and
@@ -116,6 +123,7 @@ class ScorePolicy(CachePolicy):
 
     name = "score"
     wants_router_probs = True
+    uses_hints = True
 
     def __init__(self, layout: ExpertLayout, alpha: float = 0.5, top_p: int | None = None,
                  duel_decay: float = 0.99) -> None:
@@ -127,6 +135,8 @@ class ScorePolicy(CachePolicy):
             raise ValueError(f"duel_decay must be in [0, 1], got {duel_decay}")
         self.alpha = float(alpha)
         self.experts = layout.experts_per_layer
+        self.num_layers = layout.num_layers
+        self._current = -1                   # the layer observed last
         self.top_p = min(int(top_p or 2 * layout.top_k), self.experts)   # the rule's p (HybriMoE: 2 * top_k)
         # p of each dueling score vector: HybriMoE's first (it wins ties), then top_k
         self.candidates = (self.top_p,) if top_p is not None else tuple(dict.fromkeys(
@@ -157,6 +167,7 @@ class ScorePolicy(CachePolicy):
                         max(int(self._residents[layer]), 1), self.alpha, self.duel_decay)
         self.scores[lo:hi] = self.shadow[best, lo:hi]
         self._hints[lo:hi] = 0.0
+        self._current = layer
 
     def hint(self, layer: int, scores: np.ndarray) -> None:
         base = layer * self.experts
@@ -173,5 +184,6 @@ class ScorePolicy(CachePolicy):
 
     def victim(self, candidates: Sequence[int]) -> int:
         keys = np.fromiter(candidates, dtype=np.int64)                # [C]
-        ranked = np.maximum(self.scores[keys], self._hints[keys])
+        steps = (keys // self.experts - self._current - 1) % self.num_layers + 1   # [C] calls until its layer runs
+        ranked = np.maximum(self.scores[keys], self._hints[keys]) / steps
         return int(keys[ranked == ranked.min()].min())

@@ -12,11 +12,19 @@ layer, generated tokens one call each (``routing.call_spans``).
 Time per call comes from a MissScheduler (default CopyEveryMiss) and a cost
 model; it counts the routed experts only (attention and the other dense
 parts are the same for every policy and budget, and are left out).
+
+Prefetch: ``prefetch`` makes, per run, a CallPrefetch whose ``on_call`` runs
+before each call is replayed, as the runtime's router hook runs before the
+layer's experts (moe_offload.replay_prefetch drives the runtime's Prefetcher
+and predictors this way). Its copies take slots through the same ExpertCache;
+they count in bytes copied and are taken to land before their layer runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -44,6 +52,8 @@ class SimulationResult:
     seconds: float              # projected routed-expert time of the whole trace
     hits_per_layer: tuple[int, ...]
     misses_per_layer: tuple[int, ...]
+    prefetch_copies: int = 0    # experts copied by prefetch (their bytes are in bytes_copied)
+    prefetch_used: int = 0      # prefetched experts their layer then selected
 
     @property
     def hit_rate(self) -> float:
@@ -65,6 +75,15 @@ class SimulationResult:
     def to_dict(self) -> dict:
         return asdict(self) | {"hit_rate": self.hit_rate, "bytes_copied_per_token": self.bytes_copied_per_token,
                                "seconds_per_token": self.seconds_per_token, "tokens_per_s": self.tokens_per_s}
+
+
+class CallPrefetch(Protocol):
+    """Prefetch during a replay: ``on_call`` before each router call is replayed."""
+
+    copies: int   # experts copied so far
+    used: int     # prefetched experts their layer selected so far
+
+    def on_call(self, call: RouterCall, cache: ExpertCache) -> None: ...
 
 
 @dataclass
@@ -89,8 +108,9 @@ class CacheSimulator:
 
     def __init__(self, routing: RoutingArrays, cost: ExpertCost | None = None, bytes_per_expert: int = 0,
                  scheduler: MissScheduler | None = None, predicted_scores: np.ndarray | None = None,
-                 miss_curves: np.ndarray | None = None):
+                 miss_curves: np.ndarray | None = None, prefetch: Callable[[], CallPrefetch] | None = None):
         self.routing = routing
+        self.prefetch = prefetch
         self.layout = routing.layout
         self.cost = cost
         self.bytes_per_expert = int(bytes_per_expert)
@@ -126,15 +146,19 @@ class CacheSimulator:
                             self.pools(allocation, num_slots))
         layers = self.layout.num_layers
         counters = _Counters(np.zeros(layers, dtype=np.int64), np.zeros(layers, dtype=np.int64))
+        prefetch = self.prefetch() if self.prefetch is not None else None
         for calls in self.calls:
             for call in calls:
+                if prefetch is not None:
+                    prefetch.on_call(call, cache)
                 self._hint(policy, call)
                 self._replay(cache, call, counters)
         name = allocation if isinstance(allocation, str) else "custom"
+        fetched, used = (prefetch.copies, prefetch.used) if prefetch is not None else (0, 0)
         return SimulationResult(policy.name, name, num_slots, self.routing.num_tokens, int(counters.hits.sum()),
                                 int(counters.misses.sum()), counters.copies,
-                                counters.copies * self.bytes_per_expert, counters.seconds,
-                                tuple(counters.hits.tolist()), tuple(counters.misses.tolist()))
+                                (counters.copies + fetched) * self.bytes_per_expert, counters.seconds,
+                                tuple(counters.hits.tolist()), tuple(counters.misses.tolist()), fetched, used)
 
     def _hint(self, policy: CachePolicy, call: RouterCall) -> None:
         if self.predicted_scores is None or call.layer + 1 >= self.layout.num_layers:

@@ -44,11 +44,22 @@ class Prefetcher:
             if target >= self.store.num_layers:
                 break
             scores = self.predictor.predict(layer, distance)                        # [T, E]
+            if distance == 1:
+                self._hint(target, scores)
             top = scores.topk(min(self.width, scores.shape[-1]), dim=-1).indices    # [T, w]
             if distance == 1:
                 self._predicted[target] = top[:, : chosen.shape[1]]
             if not self._issue(target, self._rank(scores, top), locked):
                 break
+
+    def _hint(self, target: int, scores: torch.Tensor) -> None:
+        """Tell the cache policy what the next layer is predicted to use (a score policy then keeps it)."""
+        policy = self.cache.policy
+        if not policy.uses_hints:
+            return
+        s = scores.float()
+        s = (s / s.sum(dim=-1, keepdim=True).clamp_min(1e-30)).mean(dim=0)           # [E] per-token shares
+        policy.hint(target, s.cpu().numpy())  # host copy: the policy keeps scores on the host
 
     @staticmethod
     def _rank(scores: torch.Tensor, top: torch.Tensor) -> list[int]:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .cache import ALLOCATIONS, POLICIES, SIMULATION_ONLY, CacheSimulator, MissPlan, RoutingArrays
 from .config import OffloadConfig, parse_bytes
 from .errors import MoEOffloadError
+from .predictor.registry import PREDICTOR_NAMES
 
 DEFAULT_BUDGETS = "10%,25%,50%,75%,100%"
 DEFAULT_POLICIES = "lru,score,arc,belady"
@@ -59,6 +60,7 @@ class SweepSetup:
     new_tokens: int
     progress: bool
     cpu_experts: str = "never"       # how misses are placed: the engine's cpu_experts mode
+    predictor: str | None = None     # prefetch predictor; None: the engine's default (simulation: none)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -76,6 +78,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cpu-experts", choices=("never", "auto", "always"),
                    help="miss placement: the hybrid scheduler (auto), copy every miss (never), every miss on the "
                         "CPU (always); default: auto with --simulate, else the runtime's default for the device")
+    p.add_argument("--predictor", choices=("none", *PREDICTOR_NAMES),
+                   help="prefetch with this predictor, one layer ahead; with --simulate the runtime's prefetcher "
+                        "replays it over the trace (default: none), else the engine's (default: the device's)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--trace", help="routing trace .npz from `moe-offload trace` (with --simulate)")
     source.add_argument("--synthetic", action="store_true", help="a synthetic trace shaped like the model")
@@ -163,7 +168,7 @@ def run_engine(setup: SweepSetup, policy: str, slots: int) -> tuple[float, float
 
     model = from_pretrained(setup.model, device=setup.device, dtype=setup.dtype, expert_slots=slots,
                             cache_policy=policy, slot_allocation=setup.allocation, cpu_experts=setup.cpu_experts,
-                            progress=False)
+                            predictor=setup.predictor, progress=False)
     device = model.device
     gen = dict(max_new_tokens=setup.new_tokens, min_new_tokens=setup.new_tokens, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
@@ -220,6 +225,43 @@ def sweep_trace(args: argparse.Namespace, parts, setup: SweepSetup):
     return record_prompts(setup)
 
 
+GATE_INPUT_PREDICTORS = ("cross_layer", "cross_layer_raw", "learned")   # they read each layer's gate input
+
+
+def replay_prefetch(setup: SweepSetup, trace, model_dir: Path, notes: list[str]):
+    """A maker of fresh ReplayPrefetch objects for --predictor, or None."""
+    from .predictor import make_predictor
+    from .replay_prefetch import ReplayPrefetch
+
+    name = setup.predictor
+    if name in (None, "none"):
+        return None
+    if name in GATE_INPUT_PREDICTORS and trace.gate_inputs is None:
+        raise MoEOffloadError(f"--predictor {name} needs gate inputs in the trace; record it with "
+                              "`moe-offload trace --gate-inputs` (a --synthetic trace has none)")
+    params = model_router_params(setup) if name in GATE_INPUT_PREDICTORS else None
+    if name in ("popularity", "eam"):
+        notes.append(f"predictor {name} is fitted on the replayed trace itself (in-sample)")
+
+    def make():
+        try:
+            predictor = make_predictor(name, params, fit_trace=trace, replay_trace=trace, model_dir=model_dir)
+        except (ValueError, FileNotFoundError) as err:
+            raise MoEOffloadError(f"predictor {name!r}: {err}") from None
+        return ReplayPrefetch(trace, predictor)
+    make()   # fail before the runs start
+    return make
+
+
+def model_router_params(setup: SweepSetup):
+    """The model's router tensors, on the CPU (loads the model once on the CPU)."""
+    from .loader import from_pretrained
+    from .router_params import router_params
+
+    model = from_pretrained(setup.model, device="cpu", dtype=setup.dtype, expert_slots=1, progress=False)
+    return router_params(model).to("cpu")
+
+
 def record_prompts(setup: SweepSetup):
     """Trace greedy generation from the sweep's prompts (every expert resident)."""
     from .loader import from_pretrained
@@ -227,7 +269,7 @@ def record_prompts(setup: SweepSetup):
 
     model = from_pretrained(setup.model, device=setup.device, dtype=setup.dtype, progress=False)
     tap = model.offload.router_tap
-    recorder = TraceRecorder(len(tap.routers), gate_inputs=False)
+    recorder = TraceRecorder(len(tap.routers), gate_inputs=setup.predictor in GATE_INPUT_PREDICTORS)
     tap.add(recorder)
     gen = dict(max_new_tokens=setup.new_tokens, min_new_tokens=setup.new_tokens, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
@@ -249,14 +291,15 @@ def runnable(parts, setup: SweepSetup, policies: list[str], budgets: list[Budget
     return [(p, b) for p in policies for b in budgets if b not in too_small]
 
 
-def simulate_rows(args, parts, setup: SweepSetup, runs: list[tuple[str, Budget]]) -> list[dict]:
+def simulate_rows(args, parts, setup: SweepSetup, runs: list[tuple[str, Budget]], notes: list[str]) -> list[dict]:
     from .cost import CostModel, HardwareProfile
 
     trace = sweep_trace(args, parts, setup)
     profile = HardwareProfile.from_yaml(args.hardware)
     cost = CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize)
     scheduler = None if setup.cpu_experts == "never" else EngineScheduler(setup.cpu_experts)
-    simulator = CacheSimulator(RoutingArrays.of(trace), cost, parts.plan.bytes_per_expert, scheduler)
+    simulator = CacheSimulator(RoutingArrays.of(trace), cost, parts.plan.bytes_per_expert, scheduler,
+                               prefetch=replay_prefetch(setup, trace, parts.directory, notes))
     rows = []
     for policy, budget in tqdm(runs, desc="sweep (simulated)", unit="run", disable=not setup.progress):
         try:
@@ -337,16 +380,18 @@ def main(args: argparse.Namespace) -> int:
     prompts = [] if args.trace or args.synthetic else sweep_prompts(parts, args.prompts, args.prompt_tokens)
     cpu_experts = args.cpu_experts or ("auto" if args.simulate else cfg.cpu_mode)
     setup = SweepSetup(args.model, cfg.device, args.dtype, args.allocation, prompts, args.new_tokens, cfg.progress,
-                       cpu_experts)
+                       cpu_experts, args.predictor)
     runs = runnable(parts, setup, policies, budgets, notes)
     if args.simulate:
-        rows = simulate_rows(args, parts, setup, runs)
+        rows = simulate_rows(args, parts, setup, runs, notes)
         hardware = Path(args.hardware).stem
     else:
         rows = engine_rows(parts, setup, runs)
         hardware = torch.cuda.get_device_name(cfg.torch_device) if cfg.on_cuda else "cpu"
     payload = {"model": str(args.model), "hardware": hardware, "simulated": bool(args.simulate),
-               "allocation": args.allocation, "cpu_experts": cpu_experts, "notes": notes, "results": rows}
+               "allocation": args.allocation, "cpu_experts": cpu_experts,
+               "predictor": args.predictor or ("none" if args.simulate else cfg.predictor_name),
+               "notes": notes, "results": rows}
     write_outputs(Path(args.out), payload)
     print_rows(rows)
     for note in notes:

@@ -35,7 +35,7 @@ def make_predictor(name: str, params: RouterParams | None = None, *, fit_trace: 
     if name == "learned":
         path = correction_path(_need(model_dir, name, "model_dir"))
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist; fit it first (python bench/fit_predictor.py --model ...)")
+            raise FileNotFoundError(f"{path} does not exist; fit it first (moe-offload fit-predictor --model ...)")
         return LearnedCorrectionPredictor(LearnedCorrection.load(path), _need(params, name, "params"))
     if name == "previous":
         sizes = params or fit_trace or replay_trace

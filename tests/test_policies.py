@@ -164,6 +164,19 @@ def test_score_duel_switches_to_top_k_when_near_misses_mislead():
     assert fixed.candidates == (2,)
 
 
+def test_score_ranks_other_layers_by_score_per_step_until_their_layer_runs():
+    policy = ScorePolicy(ExpertLayout(3, 2, 1), top_p=1)       # 3 layers x 2 experts, keys 0..5
+    policy.observe(0, [0], np.array([[0.8, 0.2]]))              # S[0] = .4
+    policy.observe(1, [0], np.array([[1.0, 0.0]]))              # S[2] = .5
+    policy.observe(2, [0], np.array([[0.6, 0.4]]))              # S[4] = .3; layer 2 ran last
+    # layer 0 runs next (1 step): .4 / 1; layer 1 in 2 steps: .5 / 2 = .25 -> evict 2, not the lower-S 0
+    assert policy.victim([0, 2]) == 2
+    # layer 2 runs again in 3 steps: .3 / 3 = .1
+    assert policy.victim([0, 2, 4]) == 4
+    policy.observe(0, [1], np.array([[0.0, 1.0]]))              # now layer 1 is next: S[0] = .2 / 3, S[2] = .5 / 1
+    assert policy.victim([0, 2]) == 0
+
+
 def test_arc_decisions():
     cache = make_cache(ARCPolicy(), 2)
     st = cache.policy.state(0)

@@ -84,6 +84,29 @@ def test_simulated_sweep_places_misses_with_the_hybrid_scheduler_by_default(mixt
         assert hybrid[run]["tokens_per_s"] > copies[run]["tokens_per_s"]
 
 
+def test_simulated_sweep_replays_prefetch_with_a_predictor(mixtral_dir, tmp_path, capsys):
+    def sweep(*extra):
+        out = tmp_path / "-".join(extra or ("none",))
+        argv = ["sweep", "--model", str(mixtral_dir), "--device", "cpu", "--simulate", "--budgets", "25%,50%",
+                "--policies", "lru,score", "--prompts", "2", "--prompt-tokens", "8", "--new-tokens", "12",
+                "--out", str(out), *extra]
+        assert main(argv) == 0
+        payload = read_outputs(out)
+        return payload["predictor"], {(r["policy"], r["budget"]): r for r in payload["results"]}
+
+    name, plain = sweep()
+    assert name == "none"
+    for predictor in ("previous", "cross_layer"):
+        name, fetched = sweep("--predictor", predictor)
+        assert name == predictor
+        for run in plain:   # prefetches are copies too
+            assert fetched[run]["bytes_copied_per_token"] > plain[run]["bytes_copied_per_token"]
+    argv = ["sweep", "--model", str(mixtral_dir), "--device", "cpu", "--simulate", "--synthetic",
+            "--predictor", "cross_layer", "--out", str(tmp_path / "x")]
+    assert main(argv) == 2
+    assert "needs gate inputs" in capsys.readouterr().err
+
+
 def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["sweep", "--help"])

@@ -1,0 +1,61 @@
+"""Prefetch in the cache simulator: replaying a trace reproduces the engine's own counts."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from tiny_checkpoints import add_char_tokenizer
+
+from moe_offload.cache import CacheSimulator, RoutingArrays
+from moe_offload.predictor import make_predictor
+from moe_offload.replay_prefetch import ReplayPrefetch
+from moe_offload.router_params import router_params
+
+PROMPTS = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n", "import os\nimport sys\n"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, mixtral_dir):
+    return add_char_tokenizer(shutil.copytree(mixtral_dir, tmp_path_factory.mktemp("replay") / "m"))
+
+
+def engine_run(model_dir, policy: str, slots: int, predictor: str):
+    """(engine stats, trace of the same generation, router params) with prefetch on."""
+    from transformers import AutoTokenizer
+
+    from moe_offload.loader import from_pretrained
+    from moe_offload.tracing import record_trace
+
+    model = from_pretrained(model_dir, device="cpu", expert_slots=slots, cache_policy=policy, predictor=predictor,
+                            progress=False)
+    trace = record_trace(model, AutoTokenizer.from_pretrained(model_dir), PROMPTS, max_new_tokens=8,
+                         gate_inputs=True, progress=False)
+    return model.offload.stats, trace, router_params(model).to("cpu")
+
+
+@pytest.mark.parametrize("policy", ["lru", "score"])
+@pytest.mark.parametrize("predictor", ["previous", "cross_layer"])
+def test_replay_matches_the_engine_with_prefetch(model_dir, policy, predictor):
+    slots = 5                                                    # of 24 experts: prefetches must evict
+    stats, trace, params = engine_run(model_dir, policy, slots, predictor)
+    assert stats.prefetch_issued.sum() > 0 and stats.prefetch_cancelled.sum() == 0   # on CPU every copy starts
+    simulator = CacheSimulator(RoutingArrays.of(trace),
+                               prefetch=lambda: ReplayPrefetch(trace, make_predictor(predictor, params)))
+    result = simulator.run(policy, slots)
+    assert result.hits_per_layer == tuple(stats.hits.tolist())
+    assert result.misses_per_layer == tuple(stats.misses.tolist())
+    assert result.prefetch_copies == stats.prefetch_issued.sum()
+    assert result.prefetch_used == stats.prefetch_used.sum() > 0
+    plain = CacheSimulator(RoutingArrays.of(trace)).run(policy, slots)
+    assert result.hits > plain.hits                              # prefetch turned misses into hits
+
+
+def test_replay_needs_what_the_predictor_reads(model_dir):
+    _, trace, params = engine_run(model_dir, "lru", 24, "none")
+    trace.gate_inputs = None
+    with pytest.raises(ValueError, match="gate inputs"):
+        ReplayPrefetch(trace, make_predictor("cross_layer", params))
+    replay = ReplayPrefetch(trace, make_predictor("previous", params))   # reads only the selections
+    assert replay.copies == 0 and np.all(replay.ids.numpy() == trace.expert_ids)
