@@ -213,10 +213,11 @@ def plot(path: Path, traces: dict, budgets: list[int]) -> None:
         for j, allocation in enumerate(ALLOCATIONS):
             ax = axes[i][j]
             rows = [r for r in traces[name]["results"] if r["allocation"] == allocation]
-            for policy in dict.fromkeys(r["policy"] for r in rows):
+            for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] not in SCORE_FIXED):
                 mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["budget_percent"])
                 ax.plot([r["budget_percent"] for r in mine], [100 * r["hit_rate"] for r in mine], marker="o",
-                        label=policy, linestyle="-" if policy in POLICIES[:-1] else "--")
+                        label=policy, linestyle=":" if policy.endswith("+prefetch") else
+                        "-" if policy in POLICIES[:-1] else "--")
             ax.set(title=f"{name}, {allocation} slots", xlabel="expert slots (% of routed experts)",
                    ylabel="hit rate (%)", xticks=budgets)
             ax.grid(alpha=0.3)
