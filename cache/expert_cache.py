@@ -49,6 +49,12 @@ class ExpertCache:
         self._sync()
         return set(self._residents[pool])
 
+    def has_room(self, key: int) -> bool:
+        """True when ``key``'s pool has a free slot (acquiring it would evict nothing)."""
+        self._sync()
+        pool = self.pools.pool_of(key)
+        return len(self._residents[pool]) < self.pools.capacity[pool]
+
     def release(self, key: int) -> int:
         """Drop resident ``key`` (e.g. a cancelled prefetch) and free its slot. Returns the slot."""
         self._sync()

@@ -31,6 +31,9 @@ class MissPlan:
 
 
 class MissScheduler(Protocol):
+    """``fills_free_slots`` (optional attribute, default False): experts placed on the CPU also take
+    free slots (a background copy, no eviction), as the engine's 'auto' mode does."""
+
     def plan(self, tokens: Sequence[int], resident: Sequence[bool], cost: ExpertCost | None) -> MissPlan: ...
 
 

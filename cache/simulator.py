@@ -52,6 +52,7 @@ class SimulationResult:
     seconds: float              # projected routed-expert time of the whole trace
     hits_per_layer: tuple[int, ...]
     misses_per_layer: tuple[int, ...]
+    cpu_fills: int = 0          # CPU-run experts also copied into free slots (bytes in bytes_copied)
     prefetch_copies: int = 0    # experts copied by prefetch (their bytes are in bytes_copied)
     prefetch_used: int = 0      # prefetched experts their layer then selected
 
@@ -91,6 +92,7 @@ class _Counters:
     hits: np.ndarray
     misses: np.ndarray
     copies: int = 0
+    fills: int = 0
     seconds: float = 0.0
 
 
@@ -157,8 +159,9 @@ class CacheSimulator:
         fetched, used = (prefetch.copies, prefetch.used) if prefetch is not None else (0, 0)
         return SimulationResult(policy.name, name, num_slots, self.routing.num_tokens, int(counters.hits.sum()),
                                 int(counters.misses.sum()), counters.copies,
-                                (counters.copies + fetched) * self.bytes_per_expert, counters.seconds,
-                                tuple(counters.hits.tolist()), tuple(counters.misses.tolist()), fetched, used)
+                                (counters.copies + counters.fills + fetched) * self.bytes_per_expert,
+                                counters.seconds, tuple(counters.hits.tolist()), tuple(counters.misses.tolist()),
+                                counters.fills, fetched, used)
 
     def _hint(self, policy: CachePolicy, call: RouterCall) -> None:
         if self.predicted_scores is None or call.layer + 1 >= self.layout.num_layers:
@@ -170,7 +173,7 @@ class CacheSimulator:
         """One router call, in the engine's order (moe_offload.engine.Engine.run_layer)."""
         resident = [cache.lookup(key) >= 0 for key in call.keys]
         plan = self.scheduler.plan(call.tokens, resident, self.cost)
-        hits = sum(resident[i] for i in plan.device)
+        hits = sum(resident)      # resident when the layer ran, wherever the plan runs them
         counters.hits[call.layer] += hits
         counters.misses[call.layer] += len(call.keys) - hits
         counters.seconds += plan.seconds
@@ -181,6 +184,11 @@ class CacheSimulator:
         for key in copied:        # start copies now, into slots this call does not need
             if cache.acquire(key, locked) is None:
                 break
+        if getattr(self.scheduler, "fills_free_slots", False):
+            for i in plan.cpu:    # CPU experts also take free slots, copied in the background
+                if not resident[i] and cache.has_room(call.keys[i]):
+                    cache.acquire(call.keys[i])
+                    counters.fills += 1
         for key in device:        # resident experts first, while copies land
             if cache.lookup(key) < 0:
                 cache.acquire(key, locked)

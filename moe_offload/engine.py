@@ -64,8 +64,9 @@ class Engine:
         keys = {e: self.store.key(layer, e) for e in selected}
         if self.prefetcher is not None:
             self.prefetcher.begin_layer(layer, set(keys.values()))
+        resident_now = {e for e, key in keys.items() if self.cache.lookup(key) >= 0}
         plan = self._plan(keys, counts)
-        self._count(layer, hidden.shape[0], plan)
+        self._count(layer, hidden.shape[0], plan, resident_now)
         self._observe(layer, selected)
 
         resident, copied, on_cpu = plan.experts(RESIDENT), plan.experts(COPY), plan.experts(CPU)
@@ -78,6 +79,7 @@ class Engine:
             if not self._load(keys[e], locked):
                 break
         cpu_result = self._submit_cpu(on_cpu, keys, hidden, rows, weights, starts)
+        self._fill(layer, [keys[e] for e in on_cpu])
         # Device experts write their weighted outputs into their rows of ``ys`` (assignments grouped by
         # expert); CPU experts' rows stay zero. One gather in, one un-permute and a sum over k out: the
         # accumulation transformers' grouped_mm path uses, so bf16 results round the same way.
@@ -125,6 +127,18 @@ class Engine:
                        weights_host[starts[e] : starts[e + 1]], self.act) for e in experts]
         return self.cpu_runner.submit(hidden_host, jobs)
 
+    def _fill(self, layer: int, cpu_keys: list[int]) -> None:
+        """Experts the CPU runs now also take free slots, copied at low priority, so later calls hit.
+        Only free slots: nothing resident is evicted for them. Not in 'always' mode (no copies there)."""
+        if self.cpu_mode != "auto":
+            return
+        for key in cpu_keys:   # (the scheduler may also run a resident expert on the CPU)
+            if self.cache.lookup(key) >= 0 or not self.cache.has_room(key):
+                continue
+            slot, _ = self.cache.acquire(key)
+            self.copier.prefetch(key, slot)
+            self.stats.cpu_fills[layer] += 1
+
     def _observe(self, layer: int, selected: list[int]) -> None:
         policy = self.cache.policy
         probs = self._router_probs.pop(layer, None)
@@ -150,9 +164,10 @@ class Engine:
         y = F.linear(act_fn(gate) * up, down_view(block, shape))             # [t, H]
         out.copy_(y * w[:, None])
 
-    def _count(self, layer: int, tokens: int, plan: Plan) -> None:
+    def _count(self, layer: int, tokens: int, plan: Plan, resident: set[int]) -> None:
+        """Hits: selected experts resident when the layer ran (wherever the plan runs them)."""
         self.stats.layer_calls[layer] += 1
         self.stats.tokens[layer] += tokens
-        self.stats.hits[layer] += len(plan.experts(RESIDENT))
-        self.stats.misses[layer] += len(plan.experts(COPY)) + len(plan.experts(CPU))
-        self.stats.cpu_experts[layer] += len(plan.experts(CPU))
+        self.stats.hits[layer] += len(resident)
+        self.stats.misses[layer] += len(plan.placement) - len(resident)
+        self.stats.cpu_experts[layer] += sum(e not in resident for e in plan.experts(CPU))

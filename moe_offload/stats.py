@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-_COUNTERS = ("layer_calls", "tokens", "hits", "misses", "evictions", "cpu_experts",
+_COUNTERS = ("layer_calls", "tokens", "hits", "misses", "evictions", "cpu_experts", "cpu_fills",
              "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "predicted_found", "predicted_total")
 
 
@@ -14,12 +14,15 @@ _COUNTERS = ("layer_calls", "tokens", "hits", "misses", "evictions", "cpu_expert
 class OffloadStats:
     """Counters per MoE layer (index = MoE-layer ordinal, not the model layer).
 
-    hits: selected experts already resident (or prefetched); misses: selected
+    hits: selected experts already resident (or prefetched), also when the
+    scheduler chooses to run a resident one on the CPU; misses: selected
     experts not resident, whether copied or run on the CPU (``cpu_experts`` of
     them ran on the CPU, the rest were copied). Prefetches are issued for a
     predicted layer, used when that layer selects them, wasted otherwise.
     ``predicted_found / predicted_total`` is the predictor's live recall at
     distance 1 (share of selected experts that were among its top-k).
+    ``cpu_fills``: experts that ran on the CPU and were also copied, in the
+    background, into a slot that was free (no eviction), for later calls.
     """
 
     num_layers: int
@@ -30,6 +33,7 @@ class OffloadStats:
     misses: np.ndarray = field(init=False)
     evictions: np.ndarray = field(init=False)
     cpu_experts: np.ndarray = field(init=False)
+    cpu_fills: np.ndarray = field(init=False)
     prefetch_issued: np.ndarray = field(init=False)
     prefetch_used: np.ndarray = field(init=False)
     prefetch_wasted: np.ndarray = field(init=False)
@@ -46,8 +50,8 @@ class OffloadStats:
 
     @property
     def copies(self) -> np.ndarray:
-        """Experts copied to the device: demand copies plus prefetches that started."""
-        return self.misses - self.cpu_experts + self.prefetch_issued - self.prefetch_cancelled
+        """Experts copied to the device: demand copies, background fills and prefetches that started."""
+        return self.misses - self.cpu_experts + self.cpu_fills + self.prefetch_issued - self.prefetch_cancelled
 
     @property
     def bytes_copied(self) -> np.ndarray:
@@ -69,6 +73,7 @@ class OffloadStats:
             "hits": int(self.hits.sum()),
             "misses": int(self.misses.sum()),
             "cpu_experts": int(self.cpu_experts.sum()),
+            "cpu_fills": int(self.cpu_fills.sum()),
             "bytes_copied": int(self.bytes_copied.sum()),
             "prefetch_issued": int(self.prefetch_issued.sum()),
             "prefetch_used": int(self.prefetch_used.sum()),

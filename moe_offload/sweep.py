@@ -193,6 +193,7 @@ class EngineScheduler:
 
     def __init__(self, mode: str):
         self.mode = mode
+        self.fills_free_slots = mode == "auto"   # the engine's Engine._fill
 
     def plan(self, tokens, resident, cost) -> MissPlan:
         from .scheduler import COPY, CPU, RESIDENT, ExpertLoad, plan_layer
@@ -355,7 +356,10 @@ def write_outputs(out: Path, payload: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "sweep.csv", payload["results"])
     (out / "sweep.json").write_text(json.dumps(payload, indent=2) + "\n")
-    plot_sweep(out / "sweep.png", payload["results"], f"{payload['model']} on {payload['hardware']}")
+    how = "simulated" if payload["simulated"] else "measured"
+    plot_sweep(out / "sweep.png", payload["results"],
+               f"{Path(payload['model']).name} on {payload['hardware']} ({how}; prefetch: {payload['predictor']}, "
+               f"CPU experts: {payload['cpu_experts']})")
 
 
 def print_rows(rows: list[dict]) -> None:

@@ -49,3 +49,7 @@ def test_logits_and_generation_match(checkpoints, family, mode, split_profile):
             assert stats.bytes_copied.sum() == 0
         if mode == "auto" and k < num_experts(family):
             assert 0 < stats.cpu_experts.sum() < stats.misses.sum(), "both CPU runs and copies expected"
+        if mode == "auto" and k == num_experts(family):   # CPU runs also fill the slots still free
+            assert stats.cpu_fills.sum() > 0
+        if mode != "auto":
+            assert stats.cpu_fills.sum() == 0

@@ -1,4 +1,4 @@
-"""Prefetch in the cache simulator: replaying a trace reproduces the engine's own counts."""
+"""The cache simulator replaying a trace reproduces the engine's own counts: prefetch, hybrid scheduler."""
 
 from __future__ import annotations
 
@@ -21,15 +21,15 @@ def model_dir(tmp_path_factory, mixtral_dir):
     return add_char_tokenizer(shutil.copytree(mixtral_dir, tmp_path_factory.mktemp("replay") / "m"))
 
 
-def engine_run(model_dir, policy: str, slots: int, predictor: str):
-    """(engine stats, trace of the same generation, router params) with prefetch on."""
+def engine_run(model_dir, policy: str, slots: int, predictor: str, **fields):
+    """(engine stats, trace of the same generation, router params)."""
     from transformers import AutoTokenizer
 
     from moe_offload.loader import from_pretrained
     from moe_offload.tracing import record_trace
 
     model = from_pretrained(model_dir, device="cpu", expert_slots=slots, cache_policy=policy, predictor=predictor,
-                            progress=False)
+                            progress=False, **fields)
     trace = record_trace(model, AutoTokenizer.from_pretrained(model_dir), PROMPTS, max_new_tokens=8,
                          gate_inputs=True, progress=False)
     return model.offload.stats, trace, router_params(model).to("cpu")
@@ -59,3 +59,27 @@ def test_replay_needs_what_the_predictor_reads(model_dir):
         ReplayPrefetch(trace, make_predictor("cross_layer", params))
     replay = ReplayPrefetch(trace, make_predictor("previous", params))   # reads only the selections
     assert replay.copies == 0 and np.all(replay.ids.numpy() == trace.expert_ids)
+
+
+@pytest.mark.parametrize("slots", [5, 24])
+def test_replay_matches_the_engine_with_the_hybrid_scheduler(model_dir, tmp_path, slots):
+    from transformers import AutoConfig
+
+    from moe_offload.cost import CostModel, HardwareProfile
+    from moe_offload.sweep import EngineScheduler
+
+    # costs under which 1-token misses run on the CPU and prompt misses are copied
+    profile = HardwareProfile(name="split", h2d_gbps=0.01, copy_latency_us=0.0, gpu_mem_gbps=1000.0,
+                              gpu_tflops=1000.0, gpu_launch_us=0.0, cpu_mem_gbps=1.0, cpu_gflops=0.02,
+                              cpu_start_us=0.0)
+    path = profile.to_yaml(tmp_path / "split.yaml")
+    stats, trace, _ = engine_run(model_dir, "score", slots, "none", cpu_experts="auto", hardware=str(path))
+    assert 0 < stats.cpu_experts.sum() < stats.misses.sum()
+    config = AutoConfig.from_pretrained(model_dir)
+    cost = CostModel.for_expert(HardwareProfile.from_yaml(path), config.hidden_size, config.intermediate_size, 4)
+    result = CacheSimulator(RoutingArrays.of(trace), cost, scheduler=EngineScheduler("auto")).run("score", slots)
+    assert result.hits_per_layer == tuple(stats.hits.tolist())
+    assert result.misses_per_layer == tuple(stats.misses.tolist())
+    assert result.cpu_fills == stats.cpu_fills.sum()
+    if slots == 24:   # every expert fits: CPU runs fill the free slots
+        assert result.cpu_fills > 0
