@@ -10,33 +10,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, device_name, machine, median, print_table, write_json  # noqa: E402
+from common import RESULTS, device_name, machine, print_table, write_json  # noqa: E402
 
+from moe_offload.calibrate import median_seconds  # noqa: E402
 from moe_offload.transfer import CopyEngine, ExpertShape, HostExpertStore  # noqa: E402
 from moe_offload.transfer.pinning import pinned_empty  # noqa: E402
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_gbps(copy, nbytes: int, device: torch.device, repeats: int) -> float:
-    copy()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        copy()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return nbytes / median(times) / 1e9
+    return nbytes / median_seconds(copy, device, repeats) / 1e9
 
 
 def sources(nbytes: int, device: torch.device) -> dict[str, torch.Tensor]:

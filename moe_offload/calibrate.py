@@ -18,7 +18,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_s(fn, device: torch.device, repeats: int) -> float:
+def median_seconds(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up, synchronising a CUDA device."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -42,15 +43,15 @@ def measure_profile(host_block: torch.Tensor, slot: torch.Tensor, shape: ExpertS
     device = slot.device
     nbytes = host_block.numel() * host_block.element_size()
     flops = 6 * shape.hidden * shape.intermediate
-    full = _median_s(lambda: slot.copy_(host_block, non_blocking=True), device, repeats)
+    full = median_seconds(lambda: slot.copy_(host_block, non_blocking=True), device, repeats)
     small = host_block[: max(1, host_block.numel() // 16)]
-    part = _median_s(lambda: slot[: small.numel()].copy_(small, non_blocking=True), device, repeats)
+    part = median_seconds(lambda: slot[: small.numel()].copy_(small, non_blocking=True), device, repeats)
     latency = max(0.0, (16 * part - full) / 15)           # t = latency + bytes / bw, from two sizes
     h2d = nbytes / max(full - latency, 1e-9)
     x1 = torch.randn(1, shape.hidden, dtype=slot.dtype, device=device)
     xt = torch.randn(tokens, shape.hidden, dtype=slot.dtype, device=device)
-    g1 = _median_s(lambda: _device_expert(slot, shape, x1), device, repeats)
-    gt = _median_s(lambda: _device_expert(slot, shape, xt), device, repeats)
+    g1 = median_seconds(lambda: _device_expert(slot, shape, x1), device, repeats)
+    gt = median_seconds(lambda: _device_expert(slot, shape, xt), device, repeats)
     c1, ct = g1, gt
     if cpu_runner is not None:
         from .cpu_kernels import CpuJob, as_numpy_block
@@ -62,8 +63,8 @@ def measure_profile(host_block: torch.Tensor, slot: torch.Tensor, shape: ExpertS
             job = CpuJob(block_np, torch.arange(t).numpy(), torch.ones(t).numpy())
             return lambda: cpu_runner.run(x, [job])
 
-        c1 = _median_s(run_cpu(1), torch.device("cpu"), repeats)
-        ct = _median_s(run_cpu(tokens), torch.device("cpu"), repeats)
+        c1 = median_seconds(run_cpu(1), torch.device("cpu"), repeats)
+        ct = median_seconds(run_cpu(tokens), torch.device("cpu"), repeats)
     return HardwareProfile(
         name=name, h2d_gbps=h2d / 1e9, copy_latency_us=latency * 1e6,
         gpu_mem_gbps=nbytes / g1 / 1e9, gpu_tflops=tokens * flops / gt / 1e12, gpu_launch_us=0.0,
