@@ -47,3 +47,17 @@ def test_errors_exit_2_with_one_line(argv, message, model_dir, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.startswith("moe-offload: error:") and "\n" not in err
+
+
+def test_calibrate_writes_a_profile_the_engine_loads(model_dir, tmp_path, capsys):
+    from moe_offload.cost import HardwareProfile
+    from moe_offload.loader import from_pretrained
+
+    out = tmp_path / "here.yaml"
+    assert main(["calibrate", "--model", str(model_dir), "--device", "cpu", "--out", str(out), "--repeats", "3"]) == 0
+    profile = HardwareProfile.from_yaml(out)
+    assert min(profile.h2d_gbps, profile.cpu_mem_gbps, profile.gpu_mem_gbps) > 0
+    assert "measured by moe-offload calibrate" in profile.source
+    model = from_pretrained(model_dir, device="cpu", expert_slots=4, cpu_experts="auto", hardware=str(out),
+                            progress=False)
+    assert model.offload.engine.costs.copy_s() > 0
