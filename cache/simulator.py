@@ -17,7 +17,7 @@ Prefetch: ``prefetch`` makes, per run, a CallPrefetch whose ``on_call`` runs
 before each call is replayed, as the runtime's router hook runs before the
 layer's experts (moe_offload.replay_prefetch drives the runtime's Prefetcher
 and predictors this way). Its copies take slots through the same ExpertCache;
-they count in bytes copied and are taken to land before their layer runs.
+they count in bytes copied and link time, and are taken to land before their layer runs.
 """
 
 from __future__ import annotations
@@ -151,10 +151,13 @@ class CacheSimulator:
         prefetch = self.prefetch() if self.prefetch is not None else None
         for calls in self.calls:
             for call in calls:
+                issued = 0
                 if prefetch is not None:
+                    before = prefetch.copies
                     prefetch.on_call(call, cache)
+                    issued = prefetch.copies - before
                 self._hint(policy, call)
-                self._replay(cache, call, counters)
+                self._replay(cache, call, counters, issued)
         name = allocation if isinstance(allocation, str) else "custom"
         fetched, used = (prefetch.copies, prefetch.used) if prefetch is not None else (0, 0)
         return SimulationResult(policy.name, name, num_slots, self.routing.num_tokens, int(counters.hits.sum()),
@@ -169,14 +172,13 @@ class CacheSimulator:
         scores = self.predicted_scores[call.start : call.end, call.layer + 1]   # [T, E]
         policy.hint(call.layer + 1, np.asarray(scores, dtype=np.float64).mean(axis=0))
 
-    def _replay(self, cache: ExpertCache, call: RouterCall, counters: _Counters) -> None:
+    def _replay(self, cache: ExpertCache, call: RouterCall, counters: _Counters, prefetched: int = 0) -> None:
         """One router call, in the engine's order (moe_offload.engine.Engine.run_layer)."""
         resident = [cache.lookup(key) >= 0 for key in call.keys]
         plan = self.scheduler.plan(call.tokens, resident, self.cost)
         hits = sum(resident)      # resident when the layer ran, wherever the plan runs them
         counters.hits[call.layer] += hits
         counters.misses[call.layer] += len(call.keys) - hits
-        counters.seconds += plan.seconds
         self._observe(cache.policy, call)
         device = [call.keys[i] for i in plan.device]
         copied = [call.keys[i] for i in plan.device if not resident[i]]
@@ -184,11 +186,16 @@ class CacheSimulator:
         for key in copied:        # start copies now, into slots this call does not need
             if cache.acquire(key, locked) is None:
                 break
+        fills = 0
         if getattr(self.scheduler, "fills_free_slots", False):
             for i in plan.cpu:    # CPU experts also take free slots, copied in the background
                 if not resident[i] and cache.has_room(call.keys[i]):
                     cache.acquire(call.keys[i])
-                    counters.fills += 1
+                    fills += 1
+        counters.fills += fills
+        # the call lasts at least as long as the link needs for every copy it started (prefetches included)
+        link = 0.0 if self.cost is None else (len(copied) + fills + prefetched) * self.cost.copy_s()
+        counters.seconds += max(plan.seconds, link)
         for key in device:        # resident experts first, while copies land
             if cache.lookup(key) < 0:
                 cache.acquire(key, locked)

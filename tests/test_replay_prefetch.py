@@ -83,3 +83,28 @@ def test_replay_matches_the_engine_with_the_hybrid_scheduler(model_dir, tmp_path
     assert result.cpu_fills == stats.cpu_fills.sum()
     if slots == 24:   # every expert fits: CPU runs fill the free slots
         assert result.cpu_fills > 0
+
+
+class _LinkBound:
+    """Copies take 1 s, compute is free: a call lasts as long as its copies."""
+
+    def copy_s(self) -> float:
+        return 1.0
+
+    def gpu_s(self, tokens: int) -> float:
+        return 0.0
+
+    def cpu_s(self, tokens: int) -> float:
+        return 1e9
+
+
+def test_prefetch_copies_count_in_link_time(model_dir):
+    _, trace, params = engine_run(model_dir, "lru", 5, "none")
+    routing = RoutingArrays.of(trace)
+    plain = CacheSimulator(routing, _LinkBound(), bytes_per_expert=10).run("lru", 5)
+    assert plain.seconds == plain.copies
+    fetched = CacheSimulator(routing, _LinkBound(), bytes_per_expert=10,
+                             prefetch=lambda: ReplayPrefetch(trace, make_predictor("previous", params))).run("lru", 5)
+    assert fetched.prefetch_copies > 0
+    assert fetched.seconds == fetched.copies + fetched.prefetch_copies
+    assert fetched.bytes_copied == 10 * (fetched.copies + fetched.prefetch_copies)
