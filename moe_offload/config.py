@@ -115,11 +115,12 @@ class OffloadConfig:
             raise MoEOffloadError(
                 f"unknown cache_policy {self.cache_policy!r}; choose one of {', '.join(CACHE_POLICIES)}"
             )
-        if not 0.0 < float(self.score_alpha) <= 1.0:
-            raise MoEOffloadError(f"score_alpha must be in (0, 1], got {self.score_alpha}")
-        if self.score_top_p is not None and int(self.score_top_p) < 1:
-            raise MoEOffloadError(f"score_top_p must be at least 1 (or None to duel 2 * top_k vs top_k), "
-                                  f"got {self.score_top_p}")
+        if not isinstance(self.score_alpha, (int, float)) or not 0.0 < self.score_alpha <= 1.0:
+            raise MoEOffloadError(f"score_alpha must be a number in (0, 1], got {self.score_alpha!r}")
+        if self.score_top_p is not None and (isinstance(self.score_top_p, bool) or not isinstance(
+                self.score_top_p, int) or self.score_top_p < 1):
+            raise MoEOffloadError(f"score_top_p must be an integer >= 1 (or null to duel 2 * top_k against top_k), "
+                                  f"got {self.score_top_p!r}")
         if self.slot_allocation == "dp":
             raise MoEOffloadError(
                 "slot_allocation 'dp' needs per-layer miss curves measured on a routing trace, so it exists only "

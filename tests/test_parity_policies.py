@@ -89,3 +89,7 @@ def test_score_parameters_reach_the_runtime_policy(checkpoints, references):
         load(path, score_alpha=0)
     with pytest.raises(MoEOffloadError, match="score_top_p"):
         load(path, score_top_p=0)
+    with pytest.raises(MoEOffloadError, match="score_top_p must be an integer"):
+        load(path, score_top_p="auto")
+    with pytest.raises(MoEOffloadError, match="score_alpha must be a number"):
+        load(path, score_alpha="half")
