@@ -49,12 +49,6 @@ class ExpertCache:
         self._sync()
         return set(self._residents[pool])
 
-    def has_room(self, key: int) -> bool:
-        """True when ``key``'s pool has a free slot (acquiring it would evict nothing)."""
-        self._sync()
-        pool = self.pools.pool_of(key)
-        return len(self._residents[pool]) < self.pools.capacity[pool]
-
     def release(self, key: int) -> int:
         """Drop resident ``key`` (e.g. a cancelled prefetch) and free its slot. Returns the slot."""
         self._sync()
@@ -64,11 +58,11 @@ class ExpertCache:
         self._releases_seen = self.slots.releases
         return slot
 
-    def acquire(self, key: int, locked: Collection[int] = ()) -> tuple[int, int] | None:
+    def acquire(self, key: int, locked: Collection[int] = (), evict: bool = True) -> tuple[int, int] | None:
         """A slot for missing expert ``key``: a free one while its pool is below
         capacity, else the policy's victim among the pool's residents not in
         ``locked``. Returns (slot, evicted key or -1), or None when every
-        resident of the pool is locked."""
+        resident of the pool is locked, or the pool is full and ``evict`` is False."""
         self._sync()
         pool = self.pools.pool_of(key)
         residents = self._residents[pool]
@@ -76,7 +70,7 @@ class ExpertCache:
             self.policy.on_miss(key)
             slot, evicted = self.slots.take_free(), -1
         else:
-            candidates = list(residents.difference(locked))
+            candidates = list(residents.difference(locked)) if evict else []
             if not candidates:
                 return None
             self.policy.on_miss(key)

@@ -189,8 +189,7 @@ class CacheSimulator:
         fills = 0
         if getattr(self.scheduler, "fills_free_slots", False):
             for i in plan.cpu:    # CPU experts also take free slots, copied in the background
-                if not resident[i] and cache.has_room(call.keys[i]):
-                    cache.acquire(call.keys[i])
+                if not resident[i] and cache.acquire(call.keys[i], evict=False) is not None:
                     fills += 1
         counters.fills += fills
         # the call lasts at least as long as the link needs for every copy it started (prefetches included)

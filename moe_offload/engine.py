@@ -64,9 +64,9 @@ class Engine:
         keys = {e: self.store.key(layer, e) for e in selected}
         if self.prefetcher is not None:
             self.prefetcher.begin_layer(layer, set(keys.values()))
-        resident_now = {e for e, key in keys.items() if self.cache.lookup(key) >= 0}
-        plan = self._plan(keys, counts)
-        self._count(layer, hidden.shape[0], plan, resident_now)
+        slots = {e: self.cache.lookup(key) for e, key in keys.items()}   # -1: not resident
+        plan = self._plan(slots, counts)
+        self._count(layer, hidden.shape[0], plan, {e for e, slot in slots.items() if slot >= 0})
         self._observe(layer, selected)
 
         resident, copied, on_cpu = plan.experts(RESIDENT), plan.experts(COPY), plan.experts(CPU)
@@ -104,10 +104,9 @@ class Engine:
             out += cpu_out.to(out.device, out.dtype)
         return out.to(hidden.dtype)
 
-    def _plan(self, keys: dict[int, int], counts: list[int]) -> Plan:
+    def _plan(self, slots: dict[int, int], counts: list[int]) -> Plan:
         loads = []
-        for e, key in keys.items():
-            slot = self.cache.lookup(key)
+        for e, slot in slots.items():
             ready = 0.0 if slot < 0 or self.copier.ready_now(slot) or self.costs is None else self.costs.copy_s()
             loads.append(ExpertLoad(e, counts[e], resident=slot >= 0, ready_s=ready))
         if self.cpu_mode == "auto" and self.costs is None:
@@ -133,11 +132,10 @@ class Engine:
         if self.cpu_mode != "auto":
             return
         for key in cpu_keys:   # (the scheduler may also run a resident expert on the CPU)
-            if self.cache.lookup(key) >= 0 or not self.cache.has_room(key):
-                continue
-            slot, _ = self.cache.acquire(key)
-            self.copier.prefetch(key, slot)
-            self.stats.cpu_fills[layer] += 1
+            got = None if self.cache.lookup(key) >= 0 else self.cache.acquire(key, evict=False)
+            if got is not None:
+                self.copier.prefetch(key, got[0])
+                self.stats.cpu_fills[layer] += 1
 
     def _observe(self, layer: int, selected: list[int]) -> None:
         policy = self.cache.policy

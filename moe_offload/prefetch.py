@@ -44,10 +44,9 @@ class Prefetcher:
             if target >= self.store.num_layers:
                 break
             scores = self.predictor.predict(layer, distance)                        # [T, E]
-            if distance == 1:
-                self._hint(target, scores)
             top = scores.topk(min(self.width, scores.shape[-1]), dim=-1).indices    # [T, w]
             if distance == 1:
+                self._hint(target, scores)
                 self._predicted[target] = top[:, : chosen.shape[1]]
             if not self._issue(target, self._rank(scores, top), locked):
                 break

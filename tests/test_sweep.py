@@ -64,15 +64,19 @@ def test_simulated_sweep_records_a_trace_and_uses_the_hybrid_scheduler(mixtral_d
     assert rows[1]["budget"] == "70MiB" and 1 <= rows[1]["slots"] <= 24
 
 
+def simulated(model_dir, out, *argv) -> tuple[dict, dict]:
+    """(sweep.json, its rows by (policy, budget)) of a --simulate sweep at 25% and 50% for lru and score."""
+    assert main(["sweep", "--model", str(model_dir), "--device", "cpu", "--simulate", "--budgets", "25%,50%",
+                 "--policies", "lru,score", "--out", str(out), *argv]) == 0
+    payload = read_outputs(out)
+    return payload, {(r["policy"], r["budget"]): r for r in payload["results"]}
+
+
 def test_simulated_sweep_places_misses_with_the_hybrid_scheduler_by_default(mixtral_dir, tmp_path):
     def sweep(*extra):
-        out = tmp_path / "-".join(extra or ("default",))
-        argv = ["sweep", "--model", str(mixtral_dir), "--device", "cpu", "--simulate", "--synthetic",
-                "--synthetic-tokens", "200", "--hardware", "h100-pcie5", "--budgets", "25%,50%",
-                "--policies", "lru,score", "--out", str(out), *extra]
-        assert main(argv) == 0
-        payload = read_outputs(out)
-        return payload["cpu_experts"], {(r["policy"], r["budget"]): r for r in payload["results"]}
+        payload, rows = simulated(mixtral_dir, tmp_path / "-".join(extra or ("default",)), "--synthetic",
+                                  "--synthetic-tokens", "200", "--hardware", "h100-pcie5", *extra)
+        return payload["cpu_experts"], rows
 
     mode, hybrid = sweep()
     assert mode == "auto"
@@ -86,13 +90,9 @@ def test_simulated_sweep_places_misses_with_the_hybrid_scheduler_by_default(mixt
 
 def test_simulated_sweep_replays_prefetch_with_a_predictor(mixtral_dir, tmp_path, capsys):
     def sweep(*extra):
-        out = tmp_path / "-".join(extra or ("none",))
-        argv = ["sweep", "--model", str(mixtral_dir), "--device", "cpu", "--simulate", "--budgets", "25%,50%",
-                "--policies", "lru,score", "--prompts", "2", "--prompt-tokens", "8", "--new-tokens", "12",
-                "--out", str(out), *extra]
-        assert main(argv) == 0
-        payload = read_outputs(out)
-        return payload["predictor"], {(r["policy"], r["budget"]): r for r in payload["results"]}
+        payload, rows = simulated(mixtral_dir, tmp_path / "-".join(extra or ("none",)), "--prompts", "2",
+                                  "--prompt-tokens", "8", "--new-tokens", "12", *extra)
+        return payload["predictor"], rows
 
     name, plain = sweep()
     assert name == "none"
