@@ -29,6 +29,7 @@ SLOT_ALLOCATIONS = ("global", "uniform", "shallow")
 from .scheduler import CPU_MODES  # noqa: E402
 
 PREDICTORS = ("none", "cross_layer", "cross_layer_raw", "learned", "previous")
+COPY_BACKENDS = ("cuda", "immediate", "deferred")
 
 
 def parse_bytes(value: int | float | str) -> int:
@@ -97,6 +98,10 @@ class OffloadConfig:
     predictor: str | None = None              # "none", "cross_layer", "learned", ...; None: cross_layer on CUDA
     prefetch_depth: int = 1                   # layers ahead to prefetch
     prefetch_width: int | None = None         # experts per token prefetched per layer (default: top-k)
+    copy_backend: str | None = None           # "cuda" (streams and events); on CPU "immediate" (a copy lands
+                                              # when issued) or "deferred" (copies land late, in a seeded random
+                                              # order their dependencies allow: tests); None: cuda or immediate
+    copy_seed: int = 0                        # deferred backend: seed of the landing order
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
@@ -136,7 +141,12 @@ class OffloadConfig:
             raise MoEOffloadError(f"unknown predictor {self.predictor!r}; choose one of {', '.join(PREDICTORS)}")
         if self.prefetch_depth < 0 or (self.prefetch_width is not None and self.prefetch_width < 1):
             raise MoEOffloadError("prefetch_depth must be >= 0 and prefetch_width >= 1")
+        if self.copy_backend is not None and self.copy_backend not in COPY_BACKENDS:
+            raise MoEOffloadError(f"copy_backend must be one of {', '.join(COPY_BACKENDS)}, got {self.copy_backend!r}")
         device = torch.device(self.device)
+        if (self.copy_backend == "cuda") != (device.type == "cuda") and self.copy_backend is not None:
+            raise MoEOffloadError(f"copy_backend {self.copy_backend!r} does not run on device {self.device!r}; "
+                                  "use 'cuda' on a GPU and 'immediate' or 'deferred' on the CPU")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise MoEOffloadError("device 'cuda' requested but no CUDA GPU is visible; use device='cpu'")
         if device.type not in ("cuda", "cpu"):
@@ -163,6 +173,13 @@ class OffloadConfig:
         if self.cache_policy != "score":
             return {}
         return {"alpha": float(self.score_alpha), "top_p": self.score_top_p}
+
+    @property
+    def copy_backend_name(self) -> str:
+        """copy_backend as the engine runs it; unset: streams on CUDA, immediate copies on CPU."""
+        if self.copy_backend is None:
+            return "cuda" if self.on_cuda else "immediate"
+        return self.copy_backend
 
     @property
     def predictor_name(self) -> str:
