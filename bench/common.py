@@ -47,3 +47,10 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths)))
     for c in cells:
         print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
+
+
+def close_offloaded(model) -> None:
+    """model.offload.close() where the runtime has it: waits for copies, unhooks, stops the CPU runner, unpins."""
+    close = getattr(getattr(model, "offload", None), "close", None)
+    if close is not None:
+        close()

@@ -50,7 +50,10 @@ class ExpertCache:
         return set(self._residents[pool])
 
     def release(self, key: int) -> int:
-        """Drop resident ``key`` (e.g. a cancelled prefetch) and free its slot. Returns the slot."""
+        """Drop resident ``key`` (e.g. a cancelled prefetch) and free its slot. Returns the slot, or -1
+        when ``key`` is not resident (nothing to free)."""
+        if self.slots.lookup(key) < 0:
+            return -1
         self._sync()
         self._residents[self.pools.pool_of(key)].discard(key)
         self.policy.remove(key)
@@ -58,11 +61,13 @@ class ExpertCache:
         self._releases_seen = self.slots.releases
         return slot
 
-    def acquire(self, key: int, locked: Collection[int] = (), evict: bool = True) -> tuple[int, int] | None:
+    def acquire(self, key: int, locked: Collection[int] = (), evict: bool = True,
+                busy: Collection[int] = ()) -> tuple[int, int] | None:
         """A slot for missing expert ``key``: a free one while its pool is below
         capacity, else the policy's victim among the pool's residents not in
-        ``locked``. Returns (slot, evicted key or -1), or None when every
-        resident of the pool is locked, or the pool is full and ``evict`` is False."""
+        ``locked``, those not in ``busy`` (copies in flight) first. Returns
+        (slot, evicted key or -1), or None when every resident of the pool is
+        locked, or the pool is full and ``evict`` is False."""
         self._sync()
         pool = self.pools.pool_of(key)
         residents = self._residents[pool]
@@ -73,6 +78,8 @@ class ExpertCache:
             candidates = list(residents.difference(locked)) if evict else []
             if not candidates:
                 return None
+            idle = [c for c in candidates if c not in busy] if busy else candidates
+            candidates = idle or candidates
             self.policy.on_miss(key)
             evicted = self.policy.victim(candidates)
             self.policy.remove(evicted)

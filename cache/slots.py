@@ -42,6 +42,8 @@ class ExpertSlots:
         return bool(self._free)
 
     def take_free(self) -> int:
+        if not self._free:
+            raise RuntimeError("no free expert slot; a slot was lost from the free list")
         return self._free.pop()
 
     def assign(self, key: int, slot: int) -> None:
@@ -54,6 +56,8 @@ class ExpertSlots:
     def evict(self, key: int) -> int:
         """Forget ``key``; its slot stays taken until reassigned. Returns the slot."""
         slot = int(self.expert_to_slot[key])
+        if slot < 0:
+            raise KeyError(f"expert {key} holds no slot")
         self.expert_to_slot[key] = -1
         self.slot_to_expert[slot] = -1
         return slot
@@ -64,6 +68,7 @@ class ExpertSlots:
     def release(self, key: int) -> int:
         """Forget ``key`` and return its slot to the free list. Returns the slot."""
         slot = self.evict(key)
+        assert slot >= 0 and slot not in self._free, slot
         self._free.append(slot)
         self.releases += 1
         return slot

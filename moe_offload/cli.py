@@ -8,6 +8,7 @@ import sys
 import torch
 
 from . import fit_predictor_cli, sweep, trace_cli
+from .argtypes import Parser, non_negative_float, positive_int
 from .config import OffloadConfig
 from .errors import MoEOffloadError
 
@@ -18,7 +19,7 @@ DEFAULT_PROMPT = "def fibonacci(n):\n"
 def add_budget_args(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--gpu-memory", help="device memory the model may use, e.g. 6GiB, 500MB")
-    group.add_argument("--expert-slots", type=int, help="expert slots in the device cache")
+    group.add_argument("--expert-slots", type=positive_int, help="expert slots in the device cache")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -132,13 +133,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-offload", description=__doc__)
+    parser = Parser(prog="moe-offload", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="generate text, streaming it, then print speed and cache stats")
     run.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     add_model_args(run)
-    run.add_argument("--max-new-tokens", type=int, default=64)
-    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    run.add_argument("--max-new-tokens", type=positive_int, default=64)
+    run.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
     run.add_argument("--cache-policy", help="expert cache policy")
     run.set_defaults(func=cmd_run)
     info = sub.add_parser("info", help="sizes of a checkpoint and what a memory budget holds")
@@ -150,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--dtype", help="expert dtype (default: the checkpoint's)")
     cal.add_argument("--name", default="local", help="profile name (file configs/hardware/NAME.yaml)")
     cal.add_argument("--out", help="YAML path to write instead")
-    cal.add_argument("--cpu-threads", type=int)
-    cal.add_argument("--repeats", type=int, default=5)
+    cal.add_argument("--cpu-threads", type=positive_int)
+    cal.add_argument("--repeats", type=positive_int, default=5)
     cal.set_defaults(func=cmd_calibrate, config=None, gpu_memory=None, expert_slots=None)
     trace_cli.add_parser(sub)
     fit_predictor_cli.add_parser(sub)
@@ -160,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except MoEOffloadError as err:
         print(f"moe-offload: error: {err}", file=sys.stderr)

@@ -64,6 +64,20 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
+def parse_device(value: str) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' -> torch.device; anything else raises MoEOffloadError."""
+    supported = "use 'cuda', 'cuda:N' or 'cpu'"
+    if not isinstance(value, str):
+        raise MoEOffloadError(f"device {value!r} is not a device name; {supported}")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise MoEOffloadError(f"unknown device {value!r}; {supported}") from None
+    if device.type not in ("cuda", "cpu"):
+        raise MoEOffloadError(f"device {value!r} is not supported; {supported}")
+    return device
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -143,14 +157,12 @@ class OffloadConfig:
             raise MoEOffloadError("prefetch_depth must be >= 0 and prefetch_width >= 1")
         if self.copy_backend is not None and self.copy_backend not in COPY_BACKENDS:
             raise MoEOffloadError(f"copy_backend must be one of {', '.join(COPY_BACKENDS)}, got {self.copy_backend!r}")
-        device = torch.device(self.device)
+        device = parse_device(self.device)
         if (self.copy_backend == "cuda") != (device.type == "cuda") and self.copy_backend is not None:
             raise MoEOffloadError(f"copy_backend {self.copy_backend!r} does not run on device {self.device!r}; "
                                   "use 'cuda' on a GPU and 'immediate' or 'deferred' on the CPU")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise MoEOffloadError("device 'cuda' requested but no CUDA GPU is visible; use device='cpu'")
-        if device.type not in ("cuda", "cpu"):
-            raise MoEOffloadError(f"device {self.device!r} is not supported; use 'cuda', 'cuda:N' or 'cpu'")
 
     @property
     def torch_device(self) -> torch.device:
@@ -208,7 +220,13 @@ class OffloadConfig:
         path = Path(path)
         if not path.is_file():
             raise MoEOffloadError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise MoEOffloadError(f"config file {path} is not valid YAML{where}: {problem}") from None
         if not isinstance(data, dict):
             raise MoEOffloadError(f"config file {path} must hold a mapping of OffloadConfig fields")
         return cls().replace(**data)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import ExpertCache
+from .residency import DEMAND, PREFETCH, ExpertResidency
 from .scheduler import COPY, CPU, RESIDENT, ExpertLoad, Plan, plan_layer
 from .stats import OffloadStats
 from .transfer import CopyEngine, HostExpertStore, down_view, gate_up_view
@@ -24,6 +25,7 @@ class Engine:
         self.store = store
         self.cache = cache
         self.copier = copier
+        self.residency = ExpertResidency(cache, copier, stats, store.num_experts)
         self.stats = stats
         self.cpu_mode = cpu_mode          # "never" | "always" | "auto" (scheduler with ``costs``)
         self.costs = costs
@@ -37,6 +39,15 @@ class Engine:
 
             # numpy views of the host blocks, made once: the CPU kernels read the store in place
             self._cpu_blocks = [as_numpy_block(store.block(key)) for key in range(store.num_keys)]
+
+    def close(self) -> None:
+        """Drop the device slots and the CPU views of the host store (the runtime closes the rest)."""
+        self.prefetcher = None
+        self._cpu_blocks = None
+        self._router_probs.clear()
+        empty = self.cache.slots.buffers.new_empty((0, self.cache.slots.buffers.shape[1]))
+        self.cache.slots.buffers = empty
+        self.copier.buffers = empty
 
     def on_router(self, layer: int, gate_input: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> None:
         """RouterTap listener: runs just before the layer's experts."""
@@ -73,10 +84,9 @@ class Engine:
         device_experts = resident + copied         # resident first, while copies land
         locked = {keys[e] for e in device_experts}  # device experts not yet computed: never evicted
         for e in resident:
-            if self.copier.is_queued(keys[e]):     # a prefetch that has not started: it is a demand now
-                self.copier.copy(keys[e], self.cache.lookup(keys[e]))
+            self.residency.expedite(keys[e])       # a prefetch still queued is a demand now
         for e in copied:  # start copies now, into slots this layer does not need
-            if not self._load(keys[e], locked):
+            if self.residency.copy_in(keys[e], DEMAND, locked) is None:
                 break
         cpu_result = self._submit_cpu(on_cpu, keys, hidden, rows, weights, starts)
         self._fill(layer, [keys[e] for e in on_cpu])
@@ -88,13 +98,15 @@ class Engine:
         for e in device_experts:
             key = keys[e]
             slot = self.cache.lookup(key)
-            if slot < 0:
-                self._load(key, locked)
-                slot = self.cache.lookup(key)
+            if slot < 0:   # no slot was free when the layer's copies started: one has been read since
+                slot = self.residency.copy_in(key, DEMAND, locked)
+                if slot is None:
+                    raise RuntimeError(f"no evictable slot for expert {key}: every slot of its pool is in use by "
+                                       "this layer; give the layer more expert slots")
             lo, hi = starts[e], starts[e + 1]
-            self.copier.acquire(slot)
+            self.copier.wait(slot, key)
             self._expert(self.cache.slots.buffers[slot], x_sorted[lo:hi], weights[lo:hi], act_fn, ys[lo:hi])
-            self.copier.release(slot)
+            self.copier.done_reading(slot)
             locked.discard(key)
             self.cache.touch(key)
         unsorted = torch.empty_like(ys).index_copy_(0, order, ys)          # [T*k, H] back in (token, k) order
@@ -105,13 +117,18 @@ class Engine:
         return out.to(hidden.dtype)
 
     def _plan(self, slots: dict[int, int], counts: list[int]) -> Plan:
+        if self.cpu_mode != "auto":
+            loads = [ExpertLoad(e, counts[e], resident=slot >= 0) for e, slot in slots.items()]
+            return plan_layer(loads, self.costs, self.cpu_mode)
+        if self.costs is None:
+            raise RuntimeError("cpu_experts='auto' needs a cost model")
+        # A new copy queues behind what is on the link: bytes in flight / bandwidth.
+        backlog = self.copier.backlog_bytes() / (self.costs.profile.h2d_gbps * 1e9)
         loads = []
         for e, slot in slots.items():
-            ready = 0.0 if slot < 0 or self.copier.ready_now(slot) or self.costs is None else self.costs.copy_s()
+            ready = 0.0 if slot < 0 or self.copier.landed(slot) else backlog + self.costs.copy_s()
             loads.append(ExpertLoad(e, counts[e], resident=slot >= 0, ready_s=ready))
-        if self.cpu_mode == "auto" and self.costs is None:
-            raise RuntimeError("cpu_experts='auto' needs a cost model")
-        return plan_layer(loads, self.costs, self.cpu_mode)
+        return plan_layer(loads, self.costs, self.cpu_mode, copy_backlog_s=backlog)
 
     def _submit_cpu(self, experts, keys, hidden, rows, weights, starts):
         if not experts:
@@ -132,9 +149,7 @@ class Engine:
         if self.cpu_mode != "auto":
             return
         for key in cpu_keys:   # (the scheduler may also run a resident expert on the CPU)
-            got = None if self.cache.lookup(key) >= 0 else self.cache.acquire(key, evict=False)
-            if got is not None:
-                self.copier.prefetch(key, got[0])
+            if self.cache.lookup(key) < 0 and self.residency.copy_in(key, PREFETCH, evict=False) is not None:
                 self.stats.cpu_fills[layer] += 1
 
     def _observe(self, layer: int, selected: list[int]) -> None:
@@ -144,16 +159,6 @@ class Engine:
             policy.observe(layer, selected, probs.cpu().numpy())  # host copy: the policy keeps scores on the host
         else:
             policy.observe(layer, selected)
-
-    def _load(self, key: int, locked: set[int]) -> bool:
-        got = self.cache.acquire(key, locked)
-        if got is None:
-            return False
-        slot, evicted = got
-        self.copier.copy(key, slot)
-        if evicted >= 0:
-            self.stats.evictions[evicted // self.store.num_experts] += 1
-        return True
 
     def _expert(self, block, x, w, act_fn, out) -> None:
         """out = w * expert(x), the same ops transformers runs (x: [t, H] rows of this expert)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from .argtypes import positive_int
 from .errors import MoEOffloadError
 
 DEFAULT_FIT_NEW_TOKENS = 16
@@ -26,12 +27,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(p)
     source = add_prompt_args(p)
     source.add_argument("--trace", help="fit on this trace (.npz with gate inputs) instead of recording one")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_FIT_NEW_TOKENS,
+    p.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_FIT_NEW_TOKENS,
                    help=f"greedy tokens generated per prompt when recording (default {DEFAULT_FIT_NEW_TOKENS})")
     p.add_argument("--features", choices=FEATURE_SETS, default="layers",
                    help="what the map from layer l reads: its gate input (gate), plus its routing (gate+routing), "
                         "or gate input and routing of every layer up to l (layers, the default)")
-    p.add_argument("--distances", type=int, default=3, help="fit distances 1..N (default 3)")
+    p.add_argument("--distances", type=positive_int, default=3, help="fit distances 1..N (default 3)")
     p.add_argument("--out", help="output file (default <model_dir>/predictor/learned-correction.safetensors)")
     p.set_defaults(func=main)
 

@@ -27,6 +27,7 @@ from .runtime import OffloadRuntime
 from .skeleton import ExpertsSite, build_skeleton, find_experts
 from .stats import OffloadStats
 from .transfer import CopyEngine, ExpertShape, HostExpertStore
+from .validate import check_config, check_tensors
 
 
 def load_config(directory: os.PathLike) -> PretrainedConfig:
@@ -51,6 +52,7 @@ class ModelParts:
         self.checkpoint = Checkpoint(self.directory)
         self.hf_config = load_config(self.directory)
         self.adapter: ModelAdapter = adapter_for(self.hf_config)
+        check_config(self.hf_config, self.adapter, self.directory / "config.json")
         self.dtype = cfg.dtype or checkpoint_dtype(self.hf_config)
         self.model = build_skeleton(self.hf_config, self.dtype)
         self.sites: list[ExpertsSite] = find_experts(self.model, self.adapter)
@@ -58,6 +60,7 @@ class ModelParts:
         num_experts, two_i, hidden = first.gate_up_proj.shape
         self.num_experts = num_experts
         self.shape = ExpertShape(hidden=hidden, intermediate=two_i // 2)
+        check_tensors(self)  # every tensor present, shaped and typed as config.json implies
         self.plan: MemoryPlan = plan_memory(
             cfg,
             dense_bytes=self._dense_bytes(),
@@ -112,6 +115,13 @@ def load_dense(parts: ModelParts, device: torch.device) -> None:
     model.tie_weights()
 
 
+def _write(store: HostExpertStore, key: int, role: str, tensor: torch.Tensor, name: str) -> None:
+    try:
+        store.write(key, role, tensor)
+    except ValueError as err:
+        raise MoEOffloadError(f"tensor {name}: {err}; the weights and config.json do not belong together") from None
+
+
 def fill_store(parts: ModelParts, store: HostExpertStore, progress: bool) -> None:
     """Read routed experts tensor by tensor from safetensors into the host store."""
     ordinal = {s.model_layer: i for i, s in enumerate(parts.sites)}
@@ -126,11 +136,11 @@ def fill_store(parts: ModelParts, store: HostExpertStore, progress: bool) -> Non
         if t.expert is not None:
             if t.expert >= store.num_experts:
                 raise MoEOffloadError(f"{name}: expert {t.expert} >= num_experts {store.num_experts} in config.json")
-            store.write(store.key(layer, t.expert), t.role, parts.checkpoint.get(name).to(store.dtype))
+            _write(store, store.key(layer, t.expert), t.role, parts.checkpoint.get(name).to(store.dtype), name)
             continue
         role = "gate_up" if t.role == "gate_up" else "down"
         for e in range(store.num_experts):
-            store.write(store.key(layer, e), role, parts.checkpoint.get_slice(name, e).to(store.dtype))
+            _write(store, store.key(layer, e), role, parts.checkpoint.get_slice(name, e).to(store.dtype), name)
 
 
 def check_complete(parts: ModelParts, store: HostExpertStore) -> None:
@@ -141,11 +151,12 @@ def check_complete(parts: ModelParts, store: HostExpertStore) -> None:
             "the checkpoint is incomplete or does not match config.json"
         )
     absent = store.missing_keys()
-    if absent:
+    if absent:  # check_tensors catches this first; the store's own record is the last guard
         layer, expert = divmod(absent[0], store.num_experts)
         raise MoEOffloadError(
-            f"checkpoint {parts.directory} lacks weights of {len(absent)} routed expert(s), e.g. expert {expert} "
-            f"of MoE layer {layer} (model layer {parts.sites[layer].model_layer}); the checkpoint is incomplete"
+            f"checkpoint {parts.directory} lacks weights of {len(absent)} routed expert(s), e.g. the "
+            f"{'/'.join(store.missing_parts(absent[0]))} projection of expert {expert} of MoE layer {layer} "
+            f"(model layer {parts.sites[layer].model_layer}); the checkpoint is incomplete"
         )
 
 
@@ -194,8 +205,8 @@ def attach_prefetcher(model: PreTrainedModel, cfg: OffloadConfig, parts: ModelPa
         raise MoEOffloadError(f"predictor {name!r}: {err}") from None
     engine = model.offload.engine
     width = cfg.prefetch_width or parts.hf_config.num_experts_per_tok
-    engine.prefetcher = Prefetcher(predictor, engine.cache, engine.copier, engine.store, engine.stats,
-                                   cfg.prefetch_depth, width)
+    engine.prefetcher = Prefetcher(predictor, engine.residency, engine.store, engine.stats, cfg.prefetch_depth,
+                                   width)
 
 
 def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
@@ -210,7 +221,7 @@ def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
     slots = ExpertSlots(parts.plan.slots, store.num_keys, parts.shape.numel, parts.dtype, device)
     cache = ExpertCache(slots, make_policy(cfg.cache_policy, layout, **cfg.policy_params), pools)
     stats = OffloadStats(len(parts.sites), store.bytes_per_expert)
-    copier = CopyEngine(store, slots.buffers)
+    copier = CopyEngine(store, slots.buffers, backend=cfg.copy_backend_name, seed=cfg.copy_seed)
     runner = make_cpu_runner(cfg, parts)
     costs = cost_model(cfg, parts, store, slots, runner) if cfg.cpu_mode == "auto" else None
     engine = Engine(store, cache, copier, stats, cfg.cpu_mode, costs, runner, parts.hf_config.hidden_act)
@@ -225,6 +236,7 @@ def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
     tap = RouterTap([getattr(s.parent, parts.adapter.router_attr) for s in parts.sites], parts.adapter.router_scoring)
     tap.add(engine.on_router)
     model.offload = OffloadRuntime(cfg, parts.plan, store, engine, [s.model_layer for s in parts.sites], tap)
+    model.offload.guard_forward(model)
     attach_prefetcher(model, cfg, parts)
     return model
 

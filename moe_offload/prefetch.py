@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .cache import ExpertCache
+from .residency import PREFETCH, ExpertResidency
 from .stats import OffloadStats
-from .transfer import CopyEngine, HostExpertStore
 
 # T = tokens, E = experts per layer, k = experts per token, H = hidden size
 
@@ -20,12 +19,11 @@ class Prefetcher:
     cancelled before they start and their slots freed.
     """
 
-    def __init__(self, predictor, cache: ExpertCache, copier: CopyEngine, store: HostExpertStore,
-                 stats: OffloadStats, depth: int, width: int):
+    def __init__(self, predictor, residency: ExpertResidency, store, stats: OffloadStats, depth: int, width: int):
         self.predictor = predictor
-        self.cache = cache
-        self.copier = copier
-        self.store = store
+        self.residency = residency
+        self.cache = residency.cache
+        self.store = store                      # sizes and flat keys (a HostExpertStore or the like)
         self.stats = stats
         self.depth = depth
         self.width = width                      # experts per token fetched for each coming layer
@@ -72,13 +70,8 @@ class Prefetcher:
             key = self.store.key(target, e)
             if self.cache.lookup(key) >= 0:
                 continue
-            got = self.cache.acquire(key, locked)
-            if got is None:
+            if self.residency.copy_in(key, PREFETCH, locked) is None:
                 return False
-            slot, evicted = got
-            if evicted >= 0:
-                self.stats.evictions[evicted // self.store.num_experts] += 1
-            self.copier.prefetch(key, slot)
             self.pending[key] = target
             locked.add(key)
             self.stats.prefetch_issued[target] += 1
@@ -102,7 +95,6 @@ class Prefetcher:
                 self.stats.prefetch_used[target] += 1
                 continue
             self.stats.prefetch_wasted[target] += 1
-            if self.copier.cancel(key):
+            if self.residency.drop(key):
                 self.stats.prefetch_cancelled[target] += 1
-                self.cache.release(key)
-        self.copier.pump()
+        self.residency.copier.pump()

@@ -22,6 +22,7 @@ import torch
 from .cache import ExpertCache
 from .cache.routing import RouterCall
 from .prefetch import Prefetcher
+from .residency import ExpertResidency
 from .stats import OffloadStats
 
 
@@ -47,6 +48,9 @@ class _ReplayCopier:
 
     def cancel(self, key: int) -> bool:
         return False
+
+    def busy_keys(self) -> set[int]:
+        return set()
 
     def pump(self) -> None:
         pass
@@ -86,8 +90,8 @@ class ReplayPrefetch:
 
     def on_call(self, call: RouterCall, cache: ExpertCache) -> None:
         if self._prefetcher is None:
-            self._prefetcher = Prefetcher(self.predictor, cache, self.copier, self.keys, self.stats, self.depth,
-                                          self.width)
+            residency = ExpertResidency(cache, self.copier, self.stats, self.keys.num_experts)
+            self._prefetcher = Prefetcher(self.predictor, residency, self.keys, self.stats, self.depth, self.width)
         rows, layer = slice(call.start, call.end), call.layer
         self._prefetcher.on_router(layer, self.gates[rows, layer], self.probs[rows, layer], self.ids[rows, layer])
         self._prefetcher.begin_layer(layer, set(call.keys))

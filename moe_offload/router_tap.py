@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -28,8 +30,11 @@ class RouterTap:
         self._handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(routers)]
 
     def _hook(self, layer: int):
+        tap = weakref.ref(self)   # the router holds the hook: a strong reference would be a cycle
+
         def hook(module: nn.Module, inputs: tuple, output: tuple) -> None:
-            if not self.listeners:
+            self = tap()
+            if self is None or not self.listeners:
                 return
             hidden = inputs[0]
             gate_input = hidden.reshape(-1, hidden.shape[-1])           # [T, H]
@@ -38,6 +43,13 @@ class RouterTap:
             for listener in self.listeners:
                 listener(layer, gate_input, probs, chosen)
         return hook
+
+    def close(self) -> None:
+        """Remove the hooks and the listeners."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.listeners = []
 
     def add(self, listener: Listener) -> None:
         self.listeners.append(listener)

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import threading
+
 from .budget import MemoryPlan
 from .config import OffloadConfig
 from .engine import Engine
+from .residency import DEMAND
 from .router_tap import RouterTap
 from .stats import OffloadStats
 from .transfer import HostExpertStore
 
 
 class OffloadRuntime:
-    """Config, memory plan, host store and engine of one offloaded model."""
+    """Config, memory plan, host store and engine of one offloaded model.
+
+    ``lock`` serializes forwards: the engine's per-layer state (cache, copies in
+    flight, prefetches aimed at coming layers) belongs to one forward at a time,
+    so callers on several threads each get their exact answer. ``close()`` (or
+    ``with model.offload:``) waits for copies, removes the hooks, stops the CPU
+    runner and unpins the host store.
+    """
 
     def __init__(self, config: OffloadConfig, plan: MemoryPlan, store: HostExpertStore, engine: Engine,
                  moe_layers: list[int], router_tap: RouterTap):
@@ -21,6 +31,9 @@ class OffloadRuntime:
         self.engine = engine
         self.moe_layers = moe_layers  # model layer index of each MoE-layer ordinal
         self.router_tap = router_tap
+        self.lock = threading.RLock()
+        self.closed = False
+        self._guard: _ForwardGuard | None = None
 
     @property
     def stats(self) -> OffloadStats:
@@ -36,18 +49,65 @@ class OffloadRuntime:
         placement that kTransformers uses.
         """
         engine, loaded = self.engine, 0
-        for layer, expert in experts:
-            key = self.store.key(layer, expert)
-            if engine.cache.lookup(key) >= 0:
-                continue
-            got = engine.cache.acquire(key)
-            if got is None:
-                break
-            engine.copier.copy(key, got[0])
-            loaded += 1
-        engine.copier.synchronize()
+        with self.lock:
+            for layer, expert in experts:
+                key = self.store.key(layer, expert)
+                if engine.cache.lookup(key) >= 0:
+                    continue
+                if engine.residency.copy_in(key, DEMAND) is None:
+                    break
+                loaded += 1
+            engine.copier.synchronize()
         return loaded
+
+    def guard_forward(self, model) -> None:
+        """Hold ``lock`` for each forward of ``model`` (hooks; released even when the forward raises)."""
+        guard = _ForwardGuard(self.lock)
+        self._guard = guard
+        model.register_forward_pre_hook(guard.enter)
+        model.register_forward_hook(guard.exit, always_call=True)
+
+    def close(self) -> None:
+        """Wait for copies, remove the router hooks, stop the CPU runner, unpin host memory. Idempotent;
+        the model cannot run afterwards."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            engine = self.engine
+            engine.copier.close()
+            engine.prefetcher = None
+            self.router_tap.close()
+            if engine.cpu_runner is not None:
+                engine.cpu_runner.close()
+            engine.close()
+            self.store.close()
+            if self._guard is not None:
+                self._guard.closed = True   # its hooks stay: a later forward gets a clear error
+
+    def __enter__(self) -> "OffloadRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return (f"OffloadRuntime(device={self.config.device}, slots={self.plan.slots}/{self.plan.num_experts}, "
                 f"policy={self.config.cache_policy}, {self.stats.summary()})")
+
+
+class _ForwardGuard:
+    """Forward hooks that hold a lock for the length of one forward; refuse a closed model."""
+
+    def __init__(self, lock: threading.RLock):
+        self.lock = lock
+        self.closed = False
+
+    def enter(self, module, args) -> None:
+        self.lock.acquire()
+        if self.closed:
+            self.lock.release()
+            raise RuntimeError("this offloaded model was closed (model.offload.close()); load it again")
+
+    def exit(self, module, args, output) -> None:
+        self.lock.release()

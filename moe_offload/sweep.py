@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .argtypes import positive_int
 from .cache import ALLOCATIONS, POLICIES, SIMULATION_ONLY, CacheSimulator, MissPlan, RoutingArrays
 from .config import OffloadConfig, parse_bytes
 from .errors import MoEOffloadError
@@ -84,10 +85,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--trace", help="routing trace .npz from `moe-offload trace` (with --simulate)")
     source.add_argument("--synthetic", action="store_true", help="a synthetic trace shaped like the model")
-    p.add_argument("--synthetic-tokens", type=int, default=4096)
-    p.add_argument("--prompts", type=int, default=4, help="prompts per run (stdlib text with a tokenizer, else random)")
-    p.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
+    p.add_argument("--synthetic-tokens", type=positive_int, default=4096)
+    p.add_argument("--prompts", type=positive_int, default=4,
+                   help="prompts per run (stdlib text with a tokenizer, else random)")
+    p.add_argument("--prompt-tokens", type=positive_int, default=64, help="tokens per prompt")
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated per prompt")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--dtype", help="float32, float16, bfloat16 (default: the checkpoint's)")
     p.add_argument("--out", required=True, help="output directory")

@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .argtypes import positive_int
 from .errors import MoEOffloadError
 
 PROMPT_LINES = 40          # a stdlib prompt is the first lines of a file
@@ -23,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("trace", help="record which experts each token picks (a routing trace, .npz)")
     add_model_args(p)
     add_prompt_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="greedy tokens generated per prompt")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--gate-inputs", action="store_true",
                    help="also store each MoE layer's router input (needed to fit and evaluate gate predictors)")
@@ -35,11 +36,11 @@ def add_prompt_args(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGr
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts", help=".jsonl (a JSON string or {\"prompt\": ...} per line) or text, "
                                           "one prompt per line")
-    source.add_argument("--stdlib-heldout", type=int, metavar="N",
+    source.add_argument("--stdlib-heldout", type=positive_int, metavar="N",
                         help="N prompts from standard-library files the shipped models never trained on")
-    source.add_argument("--stdlib-train", type=int, metavar="N",
+    source.add_argument("--stdlib-train", type=positive_int, metavar="N",
                         help="N prompts from the shipped models' training files (for fitting predictors)")
-    p.add_argument("--prompt-lines", type=int, default=PROMPT_LINES,
+    p.add_argument("--prompt-lines", type=positive_int, default=PROMPT_LINES,
                    help=f"lines of each stdlib file used as its prompt (default {PROMPT_LINES})")
     return source
 

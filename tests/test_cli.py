@@ -61,3 +61,72 @@ def test_calibrate_writes_a_profile_the_engine_loads(model_dir, tmp_path, capsys
     model = from_pretrained(model_dir, device="cpu", expert_slots=4, cpu_experts="auto", hardware=str(out),
                             progress=False)
     assert model.offload.engine.costs.copy_s() > 0
+
+
+def _one_line_error(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moe-offload: error:") and "\n" not in err, err
+    return err
+
+
+@pytest.fixture
+def bad_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("device: [cpu\nexpert_slots: 2\n")
+    return path
+
+
+TRACE = ["trace", "--stdlib-heldout", "1", "--out", "t.npz"]
+FIT = ["fit-predictor", "--stdlib-train", "1"]
+SWEEP = ["sweep", "--out", "sweep-out"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["run", "--max-new-tokens", "-4"], "--max-new-tokens"),
+    (["run", "--max-new-tokens", "many"], "--max-new-tokens"),
+    (["run", "--temperature", "-0.5"], "--temperature"),
+    (["run", "--temperature", "nan"], "--temperature"),
+    (["run", "--device", "gpu"], "device 'gpu'"),
+    (["info", "--device", "gpu"], "device 'gpu'"),
+    (["info", "--device", "cuda:x"], "device 'cuda:x'"),
+    (["run", "--config", "{bad_yaml}"], "is not valid YAML"),
+    (["info", "--config", "{bad_yaml}"], "is not valid YAML"),
+    (["info", "--expert-slots", "0"], "--expert-slots"),
+    (["calibrate", "--repeats", "0"], "--repeats"),
+    (["calibrate", "--cpu-threads", "0"], "--cpu-threads"),
+    (["calibrate", "--device", "gpu"], "device 'gpu'"),
+    ([*TRACE, "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["trace", "--stdlib-heldout", "0", "--out", "t.npz"], "--stdlib-heldout"),
+    (["trace", "--stdlib-train", "-1", "--out", "t.npz"], "--stdlib-train"),
+    ([*TRACE, "--prompt-lines", "0"], "--prompt-lines"),
+    ([*TRACE, "--device", "gpu"], "device 'gpu'"),
+    (["trace", "--stdlib-heldout", "1"], "--out"),
+    ([*FIT, "--distances", "0"], "--distances"),
+    ([*FIT, "--max-new-tokens", "-1"], "--max-new-tokens"),
+    ([*SWEEP, "--prompts", "0"], "--prompts"),
+    ([*SWEEP, "--prompt-tokens", "0"], "--prompt-tokens"),
+    ([*SWEEP, "--new-tokens", "-2"], "--new-tokens"),
+    ([*SWEEP, "--synthetic-tokens", "0"], "--synthetic-tokens"),
+    ([*SWEEP, "--device", "gpu"], "device 'gpu'"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, message, model_dir, bad_yaml, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = [str(bad_yaml) if a == "{bad_yaml}" else a for a in argv] + ["--model", str(model_dir)]
+    assert message in _one_line_error(argv, capsys)
+    assert not list(tmp_path.glob("*.npz")) and not (tmp_path / "sweep-out").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "info"])
+def test_checkpoint_missing_one_projection_exit_2(command, model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    broken = shutil.copytree(model_dir, tmp_path / "broken")
+    name = "model.layers.1.block_sparse_moe.experts.1.w1.weight"
+    tensors = load_file(broken / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    extra = ["--max-new-tokens", "2"] if command == "run" else []
+    err = _one_line_error([command, "--model", str(broken), "--device", "cpu", *extra], capsys)
+    assert name in err

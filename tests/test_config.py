@@ -52,3 +52,17 @@ def test_cuda_requested_without_gpu():
         pytest.skip("a GPU is present")
     with pytest.raises(MoEOffloadError, match="no CUDA GPU"):
         OffloadConfig(device="cuda")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "", "mps", "meta", 3.5])
+def test_unknown_device_is_rejected(device):
+    with pytest.raises(MoEOffloadError, match="device"):
+        OffloadConfig(device=device)
+
+
+@pytest.mark.parametrize("text", ["device: [cpu\n", "a: b: c\n", "- a\nb: c\n", "{device: cpu\n", "\tdevice: cpu\n"])
+def test_malformed_yaml_is_rejected(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(MoEOffloadError, match=r"bad\.yaml is not valid YAML"):
+        OffloadConfig.from_yaml(path)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from copy_timing import COPY_TIMINGS, assert_logits_match, load
 from tiny_checkpoints import num_experts
 from transformers import AutoModelForCausalLM
 
-import moe_offload
 from moe_offload.cost import HardwareProfile
 
 TOKENS = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(3))  # [B, S]
@@ -22,13 +22,10 @@ def split_profile(tmp_path_factory):
     return profile.to_yaml(tmp_path_factory.mktemp("hw") / "split.yaml")
 
 
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
+@pytest.mark.parametrize("timing", COPY_TIMINGS)
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 @pytest.mark.parametrize("mode", ["never", "always", "auto"])
-def test_logits_and_generation_match(checkpoints, family, mode, split_profile):
+def test_logits_and_generation_match(checkpoints, family, mode, split_profile, timing):
     path = checkpoints[family]
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -36,10 +33,9 @@ def test_logits_and_generation_match(checkpoints, family, mode, split_profile):
         expected = ref(TOKENS).logits
     expected_ids = ref.generate(TOKENS[:, :4], **gen)
     for k in (1, num_experts(family) // 2, num_experts(family)):
-        model = moe_offload.from_pretrained(path, device="cpu", dtype=torch.float32, expert_slots=k,
-                                            cpu_experts=mode, hardware=str(split_profile), progress=False)
+        model = load(path, timing, expert_slots=k, cpu_experts=mode, hardware=str(split_profile))
         with torch.no_grad():
-            assert rel_err(model(TOKENS).logits, expected) < 1e-5, (mode, k)
+            assert_logits_match(model(TOKENS).logits, expected, (mode, k))
         assert torch.equal(model.generate(TOKENS[:, :4], **gen), expected_ids), (mode, k)
         stats = model.offload.stats
         if mode == "never":

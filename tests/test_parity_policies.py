@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_checkpoints import num_experts
+from copy_timing import COPY_TIMINGS, assert_logits_match
+from copy_timing import load as load_timed
 from transformers import AutoModelForCausalLM
 
 import moe_offload
@@ -35,9 +37,10 @@ def references(checkpoints):
     return logits
 
 
+@pytest.mark.parametrize("timing", COPY_TIMINGS)
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
 @pytest.mark.parametrize("policy", list(POLICIES))
-def test_logits_match_with_every_policy(checkpoints, references, family, policy):
+def test_logits_match_with_every_policy(checkpoints, references, family, policy, timing):
     path, expected = checkpoints[family], references(family)
     total = None
     for slots in (1, "half", "all"):
@@ -45,23 +48,24 @@ def test_logits_match_with_every_policy(checkpoints, references, family, policy)
             slots = total // 2
         elif slots == "all":
             slots = total
-        model = load(path, expert_slots=slots, cache_policy=policy)
+        model = load_timed(path, timing, expert_slots=slots, cache_policy=policy)
         total = model.offload.plan.num_experts
         with torch.no_grad():
             got = model(TOKENS).logits
-        assert rel_err(got, expected) < 1e-5, (family, policy, slots)
+        assert_logits_match(got, expected, (family, policy, slots))
         assert model.offload.config.cache_policy == policy
 
 
+@pytest.mark.parametrize("timing", COPY_TIMINGS)
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
 @pytest.mark.parametrize("allocation", ["uniform", "shallow"])
-def test_logits_match_with_per_layer_quotas(checkpoints, references, family, allocation):
+def test_logits_match_with_per_layer_quotas(checkpoints, references, family, allocation, timing):
     path, expected = checkpoints[family], references(family)
     layers = 3 if family == "mixtral" else 2
     for slots in (layers, layers * num_experts(family) // 2 + 1):
-        model = load(path, expert_slots=slots, slot_allocation=allocation)
+        model = load_timed(path, timing, expert_slots=slots, slot_allocation=allocation)
         with torch.no_grad():
-            assert rel_err(model(TOKENS).logits, expected) < 1e-5, (family, allocation, slots)
+            assert_logits_match(model(TOKENS).logits, expected, (family, allocation, slots))
         assert model.offload.engine.cache.pools.num_pools == layers
 
 

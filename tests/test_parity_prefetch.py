@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from copy_timing import COPY_TIMINGS, assert_logits_match, load
 from tiny_checkpoints import add_char_tokenizer, num_experts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -34,13 +35,10 @@ def fitted(tmp_path_factory, checkpoints):
     return out
 
 
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
+@pytest.mark.parametrize("timing", COPY_TIMINGS)
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen2_moe"])
 @pytest.mark.parametrize("predictor", ["cross_layer", "cross_layer_raw", "learned", "previous"])
-def test_prefetch_keeps_the_math(fitted, family, predictor):
+def test_prefetch_keeps_the_math(fitted, family, predictor, timing):
     path = fitted[family]
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -48,12 +46,11 @@ def test_prefetch_keeps_the_math(fitted, family, predictor):
         expected = ref(TOKENS).logits
     expected_ids = ref.generate(TOKENS[:, :4], **gen)
     e = num_experts(family)
-    for slots, depth in ((1, 1), (e // 2, 2), (e, 1)):
-        model = moe_offload.from_pretrained(path, device="cpu", dtype=torch.float32, expert_slots=slots,
-                                            predictor=predictor, prefetch_depth=depth, progress=False)
+    for slots, depth in ((1, 1), (e // 2, 2), (e // 2, 3), (e, 1)):
+        model = load(path, timing, expert_slots=slots, predictor=predictor, prefetch_depth=depth)
         assert model.offload.engine.prefetcher is not None
         with torch.no_grad():
-            assert rel_err(model(TOKENS).logits, expected) < 1e-5, (slots, depth)
+            assert_logits_match(model(TOKENS).logits, expected, (slots, depth))
         assert torch.equal(model.generate(TOKENS[:, :4], **gen), expected_ids), (slots, depth)
         stats = model.offload.stats
         if slots == e // 2:

@@ -1,100 +1,201 @@
 """CopyEngine: host block -> device slot copies, demand before prefetch, ordered by events.
 
-On CUDA, demand copies go on a high-priority stream as soon as they are asked
-for; prefetches wait in a host-side queue and at most ``max_prefetch_inflight``
-of them are on the low-priority prefetch stream at once, so a demand copy never
-queues behind a long train of prefetches, and a prefetch that stops being useful
-is dropped before it starts. Per slot, ``ready[slot]`` is recorded after the
-copy into it and the compute stream waits on it before reading; ``released[slot]``
-is recorded on the compute stream after the last kernel that reads the slot, and
-every copy into the slot waits on it first (a slot is never overwritten while
-queued compute still reads it). On CPU a copy is a synchronous memcpy done when
-the copy is submitted.
+Demand copies go on a high-priority stream as soon as they are asked for, in one
+piece. Prefetches wait in a host-side queue and are split into chunks of
+``chunk_bytes``; at most ``max_prefetch_inflight`` chunks are on the low-priority
+prefetch stream at once. Stream priority orders kernels, not the copy engine, so
+this is what lets a demand copy go first on the link: it waits behind at most a
+few chunks, never behind whole queued experts. A prefetch that stops being useful
+is dropped before its remaining chunks start.
+
+Ordering rules, per slot (one place):
+- ``ready[slot]`` is recorded after every write into the slot; the compute stream
+  waits on it before reading (``wait``);
+- ``released[slot]`` is recorded on the compute stream after the last kernel that
+  reads the slot (``done_reading``); every write into the slot waits on it first
+  (write-after-read);
+- every write into the slot also waits on ``ready[slot]``, the previous write,
+  whichever stream it was on (write-after-write: a late prefetch chunk never
+  lands over a newer demand copy, and an expert's chunks land before it is read).
+
+The streams and events come from a backend (``transfer.streams``): CUDA's own,
+``immediate`` copies on CPU, or ``deferred`` CPU copies that land late and out
+of order within these dependencies, which is how CI tests the rules.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 
 import torch
 
 from .host_store import HostExpertStore
+from .streams import SimBackend, make_backend
 
 DEMAND, PREFETCH = 0, 1
+DEFAULT_CHUNK_BYTES = 32 * 2**20
+
+
+class CopyOrderError(AssertionError):
+    """A slot was read while it did not hold the expert it is mapped to (deferred backend check)."""
+
+
+@dataclass
+class _Queued:
+    """A prefetch not yet fully on the stream: elements [offset, numel) still to copy."""
+
+    slot: int
+    offset: int = 0
 
 
 class CopyEngine:
-    def __init__(self, store: HostExpertStore, buffers: torch.Tensor, max_prefetch_inflight: int = 2):
+    def __init__(self, store: HostExpertStore, buffers: torch.Tensor, backend: str | None = None, seed: int = 0,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_prefetch_inflight: int = 2):
         self.store = store
         self.buffers = buffers  # [S, 3HI] on the device
-        self.cuda = buffers.is_cuda
+        name = backend or ("cuda" if buffers.is_cuda else "immediate")
+        self.backend = make_backend(name, buffers.device, seed)
+        self.cuda = name == "cuda"
         self.max_prefetch_inflight = max_prefetch_inflight
-        self.queued: OrderedDict[int, int] = OrderedDict()   # prefetch key -> slot, not yet submitted
-        self.inflight: dict[int, int] = {}                   # prefetch key -> slot, submitted, maybe running
-        num_slots = buffers.shape[0]
-        if self.cuda:
-            low, high = torch.cuda.Stream.priority_range()
-            self.demand_stream = torch.cuda.Stream(device=buffers.device, priority=high)
-            self.prefetch_stream = torch.cuda.Stream(device=buffers.device, priority=low)
-            self.ready = [torch.cuda.Event() for _ in range(num_slots)]
-            self.released = [torch.cuda.Event() for _ in range(num_slots)]
+        self.chunk_numel = max(1, chunk_bytes // max(1, buffers.element_size()))
+        num_slots, self.block_numel = buffers.shape
+        self.demand_stream = self.backend.stream(high_priority=True)
+        self.prefetch_stream = self.backend.stream(high_priority=False)
+        self.ready = [self.backend.event() for _ in range(num_slots)]
+        self.released = [self.backend.event() for _ in range(num_slots)]
+        self.queued: OrderedDict[int, _Queued] = OrderedDict()   # prefetch key -> remaining work
+        self._inflight: deque[tuple] = deque()  # (event, key, bytes, priority) of submitted copies
+        self._inflight_bytes = 0
+        self._prefetch_chunks = 0                                 # prefetch chunks among them
         self._written = [False] * num_slots
         self._read = [False] * num_slots
+        self._check = isinstance(self.backend, SimBackend)
+        self._content: list[tuple[int, set]] = [(-1, set())] * num_slots   # sim: (key, landed ranges) per slot
         self.timing = False                      # when set, every CUDA copy records start/end events
         self._timed: list[tuple] = []
+        self.closed = False
 
     # -- submitting -------------------------------------------------------------------------
     def copy(self, key: int, slot: int) -> None:
-        """Demand copy: starts now, ahead of every queued prefetch."""
-        self.queued.pop(key, None)
-        self._submit(key, slot, DEMAND)
+        """Demand copy into ``slot``: starts now, ahead of every queued prefetch."""
+        queued = self.queued.pop(key, None)
+        offset = 0
+        if queued is not None:
+            if queued.slot != slot:
+                raise ValueError(f"expert {key} is queued for slot {queued.slot}, demanded into slot {slot}")
+            offset = queued.offset
+        self._write(key, slot, offset, self.block_numel, DEMAND)
+
+    def expedite(self, key: int) -> bool:
+        """A queued prefetch is needed now: its remaining chunks become one demand copy."""
+        queued = self.queued.get(key)
+        if queued is None:
+            return False
+        self.copy(key, queued.slot)
+        return True
 
     def prefetch(self, key: int, slot: int) -> None:
-        """Queue a low-priority copy; it starts when fewer than the limit are in flight."""
-        self.queued[key] = slot
+        """Queue a low-priority copy; its chunks start as earlier ones land."""
+        if key in self.queued:
+            raise ValueError(f"expert {key} already has a queued prefetch")
+        self.queued[key] = _Queued(slot)
         self.pump()
 
     def pump(self) -> None:
-        """Retire finished prefetches and start queued ones up to the in-flight limit."""
-        if self.cuda:
-            done = [k for k, s in self.inflight.items() if self.ready[s].query()]
-            for key in done:
-                del self.inflight[key]
-        else:
-            self.inflight.clear()
-        while self.queued and len(self.inflight) < self.max_prefetch_inflight:
-            key, slot = self.queued.popitem(last=False)
-            self._submit(key, slot, PREFETCH)
-            self.inflight[key] = slot
+        """Retire landed copies and start queued prefetch chunks up to the in-flight limit."""
+        self._retire()
+        numel = self.block_numel
+        while self.queued:
+            if self._prefetch_chunks >= self.max_prefetch_inflight:
+                self._retire()
+                if self._prefetch_chunks >= self.max_prefetch_inflight:
+                    break
+            key, queued = next(iter(self.queued.items()))
+            end = min(numel, queued.offset + self.chunk_numel)
+            self._write(key, queued.slot, queued.offset, end, PREFETCH)
+            queued.offset = end
+            if end == numel:
+                del self.queued[key]
 
     def cancel(self, key: int) -> bool:
-        """Drop a queued prefetch that has not started; True if it was dropped."""
+        """Drop a queued prefetch's chunks that have not started. True if one was dropped: the slot then
+        does not hold the expert (chunks that did start still land; later writes wait for them)."""
         return self.queued.pop(key, None) is not None
 
     def is_queued(self, key: int) -> bool:
         return key in self.queued
 
-    def _submit(self, key: int, slot: int, priority: int) -> None:
-        src = self.store.block(key)
-        if not self.cuda:
-            self.buffers[slot].copy_(src)
-            self._written[slot] = True
-            return
+    def busy_keys(self) -> set[int]:
+        """Experts with a copy queued or on a stream (evicted last)."""
+        self._retire()
+        return set(self.queued) | {item[1] for item in self._inflight}
+
+    def backlog_bytes(self) -> int:
+        """Bytes on the streams that have not landed: what a new demand copy waits behind."""
+        self._retire()
+        return self._inflight_bytes
+
+    def queued_bytes(self) -> int:
+        numel = self.block_numel
+        return sum(numel - q.offset for q in self.queued.values()) * self.buffers.element_size()
+
+    def _write(self, key: int, slot: int, lo: int, hi: int, priority: int) -> None:
+        """Copy elements [lo, hi) of ``key``'s block into ``slot`` after the slot's reader and writer."""
+        if self.closed:
+            raise RuntimeError("copy engine is closed")
         stream = self.demand_stream if priority == DEMAND else self.prefetch_stream
-        with torch.cuda.stream(stream):
-            if self._read[slot]:
-                stream.wait_event(self.released[slot])  # never overwrite what queued compute still reads
-            start = self._timing_event(stream)
-            self.buffers[slot].copy_(src, non_blocking=self.store.pinned)
-            self.ready[slot].record(stream)
-            if start is not None:
-                self._timed.append((start, self._timing_event(stream)))
+        if self._read[slot]:
+            stream.wait_event(self.released[slot])   # write-after-read: queued compute still reads the slot
+        if self._written[slot]:
+            stream.wait_event(self.ready[slot])      # write-after-write: the slot's previous copy lands first
+        start = self._timing_event(stream)
+        src, dst = self.store.block(key)[lo:hi], self.buffers[slot, lo:hi]
+        self.backend.copy(stream, dst, src, self._landed_fn(key, slot, lo, hi) if self._check else None)
+        self.ready[slot].record(stream)
+        if start is not None:
+            self._timed.append((start, self._timing_event(stream)))
         self._written[slot] = True
+        nbytes = (hi - lo) * self.buffers.element_size()
+        done = self.backend.event()
+        done.record(stream)
+        self._inflight.append((done, key, nbytes, priority))
+        self._inflight_bytes += nbytes
+        self._prefetch_chunks += priority == PREFETCH
+
+    def _retire(self) -> None:
+        """Forget submitted copies that have landed (in any order: two streams)."""
+        if not self._inflight:
+            return
+        keep: deque[tuple] = deque()
+        for item in self._inflight:
+            if item[0].query():
+                self._inflight_bytes -= item[2]
+                self._prefetch_chunks -= item[3] == PREFETCH
+            else:
+                keep.append(item)
+        self._inflight = keep
+
+    def _landed_fn(self, key: int, slot: int, lo: int, hi: int):
+        def landed() -> None:
+            held, ranges = self._content[slot]
+            self._content[slot] = (key, (ranges if held == key else set()) | {(lo, hi)})
+        return landed
+
+    def _holds(self, slot: int, key: int) -> bool:
+        """Sim check: the landed ranges of ``key`` in ``slot`` cover the whole block."""
+        held, ranges = self._content[slot]
+        end = 0
+        for lo, hi in sorted(ranges):
+            if lo > end:
+                return False
+            end = max(end, hi)
+        return held == key and end == self.block_numel
 
     def _timing_event(self, stream):
-        if not self.timing:
+        if not (self.timing and self.cuda):
             return None
-        event = torch.cuda.Event(enable_timing=True)
+        event = self.backend.event(timing=True)
         event.record(stream)
         return event
 
@@ -106,22 +207,35 @@ class CopyEngine:
         return total
 
     # -- consuming --------------------------------------------------------------------------
-    def ready_now(self, slot: int) -> bool:
+    def landed(self, slot: int) -> bool:
         """True when the last copy into ``slot`` has landed (no wait)."""
-        return not self.cuda or not self._written[slot] or self.ready[slot].query()
+        return not self._written[slot] or self.ready[slot].query()
 
-    def acquire(self, slot: int) -> None:
-        """Make the current (compute) stream wait until ``slot``'s last copy has landed."""
-        if self.cuda and self._written[slot]:
-            torch.cuda.current_stream(self.buffers.device).wait_event(self.ready[slot])
+    def wait(self, slot: int, key: int | None = None) -> None:
+        """Make the compute stream wait until ``slot``'s copies have landed. With ``key`` on a CPU backend,
+        also check that the slot then holds all of that expert's bytes."""
+        if self._written[slot]:
+            self.backend.compute_stream().wait_event(self.ready[slot])
+        if self._check and key is not None and not self._holds(slot, key):
+            held, ranges = self._content[slot]
+            raise CopyOrderError(f"slot {slot} is read as expert {key} but holds expert {held} "
+                                 f"(landed ranges {sorted(ranges)} of {self.block_numel} elements)")
 
-    def release(self, slot: int) -> None:
-        """Mark the end of the compute that reads ``slot`` (queued on the current stream)."""
-        if self.cuda:
-            self.released[slot].record(torch.cuda.current_stream(self.buffers.device))
-            self._read[slot] = True
+    def done_reading(self, slot: int) -> None:
+        """Mark the end of the compute that reads ``slot`` (queued on the compute stream)."""
+        self.released[slot].record(self.backend.compute_stream())
+        self._read[slot] = True
 
     def synchronize(self) -> None:
-        if self.cuda:
-            self.demand_stream.synchronize()
-            self.prefetch_stream.synchronize()
+        """Wait for every copy on the streams (queued prefetches stay queued)."""
+        self.demand_stream.synchronize()
+        self.prefetch_stream.synchronize()
+        self._retire()
+
+    def close(self) -> None:
+        """Drop queued prefetches and wait for every copy already on a stream."""
+        if self.closed:
+            return
+        self.queued.clear()
+        self.synchronize()
+        self.closed = True

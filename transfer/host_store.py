@@ -6,11 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .pinning import pinned_empty
+from .pinning import PinnedBuffer
 
 # L = MoE layers, E = experts per layer, H = hidden size, I = expert intermediate size
 # A block is [gate_up (2I*H) | down (H*I)] flattened: gate_up rows 0..I-1 are the
 # gate projection, rows I..2I-1 the up projection (transformers' fused layout).
+
+
+PARTS = ("gate", "up", "down")      # the projections of an expert, tracked one by one
+_ROLE_PARTS = {"gate": ("gate",), "up": ("up",), "gate_up": ("gate", "up"), "down": ("down",)}
 
 
 @dataclass(frozen=True)
@@ -51,14 +55,29 @@ class HostExpertStore:
         self.num_experts = num_experts
         self.shape = shape
         self.dtype = dtype
-        self.pinned = pin
-        self.pinning = "none"   # how the store is page-locked: "registered" (cudaHostRegister), "torch" or "none"
         rows = (num_layers * num_experts, shape.numel)
+        self._memory: PinnedBuffer | None = None
         if pin:
-            self.blocks, self.pinning = pinned_empty(rows, dtype)   # [L*E, 3HI]
+            self._memory = PinnedBuffer(rows, dtype)    # warns and falls back if it cannot page-lock
+            self.blocks = self._memory.tensor            # [L*E, 3HI]
         else:
-            self.blocks = torch.empty(rows, dtype=dtype)            # [L*E, 3HI]
-        self.filled = torch.zeros(num_layers * num_experts, dtype=torch.bool)
+            self.blocks = torch.empty(rows, dtype=dtype)  # [L*E, 3HI]
+        # How the store is page-locked: "registered" (cudaHostRegister, exact size), "torch"
+        # (torch's pinned allocator) or "none"; copies may be asynchronous only while pinned.
+        self.pinning = self._memory.pinning if self._memory is not None else "none"
+        self.pinned = self.pinning != "none"
+        self.filled = torch.zeros(num_layers * num_experts, len(PARTS), dtype=torch.bool)  # [L*E, gate|up|down]
+
+    def close(self) -> None:
+        """Unpin now (idempotent). The blocks stay readable, but only for synchronous copies.
+
+        Call after every copy from the store has been waited for (it also synchronizes
+        the device before unregistering, as a guard).
+        """
+        if self._memory is not None:
+            self._memory.unpin()
+        self.pinned = False
+        self.pinning = "none"
 
     @property
     def num_keys(self) -> int:
@@ -80,7 +99,7 @@ class HostExpertStore:
         return self.blocks[key]
 
     def write(self, key: int, role: str, tensor: torch.Tensor) -> None:
-        """Copy one projection ('gate' [I, H], 'up' [I, H], 'down' [H, I]) into its block."""
+        """Copy one projection ('gate' [I, H], 'up' [I, H], 'gate_up' [2I, H], 'down' [H, I]) into its block."""
         block, i = self.blocks[key], self.shape.intermediate
         views = {
             "gate": gate_up_view(block, self.shape)[:i],
@@ -92,8 +111,12 @@ class HostExpertStore:
         if tuple(tensor.shape) != tuple(target.shape):
             raise ValueError(f"expert {key} {role}: shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
         target.copy_(tensor)
-        if role in ("down", "gate_up"):
-            self.filled[key] = True
+        self.filled[key, [PARTS.index(p) for p in _ROLE_PARTS[role]]] = True
 
     def missing_keys(self) -> list[int]:
-        return (~self.filled).nonzero().flatten().tolist()
+        """Keys of experts with at least one projection (gate, up or down) never written."""
+        return (~self.filled.all(dim=1)).nonzero().flatten().tolist()
+
+    def missing_parts(self, key: int) -> list[str]:
+        """The projections of expert ``key`` never written, in PARTS order."""
+        return [part for part, done in zip(PARTS, self.filled[key].tolist()) if not done]

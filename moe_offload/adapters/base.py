@@ -36,6 +36,8 @@ class ModelAdapter:
     renames: tuple[tuple[str, str], ...] = ()   # disk -> memory regex renames for dense tensors
     router_attr: str = "gate"               # the router module beside the experts module
     router_scoring: str = "softmax"         # how router logits become per-expert scores
+    experts_field: str = "num_experts"      # config.json field: routed experts per MoE layer
+    expert_size_field: str = "moe_intermediate_size"   # config.json field: a routed expert's intermediate size
 
     def expert_tensor(self, name: str) -> ExpertTensorName | None:
         """Parse a routed-expert tensor name; None for every other tensor."""

@@ -17,5 +17,7 @@ class DeepseekAdapter(ModelAdapter):
         return config.num_hidden_layers * per_layer * element_size
 
 
-DEEPSEEK_V2 = DeepseekAdapter(model_type="deepseek_v2", experts_class="DeepseekV2Experts")
-DEEPSEEK_V3 = DeepseekAdapter(model_type="deepseek_v3", experts_class="DeepseekV3Experts", router_scoring="sigmoid")
+DEEPSEEK_V2 = DeepseekAdapter(model_type="deepseek_v2", experts_class="DeepseekV2Experts",
+                              experts_field="n_routed_experts")
+DEEPSEEK_V3 = DeepseekAdapter(model_type="deepseek_v3", experts_class="DeepseekV3Experts", router_scoring="sigmoid",
+                              experts_field="n_routed_experts")

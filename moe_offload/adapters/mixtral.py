@@ -10,4 +10,6 @@ ADAPTER = ModelAdapter(
     up_name="w3",
     down_name="w2",
     renames=((r"\.block_sparse_moe\.", ".mlp."),),
+    experts_field="num_local_experts",
+    expert_size_field="intermediate_size",
 )

@@ -2,4 +2,4 @@
 
 from .base import ModelAdapter
 
-ADAPTER = ModelAdapter(model_type="olmoe", experts_class="OlmoeExperts")
+ADAPTER = ModelAdapter(model_type="olmoe", experts_class="OlmoeExperts", expert_size_field="intermediate_size")

@@ -1,0 +1,899 @@
+"""One command that checks moe-offload on a fresh GPU machine and measures what its design relies on.
+
+    pip install --no-deps -e . && python bench/gpu_check.py     # about 7-8 minutes on an H200
+    python bench/gpu_check.py --dry-run                           # the plumbing on CPU, tiny sizes (< 1 minute)
+
+Sections, in this order. Each is time-boxed so the whole run stays within --budget-s; one that
+fails is recorded in the JSON (error and traceback) and the rest still run; a section the budget
+no longer covers is skipped with a note.
+
+  environment  torch / CUDA / driver versions, device name and memory, stream priority range, the
+               pinning path the host store took, Numba's threading layer, CPU model
+  micro        expert-sized blocks (Mixtral-8x7B expert: 3 x 4096 x 14336 bf16 = 336 MiB): a non_blocking
+               copy from pinned memory returns to the host at once; write-after-write and
+               write-after-read on ONE slot under load give the host's checksums (raw torch streams,
+               then the CopyEngine, so an engine bug is told apart from a platform issue; raw-stream
+               controls without the waits show whether the test can see a race at all); tearing down
+               with prefetches in flight leaves no CUDA error
+  cuda_tests   python -m pytest -q -m cuda tests/ in a subprocess: pass/fail counts and the output tail
+  parity       tiny-mixtral and tiny-deepseek in bf16 at 1 / half / all expert slots, cpu_experts auto /
+               never / always, vs plain transformers: max abs and relative logit error, 16 greedy tokens;
+               once in fp32 for exactness
+  chunk_size   a demand copy's wait behind queued prefetches for prefetch chunks of 8/16/32/64 MiB vs
+               the same copy on an idle link, and prefetch throughput; picks the default chunk size
+  full_size    a 2-layer Mixtral-8x7B-shaped checkpoint (bench/full_size.py, random weights): copy GB/s
+               vs the pinned peak, ms per decode token, hit rate, share of copy time hidden by compute
+  e2e          bench/e2e_gpu.py at one budget with short settings, in a subprocess
+
+Writes the JSON (default bench/results/gpu-check-<device>.json) after every section, so a run that
+is killed keeps what it measured, and prints a table: section, status, seconds, headline.
+--dry-run runs every section's plumbing on the CPU with tiny sizes (deferred copy backend, tiny
+models) and skips what needs CUDA with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import gc
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+from common import RESULTS, close_offloaded, device_name, machine, median, print_table, write_json  # noqa: E402
+
+import moe_offload  # noqa: E402
+from moe_offload.transfer import CopyEngine, ExpertShape, HostExpertStore  # noqa: E402
+
+MIB = 2**20
+MIXTRAL_EXPERT = ExpertShape(hidden=4096, intermediate=14336)   # 3 * 4096 * 14336 bf16 = 336 MiB
+DRY_EXPERT = ExpertShape(hidden=64, intermediate=96)             # 36 KiB
+CHUNKS = (8, 16, 32, 64)                                         # MiB (KiB in a dry run)
+SHIPPED = ("tiny-mixtral", "tiny-deepseek")
+MODES = ("auto", "never", "always")
+BF16_TOL, FP32_TOL = 3e-2, 1e-5                                  # relative logit error (norm ratio)
+
+
+# -- the run: budget, sections, report ---------------------------------------------------------------
+class Check:
+    """What every section sees: arguments, device, time left, a scratch folder, results to share."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.dry = args.dry_run
+        self.device = torch.device("cpu" if self.dry else args.device)
+        self.cuda = self.device.type == "cuda"
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + args.budget_s
+        self.section_deadline = self.deadline
+        self.scratch = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="gpu-check-"))
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self.shared: dict = {}   # e.g. the full-size checkpoint, for e2e
+
+    def left(self) -> float:
+        """Seconds left to the current section."""
+        return min(self.section_deadline, self.deadline) - time.monotonic()
+
+    def has(self, seconds: float) -> bool:
+        return self.left() > seconds
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    run: Callable[[Check], dict]
+    cap_s: float   # the most seconds it may take
+    min_s: float   # not started with less than this left
+
+
+def run_section(check: Check, section: Section) -> dict:
+    left = check.deadline - time.monotonic()
+    if left < section.min_s:
+        return {"status": "skipped", "seconds": 0.0,
+                "note": f"time budget: {left:.0f} s left, the section needs at least {section.min_s:.0f} s"}
+    check.section_deadline = time.monotonic() + min(section.cap_s, left)
+    start = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            data = section.run(check)
+            data.setdefault("status", "ok")
+        except Exception as err:  # noqa: BLE001 - recorded; the next section still runs
+            data = {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                    "headline": f"{type(err).__name__}: {str(err)[:80]}", "traceback": traceback.format_exc()[-6000:]}
+    if caught:
+        data["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught})[:10]
+    gc.collect()
+    if check.cuda:
+        try:
+            torch.cuda.synchronize(check.device)   # a sticky CUDA error shows here, next to its section
+            torch.cuda.empty_cache()
+        except Exception as err:  # noqa: BLE001
+            data["status"] = "failed"
+            data["cuda_error_after"] = f"{type(err).__name__}: {err}"
+    data["seconds"] = round(time.monotonic() - start, 2)
+    return data
+
+
+def start_watchdog(check: Check, report: dict, out: Path) -> threading.Timer:
+    """Past the budget plus a grace period, write what there is and exit (a hung CUDA call cannot
+    be interrupted any other way); faulthandler is the last resort if the GIL is held."""
+    hard = check.args.budget_s + check.args.grace_s
+
+    def fire() -> None:
+        report["watchdog"] = f"run exceeded {hard:.0f} s during section {report.get('current')!r}; exited"
+        try:
+            write_json(out, json.loads(json.dumps(report, default=str)))
+        finally:
+            print(report["watchdog"], flush=True)
+            os._exit(3)
+
+    timer = threading.Timer(hard, fire)
+    timer.daemon = True
+    timer.start()
+    faulthandler.dump_traceback_later(hard + 20, exit=True)
+    return timer
+
+
+# -- shared helpers ----------------------------------------------------------------------------------
+def version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def expert_shape(check: Check) -> ExpertShape:
+    return DRY_EXPERT if check.dry else MIXTRAL_EXPERT
+
+
+def random_store(check: Check, blocks: int) -> tuple[HostExpertStore, np.ndarray]:
+    """A pinned store of ``blocks`` expert blocks of random bytes, and each block's host checksum
+    (sum of its int32 words, in int64: exact, and any torn or stale copy changes it)."""
+    store = HostExpertStore(1, blocks, expert_shape(check), torch.bfloat16, pin=check.cuda)
+    words = store.blocks.view(torch.int32)                                    # [B, 3HI/2]
+    gen = torch.Generator(device=check.device).manual_seed(0)
+    for b in range(blocks):   # random on the device (fast), then down into the host store
+        words[b].copy_(torch.randint(-2**31, 2**31 - 1, (words.shape[1],), dtype=torch.int32,
+                                     device=check.device, generator=gen))
+    check.sync()
+    sums = np.array([np.sum(words[b].numpy(), dtype=np.int64) for b in range(blocks)])
+    return store, sums
+
+
+def checksum(slot: torch.Tensor) -> torch.Tensor:
+    """Device-side int64 sum of the slot's int32 words (queued on the current stream, no host sync)."""
+    return slot.view(torch.int32).sum(dtype=torch.int64)
+
+
+def compute_load(check: Check, ms: float) -> Callable[[], None]:
+    """A kernel that keeps the compute stream busy for about ``ms`` (delays the slot's reader)."""
+    if not check.cuda:
+        return lambda: None
+    if hasattr(torch.cuda, "_sleep"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(1_000_000)
+        end.record()
+        end.synchronize()
+        cycles = int(1_000_000 * ms / max(start.elapsed_time(end), 1e-3))
+        return lambda: torch.cuda._sleep(cycles)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=check.device)
+    return lambda: [a @ a for _ in range(4)]
+
+
+# -- environment -------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=15)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
+    except OSError:
+        return None
+
+
+def numba_threading() -> dict:
+    """Run a parallel Numba kernel, then ask which threading layer it got."""
+    import numba
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=False)
+    def parallel_sum(x):
+        total = 0.0
+        for i in prange(x.shape[0]):
+            total += x[i]
+        return total
+
+    assert parallel_sum(np.ones(100_000)) == 100_000.0
+    return {"numba_threading_layer": numba.threading_layer(), "numba_threads": numba.get_num_threads(),
+            "env": {k: os.environ.get(k) for k in ("NUMBA_THREADING_LAYER", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}}
+
+
+def pinning_path(check: Check) -> dict:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = HostExpertStore(1, 2, ExpertShape(256, 512), torch.bfloat16, pin=check.cuda)
+    got = {"pinning": store.pinning, "pinning_warnings": [str(w.message) for w in caught]}
+    if check.cuda:
+        got["is_pinned"] = bool(store.blocks.is_pinned())
+    store.close()
+    store.close()
+    got["after_close"] = store.pinning
+    return got
+
+
+def environment(check: Check) -> dict:
+    data = {"machine": machine(), "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
+            "python": sys.version.split()[0], "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "packages": {p: version(p) for p in ("transformers", "numba", "numpy", "safetensors", "accelerate",
+                                                  "cupy-cuda12x", "cupy-cuda13x", "moe-offload")}}
+    if check.cuda:
+        props = torch.cuda.get_device_properties(check.device)
+        free, total = torch.cuda.mem_get_info(check.device)
+        data |= {"device_name": props.name, "device_memory_gib": round(total / 2**30, 1),
+                 "device_free_gib": round(free / 2**30, 1), "capability": f"{props.major}.{props.minor}",
+                 "multiprocessors": props.multi_processor_count, "driver": driver_version(),
+                 "stream_priority_range": list(torch.cuda.Stream.priority_range())}
+    else:
+        data["note"] = "dry run: no CUDA device; device fields omitted"
+    data |= pinning_path(check)
+    data |= numba_threading()
+    device = data.get("device_name", "cpu")
+    data["headline"] = (f"{device}, torch {torch.__version__}, CUDA {torch.version.cuda}, pinning {data['pinning']}, "
+                        f"numba {data['numba_threading_layer']}")
+    return data
+
+
+# -- micro: async return, WAW / WAR on one slot, teardown -------------------------------------------
+def async_return(check: Check, store: HostExpertStore, slots: torch.Tensor) -> dict:
+    """Host time of issuing a non_blocking pinned copy vs the copy's device time."""
+    stream = torch.cuda.Stream(device=check.device)
+    host, device = [], []
+    for _ in range(4):
+        check.sync()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            slots[0].copy_(store.block(0), non_blocking=True)
+            end.record(stream)
+        host.append(time.perf_counter() - t0)
+        end.synchronize()
+        device.append(start.elapsed_time(end) / 1e3)
+    host_s, copy_s = median(host[1:]), median(device[1:])
+    engine = CopyEngine(store, slots, backend="cuda")
+    engine_host = []
+    for slot in range(slots.shape[0]):
+        t0 = time.perf_counter()
+        engine.copy(slot, slot)
+        engine_host.append(time.perf_counter() - t0)
+    engine.close()
+    engine_host_s = median(engine_host[1:])
+    return {"pinning": store.pinning, "host_ms": host_s * 1e3, "copy_ms": copy_s * 1e3,
+            "engine_copy_host_ms": engine_host_s * 1e3, "registered_gbps": store.bytes_per_expert / copy_s / 1e9,
+            "ok": host_s < 0.2 * copy_s and engine_host_s < 0.2 * copy_s}
+
+
+def raw_streams(check: Check, store: HostExpertStore, slot: torch.Tensor, sums: np.ndarray, rounds: int,
+                war_wait: bool = True, waw_wait: bool = True) -> dict:
+    """Raw torch streams: each round writes two blocks into ONE slot (low-priority stream, then
+    high-priority stream), delays the reader with load, reads a checksum; the slot must hold the
+    second block. ``war_wait``/``waw_wait`` off are controls that should race."""
+    low, high = torch.cuda.Stream.priority_range()
+    streams = [torch.cuda.Stream(device=check.device, priority=low),
+               torch.cuda.Stream(device=check.device, priority=high)]
+    compute = torch.cuda.current_stream(check.device)
+    ready, released = torch.cuda.Event(), torch.cuda.Event()
+    load = compute_load(check, 8.0)
+    rng = np.random.default_rng(1)
+    got = torch.zeros(rounds, dtype=torch.int64, device=check.device)
+    expected, written, read = [], False, False
+    for r in range(rounds):
+        first, second = rng.choice(len(sums), size=2, replace=False)
+        for key, stream in ((first, streams[0]), (second, streams[1])):
+            if read and war_wait:
+                stream.wait_event(released)     # write-after-read
+            if written and waw_wait:
+                stream.wait_event(ready)        # write-after-write
+            with torch.cuda.stream(stream):
+                slot.copy_(store.block(int(key)), non_blocking=True)
+            ready.record(stream)
+            written = True
+        load()
+        compute.wait_event(ready)
+        got[r] = checksum(slot)
+        released.record(compute)
+        read = True
+        expected.append(sums[second])
+    check.sync()
+    bad = int((got.cpu().numpy() != np.array(expected)).sum())
+    return {"rounds": rounds, "mismatches": bad}
+
+
+def engine_rounds(check: Check, store: HostExpertStore, slots: torch.Tensor, sums: np.ndarray, rounds: int,
+                  backend: str) -> dict:
+    """The CopyEngine on ONE slot under load: demand copies, prefetches (pumped until all chunks
+    started), a prefetch cancelled then overwritten by a demand copy, and a prefetch taken over by a
+    demand copy of the same key; after each, the reader's checksum must be the expected block's."""
+    chunk = 32 * MIB if check.cuda else 8 * 1024
+    engine = CopyEngine(store, slots, backend=backend, seed=0, chunk_bytes=chunk, max_prefetch_inflight=2)
+    compute_reads = []
+    load = compute_load(check, 8.0)
+    rng = np.random.default_rng(2)
+    got = torch.zeros(rounds, dtype=torch.int64, device=slots.device)
+    patterns = ("demand", "prefetch", "cancel-then-demand", "prefetch-then-demand")
+    counts = dict.fromkeys(patterns, 0)
+    bad = dict.fromkeys(patterns, 0)
+    previous = -1
+    try:
+        for r in range(rounds):
+            if not check.has(2):
+                break
+            pattern = patterns[r % len(patterns)]
+            keys = [k for k in range(len(sums)) if k != previous]
+            key, other = (int(k) for k in rng.choice(keys, size=2, replace=False))
+            if pattern == "demand":
+                engine.copy(key, 0)
+            elif pattern == "prefetch":
+                engine.prefetch(key, 0)
+                pump_until_started(check, engine, key)
+            elif pattern == "cancel-then-demand":
+                engine.prefetch(other, 0)
+                engine.pump()
+                engine.cancel(other)
+                engine.copy(key, 0)
+            else:
+                engine.prefetch(key, 0)
+                engine.pump()
+                engine.copy(key, 0)
+            load()
+            engine.wait(0)
+            got[r] = checksum(slots[0])
+            engine.done_reading(0)
+            compute_reads.append((r, pattern, key))
+            counts[pattern] += 1
+            previous = key
+        engine.synchronize()
+        values = got.cpu().numpy()
+        for r, pattern, key in compute_reads:
+            bad[pattern] += int(values[r] != sums[key])
+    finally:
+        engine.close()
+    return {"backend": backend, "rounds": counts, "mismatches": bad, "ok": not any(bad.values())}
+
+
+def pump_until_started(check: Check, engine: CopyEngine, key: int) -> None:
+    """Call pump() until every chunk of ``key``'s prefetch is on a stream (the engine pumps per layer)."""
+    while engine.is_queued(key):
+        if not check.has(1):
+            raise TimeoutError("prefetch chunks did not start before the section's deadline")
+        engine.pump()
+        time.sleep(0.0002)
+
+
+def teardown(check: Check, store: HostExpertStore, slots: torch.Tensor, backend: str) -> dict:
+    """Prefetches queued and in flight, then (a) engine.close(), (b) dropping the engine unclosed,
+    (c) unpinning the store under the copies; the device must be error-free after each."""
+    chunk = 32 * MIB if check.cuda else 8 * 1024
+    result = {}
+
+    def busy_engine() -> CopyEngine:
+        engine = CopyEngine(store, slots, backend=backend, seed=3, chunk_bytes=chunk, max_prefetch_inflight=2)
+        for k in range(1, slots.shape[0]):
+            engine.prefetch(k, k)
+        engine.copy(0, 0)
+        return engine
+
+    engine = busy_engine()
+    engine.close()
+    engine.close()
+    check.sync()
+    result["close_with_prefetches"] = "ok"
+    engine = busy_engine()
+    del engine
+    gc.collect()
+    check.sync()
+    result["drop_unclosed"] = "ok"
+    engine = busy_engine()
+    store.close()          # unpins under in-flight copies: must wait for the device first
+    store.close()
+    engine.close()
+    check.sync()
+    if check.cuda:
+        assert torch.ones(4, device=check.device).add_(1).sum().item() == 8.0
+    result["unpin_under_copies"] = "ok"
+    result["store_after_close"] = store.pinning
+    return result
+
+
+def micro(check: Check) -> dict:
+    blocks = 5
+    store, sums = random_store(check, blocks)
+    numel = store.shape.numel
+    slots = torch.empty((4, numel), dtype=torch.bfloat16, device=check.device)
+    data: dict = {"block_mib": store.bytes_per_expert / MIB, "store_pinning": store.pinning}
+    backend = "cuda" if check.cuda else "deferred"
+    if check.cuda:
+        data["async_return"] = async_return(check, store, slots)
+        data["raw_streams"] = raw_streams(check, store, slots[0], sums, rounds=16)
+        data["raw_controls"] = {
+            "no_war_wait": raw_streams(check, store, slots[0], sums, rounds=12, war_wait=False),
+            "no_waw_wait": raw_streams(check, store, slots[0], sums, rounds=12, waw_wait=False),
+            "note": "races on purpose: mismatches > 0 show the test can see a missing wait",
+        }
+    else:
+        data["async_return"] = data["raw_streams"] = {"skipped": "dry run: needs CUDA"}
+    data["engine"] = engine_rounds(check, store, slots, sums, rounds=48 if check.cuda else 24, backend=backend)
+    data["teardown"] = teardown(check, store, slots, backend)
+    raw_bad = data["raw_streams"].get("mismatches", 0)
+    engine_bad = sum(data["engine"]["mismatches"].values())
+    async_ok = data["async_return"].get("ok", True)
+    data["status"] = "ok" if raw_bad == 0 and engine_bad == 0 and async_ok else "failed"
+    async_word = "n/a" if not check.cuda else ("ok" if async_ok else "NOT async")
+    data["headline"] = f"engine mismatches {engine_bad}, raw {raw_bad}, async return {async_word}, teardown ok"
+    return data
+
+
+# -- cuda-marked tests -------------------------------------------------------------------------------
+def pytest_counts(text: str) -> dict:
+    counts = {}
+    for number, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)", text):
+        counts[word.rstrip("s") if word.startswith("error") else word] = int(number)
+    return counts
+
+
+def tail(text: str | bytes | None, chars: int = 3000) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return (text or "")[-chars:]
+
+
+def cuda_tests(check: Check) -> dict:
+    targets = ["tests/test_pinning.py"] if check.dry else ["tests/"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *targets]
+    timeout = max(5.0, check.left() - 2)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        out = tail(err.stdout) + tail(err.stderr)
+        return {"status": "failed", "command": " ".join(cmd), "counts": pytest_counts(out),
+                "headline": f"timed out after {timeout:.0f} s", "tail": out[-3000:]}
+    out = proc.stdout + proc.stderr
+    summary = [line for line in proc.stdout.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", line)]
+    counts = pytest_counts(summary[-1] if summary else "")
+    ok = proc.returncode == 0 and not counts.get("failed") and not counts.get("error")
+    data = {"command": " ".join(cmd), "returncode": proc.returncode, "counts": counts, "tail": tail(out),
+            "status": "ok" if ok else "failed",
+            "headline": ", ".join(f"{n} {w}" for w, n in counts.items()) or f"exit {proc.returncode}"}
+    if check.dry:
+        data["note"] = "dry run: only tests/test_pinning.py (its cuda test skips without a GPU)"
+    return data
+
+
+# -- parity ------------------------------------------------------------------------------------------
+def prompt_ids(path: Path, device: torch.device) -> torch.Tensor:
+    try:
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(path)("def fibonacci(n):\n    if n < 2:", return_tensors="pt").input_ids
+    except Exception:  # noqa: BLE001 - a tokenizer-less checkpoint still gets a fixed prompt
+        ids = torch.arange(1, 17)[None]
+    return ids.to(device)
+
+
+def greedy(model, ids: torch.Tensor, tokens: int) -> list[int]:
+    out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def compare(got: torch.Tensor, ref: torch.Tensor) -> dict:
+    diff = (got.float() - ref.float()).abs()
+    return {"max_abs": diff.max().item(), "rel_max": (diff.max() / ref.float().abs().max()).item(),
+            "rel_norm": ((got.float() - ref.float()).norm() / ref.float().norm()).item()}
+
+
+def parity_case(check: Check, path: Path, dtype: torch.dtype, slots: int, mode: str, ids, ref_logits, ref_tokens,
+                tokens: int) -> dict:
+    model = moe_offload.from_pretrained(path, device=str(check.device), dtype=dtype, expert_slots=slots,
+                                        cpu_experts=mode, progress=False)
+    try:
+        with torch.inference_mode():
+            logits = model(ids).logits
+            generated = greedy(model, ids, tokens)
+        row = compare(logits, ref_logits)
+        first_diff = next((i for i, (a, b) in enumerate(zip(generated, ref_tokens)) if a != b), None)
+        tol = BF16_TOL if dtype == torch.bfloat16 else FP32_TOL
+        row |= {"slots": slots, "cpu_experts": mode, "dtype": str(dtype).removeprefix("torch."),
+                "tokens_equal": generated == ref_tokens, "first_token_diff": first_diff, "tolerance": tol,
+                "ok": row["rel_norm"] < tol, "hit_rate": model.offload.stats.hit_rate,
+                "cpu_experts_run": int(np.sum(getattr(model.offload.stats, "cpu_experts", 0)))}
+    finally:
+        close_offloaded(model)
+        del model
+        gc.collect()
+    return row
+
+
+def guarded_case(check: Check, name: str, path: Path, dtype: torch.dtype, slots: int, mode: str, *rest) -> dict:
+    """One parity case; an exception becomes a failed row, so the other cases still run."""
+    row = {"model": name, "slots": slots, "cpu_experts": mode, "dtype": str(dtype).removeprefix("torch.")}
+    try:
+        return row | parity_case(check, path, dtype, slots, mode, *rest)
+    except Exception as err:  # noqa: BLE001
+        return row | {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-2000:],
+                      "ok": False, "tokens_equal": False, "rel_norm": float("nan")}
+
+
+def reference(path: Path, dtype: torch.dtype, device: torch.device, ids, tokens: int):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    with torch.inference_mode():
+        logits = ref(ids).logits
+        generated = greedy(ref, ids, tokens)
+    del ref
+    return logits, generated
+
+
+def parity(check: Check) -> dict:
+    from moe_offload.checkpoint import resolve_model_dir
+    from moe_offload.config import OffloadConfig
+    from moe_offload.loader import ModelParts
+
+    tokens = 4 if check.dry else 16
+    models = SHIPPED[:1] if check.dry else SHIPPED
+    rows, skipped = [], []
+    for name in models:
+        path = resolve_model_dir(name)
+        total = ModelParts(path, OffloadConfig(device=str(check.device), expert_slots=1)).plan.num_experts
+        slot_counts = [1] if check.dry else [1, total // 2, total]
+        ids = prompt_ids(path, check.device)
+        ref_logits, ref_tokens = reference(path, torch.bfloat16, check.device, ids, tokens)
+        for mode in MODES:
+            for slots in slot_counts:
+                if not check.has(6):
+                    skipped.append(f"{name} {mode} slots={slots}")
+                    continue
+                rows.append(guarded_case(check, name, path, torch.bfloat16, slots, mode, ids, ref_logits, ref_tokens,
+                                         tokens))
+        del ref_logits
+        if check.dry:
+            continue       # fp32 adds nothing to the plumbing check
+        if check.has(8):   # fp32 once per model: offloading must be exact up to summation order
+            ref32, tokens32 = reference(path, torch.float32, check.device, ids, tokens)
+            rows.append(guarded_case(check, name, path, torch.float32, max(1, total // 2), "auto", ids, ref32,
+                                     tokens32, tokens))
+        else:
+            skipped.append(f"{name} fp32")
+    bad = [r for r in rows if not r["ok"]]
+    differ = [r for r in rows if not r["tokens_equal"]]
+    worst = max((r["rel_norm"] for r in rows if r["dtype"] == "bfloat16"), default=float("nan"))
+    fp32 = max((r["rel_norm"] for r in rows if r["dtype"] == "float32"), default=float("nan"))
+    data = {"rows": rows, "tokens": tokens, "status": "failed" if bad else ("partial" if skipped else "ok"),
+            "headline": f"{len(rows)} cases, {len(bad)} over tolerance, {len(differ)} greedy diffs; worst bf16 rel "
+                        f"{worst:.2e}, fp32 rel {fp32:.1e}"}
+    if skipped:
+        data["skipped"] = skipped
+        data["note"] = "time budget ran out before these cases"
+    return data
+
+
+# -- chunk size: a demand copy's wait behind prefetches ---------------------------------------------
+def timed_demand(engine: CopyEngine, key: int, slot: int) -> float:
+    t0 = time.perf_counter()
+    engine.copy(key, slot)
+    engine.demand_stream.synchronize()
+    return time.perf_counter() - t0
+
+
+def demand_wait(check: Check, store: HostExpertStore, slots: torch.Tensor, chunk_bytes: int, backend: str,
+                repeats: int) -> dict:
+    """Idle: a demand copy alone. Busy: the same copy issued while prefetches of the other slots are
+    queued and in flight. Also the prefetch train's throughput when pumped continuously."""
+    engine = CopyEngine(store, slots, backend=backend, seed=0, chunk_bytes=chunk_bytes, max_prefetch_inflight=2)
+    others = range(1, slots.shape[0])
+    idle, busy, train = [], [], []
+    try:
+        for _ in range(repeats + 1):
+            if not check.has(2):
+                break
+            engine.synchronize()
+            idle.append(timed_demand(engine, 0, 0))
+            for k in others:
+                engine.prefetch(k, k)
+            time.sleep(0.001)            # let the first chunks get going
+            busy.append(timed_demand(engine, 0, 0))
+            for k in others:
+                engine.cancel(k)
+            engine.synchronize()
+            t0 = time.perf_counter()
+            for k in others:
+                engine.prefetch(k, k)
+            for k in others:
+                pump_until_started(check, engine, k)
+            engine.synchronize()
+            train.append(time.perf_counter() - t0)
+    finally:
+        engine.close()
+    if len(idle) < 2:
+        raise TimeoutError("no time left for a measurement")
+    idle_s, busy_s, train_s = median(idle[1:]), median(busy[1:]), median(train[1:])
+    return {"chunk_bytes": chunk_bytes, "idle_ms": idle_s * 1e3, "busy_ms": busy_s * 1e3,
+            "wait_ms": (busy_s - idle_s) * 1e3,
+            "prefetch_gbps": len(others) * store.bytes_per_expert / train_s / 1e9}
+
+
+def chunk_size(check: Check) -> dict:
+    store, _ = random_store(check, 5)
+    slots = torch.empty((5, store.shape.numel), dtype=torch.bfloat16, device=check.device)
+    unit = MIB if check.cuda else 1024
+    backend = "cuda" if check.cuda else "deferred"
+    rows = []
+    try:
+        for size in CHUNKS:
+            if not check.has(3):
+                break
+            rows.append({"chunk": f"{size} {'MiB' if check.cuda else 'KiB'}"}
+                        | demand_wait(check, store, slots, size * unit, backend, repeats=4 if check.cuda else 2))
+    finally:
+        store.close()
+    best = max(r["prefetch_gbps"] for r in rows)
+    fast = [r for r in rows if r["prefetch_gbps"] >= 0.9 * best]
+    pick = min(fast, key=lambda r: r["wait_ms"])
+    data = {"rows": rows, "recommended_chunk_bytes": pick["chunk_bytes"],
+            "rule": "least demand wait among chunk sizes within 10% of the best prefetch throughput",
+            "headline": f"pick {pick['chunk']}: demand wait {pick['wait_ms']:.2f} ms vs idle {pick['idle_ms']:.2f} ms",
+            "status": "ok" if len(rows) == len(CHUNKS) else "partial"}
+    if not check.cuda:
+        data["note"] = "dry run: deferred CPU backend, chunk sizes in KiB; timings mean nothing"
+    return data
+
+
+# -- full-size shapes --------------------------------------------------------------------------------
+def pinned_peak_gbps(check: Check, nbytes: int = 1 << 30) -> float:
+    """A plain big pinned (torch's allocator) -> device copy: the link's ceiling."""
+    if not check.cuda:
+        return float("nan")
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=check.device)
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return nbytes / median(times[1:]) / 1e9
+
+
+def timed_generate(check: Check, model, ids: torch.Tensor, tokens: int) -> tuple[float, float, float]:
+    """Seconds for ``tokens`` greedy tokens, copy seconds and bytes copied during them."""
+    copier = model.offload.engine.copier
+    copier.copy_seconds()            # clears the record (synchronizes)
+    model.offload.reset_stats()
+    check.sync()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        greedy(model, ids, tokens)
+    check.sync()
+    seconds = time.perf_counter() - t0
+    copy_s = copier.copy_seconds() if check.cuda else 0.0
+    return seconds, copy_s, float(np.sum(model.offload.stats.bytes_copied))
+
+
+def decode_profile(check: Check, path, slots: int, ids: torch.Tensor, tokens: int) -> dict:
+    """Per decode token: ms, copy ms, bytes; (N tokens - 1 token) / (N - 1) removes the prefill."""
+    model = moe_offload.from_pretrained(path, device=str(check.device), dtype=torch.bfloat16, expert_slots=slots,
+                                        cpu_experts="never", progress=False)
+    try:
+        model.offload.engine.copier.timing = True
+        timed_generate(check, model, ids, 2)                     # warm up
+        one = timed_generate(check, model, ids, 1)
+        many = timed_generate(check, model, ids, tokens)
+        hit_rate, summary = model.offload.stats.hit_rate, model.offload.stats.summary()
+    finally:
+        close_offloaded(model)
+        del model
+        gc.collect()
+    per = [(m - o) / (tokens - 1) for m, o in zip(many, one)]
+    return {"slots": slots, "ms_per_token": per[0] * 1e3, "copy_ms_per_token": per[1] * 1e3,
+            "gb_per_token": per[2] / 1e9, "copy_gbps": per[2] / per[1] / 1e9 if per[1] > 0 else float("nan"),
+            "hit_rate": hit_rate, "stats": summary}
+
+
+def full_size_checkpoint(check: Check) -> Path:
+    if check.dry:
+        from moe_offload.checkpoint import resolve_model_dir
+
+        return resolve_model_dir("tiny-mixtral")
+    from full_size import write_checkpoint
+
+    out = check.scratch / "mixtral-8x7b-l2"
+    if not (out / "model.safetensors.index.json").is_file():
+        write_checkpoint("mixtral-8x7b", out, layers=2, dtype=torch.bfloat16, shard_gb=4.0)
+    return out
+
+
+def full_size(check: Check) -> dict:
+    """Copy GB/s = bytes copied / summed device time of the copies (CUDA events per copy). Hidden share
+    = 1 - (ms per token offloaded - ms per token with every expert resident) / copy ms per token. A
+    demand copy's wait behind prefetches is measured in the chunk_size section."""
+    from moe_offload.config import OffloadConfig
+    from moe_offload.loader import ModelParts
+
+    t0 = time.monotonic()
+    path = full_size_checkpoint(check)
+    check.shared["full_size_checkpoint"] = path
+    data: dict = {"checkpoint": str(path), "build_s": round(time.monotonic() - t0, 1),
+                  "pinned_peak_gbps": pinned_peak_gbps(check)}
+    if check.dry:
+        data["note"] = "dry run: tiny-mixtral stands in for the full-size shapes; timings mean nothing"
+    total = ModelParts(path, OffloadConfig(device=str(check.device), expert_slots=1)).plan.num_experts
+    tokens = 3 if check.dry else 16
+    ids = torch.randint(1, 1000, (1, 8 if check.dry else 32), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(check.device)
+    data["offloaded"] = decode_profile(check, path, max(1, total // 4), ids, tokens)
+    if check.has(5 if check.dry else 25):
+        data["resident"] = decode_profile(check, path, total, ids, tokens)
+        exposed = data["offloaded"]["ms_per_token"] - data["resident"]["ms_per_token"]
+        copy_ms = data["offloaded"]["copy_ms_per_token"]
+        data["exposed_copy_ms_per_token"] = exposed
+        data["hidden_copy_share"] = min(1.0, max(0.0, 1 - exposed / copy_ms)) if copy_ms > 0 else float("nan")
+    else:
+        data |= {"status": "partial", "note": "time budget: no all-resident run, so no hidden share"}
+    off = data["offloaded"]
+    data["copy_efficiency"] = off["copy_gbps"] / data["pinned_peak_gbps"] if check.cuda else float("nan")
+    data["headline"] = (f"{off['ms_per_token']:.1f} ms/token at {off['slots']}/{total} slots, hit {off['hit_rate']:.0%}, "
+                        f"copy {off['copy_gbps']:.1f}/{data['pinned_peak_gbps']:.1f} GB/s, hidden "
+                        f"{data.get('hidden_copy_share', float('nan')):.0%}")
+    return data
+
+
+# -- end to end --------------------------------------------------------------------------------------
+def e2e(check: Check) -> dict:
+    model = check.shared.get("full_size_checkpoint")
+    out = check.scratch / "e2e.json"
+    if check.dry:
+        settings = ["--model", "tiny-mixtral", "--device", "cpu", "--budgets", "0.5", "--prompt-tokens", "8",
+                    "--new-tokens", "2", "--repeats", "1", "--designs", "static-hot", "--native-routing"]
+    else:
+        settings = ["--model", str(model or "tiny-mixtral"), "--device", str(check.device), "--budgets", "0.5",
+                    "--prompt-tokens", "64", "--new-tokens", "8", "--repeats", "1", "--trace-tokens", "2048"]
+    cmd = [sys.executable, str(BENCH / "e2e_gpu.py"), *settings, "--no-plot", "--out", str(out)]
+    timeout = max(5.0, check.left() - 2)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        return {"status": "partial", "command": " ".join(cmd), "headline": f"timed out after {timeout:.0f} s",
+                "tail": tail(err.stdout) + tail(err.stderr, 1500)}
+    data = {"command": " ".join(cmd), "returncode": proc.returncode, "tail": tail(proc.stdout, 2000) +
+            tail(proc.stderr, 1500)}
+    if proc.returncode != 0 or not out.is_file():
+        return data | {"status": "failed", "headline": f"exit {proc.returncode}"}
+    result = json.loads(out.read_text())
+    rows = result.get("results", [])
+    data |= {"rows": rows, "notes": result.get("notes", []), "routing": result.get("routing"),
+             "headline": ", ".join(f"{r['design']} {r['decode_tokens_per_s']:.1f}" for r in rows) + " decode tok/s"}
+    if model is None and not check.dry:
+        data["note"] = "the full-size checkpoint was not built; ran on tiny-mixtral"
+    return data
+
+
+SECTIONS = (
+    Section("environment", environment, cap_s=30, min_s=5),
+    Section("micro", micro, cap_s=60, min_s=20),
+    Section("cuda_tests", cuda_tests, cap_s=90, min_s=30),
+    Section("parity", parity, cap_s=100, min_s=30),
+    Section("chunk_size", chunk_size, cap_s=35, min_s=15),
+    Section("full_size", full_size, cap_s=110, min_s=60),
+    Section("e2e", e2e, cap_s=100, min_s=45),
+)
+DRY_CAPS = {"environment": 10, "micro": 10, "cuda_tests": 25, "parity": 25, "chunk_size": 10, "full_size": 15,
+            "e2e": 40}
+
+
+def sections_for(args: argparse.Namespace) -> list[Section]:
+    if not args.dry_run:
+        return list(SECTIONS)
+    return [Section(s.name, s.run, DRY_CAPS[s.name], min_s=2) for s in SECTIONS]
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.device.startswith("cuda") and not args.dry_run and not torch.cuda.is_available():
+        print("no CUDA device visible: run with --dry-run (or --device cpu) to check the plumbing on the CPU")
+        return 2
+    args.dry_run = args.dry_run or args.device == "cpu"
+    check = Check(args)
+    slug = "cpu-dry-run" if check.dry else device_name(str(check.device))
+    out = Path(args.out) if args.out else RESULTS / f"gpu-check-{slug}.json"
+    wanted = set(args.sections.split(",")) if args.sections else {s.name for s in SECTIONS}
+    report = {"device": slug, "dry_run": check.dry, "budget_s": args.budget_s, "command": " ".join(sys.argv),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "sections": {}}
+    watchdog = start_watchdog(check, report, out)
+    try:
+        for section in sections_for(args):
+            if section.name not in wanted:
+                report["sections"][section.name] = {"status": "skipped", "seconds": 0.0, "note": "not selected"}
+                continue
+            report["current"] = section.name
+            print(f"[{time.monotonic() - check.t0:6.1f} s] {section.name} ...", flush=True)
+            report["sections"][section.name] = run_section(check, section)
+            report["elapsed_s"] = round(time.monotonic() - check.t0, 1)
+            write_json(out, json.loads(json.dumps(report, default=str)))
+    finally:
+        watchdog.cancel()
+        faulthandler.cancel_dump_traceback_later()
+        report.pop("current", None)
+        if not args.keep_scratch and not args.scratch:
+            shutil.rmtree(check.scratch, ignore_errors=True)
+    report["elapsed_s"] = round(time.monotonic() - check.t0, 1)
+    write_json(out, json.loads(json.dumps(report, default=str)))
+    rows = [{"section": name, "status": s["status"], "seconds": s.get("seconds", 0.0),
+             "headline": s.get("headline") or s.get("note") or s.get("error", "")}
+            for name, s in report["sections"].items()]
+    print_table(rows, [("section", "section", ""), ("status", "status", ""), ("seconds", "s", ".1f"),
+                       ("headline", "headline", "")])
+    print(f"wrote {out} ({report['elapsed_s']:.0f} s)")
+    return 0 if all(r["status"] in ("ok", "skipped", "partial") for r in rows) else 1
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda or cuda:N; cpu means --dry-run")
+    p.add_argument("--dry-run", action="store_true", help="run the plumbing on the CPU with tiny sizes")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="seconds for all sections (default 420, dry run 100); sections past it are skipped")
+    p.add_argument("--grace-s", type=float, default=20.0, help="after budget + grace a watchdog writes and exits")
+    p.add_argument("--sections", help=f"comma list of sections to run (default all: {','.join(s.name for s in SECTIONS)})")
+    p.add_argument("--scratch", help="folder for the full-size checkpoint (default a temporary one, removed)")
+    p.add_argument("--keep-scratch", action="store_true", help="keep the temporary folder")
+    p.add_argument("--out", help="JSON path (default bench/results/gpu-check-<device>.json)")
+    args = p.parse_args(argv)
+    if args.budget_s is None:
+        args.budget_s = 100.0 if (args.dry_run or args.device == "cpu") else 420.0
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))
