@@ -25,9 +25,23 @@ def device_name(device: str) -> str:
 def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()}
+    info |= cpu_info()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def cpu_info() -> dict:
+    """CPU model name and the SIMD flags that decide kernel speed (from /proc/cpuinfo where it exists)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    wanted = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "neon")
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name", ""), "cpu_flags": [f for f in wanted if f in flags]}
 
 
 def median(values: list[float]) -> float:
@@ -42,7 +56,8 @@ def write_json(path: Path, payload: dict) -> Path:
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     """columns: (key, header, format spec)."""
-    cells = [[format(r[k], f) if isinstance(r[k], (int, float)) else str(r[k]) for k, _, f in columns] for r in rows]
+    cells = [[format(r[k], f) if isinstance(r.get(k), (int, float)) else str(r.get(k, "-")) for k, _, f in columns]
+             for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h, _) in enumerate(columns)]
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths)))
     for c in cells:

@@ -85,18 +85,22 @@ def main(args: argparse.Namespace) -> int:
                "decode_tokens_per_s": 1 / decode}
         if hasattr(model, "offload"):
             row |= {"slots": model.offload.plan.slots, "experts": model.offload.plan.num_experts,
-                    "hit_rate": model.offload.stats.hit_rate}
+                    "moe_layers": len(model.offload.moe_layers), "hit_rate": model.offload.stats.hit_rate}
         rows.append(row)
         del model
     base = rows[0]
     for row in rows:
         row["prefill_vs_transformers"] = row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
         row["decode_vs_transformers"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        if "moe_layers" in row:   # what the engine adds to each MoE layer call in decode, beyond transformers
+            extra_s = 1 / row["decode_tokens_per_s"] - 1 / base["decode_tokens_per_s"]
+            row["decode_overhead_us_per_layer"] = extra_s / row["moe_layers"] * 1e6
     print(f"model {args.model} on {device_name(args.device)}, {dtype}, prompt {args.prompt_tokens} tokens, "
           f"{args.new_tokens} new tokens, median of {args.repeats}")
     print_table(rows, [("variant", "variant", ""), ("prefill_tokens_per_s", "prefill tok/s", ".1f"),
                        ("prefill_vs_transformers", "x plain", ".2f"), ("decode_tokens_per_s", "decode tok/s", ".1f"),
-                       ("decode_vs_transformers", "x plain", ".2f")])
+                       ("decode_vs_transformers", "x plain", ".2f"),
+                       ("decode_overhead_us_per_layer", "us/layer", ".0f")])
     out = Path(args.out) if args.out else RESULTS / f"e2e-{device_name(args.device)}.json"
     write_json(out, {"model": args.model, "device": device_name(args.device), "dtype": str(dtype),
                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,

@@ -790,6 +790,51 @@ def full_size(check: Check) -> dict:
     return data
 
 
+# -- host synchronizations ------------------------------------------------------------------------
+def host_syncs(check: Check) -> dict:
+    """Synchronizing CUDA calls per MoE layer call in decode (torch.cuda.set_sync_debug_mode('warn')
+    turns each into a warning), with prefetch and the hybrid scheduler on; and the engine's own count
+    of packed readbacks per layer call (the target: one, plus one when CPU experts run)."""
+    from moe_offload.checkpoint import resolve_model_dir
+
+    path = resolve_model_dir("tiny-mixtral")
+    model = moe_offload.from_pretrained(path, device=str(check.device), dtype=torch.bfloat16, expert_slots=12,
+                                        cpu_experts="auto", predictor="cross_layer", prefetch_depth=2,
+                                        hardware="rtx4090-pcie4", progress=False)
+    ids = prompt_ids(path, check.device)
+    try:
+        with torch.inference_mode():
+            greedy(model, ids, 2)                          # warm up
+            model.offload.reset_stats()
+            engine = model.offload.engine
+            reads0, cpu0 = engine.readback.reads, engine._cpu_inputs.reads
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if check.cuda:
+                    torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    greedy(model, ids, 8)
+                finally:
+                    if check.cuda:
+                        torch.cuda.set_sync_debug_mode("default")
+            calls = int(np.sum(model.offload.stats.layer_calls))
+            syncs = [w for w in caught if "synchroniz" in str(w.message)]
+            sites = {}
+            for w in syncs:
+                site = f"{Path(w.filename).name}:{w.lineno}"
+                sites[site] = sites.get(site, 0) + 1
+    finally:
+        close_offloaded(model)
+        del model
+    data = {"moe_layer_calls": calls, "readbacks_per_layer": (engine.readback.reads - reads0) / max(calls, 1),
+            "cpu_input_readbacks_per_layer": (engine._cpu_inputs.reads - cpu0) / max(calls, 1),
+            "sync_warnings": len(syncs), "sync_warnings_per_layer": len(syncs) / max(calls, 1),
+            "sync_sites": dict(sorted(sites.items(), key=lambda kv: -kv[1])[:15])}
+    data["headline"] = (f"{data['sync_warnings_per_layer']:.2f} synchronizing calls per MoE layer call "
+                        f"(whole forward, 9 tokens), {data['readbacks_per_layer']:.2f} packed readbacks")
+    return data
+
+
 # -- end to end --------------------------------------------------------------------------------------
 def e2e(check: Check) -> dict:
     model = check.shared.get("full_size_checkpoint")
@@ -825,11 +870,13 @@ SECTIONS = (
     Section("micro", micro, cap_s=60, min_s=20),
     Section("cuda_tests", cuda_tests, cap_s=90, min_s=30),
     Section("parity", parity, cap_s=100, min_s=30),
+    Section("host_syncs", host_syncs, cap_s=30, min_s=10),
     Section("chunk_size", chunk_size, cap_s=35, min_s=15),
     Section("full_size", full_size, cap_s=110, min_s=60),
     Section("e2e", e2e, cap_s=100, min_s=45),
 )
-DRY_CAPS = {"environment": 10, "micro": 10, "cuda_tests": 25, "parity": 25, "chunk_size": 10, "full_size": 15,
+DRY_CAPS = {"environment": 10, "micro": 10, "cuda_tests": 25, "parity": 25, "host_syncs": 10, "chunk_size": 10,
+            "full_size": 15,
             "e2e": 40}
 
 

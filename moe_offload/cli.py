@@ -103,7 +103,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Time copies, device and CPU expert compute for the model's expert shape; save a profile."""
     from .calibrate import measure_profile
-    from .cost import PROFILE_DIR, CostModel
+    from .cost import CostModel, user_profile_dir
     from .cpu_kernels import CpuRunner
     from .loader import ModelParts
     from .transfer.pinning import pinned_empty
@@ -120,7 +120,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     runner = CpuRunner(num_threads=args.cpu_threads)
     runner.warmup(dtypes=[str(parts.dtype).removeprefix("torch.")], acts=[parts.hf_config.hidden_act])
     profile = measure_profile(host, slot, parts.shape, runner, name=args.name, repeats=args.repeats)
-    out = args.out or PROFILE_DIR / f"{args.name}.yaml"
+    out = args.out or user_profile_dir() / f"{args.name}.yaml"
     profile.to_yaml(out)
     costs = CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize)
     print(f"copy {profile.h2d_gbps:.2f} GB/s, device {profile.gpu_mem_gbps:.1f} GB/s / "
@@ -149,8 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint whose expert shape is measured")
     cal.add_argument("--device", help="cuda, cuda:N or cpu")
     cal.add_argument("--dtype", help="expert dtype (default: the checkpoint's)")
-    cal.add_argument("--name", default="local", help="profile name (file configs/hardware/NAME.yaml)")
-    cal.add_argument("--out", help="YAML path to write instead")
+    cal.add_argument("--name", default="local",
+                     help="profile name: written to $XDG_CONFIG_HOME/moe-offload/hardware/NAME.yaml "
+                          "(~/.config/... by default, never into the installed package), where "
+                          "--hardware NAME / hardware: NAME finds it before the shipped profiles")
+    cal.add_argument("--out", help="YAML path to write instead (use it with --hardware PATH)")
     cal.add_argument("--cpu-threads", type=positive_int)
     cal.add_argument("--repeats", type=positive_int, default=5)
     cal.set_defaults(func=cmd_calibrate, config=None, gpu_memory=None, expert_slots=None)

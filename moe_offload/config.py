@@ -107,7 +107,7 @@ class OffloadConfig:
                                               # "never": copy every miss; "always": every miss on the CPU;
                                               # None: "auto" on CUDA, "never" on CPU
     cpu_threads: int | None = None            # CPU kernel threads (default: all cores)
-    hardware: str | None = None               # hardware profile (name in configs/hardware or YAML path);
+    hardware: str | None = None               # hardware profile (YAML path, or name of a calibrated or shipped one);
                                               # None: measured at load when the scheduler needs costs
     predictor: str | None = None              # "none", "cross_layer", "learned", ...; None: cross_layer on CUDA
     prefetch_depth: int = 1                   # layers ahead to prefetch

@@ -9,14 +9,25 @@ flops / throughput), as a function of the token count.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from .errors import MoEOffloadError
+from .resources import shipped_path
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "configs" / "hardware"
+
+def shipped_profile_dir() -> Path:
+    """The hardware profiles shipped with the package (moe_offload/configs/hardware)."""
+    return shipped_path("moe_offload.configs", "hardware")
+
+
+def user_profile_dir() -> Path:
+    """Where `moe-offload calibrate` saves profiles: $XDG_CONFIG_HOME/moe-offload/hardware (~/.config/...)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "moe-offload" / "hardware"
 
 
 @dataclass(frozen=True)
@@ -50,14 +61,15 @@ class HardwareProfile:
 
 
 def resolve_profile(name_or_path: str | Path) -> Path:
-    """A YAML path, or the name of a shipped profile ('h100-pcie5')."""
+    """A YAML path, or a profile name: one saved by `calibrate` (user_profile_dir) or a shipped one ('h100-pcie5')."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = PROFILE_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
-        return shipped
-    names = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+    folders = (user_profile_dir(), shipped_profile_dir())
+    for folder in folders:
+        if (folder / f"{name_or_path}.yaml").is_file():
+            return folder / f"{name_or_path}.yaml"
+    names = sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
     raise MoEOffloadError(f"hardware profile {name_or_path!r} not found; give a YAML path or one of {names}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from itertools import accumulate
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -13,6 +14,7 @@ from .residency import DEMAND, PREFETCH, ExpertResidency
 from .scheduler import COPY, CPU, RESIDENT, ExpertLoad, Plan, plan_layer
 from .stats import OffloadStats
 from .transfer import CopyEngine, HostExpertStore, down_view, gate_up_view
+from .transfer.readback import HostReadback
 
 # T = tokens, H = hidden size, k = experts per token, E = experts per layer, I = expert intermediate size
 
@@ -32,7 +34,12 @@ class Engine:
         self.cpu_runner = cpu_runner
         self.act = act
         self.prefetcher = None
-        self._router_probs: dict[int, torch.Tensor] = {}   # layer -> [T, E] scores of its latest router call
+        device = cache.slots.buffers.device
+        self.readback = HostReadback(device)          # the router call's numbers, one copy per layer
+        self._cpu_inputs = HostReadback(device)       # CPU experts' token rows, one copy per layer that has them
+        self._cpu_out: torch.Tensor | None = None     # [T, H] float32 page-locked: CPU experts' weighted sum
+        self._cpu_out_copied = torch.cuda.Event() if device.type == "cuda" else None
+        self._routed: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}   # layer -> host counts [E], probs
         self._cpu_blocks = None
         if cpu_mode != "never":
             from .cpu_kernels import as_numpy_block
@@ -44,16 +51,33 @@ class Engine:
         """Drop the device slots and the CPU views of the host store (the runtime closes the rest)."""
         self.prefetcher = None
         self._cpu_blocks = None
-        self._router_probs.clear()
+        self._routed.clear()
         empty = self.cache.slots.buffers.new_empty((0, self.cache.slots.buffers.shape[1]))
         self.cache.slots.buffers = empty
         self.copier.buffers = empty
 
     def on_router(self, layer: int, gate_input: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> None:
-        """RouterTap listener: runs just before the layer's experts."""
-        self._router_probs[layer] = probs
+        """RouterTap listener, just before the layer's experts: everything the host needs from this router
+        call (token counts per expert, router scores for the policy, the predictor's rankings) comes back
+        in one readback, and the prefetches for the next layers are queued from it."""
+        parts = [torch.bincount(chosen.reshape(-1), minlength=self.store.num_experts)]   # [E]
+        if self.cache.policy.wants_router_probs:
+            parts.append(probs)                                                          # [T, E]
+        summary = [] if self.prefetcher is None else self.prefetcher.summarize(layer, gate_input, probs, chosen)
+        host = self.readback.read(parts + summary)
+        counts = host[0].astype(np.int64)
+        self._routed[layer] = (counts, host[1].reshape(probs.shape) if len(parts) > 1 else None)
         if self.prefetcher is not None:
-            self.prefetcher.on_router(layer, gate_input, probs, chosen)
+            self.prefetcher.issue(layer, host[len(parts):], np.flatnonzero(counts))
+
+    def _routing(self, layer: int, flat: torch.Tensor) -> tuple[list[int], np.ndarray | None]:
+        """Host token counts per expert [E] (and router scores [T, E]) of this call, from the router's
+        readback; read here when the router hook did not run for it."""
+        counts, probs = self._routed.pop(layer, (None, None))
+        if counts is None or int(counts.sum()) != flat.numel():
+            counts = self.readback.read([torch.bincount(flat, minlength=self.store.num_experts)])[0]
+            probs = None
+        return counts.astype(np.int64).tolist(), probs
 
     def run_layer(
         self,
@@ -68,8 +92,7 @@ class Engine:
         order = torch.argsort(flat, stable=True)                        # [T*k] assignments grouped by expert
         rows = order // k                                               # [T*k] token row of each assignment
         weights = top_k_weights.reshape(-1)[order]                      # [T*k]
-        # Host sync, once per layer: which experts run decides copies and placement.
-        counts = torch.bincount(flat, minlength=num_experts).tolist()   # [E]
+        counts, probs = self._routing(layer, flat)                       # [E] host, read back with the router's
         starts = [0, *accumulate(counts)]                                # [E+1] range of each expert in order
         selected = [e for e in range(num_experts) if counts[e]]
         keys = {e: self.store.key(layer, e) for e in selected}
@@ -78,7 +101,7 @@ class Engine:
         slots = {e: self.cache.lookup(key) for e, key in keys.items()}   # -1: not resident
         plan = self._plan(slots, counts)
         self._count(layer, hidden.shape[0], plan, {e for e, slot in slots.items() if slot >= 0})
-        self._observe(layer, selected)
+        self._observe(layer, selected, probs)
 
         resident, copied, on_cpu = plan.experts(RESIDENT), plan.experts(COPY), plan.experts(CPU)
         device_experts = resident + copied         # resident first, while copies land
@@ -112,8 +135,11 @@ class Engine:
         unsorted = torch.empty_like(ys).index_copy_(0, order, ys)          # [T*k, H] back in (token, k) order
         out = unsorted.view(hidden.shape[0], k, -1).sum(dim=1)              # [T, H]
         if cpu_result is not None:
-            cpu_out = torch.from_numpy(cpu_result.result())            # [T, H] weighted sum of the CPU experts
-            out += cpu_out.to(out.device, out.dtype)
+            cpu_out = self._cpu_out[: hidden.shape[0]]                 # [T, H] weighted sum of the CPU experts
+            cpu_result.result()
+            out += cpu_out.to(out.device, non_blocking=True).to(out.dtype)
+            if self._cpu_out_copied is not None:
+                self._cpu_out_copied.record(torch.cuda.current_stream(out.device))
         return out.to(hidden.dtype)
 
     def _plan(self, slots: dict[int, int], counts: list[int]) -> Plan:
@@ -135,13 +161,23 @@ class Engine:
             return None
         from .cpu_kernels import CpuJob
 
-        # Host copies: the CPU kernels read token rows and routing weights from host memory.
-        hidden_host = hidden.detach().float().cpu().numpy()            # [T, H] float32
-        rows_host = rows.cpu().numpy()
-        weights_host = weights.detach().float().cpu().numpy()
+        # One copy to page-locked host memory: the CPU kernels read token rows and routing weights there.
+        hidden_host, rows_host, weights_host = self._cpu_inputs.read([hidden.detach(), rows, weights])
+        hidden_host = hidden_host.reshape(hidden.shape)                    # [T, H] float32
+        rows_host = rows_host.astype(np.int64)                             # [T*k] exact: row ids < 2^24
         jobs = [CpuJob(self._cpu_blocks[keys[e]], rows_host[starts[e] : starts[e + 1]],
                        weights_host[starts[e] : starts[e + 1]], self.act) for e in experts]
-        return self.cpu_runner.submit(hidden_host, jobs)
+        return self.cpu_runner.submit(hidden_host, jobs, out=self._cpu_output(hidden.shape).numpy())
+
+    def _cpu_output(self, shape: torch.Size) -> torch.Tensor:
+        """The page-locked [T, H] float32 buffer the CPU experts write, free of the last layer's copy."""
+        if self._cpu_out_copied is not None:
+            self._cpu_out_copied.synchronize()   # the previous layer's device copy has read it
+        if self._cpu_out is None or self._cpu_out.shape[0] < shape[0]:
+            rows = 1 << max(4, (shape[0] - 1).bit_length())
+            self._cpu_out = torch.empty((rows, shape[1]), dtype=torch.float32,
+                                        pin_memory=self._cpu_out_copied is not None)
+        return self._cpu_out[: shape[0]]
 
     def _fill(self, layer: int, cpu_keys: list[int]) -> None:
         """Experts the CPU runs now also take free slots, copied at low priority, so later calls hit.
@@ -152,11 +188,10 @@ class Engine:
             if self.cache.lookup(key) < 0 and self.residency.copy_in(key, PREFETCH, evict=False) is not None:
                 self.stats.cpu_fills[layer] += 1
 
-    def _observe(self, layer: int, selected: list[int]) -> None:
+    def _observe(self, layer: int, selected: list[int], probs: np.ndarray | None) -> None:
         policy = self.cache.policy
-        probs = self._router_probs.pop(layer, None)
         if policy.wants_router_probs and probs is not None:
-            policy.observe(layer, selected, probs.cpu().numpy())  # host copy: the policy keeps scores on the host
+            policy.observe(layer, selected, probs)   # [T, E] host scores, read back with the router's
         else:
             policy.observe(layer, selected)
 

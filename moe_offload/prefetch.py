@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .residency import PREFETCH, ExpertResidency
@@ -29,41 +30,67 @@ class Prefetcher:
         self.width = width                      # experts per token fetched for each coming layer
         self.pending: dict[int, int] = {}       # key -> target layer
         self._predicted: dict[int, torch.Tensor] = {}   # layer -> [T, k] predicted at distance 1
+        self._last_chosen = 0                   # assignments of the router call being summarized
 
     def on_router(self, layer: int, gate_input: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> None:
+        """One router call, both halves (the replay's form; the engine packs ``summarize`` with its own
+        readback)."""
+        parts = self.summarize(layer, gate_input, probs, chosen)
+        host = [p.detach().reshape(-1).float().cpu().numpy() for p in parts]
+        selected = np.flatnonzero(np.bincount(chosen.reshape(-1).cpu().numpy(), minlength=self.store.num_experts))
+        self.issue(layer, host, selected)
+
+    def summarize(self, layer: int, gate_input: torch.Tensor, probs: torch.Tensor,
+                  chosen: torch.Tensor) -> list[torch.Tensor]:
+        """Device half: the predictor observes layer ``layer`` and predicts l+1..l+depth. Returns what the
+        host needs, as device tensors: [1] experts of this call found by the last distance-1 prediction
+        (-1: none to score), then per distance, for d = 1 the [E] predicted share of each expert, and
+        [E] the total score of each expert among the tokens' top ``width`` (-1: in no token's top)."""
         if layer == 0 and chosen.shape[0] > 1:  # a prompt: a new sequence starts
             self.predictor.reset()
             self._predicted.clear()
-        self._score_live_recall(layer, chosen)
+        parts = [self._live_recall(layer, chosen)]
         self.predictor.observe(layer, gate_input, chosen, probs)
-        locked = {self.store.key(layer, int(e)) for e in chosen.unique().tolist()} | set(self.pending)
         for distance in range(1, self.depth + 1):
             target = layer + distance
             if target >= self.store.num_layers:
                 break
-            scores = self.predictor.predict(layer, distance)                        # [T, E]
+            scores = self.predictor.predict(layer, distance).float()                # [T, E]
             top = scores.topk(min(self.width, scores.shape[-1]), dim=-1).indices    # [T, w]
             if distance == 1:
-                self._hint(target, scores)
                 self._predicted[target] = top[:, : chosen.shape[1]]
-            if not self._issue(target, self._rank(scores, top), locked):
+                shares = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-30)  # [T, E] per-token shares
+                parts.append(shares.mean(dim=0))                                     # [E]
+            member = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+            member[top.reshape(-1)] = True                                           # [E] in some token's top
+            parts.append(torch.where(member, scores.sum(dim=0), -1.0))               # [E]
+        return parts
+
+    def issue(self, layer: int, host: list[np.ndarray], selected: np.ndarray) -> None:
+        """Host half: count live recall, hint the policy, queue copies in rank order. ``host`` holds the
+        parts ``summarize`` returned, read back; ``selected`` the experts layer ``layer`` runs now."""
+        found = float(host[0][0])
+        if found >= 0:
+            self.stats.predicted_found[layer] += int(found)
+            self.stats.predicted_total[layer] += self._last_chosen
+        locked = {self.store.key(layer, int(e)) for e in selected} | set(self.pending)
+        rest = iter(host[1:])
+        for distance in range(1, self.depth + 1):
+            target = layer + distance
+            if target >= self.store.num_layers:
+                break
+            if distance == 1:
+                self._hint(target, next(rest))
+            weight = next(rest)                                                       # [E]
+            members = np.flatnonzero(weight >= 0)
+            ranked = members[np.argsort(-weight[members], kind="stable")]
+            if not self._issue(target, ranked.tolist(), locked):
                 break
 
-    def _hint(self, target: int, scores: torch.Tensor) -> None:
+    def _hint(self, target: int, shares: np.ndarray) -> None:
         """Tell the cache policy what the next layer is predicted to use (a score policy then keeps it)."""
-        policy = self.cache.policy
-        if not policy.uses_hints:
-            return
-        s = scores.float()
-        s = (s / s.sum(dim=-1, keepdim=True).clamp_min(1e-30)).mean(dim=0)           # [E] per-token shares
-        policy.hint(target, s.cpu().numpy())  # host copy: the policy keeps scores on the host
-
-    @staticmethod
-    def _rank(scores: torch.Tensor, top: torch.Tensor) -> list[int]:
-        """Union of per-token top experts, most total score first."""
-        experts = top.unique()
-        weight = scores[:, experts].float().sum(dim=0)
-        return experts[weight.argsort(descending=True)].tolist()
+        if self.cache.policy.uses_hints:
+            self.cache.policy.hint(target, shares)
 
     def _issue(self, target: int, experts: list[int], locked: set[int]) -> bool:
         for e in experts:
@@ -77,13 +104,14 @@ class Prefetcher:
             self.stats.prefetch_issued[target] += 1
         return True
 
-    def _score_live_recall(self, layer: int, chosen: torch.Tensor) -> None:
+    def _live_recall(self, layer: int, chosen: torch.Tensor) -> torch.Tensor:
+        """[1] how many of this call's experts the distance-1 prediction made one layer earlier holds."""
         predicted = self._predicted.pop(layer, None)
+        self._last_chosen = chosen.numel()
         if predicted is None or predicted.shape[0] != chosen.shape[0]:
-            return
+            return torch.full((1,), -1.0, device=chosen.device)
         found = (predicted.unsqueeze(-1) == chosen.unsqueeze(1)).any(dim=1).sum()  # [T, k] -> scalar
-        self.stats.predicted_found[layer] += int(found)
-        self.stats.predicted_total[layer] += chosen.numel()
+        return found.reshape(1).float()
 
     def begin_layer(self, layer: int, selected_keys: set[int]) -> None:
         """Settle the prefetches aimed at ``layer`` before it runs."""

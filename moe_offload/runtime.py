@@ -64,8 +64,9 @@ class OffloadRuntime:
         """Hold ``lock`` for each forward of ``model`` (hooks; released even when the forward raises)."""
         guard = _ForwardGuard(self.lock)
         self._guard = guard
-        model.register_forward_pre_hook(guard.enter)
-        model.register_forward_hook(guard.exit, always_call=True)
+        for module in {id(m): m for m in (model, model.base_model)}.values():   # the inner model too: RLock
+            module.register_forward_pre_hook(guard.enter)
+            module.register_forward_hook(guard.exit, always_call=True)
 
     def close(self) -> None:
         """Wait for copies, remove the router hooks, stop the CPU runner, unpin host memory. Idempotent;
@@ -81,7 +82,7 @@ class OffloadRuntime:
             if engine.cpu_runner is not None:
                 engine.cpu_runner.close()
             engine.close()
-            self.store.close()
+            self.store.release()
             if self._guard is not None:
                 self._guard.closed = True   # its hooks stay: a later forward gets a clear error
 
@@ -104,9 +105,8 @@ class _ForwardGuard:
         self.closed = False
 
     def enter(self, module, args) -> None:
-        self.lock.acquire()
+        self.lock.acquire()     # released by ``exit``, which torch calls even when this raises
         if self.closed:
-            self.lock.release()
             raise RuntimeError("this offloaded model was closed (model.offload.close()); load it again")
 
     def exit(self, module, args, output) -> None:

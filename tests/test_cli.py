@@ -130,3 +130,14 @@ def test_checkpoint_missing_one_projection_exit_2(command, model_dir, tmp_path, 
     extra = ["--max-new-tokens", "2"] if command == "run" else []
     err = _one_line_error([command, "--model", str(broken), "--device", "cpu", *extra], capsys)
     assert name in err
+
+
+def test_calibrate_saves_by_name_outside_the_package(model_dir, tmp_path, monkeypatch, capsys):
+    from moe_offload.cost import HardwareProfile, resolve_profile, shipped_profile_dir
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    assert main(["calibrate", "--model", str(model_dir), "--device", "cpu", "--name", "my-box", "--repeats", "1"]) == 0
+    saved = tmp_path / "config" / "moe-offload" / "hardware" / "my-box.yaml"
+    assert saved.is_file() and f"wrote {saved}" in capsys.readouterr().out
+    assert resolve_profile("my-box") == saved and HardwareProfile.from_yaml("my-box").name == "my-box"
+    assert not (shipped_profile_dir() / "my-box.yaml").exists()

@@ -199,3 +199,18 @@ def test_preload_counts_its_evictions(checkpoints):
     model = load(checkpoints["mixtral"], "deferred-1", expert_slots=2)
     assert model.offload.preload([(0, 0), (0, 1), (1, 0), (1, 1)]) == 4
     assert model.offload.stats.evictions.sum() == 2
+
+
+@pytest.mark.parametrize("mode", ["never", "auto"])
+def test_one_packed_readback_per_layer_call(tiny_deepseek, mode):
+    """Counts, router scores and the predictor's rankings come back together: one readback per MoE layer
+    call, plus one for the CPU experts' inputs on layers that run some."""
+    path, prompt, ids, _ = tiny_deepseek
+    model = load(path, "deferred-1", expert_slots=12, cpu_experts=mode, hardware="rtx4090-pcie4",
+                 predictor="cross_layer", prefetch_depth=2)
+    model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    engine, stats = model.offload.engine, model.offload.stats
+    calls = int(stats.layer_calls.sum())
+    assert engine.readback.reads == calls
+    cpu_layers = engine._cpu_inputs.reads
+    assert (cpu_layers == 0) if mode == "never" else (0 < cpu_layers <= calls)

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.py"
-SECTIONS = ["environment", "micro", "cuda_tests", "parity", "chunk_size", "full_size", "e2e"]
+SECTIONS = ["environment", "micro", "cuda_tests", "parity", "host_syncs", "chunk_size", "full_size", "e2e"]
 
 
 def run(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -42,4 +42,5 @@ def test_dry_run_writes_every_section(tmp_path):
     assert sections["parity"]["status"] in ("ok", "partial") and sections["parity"]["rows"]
     assert {r["cpu_experts"] for r in sections["parity"]["rows"]} == {"auto", "never", "always"}
     assert sections["chunk_size"]["recommended_chunk_bytes"] > 0
+    assert sections["host_syncs"]["readbacks_per_layer"] == 1.0, sections["host_syncs"]
     assert "section" in proc.stdout and "headline" in proc.stdout   # the printed table

@@ -79,6 +79,12 @@ class HostExpertStore:
         self.pinned = False
         self.pinning = "none"
 
+    def release(self) -> None:
+        """Unpin and free the blocks now (idempotent): the store holds no experts afterwards."""
+        self.close()
+        self.blocks = self.blocks.new_empty((0, self.shape.numel))
+        self._memory = None
+
     @property
     def num_keys(self) -> int:
         return self.num_layers * self.num_experts

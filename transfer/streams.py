@@ -168,6 +168,7 @@ class SimBackend:
         if op.fn is not None:
             op.fn()
         op.done = True
+        op.fn, op.deps = None, []    # a landed op holds nothing (its closure would keep the engine alive)
         if self.deferred:
             self._pending.remove(op)
 

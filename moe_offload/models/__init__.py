@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
+from ..resources import shipped_path
 
-SHIPPED_MODELS: dict[str, Path] = {
-    "tiny-mixtral": _HERE / "tiny-mixtral",
-    "tiny-deepseek": _HERE / "tiny-deepseek",
-}
+SHIPPED_MODELS = ("tiny-mixtral", "tiny-deepseek")   # folders of this package
 
 
 def shipped_model_dir(name: str) -> Path | None:
@@ -23,7 +20,7 @@ def shipped_model_dir(name: str) -> Path | None:
     Returns None too when the name is known but its directory holds no
     ``config.json`` (e.g. a source checkout without the weights).
     """
-    path = SHIPPED_MODELS.get(str(name))
-    if path is None or not (path / "config.json").is_file():
+    if str(name) not in SHIPPED_MODELS:
         return None
-    return path
+    path = shipped_path(__name__, str(name))
+    return path if (path / "config.json").is_file() else None

@@ -1,0 +1,45 @@
+"""Device -> host readback: everything the host needs from one MoE layer in one copy.
+
+On CUDA, each ``.tolist()``, ``.cpu()`` or ``int(tensor)`` is a host
+synchronization. The engine instead packs what the host needs from a layer
+(expert token counts, router scores, the predictor's rankings) into one float32
+device tensor, copies it with one non-blocking copy into a page-locked buffer
+and waits on one event. On CPU the packed tensor is already host memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class HostReadback:
+    """A growing page-locked buffer and an event; ``read`` returns host copies of the parts."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._buffer: torch.Tensor | None = None   # [N] float32, page-locked
+        self._event = torch.cuda.Event() if self.cuda else None
+        self.reads = 0
+
+    def _staging(self, numel: int) -> torch.Tensor:
+        if self._buffer is None or self._buffer.numel() < numel:
+            size = 1 << max(10, (numel - 1).bit_length())
+            self._buffer = torch.empty(size, dtype=torch.float32, pin_memory=True)
+        return self._buffer[:numel]
+
+    def read(self, parts: list[torch.Tensor]) -> list[np.ndarray]:
+        """Flat float32 host arrays of ``parts`` (device tensors of any shape), in order."""
+        self.reads += 1
+        sizes = [p.numel() for p in parts]
+        flat = torch.cat([p.reshape(-1).float() for p in parts]) if parts else torch.empty(0)   # [N]
+        if self.cuda:
+            staging = self._staging(flat.numel())
+            staging.copy_(flat, non_blocking=True)
+            self._event.record(torch.cuda.current_stream(self.device))
+            self._event.synchronize()   # the one host sync of the layer: the plan needs these numbers
+            host = staging.numpy().copy()   # the staging buffer is reused by the next layer
+        else:
+            host = flat.numpy().copy()
+        return np.split(host, np.cumsum(sizes)[:-1]) if parts else []
