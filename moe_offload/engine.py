@@ -39,7 +39,7 @@ class Engine:
         self._cpu_inputs = HostReadback(device)       # CPU experts' token rows, one copy per layer that has them
         self._cpu_out: torch.Tensor | None = None     # [T, H] float32 page-locked: CPU experts' weighted sum
         self._cpu_out_copied = torch.cuda.Event() if device.type == "cuda" else None
-        self._routed: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}   # layer -> host counts [E], probs
+        self._routed: dict[int, tuple[list[int], np.ndarray | None]] = {}   # layer -> host counts [E], probs
         self._cpu_blocks = None
         if cpu_mode != "never":
             from .cpu_kernels import as_numpy_block
@@ -65,19 +65,19 @@ class Engine:
             parts.append(probs)                                                          # [T, E]
         summary = [] if self.prefetcher is None else self.prefetcher.summarize(layer, gate_input, probs, chosen)
         host = self.readback.read(parts + summary)
-        counts = host[0].astype(np.int64)
+        counts = host[0].astype(np.int64).tolist()
         self._routed[layer] = (counts, host[1].reshape(probs.shape) if len(parts) > 1 else None)
         if self.prefetcher is not None:
-            self.prefetcher.issue(layer, host[len(parts):], np.flatnonzero(counts))
+            self.prefetcher.issue(layer, host[len(parts):], [e for e, n in enumerate(counts) if n])
 
     def _routing(self, layer: int, flat: torch.Tensor) -> tuple[list[int], np.ndarray | None]:
         """Host token counts per expert [E] (and router scores [T, E]) of this call, from the router's
         readback; read here when the router hook did not run for it."""
         counts, probs = self._routed.pop(layer, (None, None))
-        if counts is None or int(counts.sum()) != flat.numel():
+        if counts is None or sum(counts) != flat.numel():
             counts = self.readback.read([torch.bincount(flat, minlength=self.store.num_experts)])[0]
-            probs = None
-        return counts.astype(np.int64).tolist(), probs
+            return counts.astype(np.int64).tolist(), None
+        return counts, probs
 
     def run_layer(
         self,
@@ -130,6 +130,7 @@ class Engine:
             self.copier.wait(slot, key)
             self._expert(self.cache.slots.buffers[slot], x_sorted[lo:hi], weights[lo:hi], act_fn, ys[lo:hi])
             self.copier.done_reading(slot)
+            self.copier.pump()      # keep prefetch chunks flowing between experts
             locked.discard(key)
             self.cache.touch(key)
         unsorted = torch.empty_like(ys).index_copy_(0, order, ys)          # [T*k, H] back in (token, k) order

@@ -66,7 +66,7 @@ class Prefetcher:
             parts.append(torch.where(member, scores.sum(dim=0), -1.0))               # [E]
         return parts
 
-    def issue(self, layer: int, host: list[np.ndarray], selected: np.ndarray) -> None:
+    def issue(self, layer: int, host: list[np.ndarray], selected) -> None:
         """Host half: count live recall, hint the policy, queue copies in rank order. ``host`` holds the
         parts ``summarize`` returned, read back; ``selected`` the experts layer ``layer`` runs now."""
         found = float(host[0][0])

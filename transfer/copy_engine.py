@@ -70,7 +70,8 @@ class CopyEngine:
         self._prefetch_chunks = 0                                 # prefetch chunks among them
         self._written = [False] * num_slots
         self._read = [False] * num_slots
-        self._check = isinstance(self.backend, SimBackend)
+        self._check = isinstance(self.backend, SimBackend) and self.backend.deferred   # slot contents tracked
+        self._landed_at_once = isinstance(self.backend, SimBackend) and not self.backend.deferred
         self._content: list[tuple[int, set]] = [(-1, set())] * num_slots   # sim: (key, landed ranges) per slot
         self.timing = False                      # when set, every CUDA copy records start/end events
         self._timed: list[tuple] = []
@@ -104,6 +105,8 @@ class CopyEngine:
 
     def pump(self) -> None:
         """Retire landed copies and start queued prefetch chunks up to the in-flight limit."""
+        if not self.queued:
+            return
         self._retire()
         numel = self.block_numel
         while self.queued:
@@ -214,6 +217,8 @@ class CopyEngine:
     def wait(self, slot: int, key: int | None = None) -> None:
         """Make the compute stream wait until ``slot``'s copies have landed. With ``key`` on a CPU backend,
         also check that the slot then holds all of that expert's bytes."""
+        if self._landed_at_once:
+            return
         if self._written[slot]:
             self.backend.compute_stream().wait_event(self.ready[slot])
         if self._check and key is not None and not self._holds(slot, key):
@@ -223,6 +228,8 @@ class CopyEngine:
 
     def done_reading(self, slot: int) -> None:
         """Mark the end of the compute that reads ``slot`` (queued on the compute stream)."""
+        if self._landed_at_once:
+            return      # CPU compute is synchronous and copies land when issued: nothing to order
         self.released[slot].record(self.backend.compute_stream())
         self._read[slot] = True
 

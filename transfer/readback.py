@@ -30,16 +30,24 @@ class HostReadback:
         return self._buffer[:numel]
 
     def read(self, parts: list[torch.Tensor]) -> list[np.ndarray]:
-        """Flat float32 host arrays of ``parts`` (device tensors of any shape), in order."""
+        """Flat host arrays of ``parts`` (device tensors of any shape), in order: float32 copies on CUDA,
+        read-only views on CPU (float32 for half types, else the tensor's dtype)."""
         self.reads += 1
+        if not self.cuda:   # already host memory: views, no copy
+            return [_host_array(p) for p in parts]
         sizes = [p.numel() for p in parts]
         flat = torch.cat([p.reshape(-1).float() for p in parts]) if parts else torch.empty(0)   # [N]
-        if self.cuda:
-            staging = self._staging(flat.numel())
-            staging.copy_(flat, non_blocking=True)
-            self._event.record(torch.cuda.current_stream(self.device))
-            self._event.synchronize()   # the one host sync of the layer: the plan needs these numbers
-            host = staging.numpy().copy()   # the staging buffer is reused by the next layer
-        else:
-            host = flat.numpy().copy()
+        staging = self._staging(flat.numel())
+        staging.copy_(flat, non_blocking=True)
+        self._event.record(torch.cuda.current_stream(self.device))
+        self._event.synchronize()   # the one host sync of the layer: the plan needs these numbers
+        host = staging.numpy().copy()   # the staging buffer is reused by the next layer
         return np.split(host, np.cumsum(sizes)[:-1]) if parts else []
+
+
+def _host_array(tensor: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of a CPU tensor (float32 for the floating dtypes numpy lacks)."""
+    flat = tensor.detach().reshape(-1)
+    if flat.dtype in (torch.bfloat16, torch.float16):
+        flat = flat.float()
+    return flat.numpy()
