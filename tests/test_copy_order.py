@@ -214,3 +214,24 @@ def test_one_packed_readback_per_layer_call(tiny_deepseek, mode):
     assert engine.readback.reads == calls
     cpu_layers = engine._cpu_inputs.reads
     assert (cpu_layers == 0) if mode == "never" else (0 < cpu_layers <= calls)
+
+
+def test_engine_plan_counts_the_link_backlog(tiny_deepseek, tmp_path):
+    """One 1-token miss: copied over an idle link (98 us + device) but run on the CPU (196 us) when four
+    expert copies (392 us) are still on the link ahead of it."""
+    from moe_offload.cost import HardwareProfile
+    from moe_offload.scheduler import COPY, CPU
+
+    profile = HardwareProfile(name="backlog", h2d_gbps=1.0, copy_latency_us=0.0, gpu_mem_gbps=1e4, gpu_tflops=1e3,
+                              gpu_launch_us=0.0, cpu_mem_gbps=0.5, cpu_gflops=1e3, cpu_start_us=0.0)
+    path = tiny_deepseek[0]
+    model = load(path, "deferred-1", expert_slots=8, cpu_experts="auto", hardware=str(profile.to_yaml(tmp_path / "b.yaml")))
+    engine = model.offload.engine
+    counts = [0] * engine.store.num_experts
+    counts[3] = 1
+    assert engine._plan({3: -1}, counts).placement == {3: COPY}
+    engine.copier.backend._land_probability = 0.0
+    for slot in range(4):
+        engine.copier.copy(100 + slot, slot)
+    assert engine.copier.backlog_bytes() == 4 * engine.store.bytes_per_expert
+    assert engine._plan({3: -1}, counts).placement == {3: CPU}
