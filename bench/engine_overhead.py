@@ -1,6 +1,6 @@
-"""Engine overhead per MoE layer call in decode: offloaded (every expert resident) vs plain transformers.
+"""Engine overhead per MoE layer call in decode: offloaded vs plain transformers.
 
-    python bench/engine_overhead.py [--model tiny-mixtral] [--repeats 15] [--label after]
+    python bench/engine_overhead.py [--model tiny-mixtral] [--expert-slots N] [--repeats 15] [--label after]
 
 Both models decode the same greedy tokens, alternating within each repeat so machine
 noise hits both alike; (offloaded - plain) seconds per token / MoE layers is what the
@@ -40,7 +40,8 @@ def seconds_per_token(model, ids: torch.Tensor, tokens: int) -> float:
 
 def main(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
-    model = moe_offload.from_pretrained(args.model, device=args.device, dtype=torch.float32, progress=False)
+    budget = {"expert_slots": args.expert_slots} if args.expert_slots else {}
+    model = moe_offload.from_pretrained(args.model, device=args.device, dtype=torch.float32, progress=False, **budget)
     plain = AutoModelForCausalLM.from_pretrained(model.config._name_or_path, dtype=torch.float32).to(args.device)
     layers = len(model.offload.moe_layers)
     ids = torch.randint(0, plain.config.vocab_size, (1, 16)).to(args.device)
@@ -52,7 +53,8 @@ def main(args: argparse.Namespace) -> int:
             reference.append(seconds_per_token(plain, ids, args.tokens))
     extra = [(o - r) / layers * 1e6 for o, r in zip(offloaded, reference)]
     quartiles = statistics.quantiles(extra)
-    row = {"label": args.label, "model": args.model, "moe_layers": layers,
+    row = {"label": args.label, "model": args.model, "moe_layers": layers, "slots": model.offload.plan.slots,
+           "experts": model.offload.plan.num_experts, "hit_rate": model.offload.stats.hit_rate,
            "plain_ms_per_token": statistics.median(reference) * 1e3,
            "offloaded_ms_per_token": statistics.median(offloaded) * 1e3,
            "overhead_us_per_layer": statistics.median(extra), "overhead_q1_us": quartiles[0],
@@ -62,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     report["runs"][args.label] = row | {"machine": machine(), "command": " ".join(sys.argv),
                                          "repeats": args.repeats, "tokens": args.tokens}
     rows = list(report["runs"].values())
-    print_table(rows, [("label", "label", ""), ("plain_ms_per_token", "plain ms/tok", ".2f"),
+    print_table(rows, [("label", "label", ""), ("slots", "slots", "d"), ("plain_ms_per_token", "plain ms/tok", ".2f"),
                        ("offloaded_ms_per_token", "offloaded ms/tok", ".2f"),
                        ("overhead_us_per_layer", "us/layer (median)", ".0f"), ("overhead_q1_us", "q1", ".0f"),
                        ("overhead_q3_us", "q3", ".0f")])
@@ -77,6 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--expert-slots", type=int, help="device expert slots (default: every expert resident)")
     p.add_argument("--label", default="current")
     p.add_argument("--out")
     return p.parse_args(argv)

@@ -147,6 +147,9 @@ class CopyEngine:
         """Copy elements [lo, hi) of ``key``'s block into ``slot`` after the slot's reader and writer."""
         if self.closed:
             raise RuntimeError("copy engine is closed")
+        if self._landed_at_once:    # immediate CPU backend: nothing is ever in flight
+            self.buffers[slot, lo:hi].copy_(self.store.block(key)[lo:hi])
+            return
         stream = self.demand_stream if priority == DEMAND else self.prefetch_stream
         if self._read[slot]:
             stream.wait_event(self.released[slot])   # write-after-read: queued compute still reads the slot
