@@ -39,6 +39,7 @@ import gc
 import importlib.metadata
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -58,7 +59,8 @@ import torch
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from common import RESULTS, close_offloaded, device_name, machine, median, print_table, write_json  # noqa: E402
+from common import (RESULTS, close_offloaded, cpu_info, device_name, machine, median, print_table,  # noqa: E402
+                    write_json)
 
 import moe_offload  # noqa: E402
 from moe_offload.transfer import CopyEngine, ExpertShape, HostExpertStore  # noqa: E402
@@ -206,15 +208,7 @@ def compute_load(check: Check, ms: float) -> Callable[[], None]:
 
 # -- environment -------------------------------------------------------------------------------------
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
+    return cpu_info().get("cpu_model") or platform.processor() or platform.machine()
 
 
 def driver_version() -> str | None:
