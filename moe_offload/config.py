@@ -29,7 +29,7 @@ SLOT_ALLOCATIONS = ("global", "uniform", "shallow")
 from .scheduler import CPU_MODES  # noqa: E402
 
 PREDICTORS = ("none", "cross_layer", "cross_layer_raw", "learned", "previous")
-COPY_BACKENDS = ("cuda", "immediate", "deferred")
+from .transfer.streams import BACKENDS as COPY_BACKENDS  # noqa: E402
 
 
 def parse_bytes(value: int | float | str) -> int:

@@ -14,7 +14,7 @@ from .residency import DEMAND, PREFETCH, ExpertResidency
 from .scheduler import COPY, CPU, RESIDENT, ExpertLoad, Plan, plan_layer
 from .stats import OffloadStats
 from .transfer import CopyEngine, HostExpertStore, down_view, gate_up_view
-from .transfer.readback import HostReadback
+from .transfer.readback import HostReadback, grown
 
 # T = tokens, H = hidden size, k = experts per token, E = experts per layer, I = expert intermediate size
 
@@ -37,7 +37,7 @@ class Engine:
         device = cache.slots.buffers.device
         self.readback = HostReadback(device)          # the router call's numbers, one copy per layer
         self._cpu_inputs = HostReadback(device)       # CPU experts' token rows, one copy per layer that has them
-        self._cpu_out: torch.Tensor | None = None     # [T, H] float32 page-locked: CPU experts' weighted sum
+        self._cpu_out: torch.Tensor | None = None     # [>= T*H] float32 page-locked: CPU experts' weighted sum
         self._cpu_out_copied = torch.cuda.Event() if device.type == "cuda" else None
         self._routed: dict[int, tuple[list[int], np.ndarray | None]] = {}   # layer -> host counts [E], probs
         self._cpu_blocks = None
@@ -111,13 +111,13 @@ class Engine:
         for e in copied:  # start copies now, into slots this layer does not need
             if self.residency.copy_in(keys[e], DEMAND, locked) is None:
                 break
-        cpu_result = self._submit_cpu(on_cpu, keys, hidden, rows, weights, starts)
+        cpu_job = self._submit_cpu(on_cpu, keys, hidden, rows, weights, starts)   # (future, [T, H] output)
         self._fill(layer, [keys[e] for e in on_cpu])
         # Device experts write their weighted outputs into their rows of ``ys`` (assignments grouped by
         # expert); CPU experts' rows stay zero. One gather in, one un-permute and a sum over k out: the
         # accumulation transformers' grouped_mm path uses, so bf16 results round the same way.
         x_sorted = hidden[rows]                                             # [T*k, H]
-        ys = hidden.new_zeros(x_sorted.shape) if cpu_result is not None else torch.empty_like(x_sorted)
+        ys = hidden.new_zeros(x_sorted.shape) if cpu_job is not None else torch.empty_like(x_sorted)
         for e in device_experts:
             key = keys[e]
             slot = self.cache.lookup(key)
@@ -135,9 +135,9 @@ class Engine:
             self.cache.touch(key)
         unsorted = torch.empty_like(ys).index_copy_(0, order, ys)          # [T*k, H] back in (token, k) order
         out = unsorted.view(hidden.shape[0], k, -1).sum(dim=1)              # [T, H]
-        if cpu_result is not None:
-            cpu_out = self._cpu_out[: hidden.shape[0]]                 # [T, H] weighted sum of the CPU experts
-            cpu_result.result()
+        if cpu_job is not None:
+            done, cpu_out = cpu_job                                     # [T, H] weighted sum of the CPU experts
+            done.result()
             out += cpu_out.to(out.device, non_blocking=True).to(out.dtype)
             if self._cpu_out_copied is not None:
                 self._cpu_out_copied.record(torch.cuda.current_stream(out.device))
@@ -168,17 +168,15 @@ class Engine:
         rows_host = rows_host.astype(np.int64)                             # [T*k] exact: row ids < 2^24
         jobs = [CpuJob(self._cpu_blocks[keys[e]], rows_host[starts[e] : starts[e + 1]],
                        weights_host[starts[e] : starts[e + 1]], self.act) for e in experts]
-        return self.cpu_runner.submit(hidden_host, jobs, out=self._cpu_output(hidden.shape).numpy())
+        out = self._cpu_output(hidden.shape)
+        return self.cpu_runner.submit(hidden_host, jobs, out=out.numpy()), out
 
     def _cpu_output(self, shape: torch.Size) -> torch.Tensor:
         """The page-locked [T, H] float32 buffer the CPU experts write, free of the last layer's copy."""
         if self._cpu_out_copied is not None:
             self._cpu_out_copied.synchronize()   # the previous layer's device copy has read it
-        if self._cpu_out is None or self._cpu_out.shape[0] < shape[0]:
-            rows = 1 << max(4, (shape[0] - 1).bit_length())
-            self._cpu_out = torch.empty((rows, shape[1]), dtype=torch.float32,
-                                        pin_memory=self._cpu_out_copied is not None)
-        return self._cpu_out[: shape[0]]
+        self._cpu_out = grown(self._cpu_out, shape.numel(), pin=self._cpu_out_copied is not None)
+        return self._cpu_out[: shape.numel()].view(shape)
 
     def _fill(self, layer: int, cpu_keys: list[int]) -> None:
         """Experts the CPU runs now also take free slots, copied at low priority, so later calls hit.

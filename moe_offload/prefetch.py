@@ -30,7 +30,6 @@ class Prefetcher:
         self.width = width                      # experts per token fetched for each coming layer
         self.pending: dict[int, int] = {}       # key -> target layer
         self._predicted: dict[int, torch.Tensor] = {}   # layer -> [T, k] predicted at distance 1
-        self._last_chosen = 0                   # assignments of the router call being summarized
 
     def on_router(self, layer: int, gate_input: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> None:
         """One router call, both halves (the replay's form; the engine packs ``summarize`` with its own
@@ -43,8 +42,8 @@ class Prefetcher:
     def summarize(self, layer: int, gate_input: torch.Tensor, probs: torch.Tensor,
                   chosen: torch.Tensor) -> list[torch.Tensor]:
         """Device half: the predictor observes layer ``layer`` and predicts l+1..l+depth. Returns what the
-        host needs, as device tensors: [1] experts of this call found by the last distance-1 prediction
-        (-1: none to score), then per distance, for d = 1 the [E] predicted share of each expert, and
+        host needs, as device tensors: [2] experts of this call found by the last distance-1 prediction and
+        the call's assignments (-1, 0: nothing to score), then per distance, for d = 1 the [E] predicted share of each expert, and
         [E] the total score of each expert among the tokens' top ``width`` (-1: in no token's top)."""
         if layer == 0 and chosen.shape[0] > 1:  # a prompt: a new sequence starts
             self.predictor.reset()
@@ -69,10 +68,10 @@ class Prefetcher:
     def issue(self, layer: int, host: list[np.ndarray], selected) -> None:
         """Host half: count live recall, hint the policy, queue copies in rank order. ``host`` holds the
         parts ``summarize`` returned, read back; ``selected`` the experts layer ``layer`` runs now."""
-        found = float(host[0][0])
+        found, total = (int(x) for x in host[0])
         if found >= 0:
-            self.stats.predicted_found[layer] += int(found)
-            self.stats.predicted_total[layer] += self._last_chosen
+            self.stats.predicted_found[layer] += found
+            self.stats.predicted_total[layer] += total
         locked = {self.store.key(layer, int(e)) for e in selected} | set(self.pending)
         rest = iter(host[1:])
         for distance in range(1, self.depth + 1):
@@ -105,13 +104,15 @@ class Prefetcher:
         return True
 
     def _live_recall(self, layer: int, chosen: torch.Tensor) -> torch.Tensor:
-        """[1] how many of this call's experts the distance-1 prediction made one layer earlier holds."""
+        """[2] how many of this call's T*k assignments the distance-1 prediction made one layer earlier
+        holds, and T*k; (-1, 0) when there is no such prediction."""
         predicted = self._predicted.pop(layer, None)
-        self._last_chosen = chosen.numel()
+        out = torch.full((2,), float(chosen.numel()), device=chosen.device)   # device fills: no host copy
         if predicted is None or predicted.shape[0] != chosen.shape[0]:
-            return torch.full((1,), -1.0, device=chosen.device)
-        found = (predicted.unsqueeze(-1) == chosen.unsqueeze(1)).any(dim=1).sum()  # [T, k] -> scalar
-        return found.reshape(1).float()
+            out[0], out[1] = -1.0, 0.0
+            return out
+        out[0] = (predicted.unsqueeze(-1) == chosen.unsqueeze(1)).any(dim=1).sum()  # [T, k] -> found
+        return out
 
     def begin_layer(self, layer: int, selected_keys: set[int]) -> None:
         """Settle the prefetches aimed at ``layer`` before it runs."""

@@ -28,9 +28,6 @@ class ExpertResidency:
         self.stats = stats
         self.num_experts = num_experts
 
-    def lookup(self, key: int) -> int:
-        return self.cache.lookup(key)
-
     def copy_in(self, key: int, kind: str = DEMAND, locked: Collection[int] = (), evict: bool = True) -> int | None:
         """Give missing expert ``key`` a slot and start its copy (demand: now; prefetch: queued at low
         priority). Never evicts a key in ``locked``; with ``evict=False`` only a free slot is taken.

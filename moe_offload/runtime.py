@@ -77,7 +77,6 @@ class OffloadRuntime:
             self.closed = True
             engine = self.engine
             engine.copier.close()
-            engine.prefetcher = None
             self.router_tap.close()
             if engine.cpu_runner is not None:
                 engine.cpu_runner.close()

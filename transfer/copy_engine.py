@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .host_store import HostExpertStore
-from .streams import SimBackend, make_backend
+from .streams import make_backend
 
 DEMAND, PREFETCH = 0, 1
 DEFAULT_CHUNK_BYTES = 32 * 2**20
@@ -70,8 +70,8 @@ class CopyEngine:
         self._prefetch_chunks = 0                                 # prefetch chunks among them
         self._written = [False] * num_slots
         self._read = [False] * num_slots
-        self._check = isinstance(self.backend, SimBackend) and self.backend.deferred   # slot contents tracked
-        self._landed_at_once = isinstance(self.backend, SimBackend) and not self.backend.deferred
+        self._check = self.backend.tracks_contents
+        self._landed_at_once = self.backend.lands_at_once
         self._content: list[tuple[int, set]] = [(-1, set())] * num_slots   # sim: (key, landed ranges) per slot
         self.timing = False                      # when set, every CUDA copy records start/end events
         self._timed: list[tuple] = []

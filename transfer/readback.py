@@ -24,9 +24,7 @@ class HostReadback:
         self.reads = 0
 
     def _staging(self, numel: int) -> torch.Tensor:
-        if self._buffer is None or self._buffer.numel() < numel:
-            size = 1 << max(10, (numel - 1).bit_length())
-            self._buffer = torch.empty(size, dtype=torch.float32, pin_memory=True)
+        self._buffer = grown(self._buffer, numel, pin=True)
         return self._buffer[:numel]
 
     def read(self, parts: list[torch.Tensor]) -> list[np.ndarray]:
@@ -51,3 +49,11 @@ def _host_array(tensor: torch.Tensor) -> np.ndarray:
     if flat.dtype in (torch.bfloat16, torch.float16):
         flat = flat.float()
     return flat.numpy()
+
+
+def grown(buffer: torch.Tensor | None, numel: int, pin: bool) -> torch.Tensor:
+    """Host scratch reused from layer to layer: ``buffer`` when it holds ``numel`` float32 elements, else
+    a new flat one of the next power of two (page-locked when ``pin``); never shrunk."""
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(1 << max(10, (numel - 1).bit_length()), dtype=torch.float32, pin_memory=pin)
+    return buffer

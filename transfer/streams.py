@@ -77,10 +77,11 @@ class SimStream:
         return op
 
     def _marker(self) -> _Op | None:
-        """An operation that completes once everything queued so far on this stream has."""
-        if not self._waits and (self._last is None or self._last.done):
-            return None
-        return self._enqueue(None)
+        """An operation that completes once everything queued so far on this stream has: the last one
+        (it lands after its dependencies), or a new empty one when the stream has waits still to honour."""
+        if self._waits:
+            return self._enqueue(None)
+        return None if self._last is None or self._last.done else self._last
 
     def synchronize(self) -> None:
         self._backend.land(self._last)
@@ -105,11 +106,16 @@ class SimComputeStream:
 
 
 class SimBackend:
-    """CPU streams: ``deferred`` queues copies and lands them late in a seeded random order."""
+    """CPU streams: ``deferred`` queues copies and lands them late in a seeded random order.
+
+    ``lands_at_once``: every copy lands when issued (immediate), so there is nothing to order;
+    ``tracks_contents``: the copy engine records which expert's bytes landed in each slot (deferred)."""
 
     def __init__(self, deferred: bool, seed: int = 0, land_probability: float = 0.3):
         self.name = "deferred" if deferred else "immediate"
         self.deferred = deferred
+        self.lands_at_once = not deferred
+        self.tracks_contents = deferred
         self._rng = random.Random(seed)
         self._land_probability = land_probability
         self._pending: list[_Op] = []
@@ -185,6 +191,8 @@ class CudaBackend:
     """torch.cuda streams and events on ``device``."""
 
     name = "cuda"
+    lands_at_once = False
+    tracks_contents = False
 
     def __init__(self, device: torch.device):
         self.device = device
