@@ -32,10 +32,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_json  # noqa: E402
-
-from moe_offload.cache import CachePolicy, CacheSimulator, ExpertLayout, RoutingArrays, lru_miss_curves  # noqa: E402
+from moe_offload.cache import (  # noqa: E402
+    CachePolicy,
+    ExpertLayout,
+)
 from moe_offload.predictor.synthetic import SyntheticTraceConfig, synthetic_trace  # noqa: E402
+from moe_offload.simulate import RoutingArrays, Simulator, lru_miss_curves  # noqa: E402
+
+from common import RESULTS, machine, write_json  # noqa: E402
 
 POLICIES = ("lru", "lfu", "arc", "score", "belady")
 ALLOCATIONS = ("global", "uniform")
@@ -100,11 +104,11 @@ def model_trace(name: str, prompts: int, new_tokens: int):
     from transformers import AutoTokenizer
 
     import moe_offload
+    from moe_offload.corpus import stdlib_prompts
+    from moe_offload.loading.router_params import router_params
     from moe_offload.models import shipped_model_dir
     from moe_offload.predictor import make_predictor
-    from moe_offload.router_params import router_params
-    from moe_offload.trace_cli import stdlib_prompts
-    from moe_offload.tracing import record_trace
+    from moe_offload.runtime.tracing import record_trace
 
     path = shipped_model_dir(name)
     if path is None:
@@ -126,13 +130,11 @@ def long_synthetic(tokens: int):
 def run_trace(trace, budgets: list[int], synthetic: bool, predictor=None) -> list[dict]:
     """Every policy x allocation x budget on one trace (and the process oracle on synthetic ones);
     ``predictor``: makes a fresh predictor for the prefetching runs (none: no such runs)."""
-    from moe_offload.replay_prefetch import ReplayPrefetch
 
     routing = RoutingArrays.of(trace)
     fit = routing.select_tokens(routing.num_tokens // 2)   # dp's miss curves come from the first half
-    simulator = CacheSimulator(routing, miss_curves=lru_miss_curves(fit))
-    prefetching = None if predictor is None else CacheSimulator(
-        routing, prefetch=lambda: ReplayPrefetch(trace, predictor()))
+    simulator = Simulator(routing, miss_curves=lru_miss_curves(fit))
+    prefetching = None if predictor is None else Simulator(routing, predictor=predictor)
     layout = simulator.layout
     runs = [(p, a) for a in ALLOCATIONS for p in POLICIES] + [("score", a) for a in ALLOCATION_STUDY]
     runs += [(name, a) for a in ALLOCATIONS for name in SCORE_FIXED]

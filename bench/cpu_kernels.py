@@ -34,9 +34,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, median, print_table, write_json  # noqa: E402
-
 from moe_offload.cpu_kernels import as_numpy_block, as_torch_block, expert_ffn  # noqa: E402
+
+from common import RESULTS, machine, median, print_table, write_json  # noqa: E402
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BANDWIDTH_BYTES = 1 << 30

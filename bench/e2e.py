@@ -16,10 +16,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, device_name, machine, median, print_table, write_json  # noqa: E402
-
 import moe_offload  # noqa: E402
-from moe_offload.checkpoint import resolve_model_dir  # noqa: E402
+from moe_offload.loading.checkpoint import resolve_model_dir  # noqa: E402
+
+from common import RESULTS, device_name, machine, median, print_table, write_json  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -42,7 +42,7 @@ def time_prefill(model, ids: torch.Tensor, device: str, repeats: int) -> float:
 
 def time_decode(model, ids: torch.Tensor, new_tokens: int, device: str, repeats: int) -> float:
     """Median seconds per generated token after the first (greedy, KV cache)."""
-    from moe_offload.generation import TimedStreamer
+    from moe_offload.cli.streaming import TimedStreamer
 
     per_token = []
     with torch.inference_mode():
@@ -72,7 +72,7 @@ def quarter(path: Path, device: str, dtype: torch.dtype):
 
 def main(args: argparse.Namespace) -> int:
     path = resolve_model_dir(args.model)
-    dtype = moe_offload.config.parse_dtype(args.dtype) or torch.float32
+    dtype = moe_offload.loading.config.parse_dtype(args.dtype) or torch.float32
     torch.manual_seed(0)
     vocab = AutoModelForCausalLM.from_pretrained(path).config.vocab_size
     ids = torch.randint(0, vocab, (1, args.prompt_tokens)).to(args.device)

@@ -28,14 +28,22 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, close_offloaded, device_name, machine, median, print_table, write_json  # noqa: E402
-from routing_replay import RoutingReplay, model_trace  # noqa: E402
-
 import moe_offload  # noqa: E402
-from moe_offload.budget import MemoryPlan  # noqa: E402
-from moe_offload.checkpoint import resolve_model_dir  # noqa: E402
-from moe_offload.config import OffloadConfig  # noqa: E402
-from moe_offload.loader import ModelParts  # noqa: E402
+from moe_offload.loading.budget import MemoryPlan  # noqa: E402
+from moe_offload.loading.checkpoint import resolve_model_dir  # noqa: E402
+from moe_offload.loading.config import OffloadConfig  # noqa: E402
+from moe_offload.loading.loader import ModelParts  # noqa: E402
+
+from common import (  # noqa: E402
+    RESULTS,
+    close_offloaded,
+    device_name,
+    machine,
+    median,
+    print_table,
+    write_json,
+)
+from routing_replay import RoutingReplay, model_trace  # noqa: E402
 
 ACCELERATE_MISSING = 'accelerate is not installed: pip install -e ".[bench]" for the accelerate row'
 

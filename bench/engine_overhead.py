@@ -22,9 +22,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, device_name, machine, print_table, write_json  # noqa: E402
-
 import moe_offload  # noqa: E402
+
+from common import RESULTS, device_name, machine, print_table, write_json  # noqa: E402
 
 
 def seconds_per_token(model, ids: torch.Tensor, tokens: int) -> float:

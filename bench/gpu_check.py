@@ -59,11 +59,19 @@ import torch
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from common import (RESULTS, close_offloaded, cpu_info, device_name, machine, median, print_table,  # noqa: E402
-                    write_json)
-
 import moe_offload  # noqa: E402
 from moe_offload.transfer import CopyEngine, ExpertShape, HostExpertStore  # noqa: E402
+
+from common import (  # noqa: E402
+    RESULTS,
+    close_offloaded,
+    cpu_info,
+    device_name,
+    machine,
+    median,
+    print_table,
+    write_json,
+)
 
 MIB = 2**20
 MIXTRAL_EXPERT = ExpertShape(hidden=4096, intermediate=14336)   # 3 * 4096 * 14336 bf16 = 336 MiB
@@ -570,9 +578,9 @@ def reference(path: Path, dtype: torch.dtype, device: torch.device, ids, tokens:
 
 
 def parity(check: Check) -> dict:
-    from moe_offload.checkpoint import resolve_model_dir
-    from moe_offload.config import OffloadConfig
-    from moe_offload.loader import ModelParts
+    from moe_offload.loading.checkpoint import resolve_model_dir
+    from moe_offload.loading.config import OffloadConfig
+    from moe_offload.loading.loader import ModelParts
 
     tokens = 4 if check.dry else 16
     models = SHIPPED[:1] if check.dry else SHIPPED
@@ -738,7 +746,7 @@ def decode_profile(check: Check, path, slots: int, ids: torch.Tensor, tokens: in
 
 def full_size_checkpoint(check: Check) -> Path:
     if check.dry:
-        from moe_offload.checkpoint import resolve_model_dir
+        from moe_offload.loading.checkpoint import resolve_model_dir
 
         return resolve_model_dir("tiny-mixtral")
     from full_size import write_checkpoint
@@ -753,8 +761,8 @@ def full_size(check: Check) -> dict:
     """Copy GB/s = bytes copied / summed device time of the copies (CUDA events per copy). Hidden share
     = 1 - (ms per token offloaded - ms per token with every expert resident) / copy ms per token. A
     demand copy's wait behind prefetches is measured in the chunk_size section."""
-    from moe_offload.config import OffloadConfig
-    from moe_offload.loader import ModelParts
+    from moe_offload.loading.config import OffloadConfig
+    from moe_offload.loading.loader import ModelParts
 
     t0 = time.monotonic()
     path = full_size_checkpoint(check)
@@ -789,7 +797,7 @@ def host_syncs(check: Check) -> dict:
     """Synchronizing CUDA calls per MoE layer call in decode (torch.cuda.set_sync_debug_mode('warn')
     turns each into a warning), with prefetch and the hybrid scheduler on; and the engine's own count
     of packed readbacks per layer call (the target: one, plus one when CPU experts run)."""
-    from moe_offload.checkpoint import resolve_model_dir
+    from moe_offload.loading.checkpoint import resolve_model_dir
 
     path = resolve_model_dir("tiny-mixtral")
     model = moe_offload.from_pretrained(path, device=str(check.device), dtype=torch.bfloat16, expert_slots=12,
@@ -801,7 +809,7 @@ def host_syncs(check: Check) -> dict:
             greedy(model, ids, 2)                          # warm up
             model.offload.reset_stats()
             engine = model.offload.engine
-            reads0, cpu0 = engine.readback.reads, engine._cpu_inputs.reads
+            reads0, cpu0 = engine.protocol.readback.reads, engine._cpu_inputs.reads
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 if check.cuda:
@@ -820,7 +828,7 @@ def host_syncs(check: Check) -> dict:
     finally:
         close_offloaded(model)
         del model
-    data = {"moe_layer_calls": calls, "readbacks_per_layer": (engine.readback.reads - reads0) / max(calls, 1),
+    data = {"moe_layer_calls": calls, "readbacks_per_layer": (engine.protocol.readback.reads - reads0) / max(calls, 1),
             "cpu_input_readbacks_per_layer": (engine._cpu_inputs.reads - cpu0) / max(calls, 1),
             "sync_warnings": len(syncs), "sync_warnings_per_layer": len(syncs) / max(calls, 1),
             "sync_sites": dict(sorted(sites.items(), key=lambda kv: -kv[1])[:15])}

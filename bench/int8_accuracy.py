@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table  # noqa: E402
-
 from moe_offload.cpu_kernels import as_numpy_block, expert_ffn, quantize_block_int8  # noqa: E402
+
+from common import print_table  # noqa: E402
 
 TABLE = [
     ("dist", "weights", ""), ("shape", "H x I", ""), ("tokens", "T", "d"),

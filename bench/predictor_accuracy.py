@@ -25,10 +25,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import RESULTS, machine, print_table, write_json  # bench/ is this script's directory
 from moe_offload.predictor import (
-    PREDICTOR_NAMES, CorrectionFitConfig, LearnedCorrectionPredictor, Predictor, RouterParams, Trace,
-    chance_recall, correction_path, fit_correction, make_predictor, replay, router_logits, selection_scores,
+    PREDICTOR_NAMES,
+    CorrectionFitConfig,
+    LearnedCorrectionPredictor,
+    Predictor,
+    RouterParams,
+    Trace,
+    chance_recall,
+    correction_path,
+    fit_correction,
+    make_predictor,
+    replay,
+    router_logits,
+    selection_scores,
+)
+
+from common import (  # bench/ is this script's directory
+    RESULTS,
+    machine,
+    print_table,
+    write_json,
 )
 
 DISTANCES = (1, 2, 3)
@@ -56,8 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_model(args: argparse.Namespace):
-    from moe_offload.loader import from_pretrained
-    from moe_offload.trace_cli import load_tokenizer
+    from moe_offload.corpus import load_tokenizer
+    from moe_offload.loading.loader import from_pretrained
 
     model = from_pretrained(args.model, device=args.device, progress=False)
     return model, load_tokenizer(model)
@@ -66,8 +83,8 @@ def load_model(args: argparse.Namespace):
 def get_trace(path: str | None, model, tokenizer, prompts: int, held_out: bool, new_tokens: int,
               save_dir: str | None) -> Trace:
     """A trace with gate inputs: loaded from ``path`` or recorded from stdlib prompts."""
-    from moe_offload.trace_cli import PROMPT_LINES, stdlib_prompts
-    from moe_offload.tracing import record_trace
+    from moe_offload.corpus import PROMPT_LINES, stdlib_prompts
+    from moe_offload.runtime.tracing import record_trace
 
     if path:
         return Trace.load(path)
@@ -159,7 +176,7 @@ def plot(rows: list[dict], chance: float, title: str, path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from moe_offload.router_params import router_params
+    from moe_offload.loading.router_params import router_params
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args)

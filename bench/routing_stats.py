@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from moe_offload.corpus import read_text, stdlib_split
 from moe_offload.models import shipped_model_dir
-from moe_offload.models.corpus import read_text, stdlib_split
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _GATE_NAME = re.compile(r"layers\.(\d+)\.mlp\.gate$")

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, print_table, write_json  # noqa: E402
+from moe_offload.runtime.cost import CostModel, HardwareProfile  # noqa: E402
+from moe_offload.runtime.scheduler import ExpertLoad, _makespan, plan_layer  # noqa: E402
 
-from moe_offload.cost import CostModel, HardwareProfile  # noqa: E402
-from moe_offload.scheduler import ExpertLoad, _makespan, plan_layer  # noqa: E402
+from common import RESULTS, print_table, write_json  # noqa: E402
 
 SHAPES = {"mixtral-8x7b": (4096, 14336, 8, 2), "deepseek-v2-lite": (2048, 1408, 64, 6),
           "qwen3-30b-a3b": (2048, 768, 128, 8)}

@@ -1,7 +1,7 @@
 """Train one of the project's tiny MoE language models from scratch on CPU.
 
 The corpus is the Python standard library's own source (see
-``moe_offload.models.corpus``); every 20th file is held out. A byte-level BPE
+``moe_offload.corpus``); every 20th file is held out. A byte-level BPE
 tokenizer is trained on the training files, then a Mixtral or DeepSeek-V3
 model built with transformers' own classes is trained with AdamW (linear
 warmup, cosine decay) and saved in bf16 with its tokenizer, a model card
@@ -39,8 +39,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from moe_offload.models.corpus import read_text, stdlib_root, stdlib_split
-from routing_stats import RouterCapture, markdown_table, routing_stats  # bench/ is this script's directory
+from moe_offload.corpus import read_text, stdlib_root, stdlib_split
+
+from routing_stats import (  # bench/ is this script's directory
+    RouterCapture,
+    markdown_table,
+    routing_stats,
+)
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
@@ -54,7 +59,15 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_len: int):
     the following word starts a new token: a prompt ending in indentation,
     such as "def main():\\n    ", splits exactly as the same text does in training.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())

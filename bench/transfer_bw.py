@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, device_name, machine, print_table, write_json  # noqa: E402
-
-from moe_offload.calibrate import median_seconds  # noqa: E402
+from moe_offload.runtime.calibrate import median_seconds  # noqa: E402
 from moe_offload.transfer import CopyEngine, ExpertShape, HostExpertStore  # noqa: E402
 from moe_offload.transfer.pinning import pinned_empty  # noqa: E402
+
+from common import RESULTS, device_name, machine, print_table, write_json  # noqa: E402
 
 
 def timed_gbps(copy, nbytes: int, device: torch.device, repeats: int) -> float:

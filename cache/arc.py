@@ -6,8 +6,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .base import CachePolicy
 from .layout import ExpertLayout
-from .policy import CachePolicy
 from .pools import SlotPools
 
 

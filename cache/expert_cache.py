@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from .policy import CachePolicy
+from .base import CachePolicy
 from .pools import SlotPools
 from .slots import ExpertSlots
 

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .base import CachePolicy
 from .layout import ExpertLayout
-from .policy import CachePolicy
 
 
 class LFUPolicy(CachePolicy):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from .base import CachePolicy
 from .layout import ExpertLayout
-from .policy import CachePolicy
 
 
 class LRUPolicy(CachePolicy):

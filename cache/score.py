@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit
 
+from .base import CachePolicy
 from .layout import ExpertLayout
-from .policy import CachePolicy
 
 # T = tokens of one router call, E = experts per layer, K = flat keys, V = dueling score vectors
 

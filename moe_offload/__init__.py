@@ -1,8 +1,8 @@
 """moe-offload: run Mixture-of-Experts LLMs on one GPU smaller than the model."""
 
-from .config import OffloadConfig
 from .errors import MoEOffloadError
-from .loader import from_pretrained
+from .loading.config import OffloadConfig
+from .loading.loader import from_pretrained
 
 __version__ = "0.1.0"
 __all__ = ["MoEOffloadError", "OffloadConfig", "from_pretrained", "__version__"]

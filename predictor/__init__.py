@@ -5,7 +5,11 @@ from .baselines import OraclePredictor, PopularityPredictor, PreviousTokenPredic
 from .cross_layer import CrossLayerGatePredictor
 from .eam import ActivationMatrixPredictor
 from .fit_correction import CorrectionFitConfig, fit_correction
-from .learned import CorrectionFormatError, LearnedCorrection, LearnedCorrectionPredictor
+from .learned import (
+    CorrectionFormatError,
+    LearnedCorrection,
+    LearnedCorrectionPredictor,
+)
 from .metrics import RecallCounter, chance_recall, recall, topk_hits
 from .registry import PREDICTOR_NAMES, correction_path, load_predictor, make_predictor
 from .replay import replay

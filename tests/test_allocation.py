@@ -7,14 +7,13 @@ import pytest
 
 from moe_offload.cache import (
     ExpertLayout,
-    RoutingArrays,
     SlotPools,
     dp_quotas,
-    lru_miss_curves,
     shallow_quotas,
     slot_pools,
     uniform_quotas,
 )
+from moe_offload.simulate import RoutingArrays, lru_miss_curves
 
 
 def test_uniform_gives_the_remainder_to_the_first_layers():

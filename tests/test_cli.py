@@ -5,9 +5,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from tiny_checkpoints import add_char_tokenizer
 
 from moe_offload.cli import main
+
+from tiny_checkpoints import add_char_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,8 @@ def test_errors_exit_2_with_one_line(argv, message, model_dir, capsys):
 
 
 def test_calibrate_writes_a_profile_the_engine_loads(model_dir, tmp_path, capsys):
-    from moe_offload.cost import HardwareProfile
-    from moe_offload.loader import from_pretrained
+    from moe_offload.loading.loader import from_pretrained
+    from moe_offload.runtime.cost import HardwareProfile
 
     out = tmp_path / "here.yaml"
     assert main(["calibrate", "--model", str(model_dir), "--device", "cpu", "--out", str(out), "--repeats", "3"]) == 0
@@ -60,7 +61,7 @@ def test_calibrate_writes_a_profile_the_engine_loads(model_dir, tmp_path, capsys
     assert "measured by moe-offload calibrate" in profile.source
     model = from_pretrained(model_dir, device="cpu", expert_slots=4, cpu_experts="auto", hardware=str(out),
                             progress=False)
-    assert model.offload.engine.costs.copy_s() > 0
+    assert model.offload.engine.protocol.costs.copy_s() > 0
 
 
 def _one_line_error(argv, capsys) -> str:
@@ -133,7 +134,11 @@ def test_checkpoint_missing_one_projection_exit_2(command, model_dir, tmp_path, 
 
 
 def test_calibrate_saves_by_name_outside_the_package(model_dir, tmp_path, monkeypatch, capsys):
-    from moe_offload.cost import HardwareProfile, resolve_profile, shipped_profile_dir
+    from moe_offload.runtime.cost import (
+        HardwareProfile,
+        resolve_profile,
+        shipped_profile_dir,
+    )
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     assert main(["calibrate", "--model", str(model_dir), "--device", "cpu", "--name", "my-box", "--repeats", "1"]) == 0

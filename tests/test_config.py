@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moe_offload import MoEOffloadError, OffloadConfig
-from moe_offload.config import parse_bytes
+from moe_offload.loading.config import parse_bytes
 
 
 @pytest.mark.parametrize("text,expected", [

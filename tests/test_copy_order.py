@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from copy_timing import assert_logits_match, load
-from tiny_checkpoints import num_experts
 from transformers import AutoModelForCausalLM
 
-from moe_offload.cache import POLICIES, ExpertCache, ExpertLayout, ExpertSlots, make_policy
+from moe_offload.cache import (
+    POLICIES,
+    ExpertCache,
+    ExpertLayout,
+    ExpertSlots,
+    make_policy,
+)
 from moe_offload.models import shipped_model_dir
 from moe_offload.transfer import CopyEngine, ExpertShape, HostExpertStore
 from moe_offload.transfer.copy_engine import CopyOrderError
 from moe_offload.transfer.streams import SimBackend
+
+from copy_timing import assert_logits_match, load
+from tiny_checkpoints import num_experts
 
 SEEDS = [1, 2, 3, 4]
 
@@ -211,7 +218,7 @@ def test_one_packed_readback_per_layer_call(tiny_deepseek, mode):
     model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
     engine, stats = model.offload.engine, model.offload.stats
     calls = int(stats.layer_calls.sum())
-    assert engine.readback.reads == calls
+    assert engine.protocol.readback.reads == calls
     cpu_layers = engine._cpu_inputs.reads
     assert (cpu_layers == 0) if mode == "never" else (0 < cpu_layers <= calls)
 
@@ -219,8 +226,8 @@ def test_one_packed_readback_per_layer_call(tiny_deepseek, mode):
 def test_engine_plan_counts_the_link_backlog(tiny_deepseek, tmp_path):
     """One 1-token miss: copied over an idle link (98 us + device) but run on the CPU (196 us) when four
     expert copies (392 us) are still on the link ahead of it."""
-    from moe_offload.cost import HardwareProfile
-    from moe_offload.scheduler import COPY, CPU
+    from moe_offload.runtime.cost import HardwareProfile
+    from moe_offload.runtime.scheduler import COPY, CPU
 
     profile = HardwareProfile(name="backlog", h2d_gbps=1.0, copy_latency_us=0.0, gpu_mem_gbps=1e4, gpu_tflops=1e3,
                               gpu_launch_us=0.0, cpu_mem_gbps=0.5, cpu_gflops=1e3, cpu_start_us=0.0)
@@ -229,9 +236,9 @@ def test_engine_plan_counts_the_link_backlog(tiny_deepseek, tmp_path):
     engine = model.offload.engine
     counts = [0] * engine.store.num_experts
     counts[3] = 1
-    assert engine._plan({3: -1}, counts).placement == {3: COPY}
+    assert engine.protocol.plan({3: -1}, counts).placement == {3: COPY}
     engine.copier.backend._land_probability = 0.0
     for slot in range(4):
         engine.copier.copy(100 + slot, slot)
     assert engine.copier.backlog_bytes() == 4 * engine.store.bytes_per_expert
-    assert engine._plan({3: -1}, counts).placement == {3: CPU}
+    assert engine.protocol.plan({3: -1}, counts).placement == {3: CPU}

@@ -9,11 +9,12 @@ import shutil
 
 import pytest
 import torch
-from tiny_checkpoints import make_checkpoint
 
 import moe_offload
 from moe_offload import MoEOffloadError
 from moe_offload.transfer import HostExpertStore
+
+from tiny_checkpoints import make_checkpoint
 
 
 def load(path, **fields):

@@ -65,7 +65,8 @@ def test_wheel_holds_profiles_models_and_configs(wheel):
     for model in ("tiny-mixtral", "tiny-deepseek"):
         for file in MODEL_FILES:
             assert f"moe_offload/models/{model}/{file}" in names
-    for package in ("cache", "predictor", "transfer", "cpu_kernels", "configs", "adapters", "models"):
+    for package in ("cache", "predictor", "transfer", "cpu_kernels", "configs", "models", "cli", "loading",
+                    "loading/adapters", "runtime", "simulate"):
         assert f"moe_offload/{package}/__init__.py" in names
 
 
@@ -74,9 +75,9 @@ import json, sys
 from pathlib import Path
 import moe_offload
 from moe_offload.cli import build_parser, offload_config
-from moe_offload.cost import HardwareProfile, resolve_profile
-from moe_offload.checkpoint import resolve_model_dir
-from moe_offload.config import OffloadConfig
+from moe_offload.runtime.cost import HardwareProfile, resolve_profile
+from moe_offload.loading.checkpoint import resolve_model_dir
+from moe_offload.loading.config import OffloadConfig
 
 args = build_parser().parse_args(["sweep", "--simulate", "--synthetic", "--hardware", "rtx4090-pcie4", "--out", "x"])
 profile = HardwareProfile.from_yaml(args.hardware)

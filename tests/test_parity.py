@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_checkpoints import FAMILIES, make_checkpoint, num_experts
 from transformers import AutoModelForCausalLM
 
 import moe_offload
+
+from tiny_checkpoints import FAMILIES, make_checkpoint, num_experts
 
 TOKENS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))  # [B, S]
 _REFS: dict = {}

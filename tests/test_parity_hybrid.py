@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from copy_timing import COPY_TIMINGS, assert_logits_match, load
-from tiny_checkpoints import num_experts
 from transformers import AutoModelForCausalLM
 
-from moe_offload.cost import HardwareProfile
+from moe_offload.runtime.cost import HardwareProfile
+
+from copy_timing import COPY_TIMINGS, assert_logits_match, load
+from tiny_checkpoints import num_experts
 
 TOKENS = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(3))  # [B, S]
 

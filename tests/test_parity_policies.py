@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_checkpoints import num_experts
-from copy_timing import COPY_TIMINGS, assert_logits_match
-from copy_timing import load as load_timed
 from transformers import AutoModelForCausalLM
 
 import moe_offload
 from moe_offload import MoEOffloadError
 from moe_offload.cache import POLICIES
+
+from copy_timing import COPY_TIMINGS, assert_logits_match
+from copy_timing import load as load_timed
+from tiny_checkpoints import num_experts
 
 TOKENS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))  # [B, S]
 

@@ -6,16 +6,17 @@ import shutil
 
 import pytest
 import torch
-from copy_timing import COPY_TIMINGS, assert_logits_match, load
-from tiny_checkpoints import add_char_tokenizer, num_experts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moe_offload
 from moe_offload import MoEOffloadError
+from moe_offload.loading.router_params import router_params
 from moe_offload.predictor.fit_correction import fit_correction
 from moe_offload.predictor.registry import correction_path
-from moe_offload.router_params import router_params
-from moe_offload.tracing import record_trace
+from moe_offload.runtime.tracing import record_trace
+
+from copy_timing import COPY_TIMINGS, assert_logits_match, load
+from tiny_checkpoints import add_char_tokenizer, num_experts
 
 TOKENS = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(5))  # [B, S]
 PROMPTS = ["def f(x):", "import os", "class A:", "for i in range(3):", "x = [1, 2]", "print('hi')"]

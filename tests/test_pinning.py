@@ -8,8 +8,7 @@ import warnings
 import pytest
 import torch
 
-from moe_offload.transfer import ExpertShape, HostExpertStore
-from moe_offload.transfer import pinning
+from moe_offload.transfer import ExpertShape, HostExpertStore, pinning
 
 SHAPE = ExpertShape(hidden=8, intermediate=4)
 

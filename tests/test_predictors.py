@@ -7,10 +7,27 @@ import pytest
 import torch
 
 from moe_offload.predictor import (
-    ActivationMatrixPredictor, CorrectionFitConfig, CorrectionFormatError, CrossLayerGatePredictor,
-    LearnedCorrection, LearnedCorrectionPredictor, OraclePredictor, PopularityPredictor, PreviousTokenPredictor,
-    RecallCounter, RouterParams, Trace, correction_path, fit_correction, load_predictor, make_predictor, recall,
-    replay, router_logits, selection_scores, topk_hits,
+    ActivationMatrixPredictor,
+    CorrectionFitConfig,
+    CorrectionFormatError,
+    CrossLayerGatePredictor,
+    LearnedCorrection,
+    LearnedCorrectionPredictor,
+    OraclePredictor,
+    PopularityPredictor,
+    PreviousTokenPredictor,
+    RecallCounter,
+    RouterParams,
+    Trace,
+    correction_path,
+    fit_correction,
+    load_predictor,
+    make_predictor,
+    recall,
+    replay,
+    router_logits,
+    selection_scores,
+    topk_hits,
 )
 
 # N = tokens, L = MoE layers, E = experts, H = hidden size, k = experts per token
@@ -80,7 +97,9 @@ def test_group_limited_scores_rank_the_routers_choice_first_then_the_rest_by_sco
 
 def test_selection_scores_match_transformers_deepseek_v3_router():
     from transformers import DeepseekV3Config
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+        DeepseekV3TopkRouter,
+    )
 
     config = DeepseekV3Config(hidden_size=12, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
     router = DeepseekV3TopkRouter(config)
@@ -99,8 +118,8 @@ def test_selection_scores_match_transformers_deepseek_v3_router():
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe"])
 def test_router_params_reproduce_each_familys_routing(checkpoints, family):
-    from moe_offload.loader import from_pretrained
-    from moe_offload.router_params import router_params
+    from moe_offload.loading.loader import from_pretrained
+    from moe_offload.loading.router_params import router_params
 
     model = from_pretrained(checkpoints[family], device="cpu", progress=False)
     params = router_params(model)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
-from tiny_checkpoints import add_char_tokenizer
 
-from moe_offload.cache import CacheSimulator, RoutingArrays
+from moe_offload.loading.router_params import router_params
 from moe_offload.predictor import make_predictor
-from moe_offload.replay_prefetch import ReplayPrefetch
-from moe_offload.router_params import router_params
+from moe_offload.simulate import RoutingArrays, Simulator
+
+from tiny_checkpoints import add_char_tokenizer
 
 PROMPTS = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n", "import os\nimport sys\n"]
 
@@ -25,8 +24,8 @@ def engine_run(model_dir, policy: str, slots: int, predictor: str, **fields):
     """(engine stats, trace of the same generation, router params)."""
     from transformers import AutoTokenizer
 
-    from moe_offload.loader import from_pretrained
-    from moe_offload.tracing import record_trace
+    from moe_offload.loading.loader import from_pretrained
+    from moe_offload.runtime.tracing import record_trace
 
     model = from_pretrained(model_dir, device="cpu", expert_slots=slots, cache_policy=policy, predictor=predictor,
                             progress=False, **fields)
@@ -41,32 +40,34 @@ def test_replay_matches_the_engine_with_prefetch(model_dir, policy, predictor):
     slots = 5                                                    # of 24 experts: prefetches must evict
     stats, trace, params = engine_run(model_dir, policy, slots, predictor)
     assert stats.prefetch_issued.sum() > 0 and stats.prefetch_cancelled.sum() == 0   # on CPU every copy starts
-    simulator = CacheSimulator(RoutingArrays.of(trace),
-                               prefetch=lambda: ReplayPrefetch(trace, make_predictor(predictor, params)))
+    simulator = Simulator(RoutingArrays.of(trace), predictor=lambda: make_predictor(predictor, params))
     result = simulator.run(policy, slots)
     assert result.hits_per_layer == tuple(stats.hits.tolist())
     assert result.misses_per_layer == tuple(stats.misses.tolist())
     assert result.prefetch_copies == stats.prefetch_issued.sum()
     assert result.prefetch_used == stats.prefetch_used.sum() > 0
-    plain = CacheSimulator(RoutingArrays.of(trace)).run(policy, slots)
+    plain = Simulator(RoutingArrays.of(trace)).run(policy, slots)
     assert result.hits > plain.hits                              # prefetch turned misses into hits
 
 
 def test_replay_needs_what_the_predictor_reads(model_dir):
     _, trace, params = engine_run(model_dir, "lru", 24, "none")
     trace.gate_inputs = None
+    routing = RoutingArrays.of(trace)
     with pytest.raises(ValueError, match="gate inputs"):
-        ReplayPrefetch(trace, make_predictor("cross_layer", params))
-    replay = ReplayPrefetch(trace, make_predictor("previous", params))   # reads only the selections
-    assert replay.copies == 0 and np.all(replay.ids.numpy() == trace.expert_ids)
+        Simulator(routing, predictor=lambda: make_predictor("cross_layer", params)).run("lru", 5)
+    result = Simulator(routing, predictor=lambda: make_predictor("previous", params)).run("lru", 5)  # selections only
+    assert result.prefetch_copies > 0
+    without_scores = RoutingArrays(trace.expert_ids, None, trace.sequence, trace.decode, num_experts=8)
+    with pytest.raises(ValueError, match="router scores"):
+        Simulator(without_scores, predictor=lambda: make_predictor("previous", params))
 
 
 @pytest.mark.parametrize("slots", [5, 24])
 def test_replay_matches_the_engine_with_the_hybrid_scheduler(model_dir, tmp_path, slots):
     from transformers import AutoConfig
 
-    from moe_offload.cost import CostModel, HardwareProfile
-    from moe_offload.sweep import EngineScheduler
+    from moe_offload.runtime.cost import CostModel, HardwareProfile
 
     # costs under which 1-token misses run on the CPU and prompt misses are copied
     profile = HardwareProfile(name="split", h2d_gbps=0.01, copy_latency_us=0.0, gpu_mem_gbps=1000.0,
@@ -77,7 +78,7 @@ def test_replay_matches_the_engine_with_the_hybrid_scheduler(model_dir, tmp_path
     assert 0 < stats.cpu_experts.sum() < stats.misses.sum()
     config = AutoConfig.from_pretrained(model_dir)
     cost = CostModel.for_expert(HardwareProfile.from_yaml(path), config.hidden_size, config.intermediate_size, 4)
-    result = CacheSimulator(RoutingArrays.of(trace), cost, scheduler=EngineScheduler("auto")).run("score", slots)
+    result = Simulator(RoutingArrays.of(trace), cost, cpu_experts="auto").run("score", slots)
     assert result.hits_per_layer == tuple(stats.hits.tolist())
     assert result.misses_per_layer == tuple(stats.misses.tolist())
     assert result.cpu_fills == stats.cpu_fills.sum()
@@ -101,10 +102,10 @@ class _LinkBound:
 def test_prefetch_copies_count_in_link_time(model_dir):
     _, trace, params = engine_run(model_dir, "lru", 5, "none")
     routing = RoutingArrays.of(trace)
-    plain = CacheSimulator(routing, _LinkBound(), bytes_per_expert=10).run("lru", 5)
+    plain = Simulator(routing, _LinkBound(), bytes_per_expert=10).run("lru", 5)
     assert plain.seconds == plain.copies
-    fetched = CacheSimulator(routing, _LinkBound(), bytes_per_expert=10,
-                             prefetch=lambda: ReplayPrefetch(trace, make_predictor("previous", params))).run("lru", 5)
+    fetched = Simulator(routing, _LinkBound(), bytes_per_expert=10,
+                        predictor=lambda: make_predictor("previous", params)).run("lru", 5)
     assert fetched.prefetch_copies > 0
     assert fetched.seconds == fetched.copies + fetched.prefetch_copies
     assert fetched.bytes_copied == 10 * (fetched.copies + fetched.prefetch_copies)

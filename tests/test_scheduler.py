@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from moe_offload.scheduler import COPY, CPU, RESIDENT, ExpertLoad, plan_layer
+from moe_offload.runtime.scheduler import COPY, CPU, RESIDENT, ExpertLoad, plan_layer
 
 
 @dataclass(frozen=True)
@@ -58,10 +58,10 @@ def test_empty_layer():
 
 def test_modes():
     loads = [ExpertLoad(0, 1, True), ExpertLoad(1, 100, False), ExpertLoad(2, 1, False)]
-    assert plan_layer(loads, LinearCosts(), mode="never").placement == {0: RESIDENT, 1: COPY, 2: COPY}
-    assert plan_layer(loads, LinearCosts(), mode="always").placement == {0: RESIDENT, 1: CPU, 2: CPU}
+    assert plan_layer(loads, LinearCosts(), cpu_experts="never").placement == {0: RESIDENT, 1: COPY, 2: COPY}
+    assert plan_layer(loads, LinearCosts(), cpu_experts="always").placement == {0: RESIDENT, 1: CPU, 2: CPU}
     with pytest.raises(ValueError):
-        plan_layer(loads, LinearCosts(), mode="sometimes")
+        plan_layer(loads, LinearCosts(), cpu_experts="sometimes")
 
 
 def test_copy_backlog_pushes_misses_to_cpu():
@@ -81,7 +81,7 @@ def test_improvement_pass_beats_plain_greedy():
     costs = LinearCosts()
     loads = [ExpertLoad(0, 2, True), ExpertLoad(1, 3, False), ExpertLoad(2, 1, False), ExpertLoad(3, 8, False)]
     plan = plan_layer(loads, costs)
-    from moe_offload.scheduler import _makespan
+    from moe_offload.runtime.scheduler import _makespan
 
     best = min(
         _makespan([loads[0]] + [m for m, c in zip(loads[1:], pick) if not c],

@@ -7,54 +7,25 @@ import pytest
 import torch
 
 import moe_offload
-from moe_offload.cache import (
-    POLICIES,
-    CacheSimulator,
-    CopyEveryMiss,
-    MissPlan,
-    RoutingArrays,
-    call_spans,
-)
+from moe_offload.cache import POLICIES
+from moe_offload.predictor import make_predictor
 from moe_offload.predictor.synthetic import SyntheticTraceConfig, synthetic_trace
+from moe_offload.runtime.scheduler import ExpertLoad, plan_layer
+from moe_offload.runtime.tracing import TraceRecorder
+from moe_offload.simulate import RoutingArrays, Simulator, call_spans
 
 PROMPTS = [torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(n)) for n in (7, 5)]  # [1, S]
-
-
-class RoutingRecorder:
-    """RouterTap listener keeping each call's chosen experts and float32 scores (what the engine's policy sees)."""
-
-    def __init__(self, layers: int):
-        self.calls: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(layers)]
-        self.sequence: list[int] = []
-        self.decode: list[bool] = []
-        self._seq, self._first = 0, True
-
-    def __call__(self, layer, gate_input, probs, chosen) -> None:
-        self.calls[layer].append((chosen.cpu().numpy().copy(), probs.float().cpu().numpy().copy()))
-        if layer == 0:
-            self.sequence += [self._seq] * chosen.shape[0]
-            self.decode += [not self._first] * chosen.shape[0]
-            self._first = False
-
-    def next_sequence(self) -> None:
-        self._seq, self._first = self._seq + 1, True
-
-    def routing(self) -> RoutingArrays:
-        def stack(i: int) -> np.ndarray:
-            return np.stack([np.concatenate([c[i] for c in calls]) for calls in self.calls], axis=1)
-
-        return RoutingArrays(stack(0), stack(1), np.asarray(self.sequence), np.asarray(self.decode))
 
 
 def run_engine(path, **fields):
     """Greedy generation from PROMPTS on CPU; returns (stats, recorded routing)."""
     model = moe_offload.from_pretrained(path, device="cpu", dtype=torch.float32, progress=False, **fields)
-    recorder = RoutingRecorder(len(model.offload.moe_layers))
+    recorder = TraceRecorder(len(model.offload.moe_layers), gate_inputs=False, scores_dtype=torch.float32)
     model.offload.router_tap.add(recorder)
     for ids in PROMPTS:
         model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
         recorder.next_sequence()
-    return model.offload.stats, recorder.routing()
+    return model.offload.stats, RoutingArrays.of(recorder.trace({}))
 
 
 CASES = {  # (slots, allocation); mixtral: 3 MoE layers x 8 experts, deepseek_v3: 2 x 8
@@ -69,7 +40,7 @@ def test_simulator_matches_the_engine(checkpoints, family, policy):
     for slots, allocation in CASES[family]:
         stats, routing = run_engine(checkpoints[family], expert_slots=slots, cache_policy=policy,
                                     slot_allocation=allocation)
-        result = CacheSimulator(routing).run(policy, slots, allocation)
+        result = Simulator(routing).run(policy, slots, allocation)
         where = (family, policy, slots, allocation)
         assert result.hits_per_layer == tuple(stats.hits.tolist()), where
         assert result.misses_per_layer == tuple(stats.misses.tolist()), where
@@ -88,7 +59,7 @@ def random_routing(seed: int, tokens=300, layers=3, experts=8, k=2) -> RoutingAr
 
 @pytest.mark.parametrize("seed", range(4))
 def test_belady_bounds_every_policy(seed):
-    simulator = CacheSimulator(random_routing(seed))
+    simulator = Simulator(random_routing(seed))
     for slots, allocation in [(4, "global"), (8, "global"), (14, "global"), (6, "uniform"), (12, "uniform")]:
         bound = simulator.run("belady", slots, allocation).hits
         for policy in POLICIES:
@@ -97,7 +68,7 @@ def test_belady_bounds_every_policy(seed):
 
 def test_score_beats_lru_on_a_skewed_trace():
     trace = synthetic_trace(SyntheticTraceConfig(tokens=1000, layers=6, experts=32, top_k=4, skew=1.0, repeat=0.3))
-    simulator = CacheSimulator(RoutingArrays.of(trace))
+    simulator = Simulator(RoutingArrays.of(trace))
     for slots in (48, 96):   # 25% and 50% of the experts
         for allocation in ("global", "uniform"):
             score = simulator.run("score", slots, allocation).hit_rate
@@ -125,43 +96,37 @@ class UnitCost:
         return 2.0
 
 
-def test_copy_every_miss_overlaps_copies_with_resident_compute():
-    plan = CopyEveryMiss().plan([1, 1, 1, 1], [True, False, True, False], UnitCost())
+def test_copying_every_miss_overlaps_copies_with_resident_compute():
+    loads = [ExpertLoad(e, 1, resident=e % 2 == 0) for e in range(4)]
+    plan = plan_layer(loads, UnitCost(), "never")
     # hits run first (0.5 + 0.5 = 1.0); miss 1 lands at 1.0 -> ends 1.5; miss 2 lands at 2.0 -> ends 2.5
-    assert plan == MissPlan((0, 2, 1, 3), (), 2.5)
-    assert CopyEveryMiss().plan([1], [False], None).seconds == 0.0
+    assert plan.experts("resident") + plan.experts("copy") == [0, 2, 1, 3] and plan.finish_s == 2.5
 
 
 def test_simulated_time_bytes_and_tokens_per_s():
     ids = np.array([[[0]], [[1]], [[0]]])                                   # [N=3, L=1, k=1]
     routing = RoutingArrays(ids, None, np.zeros(3, int), np.ones(3, bool), num_experts=2)
-    result = CacheSimulator(routing, UnitCost(), bytes_per_expert=100).run("lru", 1)
+    result = Simulator(routing, UnitCost(), bytes_per_expert=100).run("lru", 1)
     # 0 miss (1.5 s), 1 miss evicts 0 (1.5 s), 0 miss (1.5 s)
     assert (result.hits, result.misses, result.bytes_copied) == (0, 3, 300)
     assert result.seconds == pytest.approx(4.5) and result.tokens_per_s == pytest.approx(3 / 4.5)
     assert result.bytes_copied_per_token == 100
 
 
-class AllMissesOnCpu:
-    def plan(self, tokens, resident, cost):
-        device = tuple(i for i, r in enumerate(resident) if r)
-        return MissPlan(device, tuple(i for i, r in enumerate(resident) if not r), 0.0)
-
-
 def test_misses_run_on_the_cpu_never_enter_the_cache():
-    result = CacheSimulator(random_routing(0), scheduler=AllMissesOnCpu()).run("lru", 8)
-    assert result.hits == 0 and result.copies == 0 and result.misses > 0
+    result = Simulator(random_routing(0), cpu_experts="always").run("lru", 8)
+    assert result.hits == 0 and result.copies == 0 and result.misses > 0 and result.bytes_copied == 0
 
 
-def test_predictor_scores_reach_the_policy_one_layer_ahead():
-    routing = random_routing(1, tokens=50)
+def test_predicted_shares_reach_the_policy_one_layer_ahead():
+    trace = synthetic_trace(SyntheticTraceConfig(tokens=60, layers=3, experts=8, top_k=2))
+    routing = RoutingArrays.of(trace)
     hints = []
-    policy = CacheSimulator(routing).make_policy("score")
-    policy.hint = lambda layer, scores: hints.append((layer, scores.shape))
-    CacheSimulator(routing, predicted_scores=routing.router_probs).run(policy, 6)
-    calls = len(routing.spans())
-    assert sorted(set(hints)) == [(1, (8,)), (2, (8,))] and len(hints) == 2 * calls
-    onehot = np.zeros(routing.router_probs.shape)                              # [N, L, E] the true experts
-    np.put_along_axis(onehot, routing.expert_ids, 1.0, axis=2)
-    plain = CacheSimulator(routing).run("score", 6).hits
-    assert CacheSimulator(routing, predicted_scores=onehot).run("score", 6).hits >= plain
+    simulator = Simulator(routing, predictor=lambda: make_predictor("oracle", replay_trace=trace))
+    policy = simulator.make_policy("score")
+    policy.hint = lambda layer, shares: hints.append((layer, shares.shape))
+    simulator.run(policy, 6)
+    assert sorted(set(hints)) == [(1, (8,)), (2, (8,))] and len(hints) == 2 * len(routing.spans())
+    plain = Simulator(routing).run("score", 6)
+    oracle = simulator.run("score", 6)
+    assert oracle.hits > plain.hits and oracle.prefetch_used == oracle.prefetch_copies > 0

@@ -9,9 +9,10 @@ import weakref
 
 import pytest
 import torch
-from copy_timing import load
 
 from moe_offload.models import shipped_model_dir
+
+from copy_timing import load
 
 FIELDS = dict(expert_slots=8, predictor="cross_layer", prefetch_depth=2, cpu_experts="auto",
               hardware="rtx4090-pcie4")

@@ -7,8 +7,8 @@ import ast
 import pytest
 import torch
 
+from moe_offload.corpus import read_text, stdlib_split
 from moe_offload.models import SHIPPED_MODELS, shipped_model_dir
-from moe_offload.models.corpus import read_text, stdlib_split
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402

@@ -7,12 +7,13 @@ import shutil
 
 import numpy as np
 import pytest
-from tiny_checkpoints import add_char_tokenizer
 
 from moe_offload.cli import main
+from moe_offload.corpus import read_prompts, stdlib_prompts
 from moe_offload.errors import MoEOffloadError
 from moe_offload.predictor import TRACE_VERSION, Trace, TraceFormatError
-from moe_offload.trace_cli import read_prompts, stdlib_prompts
+
+from tiny_checkpoints import add_char_tokenizer
 
 PROMPTS = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n", "import os\n"]
 
@@ -26,8 +27,8 @@ def model_dir(tmp_path_factory, mixtral_dir):
 def recorded(model_dir) -> Trace:
     from transformers import AutoTokenizer
 
-    from moe_offload.loader import from_pretrained
-    from moe_offload.tracing import record_trace
+    from moe_offload.loading.loader import from_pretrained
+    from moe_offload.runtime.tracing import record_trace
 
     model = from_pretrained(model_dir, device="cpu", progress=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -111,7 +112,7 @@ def test_read_prompts_jsonl_and_text(tmp_path):
 
 
 def test_stdlib_prompts_come_from_the_requested_split():
-    from moe_offload.models.corpus import read_file, stdlib_split
+    from moe_offload.corpus import read_file, stdlib_split
 
     train, held = stdlib_split()
     prompts = stdlib_prompts(3, held_out=True, lines=5)

@@ -1,0 +1,82 @@
+"""Arguments and helpers every command shares: the model and budget flags, the config they build,
+prompt sources, the tokenizer beside a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..corpus import PROMPT_LINES, read_prompts, stdlib_prompts
+from ..errors import MoEOffloadError
+from ..loading.config import OffloadConfig
+from .argtypes import positive_int
+
+DEFAULT_MODEL = "tiny-mixtral"
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--gpu-memory", help="device memory the model may use, e.g. 6GiB, 500MB")
+    group.add_argument("--expert-slots", type=positive_int, help="expert slots in the device cache")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"checkpoint directory or shipped model name (default {DEFAULT_MODEL})")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--dtype", help="float32, float16, bfloat16 (default: the checkpoint's)")
+    p.add_argument("--config", help="OffloadConfig YAML; flags override it")
+    add_budget_args(p)
+
+
+def offload_config(args: argparse.Namespace, **extra) -> OffloadConfig:
+    cfg = OffloadConfig.from_yaml(args.config) if getattr(args, "config", None) else OffloadConfig()
+    fields = {"device": args.device, "dtype": args.dtype, "gpu_memory": args.gpu_memory,
+              "expert_slots": args.expert_slots} | extra
+    return cfg.replace(**{k: v for k, v in fields.items() if v is not None})
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """--prompts | --stdlib-heldout N | --stdlib-train N (one required); returns the group."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", help=".jsonl (a JSON string or {\"prompt\": ...} per line) or text, "
+                                          "one prompt per line")
+    source.add_argument("--stdlib-heldout", type=positive_int, metavar="N",
+                        help="N prompts from standard-library files the shipped models never trained on")
+    source.add_argument("--stdlib-train", type=positive_int, metavar="N",
+                        help="N prompts from the shipped models' training files (for fitting predictors)")
+    p.add_argument("--prompt-lines", type=positive_int, default=PROMPT_LINES,
+                   help=f"lines of each stdlib file used as its prompt (default {PROMPT_LINES})")
+    return source
+
+
+def prompts_from_args(args: argparse.Namespace) -> list[str]:
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+    elif args.stdlib_heldout is not None:
+        prompts = stdlib_prompts(args.stdlib_heldout, held_out=True, lines=args.prompt_lines)
+    else:
+        prompts = stdlib_prompts(args.stdlib_train, held_out=False, lines=args.prompt_lines)
+    if not prompts:
+        raise MoEOffloadError("no prompts to trace (the prompts file is empty)")
+    return prompts
+
+
+def prompt_source(args: argparse.Namespace) -> str:
+    """How the prompts were chosen, for the trace's metadata."""
+    if args.prompts:
+        return f"file {Path(args.prompts).name}"
+    if args.stdlib_heldout is not None:
+        return f"stdlib-heldout {args.stdlib_heldout} x {args.prompt_lines} lines"
+    return f"stdlib-train {args.stdlib_train} x {args.prompt_lines} lines"
+
+
+def load_tokenizer(model):
+    """The tokenizer saved beside a loaded model's weights."""
+    from transformers import AutoTokenizer
+
+    directory = model.config._name_or_path
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError):
+        raise MoEOffloadError(f"{directory} has no tokenizer files; tracing needs them (tokenizer.json etc.)") from None

@@ -1,0 +1,44 @@
+"""`moe-offload info`: sizes of a checkpoint and what a memory budget holds."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_model_args, offload_config
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``info`` subcommand."""
+    p = subparsers.add_parser("info", help="sizes of a checkpoint and what a memory budget holds")
+    add_model_args(p)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..loading.loader import ModelParts
+
+    cfg = offload_config(args)
+    parts = ModelParts(args.model, cfg)
+    plan = parts.plan
+    from ..loading.budget import format_bytes
+
+    def gib(n: int) -> str:
+        return f"{format_bytes(n)} ({n:,} bytes)"
+
+    rows = [
+        ("model", f"{parts.directory} ({parts.hf_config.model_type}, {parts.dtype})"),
+        ("dense bytes", gib(plan.dense_bytes)),
+        ("expert bytes", gib(plan.expert_bytes)),
+        ("bytes per expert", gib(plan.bytes_per_expert)),
+        ("experts", f"{plan.num_experts} ({plan.num_moe_layers} MoE layers x {plan.experts_per_layer})"),
+        ("KV reserve", f"{gib(plan.kv_reserve_bytes)} for {cfg.kv_reserve_tokens} tokens"),
+        ("budget", gib(plan.budget_bytes) if plan.budget_bytes else
+         f"{cfg.expert_slots} expert slots" if cfg.expert_slots else "none (every expert gets a slot)"),
+        ("slots", f"{plan.slots} ({plan.slots / plan.num_experts:.1%} of experts)"),
+        ("one expert per MoE layer", "yes" if plan.one_per_layer else
+         f"no: {plan.slots} slots for {plan.num_moe_layers} MoE layers (layers share slots)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0

@@ -1,0 +1,174 @@
+"""`moe-offload sweep`: hit rate, bytes copied and tokens/s against the expert-cache budget, per policy.
+
+    moe-offload sweep --model tiny-mixtral --budgets 10%,25%,50%,75%,100% --policies lru,score,arc --out DIR
+    moe-offload sweep --model M --simulate --hardware h100-pcie5 --trace T.npz --policies lru,score,belady --out DIR
+    moe-offload sweep --model M --simulate --synthetic --budgets 4GiB,8GiB --out DIR
+
+Without --simulate every (policy, budget) loads the model on the local device
+and generates greedily from a few prompts, timing it and reading
+``model.offload.stats``; Belady needs the future and is skipped there. With
+--simulate a routing trace (--trace, --synthetic, or else recorded now from
+the same prompts) is replayed through the cache simulator and costed with a
+hardware profile. Writes DIR/sweep.csv, DIR/sweep.json and DIR/sweep.png.
+
+Budgets and result fields: see moe_offload.simulate.sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+from ..cache import ALLOCATIONS, POLICIES, SIMULATION_ONLY
+from ..errors import MoEOffloadError
+from ..loading.config import OffloadConfig
+from ..predictor.registry import PREDICTOR_NAMES
+from ..simulate.sweep import (
+    SweepSetup,
+    engine_rows,
+    parse_budgets,
+    runnable,
+    simulate_rows,
+    sweep_prompts,
+)
+from .argtypes import positive_int
+
+DEFAULT_BUDGETS = "10%,25%,50%,75%,100%"
+DEFAULT_POLICIES = "lru,score,arc,belady"
+RESULT_FIELDS = ("policy", "budget", "slots", "budget_bytes", "budget_fraction", "hit_rate",
+                 "bytes_copied_per_token", "tokens_per_s")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``sweep`` subcommand."""
+    p = subparsers.add_parser("sweep", help="hit rate and tokens/s against the expert-cache budget, per policy")
+    p.add_argument("--model", default="tiny-mixtral", help="checkpoint directory or shipped model name")
+    p.add_argument("--budgets", default=DEFAULT_BUDGETS,
+                   help=f"comma list of N%% or sizes like 6GiB (default {DEFAULT_BUDGETS.replace('%', '%%')})")
+    p.add_argument("--policies", default=DEFAULT_POLICIES,
+                   help=f"comma list of {', '.join([*POLICIES, *SIMULATION_ONLY])} ({DEFAULT_POLICIES})")
+    p.add_argument("--allocation", default="global", choices=ALLOCATIONS, help="slots per MoE layer (dp: simulation)")
+    p.add_argument("--simulate", action="store_true", help="replay a routing trace instead of running the model")
+    p.add_argument("--hardware", default="rtx4090-pcie4",
+                   help="hardware profile name or YAML, for --simulate (default rtx4090-pcie4)")
+    p.add_argument("--cpu-experts", choices=("never", "auto", "always"),
+                   help="miss placement: the hybrid scheduler (auto), copy every miss (never), every miss on the "
+                        "CPU (always); default: auto with --simulate, else the runtime's default for the device")
+    p.add_argument("--predictor", choices=("none", *PREDICTOR_NAMES),
+                   help="prefetch with this predictor, one layer ahead; with --simulate the runtime's prefetcher "
+                        "replays it over the trace (default: none), else the engine's (default: the device's)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--trace", help="routing trace .npz from `moe-offload trace` (with --simulate)")
+    source.add_argument("--synthetic", action="store_true", help="a synthetic trace shaped like the model")
+    p.add_argument("--synthetic-tokens", type=positive_int, default=4096)
+    p.add_argument("--prompts", type=positive_int, default=4,
+                   help="prompts per run (stdlib text with a tokenizer, else random)")
+    p.add_argument("--prompt-tokens", type=positive_int, default=64, help="tokens per prompt")
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated per prompt")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--dtype", help="float32, float16, bfloat16 (default: the checkpoint's)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=main)
+
+
+def parse_policies(text: str, simulate: bool) -> tuple[list[str], list[str]]:
+    """(policies to run, notes about skipped ones)."""
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in names if p not in POLICIES and p not in SIMULATION_ONLY]
+    if unknown or not names:
+        known = ", ".join([*POLICIES, *SIMULATION_ONLY])
+        raise MoEOffloadError(f"unknown cache policies {unknown}; choose from {known}")
+    if simulate:
+        return names, []
+    skipped = [p for p in names if p in SIMULATION_ONLY]
+    notes = [f"{p}: needs the future routing, simulation only (use --simulate); skipped" for p in skipped]
+    return [p for p in names if p not in SIMULATION_ONLY], notes
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_sweep(path: Path, rows: list[dict], title: str) -> None:
+    """Two panels against the budget (% of routed experts): hit rate, tokens/s; one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (hit_ax, speed_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["budget_fraction"])
+        x = [100 * r["budget_fraction"] for r in mine]
+        style = dict(marker="o", label=policy, linestyle="--" if policy in SIMULATION_ONLY else "-")
+        hit_ax.plot(x, [100 * r["hit_rate"] for r in mine], **style)
+        speed_ax.plot(x, [r["tokens_per_s"] for r in mine], **style)
+    hit_ax.set(xlabel="expert slots (% of routed experts)", ylabel="hit rate (%)", title="cache hit rate")
+    speed_ax.set(xlabel="expert slots (% of routed experts)", ylabel="tokens / s", title="throughput")
+    for ax in (hit_ax, speed_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(out: Path, payload: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "sweep.csv", payload["results"])
+    (out / "sweep.json").write_text(json.dumps(payload, indent=2) + "\n")
+    how = "simulated" if payload["simulated"] else "measured"
+    plot_sweep(out / "sweep.png", payload["results"],
+               f"{Path(payload['model']).name} on {payload['hardware']} ({how}; prefetch: {payload['predictor']}, "
+               f"CPU experts: {payload['cpu_experts']})")
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"{'policy':>8} {'budget':>8} {'slots':>6} {'hit rate':>9} {'MB/token':>10} {'tokens/s':>10}")
+    for r in rows:
+        print(f"{r['policy']:>8} {r['budget']:>8} {r['slots']:>6} {r['hit_rate']:>9.1%} "
+              f"{r['bytes_copied_per_token'] / 1e6:>10.3f} {r['tokens_per_s']:>10.1f}")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..loading.loader import ModelParts
+
+    cfg = OffloadConfig(device=args.device) if args.device else OffloadConfig()
+    cfg = cfg.replace(dtype=args.dtype) if args.dtype else cfg
+    if args.allocation == "dp" and not args.simulate:
+        raise MoEOffloadError("--allocation dp needs miss curves from a trace; use it with --simulate")
+    if (args.trace or args.synthetic) and not args.simulate:
+        raise MoEOffloadError("--trace and --synthetic replay a trace; add --simulate")
+    parts = ModelParts(args.model, cfg)
+    policies, notes = parse_policies(args.policies, args.simulate)
+    budgets = parse_budgets(args.budgets, parts)
+    prompts = [] if args.trace or args.synthetic else sweep_prompts(parts, args.prompts, args.prompt_tokens)
+    cpu_experts = args.cpu_experts or ("auto" if args.simulate else cfg.resolved_cpu_experts)
+    setup = SweepSetup(args.model, cfg.device, args.dtype, args.allocation, prompts, args.new_tokens, cfg.progress,
+                       cpu_experts, args.predictor, args.trace, args.synthetic_tokens if args.synthetic else 0,
+                       args.hardware)
+    runs = runnable(parts, setup, policies, budgets, notes)
+    if args.simulate:
+        rows = simulate_rows(parts, setup, runs, notes)
+        hardware = Path(args.hardware).stem
+    else:
+        rows = engine_rows(parts, setup, runs)
+        hardware = torch.cuda.get_device_name(cfg.torch_device) if cfg.on_cuda else "cpu"
+    payload = {"model": str(args.model), "hardware": hardware, "simulated": bool(args.simulate),
+               "allocation": args.allocation, "cpu_experts": cpu_experts,
+               "predictor": args.predictor or ("none" if args.simulate else cfg.resolved_predictor),
+               "notes": notes, "results": rows}
+    write_outputs(Path(args.out), payload)
+    print_rows(rows)
+    for note in notes:
+        print(f"[moe-offload] {note}")
+    print(f"[moe-offload] wrote {args.out}/sweep.csv, sweep.json, sweep.png")
+    return 0

@@ -1,0 +1,47 @@
+"""`moe-offload trace`: record a routing trace (experts, router scores, optional gate inputs) to .npz.
+
+    moe-offload trace --model tiny-mixtral --stdlib-heldout 40 --max-new-tokens 32 --out trace.npz --gate-inputs
+    moe-offload trace --model DIR --prompts prompts.jsonl --max-new-tokens 64 --out trace.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .argtypes import positive_int
+from .common import (
+    add_model_args,
+    add_prompt_args,
+    load_tokenizer,
+    offload_config,
+    prompt_source,
+    prompts_from_args,
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``trace`` subcommand."""
+    p = subparsers.add_parser("trace", help="record which experts each token picks (a routing trace, .npz)")
+    add_model_args(p)
+    add_prompt_args(p)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="greedy tokens generated per prompt")
+    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--gate-inputs", action="store_true",
+                   help="also store each MoE layer's router input (needed to fit and evaluate gate predictors)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..loading.loader import from_pretrained
+    from ..runtime.tracing import record_trace
+
+    prompts = prompts_from_args(args)
+    model = from_pretrained(args.model, offload_config(args))
+    trace = record_trace(model, load_tokenizer(model), prompts, args.max_new_tokens, gate_inputs=args.gate_inputs,
+                         progress=model.offload.config.progress)
+    trace.meta |= {"prompts": prompt_source(args), "max_new_tokens": args.max_new_tokens}
+    path = trace.save(args.out)
+    print(f"[moe-offload] traced {len(prompts)} prompts, {trace.num_tokens} tokens "
+          f"({int(trace.decode.sum())} generated), {trace.num_layers} MoE layers x {trace.num_experts} experts, "
+          f"top-{trace.top_k}{', with gate inputs' if trace.gate_inputs is not None else ''} -> {path}")
+    return 0

@@ -1,0 +1,237 @@
+"""OffloadConfig: every knob of an offloaded model in one frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..errors import MoEOffloadError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+CACHE_POLICIES = ("lru", "lfu", "score", "arc")
+SIMULATION_ONLY_POLICIES = ("belady",)
+SLOT_ALLOCATIONS = ("global", "uniform", "shallow")
+from ..runtime.scheduler import CPU_EXPERTS  # noqa: E402
+
+PREDICTORS = ("none", "cross_layer", "cross_layer_raw", "learned", "previous")
+from ..transfer.streams import BACKENDS as COPY_BACKENDS  # noqa: E402
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """'6GiB', '500MB', '1.5 gib' or a plain number of bytes -> int bytes."""
+    if isinstance(value, bool):
+        raise MoEOffloadError(f"memory size {value!r} is not a size; give bytes or a string like '6GiB'")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise MoEOffloadError(f"memory size must be positive, got {value}")
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise MoEOffloadError(
+            f"cannot read memory size {value!r}; use bytes or a number with a unit "
+            "such as '6GiB', '500MB', '1.5GB'"
+        )
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise MoEOffloadError(f"memory size must be positive, got {value!r}")
+    return size
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16; None or 'auto' -> None (checkpoint's)."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if str(value).lower() == "auto":
+        return None
+    name = str(value).lower().removeprefix("torch.")
+    if name not in _DTYPES:
+        raise MoEOffloadError(f"unknown dtype {value!r}; use one of float32, float16, bfloat16 or auto")
+    return _DTYPES[name]
+
+
+def parse_device(value: str) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' -> torch.device; anything else raises MoEOffloadError."""
+    supported = "use 'cuda', 'cuda:N' or 'cpu'"
+    if not isinstance(value, str):
+        raise MoEOffloadError(f"device {value!r} is not a device name; {supported}")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise MoEOffloadError(f"unknown device {value!r}; {supported}") from None
+    if device.type not in ("cuda", "cpu"):
+        raise MoEOffloadError(f"device {value!r} is not supported; {supported}")
+    return device
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """How an MoE model is split between device and host and how experts move.
+
+    Exactly one of ``gpu_memory`` (total device bytes the model may use: dense
+    weights + KV reserve + expert slots) and ``expert_slots`` sets the size of
+    the device expert cache; with neither, every routed expert gets a slot.
+    """
+
+    device: str = field(default_factory=default_device)
+    dtype: torch.dtype | None = None          # None: the checkpoint's dtype
+    gpu_memory: int | None = None             # bytes
+    expert_slots: int | None = None
+    cache_policy: str = "score"
+    score_alpha: float = 0.5                  # score policy: weight of the newest router scores (HybriMoE: 0.5)
+    score_top_p: int | None = None            # score policy: experts credited per call; None: each layer
+                                              # duels 2 * top_k (HybriMoE) against top_k
+    slot_allocation: str = "global"           # global | uniform | shallow: slots per MoE layer
+    kv_reserve_tokens: int = 2048             # KV cache kept free inside gpu_memory
+    workspace_bytes: int = 64 * 2**20         # activations and allocator slack inside gpu_memory
+    progress: bool = True                     # tqdm bar while loading experts
+    cpu_experts: str | None = None            # "auto": the scheduler picks copy or CPU per miss;
+                                              # "never": copy every miss; "always": every miss on the CPU;
+                                              # None: "auto" on CUDA, "never" on CPU
+    cpu_threads: int | None = None            # CPU kernel threads (default: all cores)
+    hardware: str | None = None               # hardware profile (YAML path, or name of a calibrated or shipped one);
+                                              # None: measured at load when the scheduler needs costs
+    predictor: str | None = None              # "none", "cross_layer", "learned", ...; None: cross_layer on CUDA
+    prefetch_depth: int = 1                   # layers ahead to prefetch
+    prefetch_width: int | None = None         # experts per token prefetched per layer (default: top-k)
+    copy_backend: str | None = None           # "cuda" (streams and events); on CPU "immediate" (a copy lands
+                                              # when issued) or "deferred" (copies land late, in a seeded random
+                                              # order their dependencies allow: tests); None: cuda or immediate
+    copy_seed: int = 0                        # deferred backend: seed of the landing order
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        if self.gpu_memory is not None:
+            object.__setattr__(self, "gpu_memory", parse_bytes(self.gpu_memory))
+        if self.gpu_memory is not None and self.expert_slots is not None:
+            raise MoEOffloadError("give either gpu_memory or expert_slots, not both")
+        if self.expert_slots is not None and int(self.expert_slots) < 1:
+            raise MoEOffloadError(f"expert_slots must be at least 1, got {self.expert_slots}")
+        if self.cache_policy in SIMULATION_ONLY_POLICIES:
+            raise MoEOffloadError(
+                f"cache_policy {self.cache_policy!r} needs the future routing and is simulation-only "
+                f"(moe-offload sweep --simulate); at runtime choose one of {', '.join(CACHE_POLICIES)}"
+            )
+        if self.cache_policy not in CACHE_POLICIES:
+            raise MoEOffloadError(
+                f"unknown cache_policy {self.cache_policy!r}; choose one of {', '.join(CACHE_POLICIES)}"
+            )
+        if not isinstance(self.score_alpha, (int, float)) or not 0.0 < self.score_alpha <= 1.0:
+            raise MoEOffloadError(f"score_alpha must be a number in (0, 1], got {self.score_alpha!r}")
+        if self.score_top_p is not None and (isinstance(self.score_top_p, bool) or not isinstance(
+                self.score_top_p, int) or self.score_top_p < 1):
+            raise MoEOffloadError(f"score_top_p must be an integer >= 1 (or null to duel 2 * top_k against top_k), "
+                                  f"got {self.score_top_p!r}")
+        if self.slot_allocation == "dp":
+            raise MoEOffloadError(
+                "slot_allocation 'dp' needs per-layer miss curves measured on a routing trace, so it exists only "
+                f"in the simulator (moe-offload sweep --simulate); at runtime choose one of {', '.join(SLOT_ALLOCATIONS)}"
+            )
+        if self.slot_allocation not in SLOT_ALLOCATIONS:
+            raise MoEOffloadError(
+                f"unknown slot_allocation {self.slot_allocation!r}; choose one of {', '.join(SLOT_ALLOCATIONS)}"
+            )
+        if self.cpu_experts is not None and self.cpu_experts not in CPU_EXPERTS:
+            raise MoEOffloadError(f"cpu_experts must be one of {', '.join(CPU_EXPERTS)}, got {self.cpu_experts!r}")
+        if self.predictor is not None and self.predictor not in PREDICTORS:
+            raise MoEOffloadError(f"unknown predictor {self.predictor!r}; choose one of {', '.join(PREDICTORS)}")
+        if self.prefetch_depth < 0 or (self.prefetch_width is not None and self.prefetch_width < 1):
+            raise MoEOffloadError("prefetch_depth must be >= 0 and prefetch_width >= 1")
+        if self.copy_backend is not None and self.copy_backend not in COPY_BACKENDS:
+            raise MoEOffloadError(f"copy_backend must be one of {', '.join(COPY_BACKENDS)}, got {self.copy_backend!r}")
+        device = parse_device(self.device)
+        if (self.copy_backend == "cuda") != (device.type == "cuda") and self.copy_backend is not None:
+            raise MoEOffloadError(f"copy_backend {self.copy_backend!r} does not run on device {self.device!r}; "
+                                  "use 'cuda' on a GPU and 'immediate' or 'deferred' on the CPU")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise MoEOffloadError("device 'cuda' requested but no CUDA GPU is visible; use device='cpu'")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.torch_device.type == "cuda"
+
+    @property
+    def resolved_cpu_experts(self) -> str:
+        """cpu_experts as the engine runs it; unset: the scheduler beside a GPU, plain copies on CPU."""
+        if self.cpu_experts is None:
+            return "auto" if self.on_cuda else "never"
+        return self.cpu_experts
+
+    @property
+    def policy_params(self) -> dict[str, Any]:
+        """Keyword arguments for cache_policy's class (the score policy's alpha and p)."""
+        if self.cache_policy != "score":
+            return {}
+        return {"alpha": float(self.score_alpha), "top_p": self.score_top_p}
+
+    @property
+    def resolved_copy_backend(self) -> str:
+        """copy_backend as the engine runs it; unset: streams on CUDA, immediate copies on CPU."""
+        if self.copy_backend is None:
+            return "cuda" if self.on_cuda else "immediate"
+        return self.copy_backend
+
+    @property
+    def resolved_predictor(self) -> str:
+        """predictor as the engine runs it; unset: the cross-layer gate on CUDA, none on CPU."""
+        if self.predictor is None:
+            return "cross_layer" if self.on_cuda else "none"
+        return self.predictor
+
+    def replace(self, **fields: Any) -> "OffloadConfig":
+        """A copy with ``fields`` changed; unknown names raise MoEOffloadError."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise MoEOffloadError(
+                f"unknown OffloadConfig field(s) {unknown}; known fields: {', '.join(sorted(known))}"
+            )
+        if "gpu_memory" in fields and fields["gpu_memory"] is not None:
+            fields.setdefault("expert_slots", None)
+        elif "expert_slots" in fields and fields["expert_slots"] is not None:
+            fields.setdefault("gpu_memory", None)
+        return dataclasses.replace(self, **fields)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "OffloadConfig":
+        """Load from a YAML mapping of field names to values."""
+        path = Path(path)
+        if not path.is_file():
+            raise MoEOffloadError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise MoEOffloadError(f"config file {path} is not valid YAML{where}: {problem}") from None
+        if not isinstance(data, dict):
+            raise MoEOffloadError(f"config file {path} must hold a mapping of OffloadConfig fields")
+        return cls().replace(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["dtype"] = None if self.dtype is None else str(self.dtype).removeprefix("torch.")
+        return out

@@ -1,0 +1,104 @@
+"""Hardware profiles and the cost model the scheduler and the simulator share.
+
+A HardwareProfile holds model-independent, measured or published rates (copy
+GB/s, memory GB/s, matmul FLOP/s, fixed costs). A CostModel applies one to an
+expert's size: every expert cost is a roofline, fixed + max(bytes / bandwidth,
+flops / throughput), as a function of the token count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..errors import MoEOffloadError
+from ..resources import shipped_path
+
+
+def shipped_profile_dir() -> Path:
+    """The hardware profiles shipped with the package (moe_offload/configs/hardware)."""
+    return shipped_path("moe_offload.configs", "hardware")
+
+
+def user_profile_dir() -> Path:
+    """Where `moe-offload calibrate` saves profiles: $XDG_CONFIG_HOME/moe-offload/hardware (~/.config/...)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "moe-offload" / "hardware"
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    h2d_gbps: float           # pinned host -> device copy bandwidth, GB/s
+    copy_latency_us: float    # fixed cost per expert copy
+    gpu_mem_gbps: float       # device memory read bandwidth reached by expert matmuls, GB/s
+    gpu_tflops: float         # matmul throughput at the model dtype, TFLOP/s
+    gpu_launch_us: float      # fixed cost of one expert on the device (kernel launches)
+    cpu_mem_gbps: float       # host memory read bandwidth reached by the CPU expert kernel, GB/s
+    cpu_gflops: float         # CPU expert kernel throughput, GFLOP/s
+    cpu_start_us: float       # fixed cost of one expert job on the CPU
+    source: str = ""          # where the numbers come from
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "HardwareProfile":
+        path = resolve_profile(path)
+        data = yaml.safe_load(path.read_text()) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = set(data) - known, {f.name for f in dataclasses.fields(cls) if f.name != "source"} - set(data)
+        if unknown or missing:
+            raise MoEOffloadError(f"hardware profile {path}: unknown fields {sorted(unknown)}, missing {sorted(missing)}")
+        return cls(**data)
+
+    def to_yaml(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
+        return path
+
+
+def resolve_profile(name_or_path: str | Path) -> Path:
+    """A YAML path, or a profile name: one saved by `calibrate` (user_profile_dir) or a shipped one ('h100-pcie5')."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    folders = (user_profile_dir(), shipped_profile_dir())
+    for folder in folders:
+        if (folder / f"{name_or_path}.yaml").is_file():
+            return folder / f"{name_or_path}.yaml"
+    names = sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
+    raise MoEOffloadError(f"hardware profile {name_or_path!r} not found; give a YAML path or one of {names}")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds for one expert: copying it, or running it on the device or the CPU for ``tokens`` tokens."""
+
+    profile: HardwareProfile
+    bytes_per_expert: int
+    flops_per_token: int      # 2 * 3 * H * I for a gated FFN
+
+    @classmethod
+    def for_expert(cls, profile: HardwareProfile, hidden: int, intermediate: int, element_size: int) -> "CostModel":
+        return cls(profile, 3 * hidden * intermediate * element_size, 6 * hidden * intermediate)
+
+    def copy_s(self) -> float:
+        p = self.profile
+        return p.copy_latency_us * 1e-6 + self.bytes_per_expert / (p.h2d_gbps * 1e9)
+
+    def gpu_s(self, tokens: int) -> float:
+        p = self.profile
+        if tokens <= 0:
+            return 0.0
+        return p.gpu_launch_us * 1e-6 + max(self.bytes_per_expert / (p.gpu_mem_gbps * 1e9),
+                                            tokens * self.flops_per_token / (p.gpu_tflops * 1e12))
+
+    def cpu_s(self, tokens: int) -> float:
+        p = self.profile
+        if tokens <= 0:
+            return 0.0
+        return p.cpu_start_us * 1e-6 + max(self.bytes_per_expert / (p.cpu_mem_gbps * 1e9),
+                                            tokens * self.flops_per_token / (p.cpu_gflops * 1e9))

@@ -1,0 +1,205 @@
+"""CallProtocol: the one order of an MoE layer call, shared by the engine and the simulator.
+
+T = tokens, E = experts per layer, k = experts per token, H = hidden size
+
+For one router call of MoE layer l:
+
+1. router (``on_router``, the RouterTap listener): the call's token counts per
+   expert, its router scores (when the policy wants them) and the predictor's
+   summary come back to the host in one readback; the policy is hinted with the
+   predicted shares of layer l+1, and prefetches for l+1..l+depth are queued.
+2. ``run``: prefetches aimed at l are settled -> residency is looked up -> the
+   scheduler plans (cost model, link backlog) -> hits and misses are counted ->
+   the policy observes the call -> demand copies start (the call's device
+   experts locked) -> the CPU-run experts start -> CPU-run misses fill free
+   slots -> each device expert, resident ones first, waits for its copy, runs
+   and is touched.
+
+What running an expert means belongs to the caller (``Compute``): the engine
+runs its FFN on the device or the CPU; the simulator's time comes from the
+plan. The copier is the engine's CopyEngine or the simulator's link model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from ..cache import ExpertCache, ExpertLayout
+from ..errors import MoEOffloadError
+from ..transfer.readback import HostReadback
+from .residency import DEMAND, PREFETCH, ExpertResidency
+from .scheduler import COPY, CPU, RESIDENT, ExpertLoad, Plan, plan_layer
+from .stats import OffloadStats
+
+
+@dataclass(frozen=True)
+class RouterRecord:
+    """What the host knows of one router call."""
+
+    counts: list[int]            # [E] tokens routed to each expert
+    probs: np.ndarray | None     # [T, E] router scores, when the cache policy wants them
+
+
+class Compute(Protocol):
+    """How a call's experts run: the engine computes them, the simulator only costs the plan."""
+
+    def cpu(self, experts: list[int], keys: list[int]) -> None:
+        """Start the CPU-run experts (possibly none), before the device ones."""
+
+    def device(self, expert: int, slot: int) -> None:
+        """Run ``expert`` from device slot ``slot`` (its copy has landed)."""
+
+
+class Costed:
+    """Compute for the simulator: nothing runs; the call's time is the plan's."""
+
+    def cpu(self, experts: list[int], keys: list[int]) -> None:
+        pass
+
+    def device(self, expert: int, slot: int) -> None:
+        pass
+
+
+class CallProtocol:
+    """Per MoE layer call: residency, plan, copies, compute, observe (see the module docstring).
+
+    ``copier``: a CopyEngine, or anything with its copy-in calls (``copy``,
+    ``prefetch``, ``cancel``, ``expedite``, ``busy_keys``, ``backlog_bytes``,
+    ``landed``, ``wait``, ``done_reading``, ``pump``). ``cpu_experts``: 'never'
+    copies every miss, 'always' runs every miss on the CPU, 'auto' lets the
+    scheduler choose with ``costs``. ``prefetcher`` (set after construction):
+    a Prefetcher built on ``residency``, or None.
+    """
+
+    def __init__(self, layout: ExpertLayout, cache: ExpertCache, copier, stats: OffloadStats,
+                 cpu_experts: str = "never", costs=None, device: torch.device | str = "cpu"):
+        if cpu_experts == "auto" and costs is None:
+            raise ValueError("cpu_experts='auto' needs a cost model")
+        self.layout = layout
+        self.cache = cache
+        self.copier = copier
+        self.stats = stats
+        self.cpu_experts = cpu_experts
+        self.costs = costs
+        self.residency = ExpertResidency(cache, copier, stats, layout.experts_per_layer)
+        self.prefetcher = None
+        self.readback = HostReadback(torch.device(device))     # the router call's numbers, one copy per layer
+        self._routed: dict[int, RouterRecord] = {}
+
+    # -- 1. the router call ------------------------------------------------------------------------------------
+    def on_router(self, layer: int, gate_input: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> None:
+        """RouterTap listener, just before the layer's experts: one readback brings back the token counts,
+        the router scores the policy wants and the predictor's summary; then ``route``."""
+        experts = self.layout.experts_per_layer
+        parts = [torch.bincount(chosen.reshape(-1), minlength=experts)]                 # [E]
+        if self.cache.policy.wants_router_probs:
+            parts.append(probs)                                                          # [T, E]
+        summary = [] if self.prefetcher is None else self.prefetcher.summarize(layer, gate_input, probs, chosen)
+        host = self.readback.read(parts + summary)
+        scores = host[1].reshape(probs.shape) if len(parts) > 1 else None
+        self.route(layer, RouterRecord(host[0].astype(np.int64).tolist(), scores), host[len(parts):])
+
+    def route(self, layer: int, record: RouterRecord, summary: list[np.ndarray] = ()) -> None:
+        """Host half of a router call: keep its record for ``run``, hint the policy with the predicted
+        next-layer shares, queue the prefetches. ``summary``: the prefetcher's parts, read back."""
+        self._routed[layer] = record
+        if self.prefetcher is None:
+            return
+        prediction = self.prefetcher.read(layer, summary)
+        if prediction.shares is not None and self.cache.policy.uses_hints:
+            self.cache.policy.hint(layer + 1, prediction.shares)
+        self.prefetcher.issue(layer, prediction, [e for e, n in enumerate(record.counts) if n])
+
+    def record(self, layer: int, ids: torch.Tensor) -> RouterRecord:
+        """The router call's record for the experts call with flat ids ``ids`` [T*k]; read here when the
+        router hook did not run for this call."""
+        record = self._routed.pop(layer, None)
+        if record is None or sum(record.counts) != ids.numel():
+            counts = self.readback.read([torch.bincount(ids, minlength=self.layout.experts_per_layer)])[0]
+            return RouterRecord(counts.astype(np.int64).tolist(), None)
+        return record
+
+    # -- 2. the experts call -----------------------------------------------------------------------------------
+    def run(self, layer: int, tokens: int, record: RouterRecord, compute: Compute) -> Plan:
+        """Run one experts call of ``tokens`` tokens routed as ``record``; returns the scheduler's plan."""
+        selected = [e for e, n in enumerate(record.counts) if n]
+        keys = {e: self.layout.key(layer, e) for e in selected}
+        if self.prefetcher is not None:
+            self.prefetcher.begin_layer(layer, set(keys.values()))
+        slots = {e: self.cache.lookup(key) for e, key in keys.items()}   # -1: not resident
+        plan = self.plan(slots, record.counts)
+        resident_now = {e for e, slot in slots.items() if slot >= 0}
+        self._count(layer, tokens, plan, resident_now)
+        self._observe(layer, selected, record.probs)
+        resident, copied, on_cpu = plan.experts(RESIDENT), plan.experts(COPY), plan.experts(CPU)
+        device = resident + copied                 # resident first, while copies land
+        locked = {keys[e] for e in device}         # device experts not yet run: never evicted
+        for e in resident:
+            self.residency.expedite(keys[e])       # a prefetch still queued is a demand now
+        for e in copied:                           # start copies now, into slots this call does not need
+            if self.residency.copy_in(keys[e], DEMAND, locked) is None:
+                break
+        compute.cpu(on_cpu, [keys[e] for e in on_cpu])
+        self._fill(layer, [keys[e] for e in on_cpu])
+        for e in device:
+            key = keys[e]
+            slot = self._slot(key, locked)
+            self.copier.wait(slot, key)
+            compute.device(e, slot)
+            self.copier.done_reading(slot)
+            self.copier.pump()                     # keep prefetch chunks flowing between experts
+            locked.discard(key)
+            self.cache.touch(key)
+        return plan
+
+    def plan(self, slots: dict[int, int], counts: list[int]) -> Plan:
+        """Where each selected expert runs (``slots``: expert -> slot or -1). In 'auto' a new copy queues
+        behind the bytes already on the link, and a resident expert still in flight is ready when it lands."""
+        backlog = 0.0
+        if self.cpu_experts == "auto":
+            pending = self.copier.backlog_bytes()
+            backlog = pending / (self.costs.profile.h2d_gbps * 1e9) if pending else 0.0
+        loads = []
+        for e, slot in slots.items():
+            in_flight = slot >= 0 and self.cpu_experts == "auto" and not self.copier.landed(slot)
+            loads.append(ExpertLoad(e, counts[e], resident=slot >= 0,
+                                    ready_s=backlog + self.costs.copy_s() if in_flight else 0.0))
+        return plan_layer(loads, self.costs, self.cpu_experts, copy_backlog_s=backlog)
+
+    def _slot(self, key: int, locked: set[int]) -> int:
+        slot = self.cache.lookup(key)
+        if slot >= 0:
+            return slot
+        slot = self.residency.copy_in(key, DEMAND, locked)   # no slot was free when the call's copies started
+        if slot is None:
+            raise MoEOffloadError(f"no evictable slot for expert {key}: every slot of its pool is in use by this "
+                                  "layer call; give the layer more expert slots")
+        return slot
+
+    def _fill(self, layer: int, cpu_keys: list[int]) -> None:
+        """Experts the CPU runs now also take free slots, copied at low priority, so later calls hit.
+        Only free slots: nothing resident is evicted for them. Only in 'auto' (no copies in 'always')."""
+        if self.cpu_experts != "auto":
+            return
+        for key in cpu_keys:   # (the scheduler may also run a resident expert on the CPU)
+            if self.cache.lookup(key) < 0 and self.residency.copy_in(key, PREFETCH, evict=False) is not None:
+                self.stats.cpu_fills[layer] += 1
+
+    def _observe(self, layer: int, selected: list[int], probs: np.ndarray | None) -> None:
+        policy = self.cache.policy
+        if policy.wants_router_probs and probs is not None:
+            policy.observe(layer, selected, probs)   # [T, E] host scores, read back with the router's
+        else:
+            policy.observe(layer, selected)
+
+    def _count(self, layer: int, tokens: int, plan: Plan, resident: set[int]) -> None:
+        """Hits: selected experts resident when the call ran (wherever the plan runs them)."""
+        self.stats.layer_calls[layer] += 1
+        self.stats.tokens[layer] += tokens
+        self.stats.hits[layer] += len(resident)
+        self.stats.misses[layer] += len(plan.placement) - len(resident)
+        self.stats.cpu_experts[layer] += sum(e not in resident for e in plan.experts(CPU))

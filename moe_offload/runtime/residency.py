@@ -1,0 +1,61 @@
+"""ExpertResidency: the one copy-in path into the device expert cache.
+
+Every copy into a slot, for whichever reason (a demand miss, a prefetch, a
+CPU-run expert filling a free slot, a preload), goes through ``copy_in``: the
+cache picks the slot (a free one, else its policy's victim, experts with a copy
+in flight last), the victim's queued prefetch is cancelled so it never lands
+over the new expert, the eviction is counted, and the copy engine issues the
+copy behind the slot's last reader and writer. ``drop`` undoes a prefetch that
+turned out stale, freeing only what is still resident.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from ..cache import ExpertCache
+from .stats import OffloadStats
+
+DEMAND, PREFETCH = "demand", "prefetch"
+
+
+class ExpertResidency:
+    """Slots from ``cache``, copies through ``copier`` (a CopyEngine), counts in ``stats``."""
+
+    def __init__(self, cache: ExpertCache, copier, stats: OffloadStats, num_experts: int):
+        self.cache = cache
+        self.copier = copier
+        self.stats = stats
+        self.num_experts = num_experts
+
+    def copy_in(self, key: int, kind: str = DEMAND, locked: Collection[int] = (), evict: bool = True) -> int | None:
+        """Give missing expert ``key`` a slot and start its copy (demand: now; prefetch: queued at low
+        priority). Never evicts a key in ``locked``; with ``evict=False`` only a free slot is taken.
+        Returns the slot, or None when no slot could be had."""
+        if self.cache.lookup(key) >= 0:
+            raise ValueError(f"expert {key} is already resident")
+        busy = self.copier.busy_keys() if evict else ()
+        got = self.cache.acquire(key, locked, evict=evict, busy=busy)
+        if got is None:
+            return None
+        slot, evicted = got
+        if evicted >= 0:
+            self.copier.cancel(evicted)     # its queued chunks must never land over ``key``
+            self.stats.evictions[evicted // self.num_experts] += 1
+        if kind == DEMAND:
+            self.copier.copy(key, slot)
+        else:
+            self.copier.prefetch(key, slot)
+        return slot
+
+    def expedite(self, key: int) -> bool:
+        """A resident expert whose prefetch is still queued is needed now: the rest is a demand copy."""
+        return self.copier.expedite(key)
+
+    def drop(self, key: int) -> bool:
+        """A prefetch found stale: cancel its queued copy and free its slot. True if it was cancelled;
+        a copy already on the stream is left to land and the expert stays resident."""
+        if not self.copier.cancel(key):
+            return False
+        self.cache.release(key)     # only if still resident: an evicted key's queue entry is gone already
+        return True

@@ -1,0 +1,198 @@
+"""Simulator: replays a routing trace through the runtime's own call protocol, costed by a model.
+
+G = router-call spans, L = MoE layers, E = experts per layer, N = tokens, k = experts per token, H = hidden size
+
+A replay builds what the engine builds (ExpertCache over bookkeeping-only
+slots, the policy and slot pools, OffloadStats, the CallProtocol and, with a
+predictor, the runtime's Prefetcher) and makes, for every router call, the
+engine's two calls: the router's (``route``, or ``on_router`` when
+prefetching: the predictor reads the trace's gate inputs) and the experts'
+(``run``). Only the copier and the compute differ: copies go to a
+SimulatedLink, which counts them and lands them at once, and nothing is
+computed. Prompts replay as one call per layer, generated tokens one call
+each (``calls.call_spans``).
+
+Time per call is the scheduler's plan under the cost model (the same
+``plan_layer`` the engine runs), and at least the link time of every copy the
+call started (demand copies, background fills and prefetches); it counts the
+routed experts only (attention and the other dense parts are the same for
+every policy and budget, and are left out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ..cache import (
+    SIMULATION_ONLY,
+    BeladyPolicy,
+    CachePolicy,
+    ExpertCache,
+    ExpertSlots,
+    SlotPools,
+    make_policy,
+    slot_pools,
+)
+from ..runtime.prefetch import Prefetcher
+from ..runtime.protocol import CallProtocol, Costed, RouterRecord
+from ..runtime.stats import OffloadStats
+from .calls import RouterCall, RoutingArrays, router_calls
+from .link import SimulatedLink
+from .miss_curves import lru_miss_curves
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    policy: str
+    allocation: str
+    slots: int
+    tokens: int
+    hits: int
+    misses: int
+    copies: int                 # misses copied into the cache
+    bytes_copied: int
+    seconds: float              # projected routed-expert time of the whole trace
+    hits_per_layer: tuple[int, ...]
+    misses_per_layer: tuple[int, ...]
+    cpu_fills: int = 0          # CPU-run experts also copied into free slots (bytes in bytes_copied)
+    prefetch_copies: int = 0    # experts copied by prefetch (their bytes are in bytes_copied)
+    prefetch_used: int = 0      # prefetched experts their layer then selected
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 1.0
+
+    @property
+    def bytes_copied_per_token(self) -> float:
+        return self.bytes_copied / self.tokens if self.tokens else 0.0
+
+    @property
+    def seconds_per_token(self) -> float:
+        return self.seconds / self.tokens if self.tokens else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"hit_rate": self.hit_rate, "bytes_copied_per_token": self.bytes_copied_per_token,
+                               "seconds_per_token": self.seconds_per_token, "tokens_per_s": self.tokens_per_s}
+
+
+class Simulator:
+    """Replays ``routing`` for any policy, allocation and slot count.
+
+    ``cost``: anything with copy_s(), gpu_s(tokens), cpu_s(tokens) (e.g. a
+    CostModel), or None for hit rates only. ``cpu_experts``: how misses are
+    placed, as OffloadConfig.cpu_experts ('auto' needs ``cost``).
+    ``predictor``: makes a fresh Predictor per run; the runtime's Prefetcher
+    then prefetches ``prefetch_depth`` layers ahead, ``prefetch_width``
+    experts per token (default: top-k). ``miss_curves`` [L, E+1] for the 'dp'
+    allocation, measured on another trace; by default they are measured on
+    ``routing`` itself (in-sample, so optimistic).
+    """
+
+    def __init__(self, routing: RoutingArrays, cost=None, bytes_per_expert: int = 0, cpu_experts: str = "never",
+                 predictor: Callable[[], object] | None = None, prefetch_depth: int = 1,
+                 prefetch_width: int | None = None, miss_curves: np.ndarray | None = None):
+        self.routing = routing
+        self.layout = routing.layout
+        self.cost = cost
+        self.bytes_per_expert = int(bytes_per_expert)
+        self.cpu_experts = cpu_experts
+        self.predictor = predictor
+        self.prefetch_depth = prefetch_depth
+        self.prefetch_width = prefetch_width or self.layout.top_k
+        self.calls: list[list[RouterCall]] = router_calls(routing)   # [G][L]
+        self._miss_curves = miss_curves
+        self._ids = torch.from_numpy(np.asarray(routing.expert_ids, dtype=np.int64))   # [N, L, k]
+        self._tensors = self._router_tensors() if predictor is not None else None
+
+    def _router_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate inputs [N, L, H], router scores [N, L, E], chosen [N, L, k]) for the prefetcher."""
+        routing = self.routing
+        if routing.router_probs is None:
+            raise ValueError("prefetch replay needs the trace's router scores")
+        predictor = self.predictor()   # one made now, so a missing input fails before any run
+        if predictor.needs_gate_inputs and routing.gate_inputs is None:
+            raise ValueError(f"predictor {predictor.name!r} needs gate inputs; record the trace with them "
+                             "(moe-offload trace --gate-inputs)")
+        probs = torch.from_numpy(np.asarray(routing.router_probs, dtype=np.float32))
+        if routing.gate_inputs is not None:
+            gates = torch.from_numpy(np.asarray(routing.gate_inputs, dtype=np.float32))
+        else:
+            gates = torch.zeros(*self._ids.shape[:2], 0)
+        return gates, probs, self._ids
+
+    def miss_curves(self) -> np.ndarray:
+        """[L, E+1] per-layer miss curves for the 'dp' allocation (given, or LRU curves of this trace)."""
+        if self._miss_curves is None:
+            self._miss_curves = lru_miss_curves(self.routing)
+        return self._miss_curves
+
+    def make_policy(self, name: str, **params) -> CachePolicy:
+        """A fresh policy ``name``; Belady gets this trace's future."""
+        if name in SIMULATION_ONLY:
+            return BeladyPolicy(self.layout, [call.keys for calls in self.calls for call in calls])
+        return make_policy(name, self.layout, **params)
+
+    def pools(self, allocation: str | SlotPools, num_slots: int) -> SlotPools:
+        if isinstance(allocation, SlotPools):
+            return allocation
+        curves = self.miss_curves() if allocation == "dp" else None
+        return slot_pools(allocation, num_slots, self.layout, curves)
+
+    def run(self, policy: str | CachePolicy, num_slots: int, allocation: str | SlotPools = "global",
+            **policy_params) -> SimulationResult:
+        """Replay the whole trace from an empty cache of ``num_slots`` slots."""
+        num_slots = min(int(num_slots), self.layout.num_keys)
+        policy = self.make_policy(policy, **policy_params) if isinstance(policy, str) else policy
+        cache = ExpertCache(ExpertSlots.bookkeeping(num_slots, self.layout.num_keys), policy,
+                            self.pools(allocation, num_slots))
+        stats = OffloadStats(self.layout.num_layers, self.bytes_per_expert)
+        link = SimulatedLink()
+        protocol = CallProtocol(self.layout, cache, link, stats, self.cpu_experts, self.cost)
+        if self.predictor is not None:
+            protocol.prefetcher = Prefetcher(self.predictor(), protocol.residency, self.layout, stats,
+                                             self.prefetch_depth, self.prefetch_width)
+        seconds = 0.0
+        for calls in self.calls:
+            for call in calls:
+                seconds += self._replay(protocol, link, call)
+        name = allocation if isinstance(allocation, str) else "custom"
+        return SimulationResult(policy.name, name, num_slots, self.routing.num_tokens, int(stats.hits.sum()),
+                                int(stats.misses.sum()), link.demand, link.copies * self.bytes_per_expert, seconds,
+                                tuple(stats.hits.tolist()), tuple(stats.misses.tolist()), int(stats.cpu_fills.sum()),
+                                int((stats.prefetch_issued - stats.prefetch_cancelled).sum()),
+                                int(stats.prefetch_used.sum()))
+
+    def _replay(self, protocol: CallProtocol, link: SimulatedLink, call: RouterCall) -> float:
+        """One router call, as the engine makes it; returns its projected seconds."""
+        before = link.copies
+        layer, rows = call.layer, slice(call.start, call.end)
+        if self._tensors is not None:
+            gates, probs, ids = (x[rows, layer] for x in self._tensors)
+            protocol.on_router(layer, gates, probs, ids)
+        else:
+            protocol.route(layer, self._record(call))
+        record = protocol.record(layer, self._ids[rows, layer].reshape(-1))
+        plan = protocol.run(layer, call.end - call.start, record, Costed())
+        if self.cost is None:
+            return 0.0
+        return max(plan.finish_s, (link.copies - before) * self.cost.copy_s())
+
+    def _record(self, call: RouterCall) -> RouterRecord:
+        """The call's host record from the trace: token counts per expert and, for the policy, its scores."""
+        experts = self.layout.experts_per_layer
+        counts = [0] * experts
+        for key, tokens in zip(call.keys, call.tokens):
+            counts[key - call.layer * experts] = tokens
+        probs = self.routing.router_probs
+        if probs is not None:
+            probs = np.asarray(probs[call.start : call.end, call.layer], dtype=np.float32)   # [T, E]
+        return RouterRecord(counts, probs)

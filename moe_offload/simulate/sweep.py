@@ -1,0 +1,234 @@
+"""Budget sweeps: hit rate, bytes copied and tokens/s of each (policy, budget), run on the engine or simulated.
+
+Budgets: "25%" = that share of the model's routed experts get slots; "6GiB" =
+total device memory, split by loading.budget.plan_memory. In the results
+``budget_bytes`` is the expert cache (slots x bytes per expert) and
+``budget_fraction`` = slots / routed experts. ``tokens_per_s`` counts every
+processed token (prompt and generated); simulated time covers the routed
+experts only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import MoEOffloadError
+from ..loading.config import OffloadConfig, parse_bytes
+from .calls import RoutingArrays
+from .simulator import Simulator
+
+
+@dataclass(frozen=True)
+class Budget:
+    label: str     # as given: "25%" or "6GiB"
+    slots: int
+
+
+@dataclass(frozen=True)
+class SweepSetup:
+    """What every run of one sweep shares."""
+
+    model: str
+    device: str
+    dtype: str | None
+    allocation: str
+    prompts: list[torch.Tensor]      # [1, S] token ids each
+    new_tokens: int
+    progress: bool
+    cpu_experts: str = "never"       # how misses are placed (OffloadConfig.cpu_experts)
+    predictor: str | None = None     # prefetch predictor; None: the engine's default (simulation: none)
+    trace: str | None = None         # simulation: replay this trace file ...
+    synthetic_tokens: int = 0        # ... or a synthetic trace of this many tokens; neither: record one now
+    hardware: str = "rtx4090-pcie4"  # simulation: the hardware profile that costs the runs
+
+
+def parse_budgets(text: str, parts) -> list[Budget]:
+    """'10%,6GiB' -> Budgets with slot counts for the model of ``parts`` (a loader.ModelParts)."""
+    from ..loading.budget import plan_memory
+
+    plan = parts.plan
+    budgets = []
+    for label in (b.strip() for b in text.split(",") if b.strip()):
+        if label.endswith("%"):
+            try:
+                share = float(label[:-1]) / 100
+            except ValueError:
+                raise MoEOffloadError(f"cannot read budget {label!r}; use e.g. 25% or 6GiB") from None
+            if not 0 < share <= 1:
+                raise MoEOffloadError(f"budget {label} must be in (0%, 100%]")
+            slots = max(1, round(share * plan.num_experts))
+        elif label[-1:].isalpha():
+            cfg = OffloadConfig(device="cpu", gpu_memory=parse_bytes(label))
+            slots = plan_memory(cfg, plan.dense_bytes, plan.bytes_per_expert, plan.num_moe_layers,
+                                plan.experts_per_layer,
+                                parts.adapter.kv_bytes_per_token(parts.hf_config, parts.dtype.itemsize)).slots
+        else:
+            raise MoEOffloadError(f"budget {label!r} needs a unit: a share like 25% or a size like 6GiB")
+        budgets.append(Budget(label, slots))
+    if not budgets:
+        raise MoEOffloadError("no budgets given; use e.g. --budgets 10%,25%,50%")
+    return budgets
+
+
+def sweep_prompts(parts, count: int, tokens: int) -> list[torch.Tensor]:
+    """[1, tokens] ids each: held-out stdlib text when the model has a tokenizer, else random ids."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(parts.directory)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    if tokenizer is not None:
+        from ..corpus import stdlib_prompts
+
+        texts = stdlib_prompts(count, held_out=True)
+        return [tokenizer(text, return_tensors="pt").input_ids[:, :tokens] for text in texts]
+    generator = torch.Generator().manual_seed(0)
+    vocab = parts.hf_config.vocab_size
+    return [torch.randint(0, vocab, (1, tokens), generator=generator) for _ in range(count)]
+
+
+def result_row(policy: str, budget: Budget, plan, hit_rate: float, bytes_per_token: float,
+               tokens_per_s: float) -> dict:
+    return {"policy": policy, "budget": budget.label, "slots": budget.slots,
+            "budget_bytes": budget.slots * plan.bytes_per_expert, "budget_fraction": budget.slots / plan.num_experts,
+            "hit_rate": float(hit_rate), "bytes_copied_per_token": float(bytes_per_token),
+            "tokens_per_s": float(tokens_per_s)}
+
+
+def run_engine(setup: SweepSetup, policy: str, slots: int) -> tuple[float, float, float]:
+    """(hit rate, bytes copied per token, tokens/s) of greedy generation on the local device."""
+    from ..loading.loader import from_pretrained
+
+    model = from_pretrained(setup.model, device=setup.device, dtype=setup.dtype, expert_slots=slots,
+                            cache_policy=policy, slot_allocation=setup.allocation, cpu_experts=setup.cpu_experts,
+                            predictor=setup.predictor, progress=False)
+    device = model.device
+    gen = dict(max_new_tokens=setup.new_tokens, min_new_tokens=setup.new_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        synchronize(device)
+        start = time.perf_counter()
+        for ids in setup.prompts:
+            model.generate(ids.to(device), **gen)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    stats = model.offload.stats
+    tokens = int(stats.tokens[0])   # token rows the first MoE layer processed: prompts + generated
+    return stats.hit_rate, float(stats.bytes_copied.sum()) / tokens, tokens / seconds
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sweep_trace(parts, setup: SweepSetup):
+    """The routing trace to replay: ``setup.trace``, a synthetic one, or recorded now from the prompts."""
+    from ..predictor import Trace, TraceFormatError
+
+    layers, experts = len(parts.sites), parts.num_experts
+    if setup.trace:
+        try:
+            trace = Trace.load(setup.trace)
+        except TraceFormatError as err:
+            raise MoEOffloadError(str(err)) from None
+        if (trace.num_layers, trace.num_experts) != (layers, experts):
+            raise MoEOffloadError(f"trace {setup.trace} has {trace.num_layers} MoE layers x {trace.num_experts} "
+                                  f"experts but the model has {layers} x {experts}; trace this model")
+        return trace
+    if setup.synthetic_tokens:
+        from ..predictor.synthetic import SyntheticTraceConfig, synthetic_trace
+
+        return synthetic_trace(SyntheticTraceConfig(tokens=setup.synthetic_tokens, layers=layers, experts=experts,
+                                                    top_k=parts.hf_config.num_experts_per_tok))
+    return record_prompts(setup)
+
+
+def record_prompts(setup: SweepSetup):
+    """Trace greedy generation from the sweep's prompts (every expert resident)."""
+    from ..loading.loader import from_pretrained
+    from ..runtime.tracing import record_trace
+
+    model = from_pretrained(setup.model, device=setup.device, dtype=setup.dtype, progress=False)
+    return record_trace(model, None, setup.prompts, setup.new_tokens, gate_inputs=setup.predictor in
+                        GATE_INPUT_PREDICTORS, progress=False, min_new_tokens=setup.new_tokens)
+
+
+GATE_INPUT_PREDICTORS = ("cross_layer", "cross_layer_raw", "learned")   # they read each layer's gate input
+
+
+def predictor_maker(setup: SweepSetup, trace, model_dir: Path, notes: list[str]):
+    """A maker of fresh predictors ``setup.predictor`` for the simulator's prefetcher, or None."""
+    from ..predictor import make_predictor
+
+    name = setup.predictor
+    if name in (None, "none"):
+        return None
+    if name in GATE_INPUT_PREDICTORS and trace.gate_inputs is None:
+        raise MoEOffloadError(f"--predictor {name} needs gate inputs in the trace; record it with "
+                              "`moe-offload trace --gate-inputs` (a --synthetic trace has none)")
+    params = model_router_params(setup) if name in GATE_INPUT_PREDICTORS else None
+    if name in ("popularity", "eam"):
+        notes.append(f"predictor {name} is fitted on the replayed trace itself (in-sample)")
+
+    def make():
+        try:
+            return make_predictor(name, params, fit_trace=trace, replay_trace=trace, model_dir=model_dir)
+        except (ValueError, FileNotFoundError) as err:
+            raise MoEOffloadError(f"predictor {name!r}: {err}") from None
+    make()   # fail before the runs start
+    return make
+
+
+def model_router_params(setup: SweepSetup):
+    """The model's router tensors, on the CPU (loads the model once on the CPU)."""
+    from ..loading.loader import from_pretrained
+    from ..loading.router_params import router_params
+
+    model = from_pretrained(setup.model, device="cpu", dtype=setup.dtype, expert_slots=1, progress=False)
+    return router_params(model).to("cpu")
+
+
+def runnable(parts, setup: SweepSetup, policies: list[str], budgets: list[Budget],
+             notes: list[str]) -> list[tuple[str, Budget]]:
+    """(policy, budget) pairs to run; a per-layer allocation skips budgets below one slot per layer."""
+    layers = len(parts.sites)
+    too_small = [b for b in budgets if setup.allocation != "global" and b.slots < layers]
+    for b in too_small:
+        notes.append(f"{b.label}: {b.slots} slots < {layers} MoE layers, too few for the "
+                     f"{setup.allocation!r} allocation; skipped")
+    return [(p, b) for p in policies for b in budgets if b not in too_small]
+
+
+def simulate_rows(parts, setup: SweepSetup, runs: list[tuple[str, Budget]], notes: list[str]) -> list[dict]:
+    """One row per run, replayed by the simulator and costed with ``setup.hardware``."""
+    from ..runtime.cost import CostModel, HardwareProfile
+
+    trace = sweep_trace(parts, setup)
+    profile = HardwareProfile.from_yaml(setup.hardware)
+    cost = CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize)
+    simulator = Simulator(RoutingArrays.of(trace), cost, parts.plan.bytes_per_expert, setup.cpu_experts,
+                          predictor=predictor_maker(setup, trace, parts.directory, notes))
+    rows = []
+    for policy, budget in tqdm(runs, desc="sweep (simulated)", unit="run", disable=not setup.progress):
+        try:
+            result = simulator.run(policy, budget.slots, setup.allocation)
+        except ValueError as err:
+            raise MoEOffloadError(f"{policy} at {budget.label}: {err}") from None
+        rows.append(result_row(policy, budget, parts.plan, result.hit_rate, result.bytes_copied_per_token,
+                               result.tokens_per_s))
+    return rows
+
+
+def engine_rows(parts, setup: SweepSetup, runs: list[tuple[str, Budget]]) -> list[dict]:
+    """One row per run, measured by loading the model and generating on ``setup.device``."""
+    rows = []
+    for policy, budget in tqdm(runs, desc="sweep (engine)", unit="run", disable=not setup.progress):
+        hit_rate, bytes_per_token, tokens_per_s = run_engine(setup, policy, budget.slots)
+        rows.append(result_row(policy, budget, parts.plan, hit_rate, bytes_per_token, tokens_per_s))
+    return rows
