@@ -74,7 +74,8 @@ _PROBE = """
 import json, sys
 from pathlib import Path
 import moe_offload
-from moe_offload.cli import build_parser, offload_config
+from moe_offload.cli import build_parser
+from moe_offload.cli.common import offload_config
 from moe_offload.runtime.cost import HardwareProfile, resolve_profile
 from moe_offload.loading.checkpoint import resolve_model_dir
 from moe_offload.loading.config import OffloadConfig
