@@ -389,9 +389,9 @@ def engine_rounds(check: Check, store: HostExpertStore, slots: torch.Tensor, sum
                 engine.pump()
                 engine.copy(key, 0)
             load()
-            engine.wait(0)
+            engine.begin_read(0)
             got[r] = checksum(slots[0])
-            engine.done_reading(0)
+            engine.end_read(0)
             compute_reads.append((r, pattern, key))
             counts[pattern] += 1
             previous = key

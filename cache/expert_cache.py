@@ -24,18 +24,18 @@ class ExpertCache:
         if self.pools.num_slots > slots.num_slots:
             raise ValueError(f"pools need {self.pools.num_slots} slots but only {slots.num_slots} exist")
         self._residents: list[set[int]] = []
-        self._releases_seen = -1
+        self._frees_seen = -1
         self._sync()
         policy.bind_pools(self.pools)
 
     def _sync(self) -> None:
-        """Rebuild the per-pool resident sets when slots were released behind the cache's back."""
-        if self._releases_seen == self.slots.releases:
+        """Rebuild the per-pool resident sets when slots were freed behind the cache's back."""
+        if self._frees_seen == self.slots.frees:
             return
         self._residents = [set() for _ in range(self.pools.num_pools)]
         for key in self.slots.resident():
             self._residents[self.pools.pool_of(key)].add(key)
-        self._releases_seen = self.slots.releases
+        self._frees_seen = self.slots.frees
 
     def lookup(self, key: int) -> int:
         """Slot of ``key`` or -1."""
@@ -49,7 +49,7 @@ class ExpertCache:
         self._sync()
         return set(self._residents[pool])
 
-    def release(self, key: int) -> int:
+    def remove(self, key: int) -> int:
         """Drop resident ``key`` (e.g. a cancelled prefetch) and free its slot. Returns the slot, or -1
         when ``key`` is not resident (nothing to free)."""
         if self.slots.lookup(key) < 0:
@@ -57,11 +57,11 @@ class ExpertCache:
         self._sync()
         self._residents[self.pools.pool_of(key)].discard(key)
         self.policy.remove(key)
-        slot = self.slots.release(key)
-        self._releases_seen = self.slots.releases
+        slot = self.slots.free(key)
+        self._frees_seen = self.slots.frees
         return slot
 
-    def acquire(self, key: int, locked: Collection[int] = (), evict: bool = True,
+    def place(self, key: int, locked: Collection[int] = (), evict: bool = True,
                 busy: Collection[int] = ()) -> tuple[int, int] | None:
         """A slot for missing expert ``key``: a free one while its pool is below
         capacity, else the policy's victim among the pool's residents not in

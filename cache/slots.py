@@ -20,7 +20,7 @@ class ExpertSlots:
         self.expert_to_slot = np.full(num_keys, -1, dtype=np.int64)
         self.slot_to_expert = np.full(num_slots, -1, dtype=np.int64)
         self._free = list(range(num_slots - 1, -1, -1))
-        self.releases = 0   # release() calls so far: caches keeping their own residency lists resync on change
+        self.frees = 0      # free() calls so far: caches keeping their own residency lists resync on change
 
     @classmethod
     def bookkeeping(cls, num_slots: int, num_keys: int) -> "ExpertSlots":
@@ -65,10 +65,10 @@ class ExpertSlots:
     def resident(self) -> list[int]:
         return [int(k) for k in self.slot_to_expert if k >= 0]
 
-    def release(self, key: int) -> int:
+    def free(self, key: int) -> int:
         """Forget ``key`` and return its slot to the free list. Returns the slot."""
         slot = self.evict(key)
         assert slot >= 0 and slot not in self._free, slot
         self._free.append(slot)
-        self.releases += 1
+        self.frees += 1
         return slot

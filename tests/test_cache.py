@@ -20,7 +20,7 @@ def test_lru_decisions_on_a_hand_trace():
             cache.touch(key)
             continue
         assert not hit, key
-        slot, out = cache.acquire(key)
+        slot, out = cache.place(key)
         assert out == evicted, (key, out)
         cache.touch(key)
     assert sorted(cache.slots.resident()) == [1, 4]
@@ -28,11 +28,11 @@ def test_lru_decisions_on_a_hand_trace():
 
 def test_locked_experts_are_never_evicted():
     cache = make_cache(2)
-    cache.acquire(5)
-    cache.acquire(6)
-    slot, evicted = cache.acquire(7, locked={5})
+    cache.place(5)
+    cache.place(6)
+    slot, evicted = cache.place(7, locked={5})
     assert evicted == 6 and cache.lookup(7) == slot and cache.lookup(6) == -1
-    assert cache.acquire(8, locked={5, 7}) is None
+    assert cache.place(8, locked={5, 7}) is None
     assert cache.lookup(8) == -1
 
 
@@ -40,7 +40,7 @@ def test_slot_maps_stay_consistent():
     cache = make_cache(3)
     for key in [0, 1, 2, 3, 4, 0, 5]:
         if cache.lookup(key) < 0:
-            cache.acquire(key)
+            cache.place(key)
         cache.touch(key)
     slots = cache.slots
     for slot, key in enumerate(slots.slot_to_expert):

@@ -57,7 +57,7 @@ def test_deferred_copy_lands_only_when_waited_for_or_at_random():
     copier.backend._land_probability = 0.0          # no random landing: only a wait lands it
     copier.copy(2, 0)
     assert torch.all(copier.buffers[0] == 0) and copier.backend.pending > 0
-    copier.wait(0, 2)
+    copier.begin_read(0, 2)
     assert torch.equal(copier.buffers[0], store.block(2))
 
 
@@ -66,7 +66,7 @@ def test_wait_detects_a_slot_read_as_the_wrong_expert():
     copier = engine(store)
     copier.copy(1, 0)
     with pytest.raises(CopyOrderError, match="read as expert 3"):
-        copier.wait(0, 3)
+        copier.begin_read(0, 3)
 
 
 # -- ordering rules -----------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def test_write_after_write_a_late_prefetch_never_lands_over_a_newer_copy(seed):
     copier.backend._land_probability = 0.5         # from here, landings in random order
     copier.copy(2, 0)                              # waits for the started chunks (write-after-write)
     copier.backend.drain()
-    copier.wait(0, 2)
+    copier.begin_read(0, 2)
     assert torch.equal(copier.buffers[0], store.block(2))
 
 
@@ -93,14 +93,14 @@ def test_write_after_read_and_chunked_prefetch_expedited(seed):
     numel = store.shape.numel
     copier = engine(store, slots=1, seed=seed, chunk_elems=numel // 3, max_prefetch_inflight=1)
     copier.copy(0, 0)
-    copier.wait(0, 0)
+    copier.begin_read(0, 0)
     seen = copier.buffers[0].sum().item()
-    copier.done_reading(0)
+    copier.end_read(0)
     copier.backend._land_probability = 0.0
     copier.prefetch(3, 0)                          # chunk 1 of 3 started, the rest queued
     copier.backend._land_probability = 0.5
     assert copier.expedite(3) and not copier.is_queued(3)
-    copier.wait(0, 3)
+    copier.begin_read(0, 3)
     assert torch.equal(copier.buffers[0], store.block(3))
     assert seen == store.block(0).sum().item()
 
@@ -125,18 +125,18 @@ def test_demand_waits_behind_at_most_the_inflight_chunks():
 def test_slot_pool_never_takes_back_a_slot_it_did_not_hand_out():
     slots = ExpertSlots.bookkeeping(2, 8)
     with pytest.raises(KeyError):
-        slots.release(5)                            # not resident: no slot -1 on the free list
+        slots.free(5)                            # not resident: no slot -1 on the free list
     cache = ExpertCache(slots, make_policy("lru", ExpertLayout(1, 8, 2)))
-    cache.acquire(1)
-    assert cache.release(4) == -1 and slots.has_free()
+    cache.place(1)
+    assert cache.remove(4) == -1 and slots.has_free()
 
 
 def test_experts_with_copies_in_flight_are_evicted_last():
     cache = ExpertCache(ExpertSlots.bookkeeping(2, 8), make_policy("lru", ExpertLayout(1, 8, 2)))
-    cache.acquire(1), cache.acquire(2)              # LRU victim would be 1
-    _, evicted = cache.acquire(3, busy={1})
+    cache.place(1), cache.place(2)              # LRU victim would be 1
+    _, evicted = cache.place(3, busy={1})
     assert evicted == 2
-    _, evicted = cache.acquire(4, busy={1, 3})      # everything busy: the policy decides
+    _, evicted = cache.place(4, busy={1, 3})      # everything busy: the policy decides
     assert evicted in (1, 3)
 
 

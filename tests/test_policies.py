@@ -36,7 +36,7 @@ def access(cache: ExpertCache, key: int, probs=None, experts: int = 16):
     if cache.lookup(key) >= 0:
         cache.touch(key)
         return HIT
-    _, evicted = cache.acquire(key, {key})
+    _, evicted = cache.place(key, {key})
     cache.touch(key)
     return evicted
 
@@ -215,21 +215,21 @@ def test_belady_evicts_the_furthest_next_use():
 def test_locked_and_pool_quotas():
     pools = SlotPools.per_layer([2, 1], experts_per_layer=4)
     cache = make_cache(LRUPolicy(), 3, keys=8, pools=pools)
-    cache.acquire(0), cache.acquire(1), cache.acquire(4)
-    assert cache.acquire(5) == (cache.slots.lookup(5), 4)   # layer 1 at quota evicts its own resident
-    assert cache.acquire(2, locked={0, 1}) is None          # layer 0 full and locked
-    assert cache.acquire(2, locked={0})[1] == 1
+    cache.place(0), cache.place(1), cache.place(4)
+    assert cache.place(5) == (cache.slots.lookup(5), 4)   # layer 1 at quota evicts its own resident
+    assert cache.place(2, locked={0, 1}) is None          # layer 0 full and locked
+    assert cache.place(2, locked={0})[1] == 1
     assert cache.residents(0) == {0, 2} and cache.residents(1) == {5}
 
 
 def test_release_behind_the_cache_resyncs():
     cache = make_cache(LRUPolicy(), 2)
-    cache.acquire(1), cache.acquire(2)
-    cache.slots.release(1)          # e.g. a cancelled prefetch freed through the slots
+    cache.place(1), cache.place(2)
+    cache.slots.free(1)          # e.g. a cancelled prefetch freed through the slots
     cache.policy.remove(1)
     assert cache.residents() == {2}
-    assert cache.acquire(3) == (cache.slots.lookup(3), -1)
-    assert cache.release(2) >= 0 and cache.residents() == {3}
+    assert cache.place(3) == (cache.slots.lookup(3), -1)
+    assert cache.remove(2) >= 0 and cache.residents() == {3}
 
 
 def test_make_policy():

@@ -10,9 +10,9 @@ is dropped before its remaining chunks start.
 
 Ordering rules, per slot (one place):
 - ``ready[slot]`` is recorded after every write into the slot; the compute stream
-  waits on it before reading (``wait``);
+  waits on it before reading (``begin_read``);
 - ``released[slot]`` is recorded on the compute stream after the last kernel that
-  reads the slot (``done_reading``); every write into the slot waits on it first
+  reads the slot (``end_read``); every write into the slot waits on it first
   (write-after-read);
 - every write into the slot also waits on ``ready[slot]``, the previous write,
   whichever stream it was on (write-after-write: a late prefetch chunk never
@@ -217,7 +217,7 @@ class CopyEngine:
         """True when the last copy into ``slot`` has landed (no wait)."""
         return not self._written[slot] or self.ready[slot].query()
 
-    def wait(self, slot: int, key: int | None = None) -> None:
+    def begin_read(self, slot: int, key: int | None = None) -> None:
         """Make the compute stream wait until ``slot``'s copies have landed. With ``key`` on a CPU backend,
         also check that the slot then holds all of that expert's bytes."""
         if self._landed_at_once:
@@ -229,7 +229,7 @@ class CopyEngine:
             raise CopyOrderError(f"slot {slot} is read as expert {key} but holds expert {held} "
                                  f"(landed ranges {sorted(ranges)} of {self.block_numel} elements)")
 
-    def done_reading(self, slot: int) -> None:
+    def end_read(self, slot: int) -> None:
         """Mark the end of the compute that reads ``slot`` (queued on the compute stream)."""
         if self._landed_at_once:
             return      # CPU compute is synchronous and copies land when issued: nothing to order

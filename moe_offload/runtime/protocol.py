@@ -69,7 +69,7 @@ class CallProtocol:
 
     ``copier``: a CopyEngine, or anything with its copy-in calls (``copy``,
     ``prefetch``, ``cancel``, ``expedite``, ``busy_keys``, ``backlog_bytes``,
-    ``landed``, ``wait``, ``done_reading``, ``pump``). ``cpu_experts``: 'never'
+    ``landed``, ``begin_read``, ``end_read``, ``pump``). ``cpu_experts``: 'never'
     copies every miss, 'always' runs every miss on the CPU, 'auto' lets the
     scheduler choose with ``costs``. ``prefetcher`` (set after construction):
     a Prefetcher built on ``residency``, or None.
@@ -148,9 +148,9 @@ class CallProtocol:
         for e in device:
             key = keys[e]
             slot = self._slot(key, locked)
-            self.copier.wait(slot, key)
+            self.copier.begin_read(slot, key)
             compute.device(e, slot)
-            self.copier.done_reading(slot)
+            self.copier.end_read(slot)
             self.copier.pump()                     # keep prefetch chunks flowing between experts
             locked.discard(key)
             self.cache.touch(key)

@@ -35,7 +35,7 @@ class ExpertResidency:
         if self.cache.lookup(key) >= 0:
             raise ValueError(f"expert {key} is already resident")
         busy = self.copier.busy_keys() if evict else ()
-        got = self.cache.acquire(key, locked, evict=evict, busy=busy)
+        got = self.cache.place(key, locked, evict=evict, busy=busy)
         if got is None:
             return None
         slot, evicted = got
@@ -57,5 +57,5 @@ class ExpertResidency:
         a copy already on the stream is left to land and the expert stays resident."""
         if not self.copier.cancel(key):
             return False
-        self.cache.release(key)     # only if still resident: an evicted key's queue entry is gone already
+        self.cache.remove(key)     # only if still resident: an evicted key's queue entry is gone already
         return True

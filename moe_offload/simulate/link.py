@@ -38,10 +38,10 @@ class SimulatedLink:
     def landed(self, slot: int) -> bool:
         return True
 
-    def wait(self, slot: int, key: int) -> None:
+    def begin_read(self, slot: int, key: int) -> None:
         pass
 
-    def done_reading(self, slot: int) -> None:
+    def end_read(self, slot: int) -> None:
         pass
 
     def pump(self) -> None:
