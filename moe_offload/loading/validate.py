@@ -114,14 +114,43 @@ def _check_dense(parts) -> None:
 
 def _check_experts(parts) -> None:
     """Routed experts: per layer, each expert's gate, up and down, per expert or fused over experts."""
-    adapter, shape, num_experts = parts.adapter, parts.shape, parts.num_experts
     ordinal = {s.model_layer: i for i, s in enumerate(parts.sites)}
+    covered, fused, prefix = _scan_experts(parts, ordinal)
+    adapter, num_experts = parts.adapter, parts.num_experts
+    block = next((p.split(".", 3)[3] for p in prefix.values()), f"{adapter.disk_block}.experts")
+    missing: dict[str, tuple[int, int | None]] = {}   # tensor name -> (model layer, expert or None if fused)
+    proj = {"gate": adapter.gate_name, "up": adapter.up_name, "down": adapter.down_name}
+    for layer in ordinal:
+        base = prefix.get(layer, f"model.layers.{layer}.{block}")
+        for e in range(num_experts):
+            for part in ("gate", "up", "down"):
+                if (e, part) in covered[layer]:
+                    continue
+                if fused.get(layer):
+                    missing.setdefault(f"{base}.{'down_proj' if part == 'down' else 'gate_up_proj'}", (layer, None))
+                else:
+                    missing[f"{base}.{e}.{proj[part]}.weight"] = (layer, e)
+    if missing:
+        first, (layer, expert) = next(iter(missing.items()))
+        which = f"expert {expert} of " if expert is not None else "all experts of "
+        names = ", ".join(list(missing)[:_MAX_NAMES])
+        raise MoEOffloadError(
+            f"checkpoint {parts.directory} lacks {len(missing)} routed-expert tensor(s), e.g. {names} "
+            f"({which}MoE layer {ordinal[layer]}, model layer {layer}); the checkpoint is incomplete"
+        )
+
+
+def _scan_experts(parts, ordinal: dict[int, int]):
+    """Check every routed-expert tensor's layer, expert, shape and dtype. Returns, per model layer, the
+    (expert, part) pairs present, whether the layer is stored fused, and its tensors' name prefix
+    ("model.layers.L.<block>.experts" as the checkpoint spells it)."""
+    adapter, shape, num_experts = parts.adapter, parts.shape, parts.num_experts
     hi, ih = (shape.intermediate, shape.hidden), (shape.hidden, shape.intermediate)
     want = {"gate": hi, "up": hi, "down": ih,
             "gate_up": (num_experts, 2 * shape.intermediate, shape.hidden), "down_fused": (num_experts, *ih)}
     covered: dict[int, set[tuple[int, str]]] = {layer: set() for layer in ordinal}
     fused: dict[int, bool] = {}
-    prefix: dict[int, str] = {}     # model layer -> "model.layers.L.<block>.experts" as the checkpoint spells it
+    prefix: dict[int, str] = {}
     for name, info in parts.checkpoint.tensors.items():
         t = adapter.expert_tensor(name)
         if t is None:
@@ -144,24 +173,4 @@ def _check_experts(parts) -> None:
             covered[t.layer] |= {(e, p) for e in range(num_experts) for p in parts_written}
         else:
             covered[t.layer].add((t.expert, t.role))
-    block = next((p.split(".", 3)[3] for p in prefix.values()), f"{adapter.disk_block}.experts")
-    missing: dict[str, tuple[int, int | None]] = {}   # tensor name -> (model layer, expert or None if fused)
-    proj = {"gate": adapter.gate_name, "up": adapter.up_name, "down": adapter.down_name}
-    for layer in ordinal:
-        base = prefix.get(layer, f"model.layers.{layer}.{block}")
-        for e in range(num_experts):
-            for part in ("gate", "up", "down"):
-                if (e, part) in covered[layer]:
-                    continue
-                if fused.get(layer):
-                    missing.setdefault(f"{base}.{'down_proj' if part == 'down' else 'gate_up_proj'}", (layer, None))
-                else:
-                    missing[f"{base}.{e}.{proj[part]}.weight"] = (layer, e)
-    if missing:
-        first, (layer, expert) = next(iter(missing.items()))
-        which = f"expert {expert} of " if expert is not None else "all experts of "
-        names = ", ".join(list(missing)[:_MAX_NAMES])
-        raise MoEOffloadError(
-            f"checkpoint {parts.directory} lacks {len(missing)} routed-expert tensor(s), e.g. {names} "
-            f"({which}MoE layer {ordinal[layer]}, model layer {layer}); the checkpoint is incomplete"
-        )
+    return covered, fused, prefix
