@@ -80,3 +80,14 @@ def load_tokenizer(model):
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError):
         raise MoEOffloadError(f"{directory} has no tokenizer files; tracing needs them (tokenizer.json etc.)") from None
+
+
+def record_prompts(args: argparse.Namespace, model, prompts: list[str], gate_inputs: bool):
+    """The routing trace of greedy generation from ``prompts`` (``--max-new-tokens`` each), with where the
+    prompts came from in its metadata."""
+    from ..runtime.tracing import record_trace
+
+    trace = record_trace(model, load_tokenizer(model), prompts, args.max_new_tokens, gate_inputs=gate_inputs,
+                         progress=model.offload.config.progress)
+    trace.meta |= {"prompts": prompt_source(args), "max_new_tokens": args.max_new_tokens}
+    return trace

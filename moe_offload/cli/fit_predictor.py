@@ -13,14 +13,7 @@ import argparse
 
 from ..errors import MoEOffloadError
 from .argtypes import positive_int
-from .common import (
-    add_model_args,
-    add_prompt_args,
-    load_tokenizer,
-    offload_config,
-    prompt_source,
-    prompts_from_args,
-)
+from .common import add_model_args, add_prompt_args, offload_config, prompts_from_args, record_prompts
 
 DEFAULT_FIT_NEW_TOKENS = 16
 
@@ -46,18 +39,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def fit_trace(args: argparse.Namespace, model):
     """The trace to fit on: ``--trace``, or one recorded now from the prompt arguments."""
     from ..predictor import Trace
-    from ..runtime.tracing import record_trace
 
     if args.trace:
         trace = Trace.load(args.trace)
         if trace.gate_inputs is None:
             raise MoEOffloadError(f"{args.trace} has no gate inputs; record it with `moe-offload trace --gate-inputs`")
         return trace
-    prompts = prompts_from_args(args)
-    trace = record_trace(model, load_tokenizer(model), prompts, args.max_new_tokens, gate_inputs=True,
-                         progress=model.offload.config.progress)
-    trace.meta |= {"prompts": prompt_source(args), "max_new_tokens": args.max_new_tokens}
-    return trace
+    return record_prompts(args, model, prompts_from_args(args), gate_inputs=True)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -9,14 +9,7 @@ from __future__ import annotations
 import argparse
 
 from .argtypes import positive_int
-from .common import (
-    add_model_args,
-    add_prompt_args,
-    load_tokenizer,
-    offload_config,
-    prompt_source,
-    prompts_from_args,
-)
+from .common import add_model_args, add_prompt_args, offload_config, prompts_from_args, record_prompts
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -33,13 +26,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..loading.loader import from_pretrained
-    from ..runtime.tracing import record_trace
 
-    prompts = prompts_from_args(args)
+    prompts = prompts_from_args(args)   # a bad prompts file fails before the model loads
     model = from_pretrained(args.model, offload_config(args))
-    trace = record_trace(model, load_tokenizer(model), prompts, args.max_new_tokens, gate_inputs=args.gate_inputs,
-                         progress=model.offload.config.progress)
-    trace.meta |= {"prompts": prompt_source(args), "max_new_tokens": args.max_new_tokens}
+    trace = record_prompts(args, model, prompts, gate_inputs=args.gate_inputs)
     path = trace.save(args.out)
     print(f"[moe-offload] traced {len(prompts)} prompts, {trace.num_tokens} tokens "
           f"({int(trace.decode.sum())} generated), {trace.num_layers} MoE layers x {trace.num_experts} experts, "
