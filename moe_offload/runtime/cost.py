@@ -91,14 +91,14 @@ class CostModel:
 
     def gpu_s(self, tokens: int) -> float:
         p = self.profile
-        if tokens <= 0:
-            return 0.0
-        return p.gpu_launch_us * 1e-6 + max(self.bytes_per_expert / (p.gpu_mem_gbps * 1e9),
-                                            tokens * self.flops_per_token / (p.gpu_tflops * 1e12))
+        return self._roofline(tokens, p.gpu_launch_us, p.gpu_mem_gbps, p.gpu_tflops * 1e12)
 
     def cpu_s(self, tokens: int) -> float:
         p = self.profile
+        return self._roofline(tokens, p.cpu_start_us, p.cpu_mem_gbps, p.cpu_gflops * 1e9)
+
+    def _roofline(self, tokens: int, start_us: float, mem_gbps: float, flops_per_s: float) -> float:
+        """Start-up plus the slower of streaming the expert's weights and its FLOPs for ``tokens``."""
         if tokens <= 0:
             return 0.0
-        return p.cpu_start_us * 1e-6 + max(self.bytes_per_expert / (p.cpu_mem_gbps * 1e9),
-                                            tokens * self.flops_per_token / (p.cpu_gflops * 1e9))
+        return start_us * 1e-6 + max(self.bytes_per_expert / (mem_gbps * 1e9), tokens * self.flops_per_token / flops_per_s)
