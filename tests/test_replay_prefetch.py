@@ -78,7 +78,7 @@ def test_replay_matches_the_engine_with_the_hybrid_scheduler(model_dir, tmp_path
     assert 0 < stats.cpu_experts.sum() < stats.misses.sum()
     config = AutoConfig.from_pretrained(model_dir)
     cost = CostModel.for_expert(HardwareProfile.from_yaml(path), config.hidden_size, config.intermediate_size, 4)
-    result = Simulator(RoutingArrays.of(trace), cost, cpu_experts="auto").run("score", slots)
+    result = Simulator(RoutingArrays.of(trace), cost, cpu_experts="auto", timed_link=False).run("score", slots)
     assert result.hits_per_layer == tuple(stats.hits.tolist())
     assert result.misses_per_layer == tuple(stats.misses.tolist())
     assert result.cpu_fills == stats.cpu_fills.sum()

@@ -139,6 +139,21 @@ class CopyEngine:
         self._retire()
         return self._inflight_bytes
 
+    def ready_bytes(self, slot: int) -> int:
+        """Bytes the link moves before the copy into ``slot`` lands once expedited (an upper bound: the
+        bytes on the streams and the whole block); 0 when it has landed."""
+        if self.landed(slot):
+            return 0
+        return self.backlog_bytes() + self.block_numel * self.buffers.element_size()
+
+    def pending_bytes(self) -> int:
+        """Bytes on the streams or queued for them: when a prefetch queued now would land, in link time."""
+        return self.backlog_bytes() + self.queued_bytes()
+
+    def idle(self) -> bool:
+        """Nothing on the streams and nothing queued."""
+        return self.pending_bytes() == 0
+
     def queued_bytes(self) -> int:
         numel = self.block_numel
         return sum(numel - q.offset for q in self.queued.values()) * self.buffers.element_size()

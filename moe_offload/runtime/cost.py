@@ -89,6 +89,10 @@ class CostModel:
         p = self.profile
         return p.copy_latency_us * 1e-6 + self.bytes_per_expert / (p.h2d_gbps * 1e9)
 
+    def link_s(self, nbytes: int) -> float:
+        """Seconds the link needs for ``nbytes`` already queued on it (no per-copy latency)."""
+        return nbytes / (self.profile.h2d_gbps * 1e9)
+
     def gpu_s(self, tokens: int) -> float:
         p = self.profile
         return self._roofline(tokens, p.gpu_launch_us, p.gpu_mem_gbps, p.gpu_tflops * 1e12)

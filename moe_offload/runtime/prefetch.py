@@ -10,6 +10,7 @@ import torch
 from ..cache import ExpertLayout
 from .residency import PREFETCH, ExpertResidency
 from .stats import OffloadStats
+from .worth import ExpectedUse, LinkBudget
 
 # T = tokens, E = experts per layer, k = experts per token, H = hidden size
 
@@ -18,9 +19,19 @@ from .stats import OffloadStats
 class Prediction:
     """One router call's prediction, on the host."""
 
-    shares: np.ndarray | None      # [E] predicted share of each expert at distance 1 (None: no next layer)
+    shares: list[np.ndarray]       # per distance 1.., [E] predicted share of each expert (mean over tokens)
     weights: list[np.ndarray]      # per distance 1.., [E] total score of each expert among the tokens' top
                                    # ``width`` (-1: in no token's top)
+    top_k: int = 1
+
+    @property
+    def next_shares(self) -> np.ndarray | None:
+        """[E] the predicted shares of layer l+1 (None: no next layer)."""
+        return self.shares[0] if self.shares else None
+
+    def chance(self, distance: int, expert: int) -> float:
+        """The predicted chance that layer l+distance selects ``expert``: top-k times its share, at most 1."""
+        return min(1.0, self.top_k * float(self.shares[distance - 1][expert]))
 
 
 class Prefetcher:
@@ -48,9 +59,10 @@ class Prefetcher:
                   chosen: torch.Tensor) -> list[torch.Tensor]:
         """Device half: the predictor observes layer ``layer`` and predicts l+1..l+depth. Returns what the
         host needs, as device tensors: [2] experts of this call found by the last distance-1 prediction and
-        the call's assignments (-1, 0: nothing to score); for d = 1 the [E] predicted share of each expert;
-        per distance, [E] the total score of each expert among the tokens' top ``width`` (-1: in no
-        token's top). ``read`` turns them, read back, into a Prediction."""
+        the call's assignments (-1, 0: nothing to score); then per distance the [E] predicted share of each
+        expert (mean over tokens of its share of the token's scores) and [E] the total score of each expert
+        among the tokens' top ``width`` (-1: in no token's top). ``read`` turns them, read back, into a
+        Prediction."""
         if layer == 0 and chosen.shape[0] > 1:  # a prompt: a new sequence starts
             self.predictor.reset()
             self._predicted.clear()
@@ -64,8 +76,8 @@ class Prefetcher:
             top = scores.topk(min(self.width, scores.shape[-1]), dim=-1).indices    # [T, w]
             if distance == 1:
                 self._predicted[target] = top[:, : chosen.shape[1]]
-                shares = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-30)  # [T, E] per-token shares
-                parts.append(shares.mean(dim=0))                                     # [E]
+            shares = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-30)      # [T, E] per-token shares
+            parts.append(shares.mean(dim=0))                                         # [E]
             member = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
             member[top.reshape(-1)] = True                                           # [E] in some token's top
             parts.append(torch.where(member, scores.sum(dim=0), -1.0))               # [E]
@@ -78,32 +90,41 @@ class Prefetcher:
         if found >= 0:
             self.stats.predicted_found[layer] += found
             self.stats.predicted_total[layer] += total
-        targets = min(self.depth, self.layout.num_layers - 1 - layer)
-        if targets < 1:
-            return Prediction(None, [])
-        return Prediction(host[1], list(host[2 : 2 + targets]))
+        targets = max(0, min(self.depth, self.layout.num_layers - 1 - layer))
+        rest = host[1 : 1 + 2 * targets]
+        return Prediction(list(rest[0::2]), list(rest[1::2]), self.layout.top_k)
 
-    def issue(self, layer: int, prediction: Prediction, selected) -> None:
+    def issue(self, layer: int, prediction: Prediction, selected, budget: LinkBudget | None = None,
+              use: ExpectedUse | None = None) -> None:
         """Host half, second step: queue copies for l+1, l+2, ... in rank order. ``selected``: the
-        experts layer ``layer`` runs now (never evicted for a prefetch)."""
+        experts layer ``layer`` runs now (never evicted for a prefetch). With a ``budget`` only copies
+        that land in time are queued, and with ``use`` a copy never evicts a resident at least as likely
+        to be used as the prefetched expert."""
         locked = {self.layout.key(layer, int(e)) for e in selected} | set(self.pending)
+        queued = 0
         for distance, weight in enumerate(prediction.weights, 1):                    # [E] each
             members = np.flatnonzero(weight >= 0)
             ranked = members[np.argsort(-weight[members], kind="stable")]
-            if not self._issue(layer + distance, ranked.tolist(), locked):
-                break
+            for e in ranked.tolist():
+                if budget is not None and not budget.fits(distance, queued):
+                    break
+                outcome = self._issue(layer + distance, e, locked, prediction.chance(distance, e), use)
+                if outcome is None:
+                    return                                  # every slot this copy could take is locked
+                queued += outcome
 
-    def _issue(self, target: int, experts: list[int], locked: set[int]) -> bool:
-        for e in experts:
-            key = self.layout.key(target, e)
-            if self.cache.lookup(key) >= 0:
-                continue
-            if self.residency.copy_in(key, PREFETCH, locked) is None:
-                return False
-            self.pending[key] = target
-            locked.add(key)
-            self.stats.prefetch_issued[target] += 1
-        return True
+    def _issue(self, target: int, expert: int, locked: set[int], chance: float, use: ExpectedUse | None) -> int | None:
+        """Queue one copy: 1 if queued, 0 if resident already or not worth an eviction, None if no slot."""
+        key = self.layout.key(target, expert)
+        if self.cache.lookup(key) >= 0:
+            return 0
+        keep = locked if use is None else locked | use.protected(self.cache.slots, chance)
+        if self.residency.copy_in(key, PREFETCH, keep) is None:
+            return None if use is None or len(keep) == len(locked) else 0
+        self.pending[key] = target
+        locked.add(key)
+        self.stats.prefetch_issued[target] += 1
+        return 1
 
     def _live_recall(self, layer: int, chosen: torch.Tensor) -> torch.Tensor:
         """[2] how many of this call's T*k assignments the distance-1 prediction made one layer earlier

@@ -34,6 +34,7 @@ from ..transfer.readback import HostReadback
 from .residency import DEMAND, PREFETCH, ExpertResidency
 from .scheduler import COPY, CPU, RESIDENT, ExpertLoad, Plan, plan_layer
 from .stats import OffloadStats
+from .worth import USE_ALPHA, ExpectedUse, LinkBudget
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ class CallProtocol:
         self.residency = ExpertResidency(cache, copier, stats, layout.experts_per_layer)
         self.prefetcher = None
         self.readback = HostReadback(torch.device(device))     # the router call's numbers, one copy per layer
+        self.expected_use = ExpectedUse(layout)
+        self.layer_s = np.zeros(layout.num_layers)              # [L] each layer's last call duration (with costs)
         self._routed: dict[int, RouterRecord] = {}
 
     # -- 1. the router call ------------------------------------------------------------------------------------
@@ -110,9 +113,29 @@ class CallProtocol:
         if self.prefetcher is None:
             return
         prediction = self.prefetcher.read(layer, summary)
-        if prediction.shares is not None and self.cache.policy.uses_hints:
-            self.cache.policy.hint(layer + 1, prediction.shares)
-        self.prefetcher.issue(layer, prediction, [e for e, n in enumerate(record.counts) if n])
+        if prediction.next_shares is not None and self.cache.policy.uses_hints:
+            self.cache.policy.hint(layer + 1, prediction.next_shares)
+        budget = self._link_budget(layer, record)
+        self.prefetcher.issue(layer, prediction, [e for e, n in enumerate(record.counts) if n], budget,
+                              None if budget is None else self.expected_use)
+
+    def _link_budget(self, layer: int, record: RouterRecord) -> LinkBudget | None:
+        """The link time this router call's prefetches may spend (None without a cost model: no limit)."""
+        if self.costs is None:
+            return None
+        counts = record.counts
+        slots = {e: self.cache.lookup(self.layout.key(layer, e)) for e, n in enumerate(counts) if n}
+        plan = self.plan(slots, counts)                       # the call about to run, as it stands now
+        copy_s = self.costs.copy_s()
+        start = self.costs.link_s(self.copier.pending_bytes()) + len(plan.experts(COPY)) * copy_s
+        depth = min(self.prefetcher.depth, self.layout.num_layers - 1 - layer)
+        durations = np.concatenate([[plan.finish_s], self.layer_s[layer + 1 : layer + depth]])   # layers l..l+d-1
+        return LinkBudget(start, copy_s, tuple(np.cumsum(durations) + self._saving()))
+
+    def _saving(self) -> float:
+        """What a resident expert saves per decode use: its CPU run (or copy) minus its device run."""
+        other = self.costs.copy_s() if self.cpu_experts == "never" else self.costs.cpu_s(1)
+        return max(0.0, other - self.costs.gpu_s(1))
 
     def record(self, layer: int, ids: torch.Tensor) -> RouterRecord:
         """The router call's record for the experts call with flat ids ``ids`` [T*k]; read here when the
@@ -145,6 +168,7 @@ class CallProtocol:
                 break
         compute.cpu(on_cpu, [keys[e] for e in on_cpu])
         self._fill(layer, [keys[e] for e in on_cpu])
+        self._promote(layer, [keys[e] for e in on_cpu])
         for e in device:
             key = keys[e]
             slot = self._slot(key, locked)
@@ -154,20 +178,23 @@ class CallProtocol:
             self.copier.pump()                     # keep prefetch chunks flowing between experts
             locked.discard(key)
             self.cache.touch(key)
+        self.expected_use.observe(layer, selected)
+        if self.costs is not None:
+            self.layer_s[layer] = plan.finish_s
         return plan
 
     def plan(self, slots: dict[int, int], counts: list[int]) -> Plan:
         """Where each selected expert runs (``slots``: expert -> slot or -1). In 'auto' a new copy queues
         behind the bytes already on the link, and a resident expert still in flight is ready when it lands."""
         backlog = 0.0
-        if self.cpu_experts == "auto":
+        if self.costs is not None:
             pending = self.copier.backlog_bytes()
-            backlog = pending / (self.costs.profile.h2d_gbps * 1e9) if pending else 0.0
+            backlog = self.costs.link_s(pending) if pending else 0.0
         loads = []
         for e, slot in slots.items():
-            in_flight = slot >= 0 and self.cpu_experts == "auto" and not self.copier.landed(slot)
-            loads.append(ExpertLoad(e, counts[e], resident=slot >= 0,
-                                    ready_s=backlog + self.costs.copy_s() if in_flight else 0.0))
+            in_flight = slot >= 0 and self.costs is not None and not self.copier.landed(slot)
+            ready = self.costs.link_s(self.copier.ready_bytes(slot)) if in_flight else 0.0
+            loads.append(ExpertLoad(e, counts[e], resident=slot >= 0, ready_s=ready))
         return plan_layer(loads, self.costs, self.cpu_experts, copy_backlog_s=backlog)
 
     def _slot(self, key: int, locked: set[int]) -> int:
@@ -188,6 +215,22 @@ class CallProtocol:
         for key in cpu_keys:   # (the scheduler may also run a resident expert on the CPU)
             if self.cache.lookup(key) < 0 and self.residency.copy_in(key, PREFETCH, evict=False) is not None:
                 self.stats.cpu_fills[layer] += 1
+
+    def _promote(self, layer: int, cpu_keys: list[int]) -> None:
+        """While the link is idle, the CPU-run expert likeliest to be selected again is copied in at low
+        priority, evicting only a resident less likely to be used (the policy picks which). With a cost
+        model only (the engine's 'auto', the simulator), one per call."""
+        if self.costs is None or self.cpu_experts != "auto" or not cpu_keys or not self.copier.idle():
+            return
+        use = self.expected_use.use
+        candidates = [key for key in cpu_keys if self.cache.lookup(key) < 0]
+        if not candidates:
+            return
+        key = max(candidates, key=lambda k: use[k])
+        chance = use[key] * (1.0 - USE_ALPHA) + USE_ALPHA     # this call selected it: as observed after the call
+        protected = self.expected_use.protected(self.cache.slots, chance)
+        if self.residency.copy_in(key, PREFETCH, protected) is not None:
+            self.stats.promotions[layer] += 1
 
     def _observe(self, layer: int, selected: list[int], probs: np.ndarray | None) -> None:
         policy = self.cache.policy

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-_COUNTERS = ("layer_calls", "tokens", "hits", "misses", "evictions", "cpu_experts", "cpu_fills",
+_COUNTERS = ("layer_calls", "tokens", "hits", "misses", "evictions", "cpu_experts", "cpu_fills", "promotions",
              "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "predicted_found", "predicted_total")
 
 
@@ -22,7 +22,9 @@ class OffloadStats:
     ``predicted_found / predicted_total`` is the predictor's live recall at
     distance 1 (share of selected experts that were among its top-k).
     ``cpu_fills``: experts that ran on the CPU and were also copied, in the
-    background, into a slot that was free (no eviction), for later calls.
+    background, into a slot that was free (no eviction), for later calls;
+    ``promotions``: CPU-run experts copied in while the link was idle, evicting
+    an expert less likely to be used.
     """
 
     num_layers: int
@@ -34,6 +36,7 @@ class OffloadStats:
     evictions: np.ndarray = field(init=False)
     cpu_experts: np.ndarray = field(init=False)
     cpu_fills: np.ndarray = field(init=False)
+    promotions: np.ndarray = field(init=False)
     prefetch_issued: np.ndarray = field(init=False)
     prefetch_used: np.ndarray = field(init=False)
     prefetch_wasted: np.ndarray = field(init=False)
@@ -51,7 +54,8 @@ class OffloadStats:
     @property
     def copies(self) -> np.ndarray:
         """Experts copied to the device: demand copies, background fills and prefetches that started."""
-        return self.misses - self.cpu_experts + self.cpu_fills + self.prefetch_issued - self.prefetch_cancelled
+        return (self.misses - self.cpu_experts + self.cpu_fills + self.promotions + self.prefetch_issued
+                - self.prefetch_cancelled)
 
     @property
     def bytes_copied(self) -> np.ndarray:
@@ -74,6 +78,7 @@ class OffloadStats:
             "misses": int(self.misses.sum()),
             "cpu_experts": int(self.cpu_experts.sum()),
             "cpu_fills": int(self.cpu_fills.sum()),
+            "promotions": int(self.promotions.sum()),
             "bytes_copied": int(self.bytes_copied.sum()),
             "prefetch_issued": int(self.prefetch_issued.sum()),
             "prefetch_used": int(self.prefetch_used.sum()),

@@ -8,15 +8,17 @@ predictor, the runtime's Prefetcher) and makes, for every router call, the
 engine's two calls: the router's (``route``, or ``on_router`` when
 prefetching: the predictor reads the trace's gate inputs) and the experts'
 (``run``). Only the copier and the compute differ: copies go to a
-SimulatedLink, which counts them and lands them at once, and nothing is
-computed. Prompts replay as one call per layer, generated tokens one call
-each (``calls.call_spans``).
+SimulatedLink, a link on a simulated clock that serves demand copies before
+prefetches, and nothing is computed. Prompts replay as one call per layer,
+generated tokens one call each (``calls.call_spans``).
 
 Time per call is the scheduler's plan under the cost model (the same
-``plan_layer`` the engine runs), and at least the link time of every copy the
-call started (demand copies, background fills and prefetches); it counts the
-routed experts only (attention and the other dense parts are the same for
-every policy and budget, and are left out).
+``plan_layer`` the engine runs), which waits for the demand copies already
+on the link and for prefetches still landing; the link's clock then moves by
+that time, and prefetches and promotions land in the link time the calls
+leave free. It counts the routed experts only (attention and the other dense
+parts are the same for every policy and budget, and are left out, so the
+link time they would leave to prefetch is not counted either).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class SimulationResult:
     cpu_fills: int = 0          # CPU-run experts also copied into free slots (bytes in bytes_copied)
     prefetch_copies: int = 0    # experts copied by prefetch (their bytes are in bytes_copied)
     prefetch_used: int = 0      # prefetched experts their layer then selected
+    promotions: int = 0         # CPU-run experts copied in while the link was idle (bytes in bytes_copied)
 
     @property
     def hit_rate(self) -> float:
@@ -94,12 +97,14 @@ class Simulator:
     then prefetches ``prefetch_depth`` layers ahead, ``prefetch_width``
     experts per token (default: top-k). ``miss_curves`` [L, E+1] for the 'dp'
     allocation, measured on another trace; by default they are measured on
-    ``routing`` itself (in-sample, so optimistic).
+    ``routing`` itself (in-sample, so optimistic). ``timed_link=False`` lands
+    every copy at once, as the engine's immediate CPU backend does (for
+    comparing counts with it); the plans still use ``cost``.
     """
 
     def __init__(self, routing: RoutingArrays, cost=None, bytes_per_expert: int = 0, cpu_experts: str = "never",
                  predictor: Callable[[], object] | None = None, prefetch_depth: int = 1,
-                 prefetch_width: int | None = None, miss_curves: np.ndarray | None = None):
+                 prefetch_width: int | None = None, miss_curves: np.ndarray | None = None, timed_link: bool = True):
         self.routing = routing
         self.layout = routing.layout
         self.cost = cost
@@ -108,6 +113,7 @@ class Simulator:
         self.predictor = predictor
         self.prefetch_depth = prefetch_depth
         self.prefetch_width = prefetch_width or self.layout.top_k
+        self.timed_link = timed_link
         self.calls: list[list[RouterCall]] = router_calls(routing)   # [G][L]
         self._miss_curves = miss_curves
         self._ids = torch.from_numpy(np.asarray(routing.expert_ids, dtype=np.int64))   # [N, L, k]
@@ -155,7 +161,8 @@ class Simulator:
         cache = ExpertCache(ExpertSlots.bookkeeping(num_slots, self.layout.num_keys), policy,
                             self.pools(allocation, num_slots))
         stats = OffloadStats(self.layout.num_layers, self.bytes_per_expert)
-        link = SimulatedLink()
+        copy_s = self.cost.copy_s() if self.cost is not None and self.timed_link else 0.0
+        link = SimulatedLink(copy_s, self.bytes_per_expert)
         protocol = CallProtocol(self.layout, cache, link, stats, self.cpu_experts, self.cost)
         if self.predictor is not None:
             protocol.prefetcher = Prefetcher(self.predictor(), protocol.residency, self.layout, stats,
@@ -169,11 +176,10 @@ class Simulator:
                                 int(stats.misses.sum()), link.demand, link.copies * self.bytes_per_expert, seconds,
                                 tuple(stats.hits.tolist()), tuple(stats.misses.tolist()), int(stats.cpu_fills.sum()),
                                 int((stats.prefetch_issued - stats.prefetch_cancelled).sum()),
-                                int(stats.prefetch_used.sum()))
+                                int(stats.prefetch_used.sum()), int(stats.promotions.sum()))
 
     def _replay(self, protocol: CallProtocol, link: SimulatedLink, call: RouterCall) -> float:
-        """One router call, as the engine makes it; returns its projected seconds."""
-        before = link.copies
+        """One router call, as the engine makes it; returns its projected seconds and moves the link's clock."""
         layer, rows = call.layer, slice(call.start, call.end)
         if self._tensors is not None:
             gates, probs, ids = (x[rows, layer] for x in self._tensors)
@@ -184,7 +190,8 @@ class Simulator:
         plan = protocol.run(layer, call.end - call.start, record, Costed())
         if self.cost is None:
             return 0.0
-        return max(plan.finish_s, (link.copies - before) * self.cost.copy_s())
+        link.advance(plan.finish_s)
+        return plan.finish_s
 
     def _record(self, call: RouterCall) -> RouterRecord:
         """The call's host record from the trace: token counts per expert and, for the policy, its scores."""

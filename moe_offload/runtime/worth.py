@@ -1,0 +1,63 @@
+"""What a copy into the device cache is worth: each expert's expected use, and the link time prefetches have.
+
+A copy pays for itself when the expert it brings is used before it leaves and
+lands before it is needed. Two rules follow, shared by prefetch and promotion
+(and so by the engine and the simulator, through the call protocol):
+
+- never evict a likelier expert: a copy of an expert with chance ``p`` of
+  being selected by its layer's next call may only evict residents whose
+  expected use is below ``p``. Per expert the chance is the predictor's
+  (for predicted layers) or an exponential average of whether its layer's
+  calls selected it (``ExpectedUse``). The saving of a resident expert per
+  use (CPU or copy time minus device time) is the same for every expert of a
+  model at one token count, so comparing chances compares benefits.
+- spend only the link time there is (``LinkBudget``): a prefetch for layer
+  l+d must land before that layer would have finished it without the copy,
+  i.e. by the time layers l..l+d-1 take (their last durations) plus the
+  time the copy saves, counting the copies already on the link and the
+  demand copies of layer l, which go first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..cache import ExpertLayout, ExpertSlots
+
+USE_ALPHA = 0.1     # weight of the newest call in an expert's expected use
+
+
+class ExpectedUse:
+    """Per expert key, the exponentially averaged share of its layer's calls that selected it."""
+
+    def __init__(self, layout: ExpertLayout):
+        self.layout = layout
+        self.use = np.zeros(layout.num_keys)                     # [L*E]
+
+    def observe(self, layer: int, selected: list[int]) -> None:
+        experts = self.layout.experts_per_layer
+        row = self.use[layer * experts : (layer + 1) * experts]  # [E] view
+        row *= 1.0 - USE_ALPHA
+        row[selected] += USE_ALPHA
+
+    def protected(self, slots: ExpertSlots, chance: float) -> set[int]:
+        """Residents at least as likely to be used as ``chance``: a copy with that chance never evicts them."""
+        residents = slots.slot_to_expert[slots.slot_to_expert >= 0]
+        return set(residents[self.use[residents] >= chance].tolist())
+
+
+@dataclass(frozen=True)
+class LinkBudget:
+    """Link time a router call's prefetches may spend, in seconds from now."""
+
+    start_s: float                  # when a copy queued now starts (copies on the link and this call's demand)
+    copy_s: float                   # one expert's copy
+    deadlines: tuple[float, ...]    # per distance d = 1.., by when a copy for layer l+d must have landed
+
+    def fits(self, distance: int, queued: int) -> bool:
+        """Whether one more copy for distance ``distance``, after ``queued`` already queued now, lands in time."""
+        if distance > len(self.deadlines):
+            return False
+        return self.start_s + (queued + 1) * self.copy_s <= self.deadlines[distance - 1]
