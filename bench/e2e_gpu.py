@@ -32,7 +32,7 @@ import moe_offload  # noqa: E402
 from moe_offload.loading.budget import MemoryPlan  # noqa: E402
 from moe_offload.loading.checkpoint import resolve_model_dir  # noqa: E402
 from moe_offload.loading.config import OffloadConfig  # noqa: E402
-from moe_offload.loading.loader import ModelParts  # noqa: E402
+from moe_offload.loading.parts import ModelParts  # noqa: E402
 
 from common import (  # noqa: E402
     RESULTS,

@@ -580,7 +580,7 @@ def reference(path: Path, dtype: torch.dtype, device: torch.device, ids, tokens:
 def parity(check: Check) -> dict:
     from moe_offload.loading.checkpoint import resolve_model_dir
     from moe_offload.loading.config import OffloadConfig
-    from moe_offload.loading.loader import ModelParts
+    from moe_offload.loading.parts import ModelParts
 
     tokens = 4 if check.dry else 16
     models = SHIPPED[:1] if check.dry else SHIPPED
@@ -762,7 +762,7 @@ def full_size(check: Check) -> dict:
     = 1 - (ms per token offloaded - ms per token with every expert resident) / copy ms per token. A
     demand copy's wait behind prefetches is measured in the chunk_size section."""
     from moe_offload.loading.config import OffloadConfig
-    from moe_offload.loading.loader import ModelParts
+    from moe_offload.loading.parts import ModelParts
 
     t0 = time.monotonic()
     path = full_size_checkpoint(check)

@@ -2,6 +2,8 @@
 
 from .allocation import (
     ALLOCATIONS,
+    RUNTIME_ALLOCATIONS,
+    Allocation,
     dp_quotas,
     shallow_quotas,
     slot_pools,
@@ -24,7 +26,7 @@ from .registry import (
 from .slots import ExpertSlots
 
 __all__ = [
-    "ALLOCATIONS", "ARCPolicy", "BeladyPolicy", "CachePolicy", "ExpertCache", "ExpertLayout", "ExpertSlots",
-    "LFUPolicy", "LRUPolicy", "POLICIES", "SIMULATION_ONLY", "ScorePolicy", "SlotPools", "dp_quotas", "make_policy",
-    "shallow_quotas", "slot_pools", "uniform_quotas",
+    "ALLOCATIONS", "ARCPolicy", "Allocation", "BeladyPolicy", "CachePolicy", "ExpertCache", "ExpertLayout",
+    "ExpertSlots", "LFUPolicy", "LRUPolicy", "POLICIES", "RUNTIME_ALLOCATIONS", "SIMULATION_ONLY", "ScorePolicy",
+    "SlotPools", "dp_quotas", "make_policy", "shallow_quotas", "slot_pools", "uniform_quotas",
 ]

@@ -14,12 +14,14 @@ L = MoE layers, E = experts per layer, S = slots
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
 from .layout import ExpertLayout
 from .pools import SlotPools
 
-ALLOCATIONS = ("global", "uniform", "shallow", "dp")
 SHALLOW_FULL_LAYERS = 4
 
 
@@ -80,18 +82,32 @@ def dp_quotas(num_slots: int, miss_curves: np.ndarray) -> tuple[int, ...]:
     return tuple(reversed(quotas))
 
 
+@dataclass(frozen=True)
+class Allocation:
+    """One allocation name: its per-layer quotas, and whether they need measured miss curves."""
+
+    # (slots, layout, miss curves or None) -> quota per MoE layer; None: one shared pool, no quotas
+    quotas: Callable[[int, ExpertLayout, np.ndarray | None], tuple[int, ...]] | None
+    needs_miss_curves: bool = False   # measured on a routing trace: only the simulator has them
+
+
+# The names of every allocation: adding one is its function and one line here.
+ALLOCATIONS: dict[str, Allocation] = {
+    "global": Allocation(None),
+    "uniform": Allocation(lambda slots, layout, curves: uniform_quotas(slots, layout)),
+    "shallow": Allocation(lambda slots, layout, curves: shallow_quotas(slots, layout)),
+    "dp": Allocation(lambda slots, layout, curves: dp_quotas(slots, curves), needs_miss_curves=True),
+}
+RUNTIME_ALLOCATIONS = tuple(name for name, a in ALLOCATIONS.items() if not a.needs_miss_curves)
+
+
 def slot_pools(name: str, num_slots: int, layout: ExpertLayout, miss_curves: np.ndarray | None = None) -> SlotPools:
     """The SlotPools of allocation ``name`` (see ALLOCATIONS)."""
-    if name == "global":
-        return SlotPools.shared(num_slots)
-    if name == "uniform":
-        quotas = uniform_quotas(num_slots, layout)
-    elif name == "shallow":
-        quotas = shallow_quotas(num_slots, layout)
-    elif name == "dp":
-        if miss_curves is None:
-            raise ValueError("allocation 'dp' needs per-layer miss curves measured on a routing trace")
-        quotas = dp_quotas(num_slots, miss_curves)
-    else:
+    if name not in ALLOCATIONS:
         raise ValueError(f"unknown slot allocation {name!r}; choose one of {', '.join(ALLOCATIONS)}")
-    return SlotPools.per_layer(quotas, layout.experts_per_layer)
+    allocation = ALLOCATIONS[name]
+    if allocation.quotas is None:
+        return SlotPools.shared(num_slots)
+    if allocation.needs_miss_curves and miss_curves is None:
+        raise ValueError(f"allocation {name!r} needs per-layer miss curves measured on a routing trace")
+    return SlotPools.per_layer(allocation.quotas(num_slots, layout, miss_curves), layout.experts_per_layer)

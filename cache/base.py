@@ -25,6 +25,8 @@ class CachePolicy(ABC):
     name: str = "policy"
     wants_router_probs: bool = False   # True: observe() needs the router's scores over all experts
     uses_hints: bool = False           # True: hint() changes what the policy evicts
+    needs_layout: bool = False         # True: built from the model's ExpertLayout (cache.make_policy checks)
+    needs_future: bool = False         # True: needs the future routing, so only the simulator builds it
 
     def bind_pools(self, pools: SlotPools) -> None:
         """The partition of the slots this policy serves (capacity-aware policies size their state)."""

@@ -24,6 +24,8 @@ class BeladyPolicy(CachePolicy):
     """
 
     name = "belady"
+    needs_layout = True
+    needs_future = True
 
     def __init__(self, layout: ExpertLayout, future: Sequence[Sequence[int]]) -> None:
         lengths = np.fromiter((len(keys) for keys in future), dtype=np.int64, count=len(future))

@@ -19,6 +19,7 @@ class LFUPolicy(CachePolicy):
     """
 
     name = "lfu"
+    needs_layout = True
 
     def __init__(self, layout: ExpertLayout) -> None:
         self._uses = np.zeros(layout.num_keys, dtype=np.int64)   # [K] router calls that used each key

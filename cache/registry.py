@@ -10,6 +10,8 @@ from .lfu import LFUPolicy
 from .lru import LRUPolicy
 from .score import ScorePolicy
 
+# The names of every policy: adding one is its file and one line here. A class declares
+# what it needs (CachePolicy.needs_layout, needs_future).
 # Policies the runtime can use: they decide from the past only.
 POLICIES: dict[str, type[CachePolicy]] = {
     "lru": LRUPolicy,
@@ -17,18 +19,18 @@ POLICIES: dict[str, type[CachePolicy]] = {
     "score": ScorePolicy,
     "arc": ARCPolicy,
 }
-# Policies that need the future: the simulator builds them from the trace.
+# Policies that need the future (needs_future): the simulator builds them from the trace.
 SIMULATION_ONLY: dict[str, type[CachePolicy]] = {"belady": BeladyPolicy}
 
 
 def make_policy(name: str, layout: ExpertLayout | None = None, **params) -> CachePolicy:
-    """A fresh runtime policy ``name`` for a model of ``layout`` (LRU and ARC do not need one)."""
+    """A fresh runtime policy ``name`` for a model of ``layout`` (those without needs_layout do without)."""
     if name in SIMULATION_ONLY:
         raise ValueError(f"cache policy {name!r} needs the future routing and exists only in the simulator")
     if name not in POLICIES:
         raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(POLICIES)}")
     cls = POLICIES[name]
-    if layout is None and cls in (LFUPolicy, ScorePolicy):
+    if layout is None and cls.needs_layout:
         raise ValueError(f"cache policy {name!r} needs the model's ExpertLayout")
     return cls(layout, **params)
 

@@ -124,6 +124,7 @@ class ScorePolicy(CachePolicy):
     name = "score"
     wants_router_probs = True
     uses_hints = True
+    needs_layout = True
 
     def __init__(self, layout: ExpertLayout, alpha: float = 0.5, top_p: int | None = None,
                  duel_decay: float = 0.99) -> None:

@@ -66,3 +66,73 @@ def test_malformed_yaml_is_rejected(tmp_path, text):
     path.write_text(text)
     with pytest.raises(MoEOffloadError, match=r"bad\.yaml is not valid YAML"):
         OffloadConfig.from_yaml(path)
+
+
+# ----------------------------------------------------------------------------- names come from the registries
+
+
+def test_config_accepts_exactly_the_registries_runtime_names():
+    from moe_offload.cache import ALLOCATIONS, POLICIES, SIMULATION_ONLY
+    from moe_offload.predictor import PREDICTORS
+
+    for name, entry in PREDICTORS.items():
+        if entry.runtime:
+            assert OffloadConfig(device="cpu", predictor=name).resolved_predictor == name
+        else:
+            with pytest.raises(MoEOffloadError, match=rf"predictor '{name}' .* exists only in the simulator"):
+                OffloadConfig(device="cpu", predictor=name)
+    assert OffloadConfig(device="cpu", predictor="none").resolved_predictor == "none"
+    with pytest.raises(MoEOffloadError, match="unknown predictor 'psychic'; choose one of none, cross_layer"):
+        OffloadConfig(device="cpu", predictor="psychic")
+    for name in POLICIES:
+        assert OffloadConfig(device="cpu", cache_policy=name).cache_policy == name
+    for name in SIMULATION_ONLY:
+        with pytest.raises(MoEOffloadError, match=rf"cache_policy '{name}' needs the future routing"):
+            OffloadConfig(device="cpu", cache_policy=name)
+    for name, allocation in ALLOCATIONS.items():
+        if allocation.needs_miss_curves:
+            with pytest.raises(MoEOffloadError, match=rf"slot_allocation '{name}' needs per-layer miss curves"):
+                OffloadConfig(device="cpu", slot_allocation=name)
+        else:
+            assert OffloadConfig(device="cpu", slot_allocation=name).slot_allocation == name
+    with pytest.raises(MoEOffloadError, match="unknown slot_allocation 'diagonal'"):
+        OffloadConfig(device="cpu", slot_allocation="diagonal")
+
+
+def test_registry_entries_declare_what_they_need():
+    from moe_offload.cache import POLICIES, SIMULATION_ONLY, ExpertLayout, make_policy
+    from moe_offload.predictor import PREDICTORS, RUNTIME_PREDICTORS
+
+    assert not set(POLICIES) & set(SIMULATION_ONLY)
+    assert all(cls.needs_future for cls in SIMULATION_ONLY.values())
+    assert not any(cls.needs_future for cls in POLICIES.values())
+    for name, cls in POLICIES.items():
+        assert make_policy(name, ExpertLayout(2, 4, 2)).name == name
+        if cls.needs_layout:
+            with pytest.raises(ValueError, match="needs the model's ExpertLayout"):
+                make_policy(name)
+        else:
+            assert make_policy(name).name == name
+    assert RUNTIME_PREDICTORS == ("none", *(n for n, e in PREDICTORS.items() if e.runtime))
+    assert all(not (e.needs_fit_trace or e.needs_replay_trace) for e in PREDICTORS.values() if e.runtime)
+
+
+def test_sweep_cli_accepts_exactly_the_registries_names(tmp_path, capsys):
+    from moe_offload.cache import ALLOCATIONS, POLICIES, SIMULATION_ONLY
+    from moe_offload.cli import build_parser, main
+    from moe_offload.cli.sweep import parse_policies
+    from moe_offload.predictor import PREDICTORS
+
+    parser = build_parser()
+    for name in ("none", *PREDICTORS):
+        assert parser.parse_args(["sweep", "--predictor", name, "--out", "x"]).predictor == name
+    for name in ALLOCATIONS:
+        assert parser.parse_args(["sweep", "--allocation", name, "--out", "x"]).allocation == name
+    for bad in (["--predictor", "psychic"], ["--allocation", "diagonal"]):
+        with pytest.raises(MoEOffloadError, match="invalid choice"):
+            parser.parse_args(["sweep", *bad, "--out", "x"])
+    assert parse_policies(",".join([*POLICIES, *SIMULATION_ONLY]), simulate=True)[0] == [*POLICIES, *SIMULATION_ONLY]
+    for name, entry in PREDICTORS.items():   # without --simulate the engine runs: runtime predictors only
+        if not entry.runtime:
+            assert main(["sweep", "--model", "/no/such/dir", "--predictor", name, "--out", str(tmp_path)]) == 2
+            assert "exists only in the simulator" in capsys.readouterr().err

@@ -133,6 +133,48 @@ def test_router_params_reproduce_each_familys_routing(checkpoints, family):
         assert torch.equal(ours.sort(1).values, chosen.long().sort(1).values)
 
 
+def record_checkpoint_reads(monkeypatch) -> list[str]:
+    """Names of the tensors read from any checkpoint from now on; building a host store or filling one fails."""
+    from moe_offload.loading import loader
+    from moe_offload.loading.checkpoint import Checkpoint
+
+    reads, get, get_slice = [], Checkpoint.get, Checkpoint.get_slice
+
+    def fail(*args, **kwargs):
+        raise AssertionError("router parameters must not build or fill the host expert store")
+
+    monkeypatch.setattr(Checkpoint, "get", lambda self, name: reads.append(name) or get(self, name))
+    monkeypatch.setattr(Checkpoint, "get_slice", lambda self, name, i: reads.append(name) or get_slice(self, name, i))
+    monkeypatch.setattr(loader, "HostExpertStore", fail)
+    monkeypatch.setattr(loader, "fill_store", fail)
+    return reads
+
+
+def assert_same_router_params(got: RouterParams, want: RouterParams) -> None:
+    assert (got.scoring, got.num_groups, got.top_groups, got.group_rule, got.top_k) == \
+        (want.scoring, want.num_groups, want.top_groups, want.group_rule, want.top_k)
+    for mine, theirs in zip([*got.weights, *got.norm_weights, *got.biases],
+                            [*want.weights, *want.norm_weights, *want.biases], strict=True):
+        assert (mine is None and theirs is None) or (torch.equal(mine, theirs) and mine.dtype == theirs.dtype)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe"])
+def test_router_params_of_model_parts_match_the_loaded_model_without_reading_experts(checkpoints, family,
+                                                                                     monkeypatch):
+    from moe_offload import OffloadConfig
+    from moe_offload.loading.loader import ModelParts, from_pretrained
+    from moe_offload.loading.router_params import router_params
+
+    loaded = router_params(from_pretrained(checkpoints[family], device="cpu", progress=False))
+    parts = ModelParts(checkpoints[family], OffloadConfig(device="cpu"))
+    reads = record_checkpoint_reads(monkeypatch)
+    params = router_params(parts)
+    assert_same_router_params(params, loaded)
+    assert params.num_layers == len(parts.sites) and reads
+    assert not [name for name in reads if parts.adapter.expert_tensor(name)]
+    assert all(".gate." in name or "layernorm" in name for name in reads)
+
+
 # ----------------------------------------------------------------------------- baselines
 
 
@@ -288,6 +330,31 @@ def test_registry_names_and_errors():
         load_predictor("learned", "/no/such/model", params)
     with pytest.raises(ValueError, match="needs gate inputs"):
         replay(make_predictor("cross_layer", params), trace)
+
+
+def test_registry_table_drives_make_and_load():
+    from moe_offload.predictor import PREDICTOR_NAMES, PREDICTORS, RUNTIME_PREDICTORS
+
+    assert PREDICTOR_NAMES == tuple(PREDICTORS) and RUNTIME_PREDICTORS[0] == "none"
+    params = random_params(3, 4, 2)
+    trace = make_trace(np.zeros((2, 3, 1), int), [0, 1], num_experts=4)
+    for name, entry in PREDICTORS.items():
+        if entry.needs_file:
+            continue
+        made = make_predictor(name, params, fit_trace=trace, replay_trace=trace)
+        assert made.needs_gate_inputs == entry.needs_gate_inputs, name
+        needs = {"params": entry.needs_router_params, "fit_trace": entry.needs_fit_trace,
+                 "replay_trace": entry.needs_replay_trace}
+        for what in (w for w, needed in needs.items() if needed):
+            given = {"fit_trace": trace, "replay_trace": trace} | {what: None}
+            with pytest.raises(ValueError, match=f"needs {what}"):
+                make_predictor(name, params if what != "params" else None,
+                               **{k: v for k, v in given.items() if k != "params"})
+        if entry.runtime:
+            assert load_predictor(name, "/no/such/model", params).name == name
+        else:
+            with pytest.raises(ValueError, match="use make_predictor with a trace"):
+                load_predictor(name, "/no/such/model", params)
 
 
 def test_recall_metrics_on_hand_made_cases():

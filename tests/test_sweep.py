@@ -135,3 +135,33 @@ def test_per_layer_allocation_skips_budgets_below_one_slot_per_layer(mixtral_dir
     payload = read_outputs(out)
     assert [r["budget"] for r in payload["results"]] == ["50%"]
     assert "5%: 1 slots < 3 MoE layers" in payload["notes"][0]
+
+
+def test_simulated_gate_predictor_reads_router_params_without_the_experts(mixtral_dir, tmp_path, monkeypatch):
+    import torch
+
+    from moe_offload.loading import router_params as router_module
+    from moe_offload.loading.checkpoint import Checkpoint
+    from moe_offload.loading.loader import from_pretrained
+    from moe_offload.runtime.tracing import record_trace
+
+    model = from_pretrained(mixtral_dir, device="cpu", progress=False)
+    want = router_module.router_params(model).to("cpu")
+    prompt = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    trace = record_trace(model, None, [prompt], 6, gate_inputs=True, progress=False).save(tmp_path / "t.npz")
+    model.offload.close()
+    reads, got, get, build = [], [], Checkpoint.get, router_module.router_params
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a simulated sweep must not load the experts")
+
+    monkeypatch.setattr(Checkpoint, "get", lambda self, name: reads.append(name) or get(self, name))
+    monkeypatch.setattr(router_module, "router_params", lambda source: got.append(build(source)) or got[-1])
+    monkeypatch.setattr("moe_offload.loading.loader.HostExpertStore", fail)
+    monkeypatch.setattr("moe_offload.loading.loader.fill_store", fail)
+    payload, rows = simulated(mixtral_dir, tmp_path / "out", "--trace", str(trace), "--predictor", "cross_layer")
+    assert payload["predictor"] == "cross_layer" and len(rows) == 4 and len(got) == 1
+    params = got[0].to("cpu")
+    for mine, theirs in zip([*params.weights, *params.norm_weights], [*want.weights, *want.norm_weights], strict=True):
+        assert torch.equal(mine, theirs)
+    assert reads and not [name for name in reads if ".experts." in name]

@@ -29,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     """Time copies, device and CPU expert compute for the model's expert shape; save a profile."""
     from ..cpu_kernels import CpuRunner
-    from ..loading.loader import ModelParts
+    from ..loading.parts import ModelParts
     from ..runtime.calibrate import measure_profile
     from ..runtime.cost import CostModel, user_profile_dir
     from ..transfer.pinning import pinned_empty

@@ -15,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..loading.loader import ModelParts
+    from ..loading.parts import ModelParts
 
     cfg = offload_config(args)
     parts = ModelParts(args.model, cfg)

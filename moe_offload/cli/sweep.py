@@ -25,8 +25,8 @@ import torch
 
 from ..cache import ALLOCATIONS, POLICIES, SIMULATION_ONLY
 from ..errors import MoEOffloadError
-from ..loading.config import OffloadConfig
-from ..predictor.registry import PREDICTOR_NAMES
+from ..loading.config import OffloadConfig, check_predictor
+from ..predictor.registry import NO_PREDICTOR, PREDICTOR_NAMES
 from ..simulate.sweep import (
     SweepSetup,
     engine_rows,
@@ -51,14 +51,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"comma list of N%% or sizes like 6GiB (default {DEFAULT_BUDGETS.replace('%', '%%')})")
     p.add_argument("--policies", default=DEFAULT_POLICIES,
                    help=f"comma list of {', '.join([*POLICIES, *SIMULATION_ONLY])} ({DEFAULT_POLICIES})")
-    p.add_argument("--allocation", default="global", choices=ALLOCATIONS, help="slots per MoE layer (dp: simulation)")
+    simulated = [name for name, allocation in ALLOCATIONS.items() if allocation.needs_miss_curves]
+    p.add_argument("--allocation", default="global", choices=list(ALLOCATIONS),
+                   help=f"slots per MoE layer ({', '.join(simulated)}: simulation only)")
     p.add_argument("--simulate", action="store_true", help="replay a routing trace instead of running the model")
     p.add_argument("--hardware", default="rtx4090-pcie4",
                    help="hardware profile name or YAML, for --simulate (default rtx4090-pcie4)")
     p.add_argument("--cpu-experts", choices=("never", "auto", "always"),
                    help="miss placement: the hybrid scheduler (auto), copy every miss (never), every miss on the "
                         "CPU (always); default: auto with --simulate, else the runtime's default for the device")
-    p.add_argument("--predictor", choices=("none", *PREDICTOR_NAMES),
+    p.add_argument("--predictor", choices=(NO_PREDICTOR, *PREDICTOR_NAMES),
                    help="prefetch with this predictor, one layer ahead; with --simulate the runtime's prefetcher "
                         "replays it over the trace (default: none), else the engine's (default: the device's)")
     source = p.add_mutually_exclusive_group()
@@ -139,12 +141,14 @@ def print_rows(rows: list[dict]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..loading.loader import ModelParts
+    from ..loading.parts import ModelParts
 
     cfg = OffloadConfig(device=args.device) if args.device else OffloadConfig()
     cfg = cfg.replace(dtype=args.dtype) if args.dtype else cfg
-    if args.allocation == "dp" and not args.simulate:
-        raise MoEOffloadError("--allocation dp needs miss curves from a trace; use it with --simulate")
+    if ALLOCATIONS[args.allocation].needs_miss_curves and not args.simulate:
+        raise MoEOffloadError(f"--allocation {args.allocation} needs miss curves from a trace; use it with --simulate")
+    if not args.simulate:
+        check_predictor(args.predictor)   # the engine runs runtime predictors only
     if (args.trace or args.synthetic) and not args.simulate:
         raise MoEOffloadError("--trace and --synthetic replay a trace; add --simulate")
     parts = ModelParts(args.model, cfg)

@@ -11,7 +11,11 @@ from typing import Any
 import torch
 import yaml
 
+from ..cache import ALLOCATIONS, POLICIES, RUNTIME_ALLOCATIONS, SIMULATION_ONLY
 from ..errors import MoEOffloadError
+from ..predictor.registry import PREDICTORS, RUNTIME_PREDICTORS
+from ..runtime.scheduler import CPU_EXPERTS
+from ..transfer.streams import BACKENDS as COPY_BACKENDS
 
 _UNITS = {
     "": 1, "b": 1,
@@ -23,13 +27,8 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
-CACHE_POLICIES = ("lru", "lfu", "score", "arc")
-SIMULATION_ONLY_POLICIES = ("belady",)
-SLOT_ALLOCATIONS = ("global", "uniform", "shallow")
-from ..runtime.scheduler import CPU_EXPERTS  # noqa: E402
-
-PREDICTORS = ("none", "cross_layer", "cross_layer_raw", "learned", "previous")
-from ..transfer.streams import BACKENDS as COPY_BACKENDS  # noqa: E402
+# The names of policies, allocations and predictors are their registries' (moe_offload.cache,
+# moe_offload.predictor.registry): what runs at runtime is checked here, the rest is simulation-only.
 
 
 def parse_bytes(value: int | float | str) -> int:
@@ -76,6 +75,44 @@ def parse_device(value: str) -> torch.device:
     if device.type not in ("cuda", "cpu"):
         raise MoEOffloadError(f"device {value!r} is not supported; {supported}")
     return device
+
+
+def check_cache_policy(name: str) -> None:
+    """MoEOffloadError unless ``name`` is a runtime cache policy (cache.POLICIES)."""
+    if name in SIMULATION_ONLY:
+        raise MoEOffloadError(
+            f"cache_policy {name!r} needs the future routing and is simulation-only "
+            f"(moe-offload sweep --simulate); at runtime choose one of {', '.join(POLICIES)}"
+        )
+    if name not in POLICIES:
+        raise MoEOffloadError(f"unknown cache_policy {name!r}; choose one of {', '.join(POLICIES)}")
+
+
+def check_slot_allocation(name: str) -> None:
+    """MoEOffloadError unless ``name`` is an allocation the runtime can compute (no miss curves needed)."""
+    if name in ALLOCATIONS and ALLOCATIONS[name].needs_miss_curves:
+        raise MoEOffloadError(
+            f"slot_allocation {name!r} needs per-layer miss curves measured on a routing trace, so it exists only "
+            "in the simulator (moe-offload sweep --simulate); at runtime choose one of "
+            f"{', '.join(RUNTIME_ALLOCATIONS)}"
+        )
+    if name not in RUNTIME_ALLOCATIONS:
+        raise MoEOffloadError(
+            f"unknown slot_allocation {name!r}; choose one of {', '.join(RUNTIME_ALLOCATIONS)}"
+        )
+
+
+def check_predictor(name: str | None) -> None:
+    """MoEOffloadError unless ``name`` is None, 'none' or a runtime predictor of predictor.PREDICTORS."""
+    if name is None or name in RUNTIME_PREDICTORS:
+        return
+    if name in PREDICTORS:
+        raise MoEOffloadError(
+            f"predictor {name!r} {PREDICTORS[name].why_trace_only}, so it exists only in the simulator "
+            f"(moe-offload sweep --simulate --predictor {name}); at runtime choose one of "
+            f"{', '.join(RUNTIME_PREDICTORS)}"
+        )
+    raise MoEOffloadError(f"unknown predictor {name!r}; choose one of {', '.join(RUNTIME_PREDICTORS)}")
 
 
 def default_device() -> str:
@@ -125,34 +162,17 @@ class OffloadConfig:
             raise MoEOffloadError("give either gpu_memory or expert_slots, not both")
         if self.expert_slots is not None and int(self.expert_slots) < 1:
             raise MoEOffloadError(f"expert_slots must be at least 1, got {self.expert_slots}")
-        if self.cache_policy in SIMULATION_ONLY_POLICIES:
-            raise MoEOffloadError(
-                f"cache_policy {self.cache_policy!r} needs the future routing and is simulation-only "
-                f"(moe-offload sweep --simulate); at runtime choose one of {', '.join(CACHE_POLICIES)}"
-            )
-        if self.cache_policy not in CACHE_POLICIES:
-            raise MoEOffloadError(
-                f"unknown cache_policy {self.cache_policy!r}; choose one of {', '.join(CACHE_POLICIES)}"
-            )
+        check_cache_policy(self.cache_policy)
         if not isinstance(self.score_alpha, (int, float)) or not 0.0 < self.score_alpha <= 1.0:
             raise MoEOffloadError(f"score_alpha must be a number in (0, 1], got {self.score_alpha!r}")
         if self.score_top_p is not None and (isinstance(self.score_top_p, bool) or not isinstance(
                 self.score_top_p, int) or self.score_top_p < 1):
             raise MoEOffloadError(f"score_top_p must be an integer >= 1 (or null to duel 2 * top_k against top_k), "
                                   f"got {self.score_top_p!r}")
-        if self.slot_allocation == "dp":
-            raise MoEOffloadError(
-                "slot_allocation 'dp' needs per-layer miss curves measured on a routing trace, so it exists only "
-                f"in the simulator (moe-offload sweep --simulate); at runtime choose one of {', '.join(SLOT_ALLOCATIONS)}"
-            )
-        if self.slot_allocation not in SLOT_ALLOCATIONS:
-            raise MoEOffloadError(
-                f"unknown slot_allocation {self.slot_allocation!r}; choose one of {', '.join(SLOT_ALLOCATIONS)}"
-            )
+        check_slot_allocation(self.slot_allocation)
         if self.cpu_experts is not None and self.cpu_experts not in CPU_EXPERTS:
             raise MoEOffloadError(f"cpu_experts must be one of {', '.join(CPU_EXPERTS)}, got {self.cpu_experts!r}")
-        if self.predictor is not None and self.predictor not in PREDICTORS:
-            raise MoEOffloadError(f"unknown predictor {self.predictor!r}; choose one of {', '.join(PREDICTORS)}")
+        check_predictor(self.predictor)
         if self.prefetch_depth < 0 or (self.prefetch_width is not None and self.prefetch_width < 1):
             raise MoEOffloadError("prefetch_depth must be >= 0 and prefetch_width >= 1")
         if self.copy_backend is not None and self.copy_backend not in COPY_BACKENDS:

@@ -47,9 +47,7 @@ def check_config(config: PretrainedConfig, adapter: ModelAdapter, where: str | P
     experts, top_k = getattr(config, adapter.experts_field), config.num_experts_per_tok
     if top_k > experts:
         raise bad("num_experts_per_tok", f"exceeds the {experts} routed experts ({adapter.experts_field})")
-    grouped = adapter.model_type == "deepseek_v3" or (
-        adapter.model_type == "deepseek_v2" and getattr(config, "topk_method", None) == "group_limited_greedy")
-    if grouped:
+    if adapter.groups_experts(config):
         _check_groups(config, adapter, experts, top_k, bad)
 
 
@@ -63,8 +61,9 @@ def _check_groups(config, adapter: ModelAdapter, experts: int, top_k: int, bad) 
     if not _positive_int(kept) or kept > groups:
         raise bad("topk_group", f"must be an integer in [1, n_group = {groups}]")
     per_group = experts // groups
-    if adapter.model_type == "deepseek_v3" and per_group < 2:
-        raise bad("n_group", f"leaves {per_group} expert per group; DeepSeek-V3 routing scores a group by its top 2")
+    if getattr(adapter, "group_rule", None) == "top2_sum" and per_group < 2:
+        raise bad("n_group", f"leaves {per_group} expert per group; {adapter.model_type} routing scores a group by "
+                             "its top 2")
     if top_k > kept * per_group:
         raise bad("num_experts_per_tok", f"exceeds the {kept * per_group} experts of the topk_group = {kept} "
                                          f"groups routing keeps")

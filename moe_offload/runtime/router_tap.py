@@ -1,9 +1,15 @@
-"""RouterTap: forward hooks on each MoE layer's router, feeding listeners."""
+"""RouterTap: forward hooks on each MoE layer's router, feeding listeners.
+
+How a family's router reports its choice (scoring, where the logits and chosen
+ids sit in its output, its bias attribute) comes from the loader, which reads
+it off the model's adapter; the runtime knows no family.
+"""
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,6 +17,8 @@ from torch import nn
 # T = tokens, H = hidden size, E = experts, k = experts per token
 # listener(layer, gate_input [T, H], probs [T, E] float32, chosen [T, k])
 Listener = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# a router module's forward output -> (logits [T, E], chosen expert ids [T, k])
+RouterOutputs = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
 
 
 def router_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
@@ -20,10 +28,15 @@ def router_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
 
 
 class RouterTap:
-    """Hooks every router once; listeners are added and removed freely."""
+    """Hooks every router once; listeners are added and removed freely.
 
-    def __init__(self, routers: list[nn.Module], scoring: str):
+    ``scoring``: "softmax" or "sigmoid" (router_scores); ``outputs``: the
+    family's reading of a router's output (the adapter's ``router_outputs``).
+    """
+
+    def __init__(self, routers: list[nn.Module], scoring: str, outputs: RouterOutputs):
         self.scoring = scoring
+        self.outputs = outputs
         self.routers = routers
         self.listeners: list[Listener] = []
         self._handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(routers)]
@@ -37,8 +50,8 @@ class RouterTap:
                 return
             hidden = inputs[0]
             gate_input = hidden.reshape(-1, hidden.shape[-1])           # [T, H]
-            probs = router_scores(output[0], self.scoring)              # [T, E]
-            chosen = output[2]                                          # [T, k]
+            logits, chosen = self.outputs(output)                       # [T, E], [T, k]
+            probs = router_scores(logits, self.scoring)                 # [T, E]
             for listener in self.listeners:
                 listener(layer, gate_input, probs, chosen)
         return hook
@@ -55,11 +68,3 @@ class RouterTap:
 
     def remove(self, listener: Listener) -> None:
         self.listeners.remove(listener)
-
-    def router_weight(self, layer: int) -> torch.Tensor:
-        """[E, H] router weight of MoE layer ``layer``."""
-        return self.routers[layer].weight
-
-    def router_bias(self, layer: int) -> torch.Tensor | None:
-        """DeepSeek-V3's selection bias, or None."""
-        return getattr(self.routers[layer], "e_score_correction_bias", None)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import MoEOffloadError
 from ..loading.config import OffloadConfig, parse_bytes
+from ..predictor.registry import NO_PREDICTOR, PREDICTORS
 from .calls import RoutingArrays
 from .simulator import Simulator
 
@@ -159,39 +159,37 @@ def record_prompts(setup: SweepSetup):
                         GATE_INPUT_PREDICTORS, progress=False, min_new_tokens=setup.new_tokens)
 
 
-GATE_INPUT_PREDICTORS = ("cross_layer", "cross_layer_raw", "learned")   # they read each layer's gate input
+GATE_INPUT_PREDICTORS = tuple(name for name, entry in PREDICTORS.items() if entry.needs_gate_inputs)
 
 
-def predictor_maker(setup: SweepSetup, trace, model_dir: Path, notes: list[str]):
-    """A maker of fresh predictors ``setup.predictor`` for the simulator's prefetcher, or None."""
+def predictor_maker(setup: SweepSetup, trace, parts, notes: list[str]):
+    """A maker of fresh predictors ``setup.predictor`` for the simulator's prefetcher, or None.
+
+    ``parts``: the model's loader.ModelParts (its router tensors are read from the checkpoint when the
+    predictor needs them, without the experts)."""
+    from ..loading.router_params import router_params
     from ..predictor import make_predictor
 
     name = setup.predictor
-    if name in (None, "none"):
+    if name in (None, NO_PREDICTOR):
         return None
-    if name in GATE_INPUT_PREDICTORS and trace.gate_inputs is None:
+    if name not in PREDICTORS:
+        raise MoEOffloadError(f"unknown predictor {name!r}; choose one of {', '.join((NO_PREDICTOR, *PREDICTORS))}")
+    entry = PREDICTORS[name]
+    if entry.needs_gate_inputs and trace.gate_inputs is None:
         raise MoEOffloadError(f"--predictor {name} needs gate inputs in the trace; record it with "
                               "`moe-offload trace --gate-inputs` (a --synthetic trace has none)")
-    params = model_router_params(setup) if name in GATE_INPUT_PREDICTORS else None
-    if name in ("popularity", "eam"):
+    params = router_params(parts).to("cpu") if entry.needs_router_params else None
+    if entry.needs_fit_trace:
         notes.append(f"predictor {name} is fitted on the replayed trace itself (in-sample)")
 
     def make():
         try:
-            return make_predictor(name, params, fit_trace=trace, replay_trace=trace, model_dir=model_dir)
+            return make_predictor(name, params, fit_trace=trace, replay_trace=trace, model_dir=parts.directory)
         except (ValueError, FileNotFoundError) as err:
             raise MoEOffloadError(f"predictor {name!r}: {err}") from None
     make()   # fail before the runs start
     return make
-
-
-def model_router_params(setup: SweepSetup):
-    """The model's router tensors, on the CPU (loads the model once on the CPU)."""
-    from ..loading.loader import from_pretrained
-    from ..loading.router_params import router_params
-
-    model = from_pretrained(setup.model, device="cpu", dtype=setup.dtype, expert_slots=1, progress=False)
-    return router_params(model).to("cpu")
 
 
 def runnable(parts, setup: SweepSetup, policies: list[str], budgets: list[Budget],
@@ -213,7 +211,7 @@ def simulate_rows(parts, setup: SweepSetup, runs: list[tuple[str, Budget]], note
     profile = HardwareProfile.from_yaml(setup.hardware)
     cost = CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize)
     simulator = Simulator(RoutingArrays.of(trace), cost, parts.plan.bytes_per_expert, setup.cpu_experts,
-                          predictor=predictor_maker(setup, trace, parts.directory, notes))
+                          predictor=predictor_maker(setup, trace, parts, notes))
     rows = []
     for policy, budget in tqdm(runs, desc="sweep (simulated)", unit="run", disable=not setup.progress):
         try:

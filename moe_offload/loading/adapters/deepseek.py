@@ -4,12 +4,28 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
-from .base import ModelAdapter
+from .base import NO_GROUPS, ModelAdapter
 
 
 @dataclass(frozen=True)
 class DeepseekAdapter(ModelAdapter):
-    """transformers caches MLA keys and values decompressed, per head."""
+    """Group-limited routing from config.json's n_group / topk_group; transformers caches MLA keys and values
+    decompressed, per head."""
+
+    group_rule: str = "max"                  # how a group is scored: its best expert (V2), its best two (V3)
+    group_method: str | None = "group_limited_greedy"   # config topk_method that turns groups on; None: always
+
+    def groups_experts(self, config: PretrainedConfig) -> bool:
+        return self.group_method is None or getattr(config, "topk_method", None) == self.group_method
+
+    def router_groups(self, config: PretrainedConfig) -> tuple[int, int, str]:
+        if not self.groups_experts(config):
+            return NO_GROUPS
+        num_groups = getattr(config, "n_group", None) or 1
+        top_groups = getattr(config, "topk_group", None) or num_groups
+        if num_groups <= 1 or top_groups >= num_groups:
+            return NO_GROUPS
+        return num_groups, top_groups, self.group_rule
 
     def kv_bytes_per_token(self, config: PretrainedConfig, element_size: int) -> int:
         key = config.qk_nope_head_dim + config.qk_rope_head_dim
@@ -20,4 +36,5 @@ class DeepseekAdapter(ModelAdapter):
 DEEPSEEK_V2 = DeepseekAdapter(model_type="deepseek_v2", experts_class="DeepseekV2Experts",
                               experts_field="n_routed_experts")
 DEEPSEEK_V3 = DeepseekAdapter(model_type="deepseek_v3", experts_class="DeepseekV3Experts", router_scoring="sigmoid",
-                              experts_field="n_routed_experts")
+                              experts_field="n_routed_experts", router_bias_attr="e_score_correction_bias",
+                              group_rule="top2_sum", group_method=None)

@@ -1,0 +1,113 @@
+"""ModelParts: what inspecting a checkpoint tells before anything big is allocated, and its dense tensors."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from ..errors import MoEOffloadError
+from ..transfer import ExpertShape
+from .adapters import ModelAdapter, adapter_for
+from .budget import MemoryPlan, plan_memory
+from .checkpoint import Checkpoint, resolve_model_dir
+from .config import OffloadConfig
+from .skeleton import ExpertsSite, build_skeleton, find_experts
+from .validate import check_config, check_tensors
+
+
+def load_config(directory: os.PathLike) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError, OSError) as err:
+        raise MoEOffloadError(f"cannot read {directory}/config.json: {str(err).splitlines()[0]}") from None
+
+
+def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+class ModelParts:
+    """What inspecting a checkpoint tells before anything big is allocated."""
+
+    def __init__(self, model_path: str | os.PathLike, cfg: OffloadConfig):
+        self.directory = resolve_model_dir(model_path)
+        self.checkpoint = Checkpoint(self.directory)
+        self.hf_config = load_config(self.directory)
+        self.adapter: ModelAdapter = adapter_for(self.hf_config)
+        check_config(self.hf_config, self.adapter, self.directory / "config.json")
+        self.dtype = cfg.dtype or checkpoint_dtype(self.hf_config)
+        self.model = build_skeleton(self.hf_config, self.dtype)
+        self.sites: list[ExpertsSite] = find_experts(self.model, self.adapter)
+        first = self.sites[0].module
+        num_experts, two_i, hidden = first.gate_up_proj.shape
+        self.num_experts = num_experts
+        self.shape = ExpertShape(hidden=hidden, intermediate=two_i // 2)
+        check_tensors(self)  # every tensor present, shaped and typed as config.json implies
+        self.plan: MemoryPlan = plan_memory(
+            cfg,
+            dense_bytes=self._dense_bytes(),
+            bytes_per_expert=self.shape.numel * self.dtype.itemsize,
+            num_moe_layers=len(self.sites),
+            experts_per_layer=num_experts,
+            kv_bytes_per_token=self.adapter.kv_bytes_per_token(self.hf_config, self.dtype.itemsize),
+        )
+
+    def _dense_bytes(self) -> int:
+        expert_params = {id(p) for s in self.sites for p in s.module.parameters()}
+        return sum(p.numel() * self.dtype.itemsize for p in self.model.parameters() if id(p) not in expert_params)
+
+    def routers(self) -> list[nn.Module]:
+        """The router module beside each MoE layer's experts, in MoE-layer order."""
+        return [getattr(s.parent, self.adapter.router_attr) for s in self.sites]
+
+
+def _keeps_fp32(model: PreTrainedModel, name: str) -> bool:
+    patterns = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    patterns += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    return any(re.search(rf"(^|\.){re.escape(p)}(\.|$)", name) for p in patterns)
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[leaf] = value
+
+
+def read_dense(parts: ModelParts, disk_name: str, name: str) -> torch.Tensor:
+    """Dense tensor ``disk_name`` from the checkpoint, in the dtype the model keeps at ``name`` (on the CPU)."""
+    tensor = parts.checkpoint.get(disk_name)
+    if tensor.is_floating_point() and not _keeps_fp32(parts.model, name):
+        tensor = tensor.to(parts.dtype)
+    return tensor
+
+
+def load_dense(parts: ModelParts, device: torch.device) -> None:
+    """Every non-expert tensor of the checkpoint onto ``device``; error if any is missing."""
+    model, adapter = parts.model, parts.adapter
+    targets = dict(model.named_parameters()) | dict(model.named_buffers())
+    for disk_name, info in parts.checkpoint.tensors.items():
+        if adapter.expert_tensor(disk_name):
+            continue
+        name = adapter.memory_name(disk_name)
+        if name not in targets:
+            continue  # extra tensors (e.g. multi-token-prediction heads) that transformers ignores too
+        if tuple(info.shape) != tuple(targets[name].shape):
+            raise MoEOffloadError(
+                f"tensor {disk_name} has shape {list(info.shape)} but config.json implies "
+                f"{list(targets[name].shape)}; the weights and config.json do not belong together"
+            )
+        _set_tensor(model, name, read_dense(parts, disk_name, name).to(device))
+    for name, buf in model.named_buffers():
+        if buf.device != device:
+            _set_tensor(model, name, buf.to(device))
+    model.tie_weights()
