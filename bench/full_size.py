@@ -22,35 +22,20 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-PRESETS: dict[str, dict] = {
-    # mistralai/Mixtral-8x7B-v0.1 config.json
-    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-                         vocab_size=32000, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5),
-    # deepseek-ai/DeepSeek-V2-Lite config.json
-    "deepseek-v2-lite": dict(model_type="deepseek_v2", hidden_size=2048, intermediate_size=10944,
-                             moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
-                             num_key_value_heads=16, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
-                             first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
-                             qk_nope_head_dim=128, v_head_dim=128, topk_method="greedy", n_group=1, topk_group=1,
-                             routed_scaling_factor=1.0, vocab_size=102400, max_position_embeddings=163840),
-    # Qwen/Qwen3-30B-A3B config.json
-    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                          num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936,
-                          max_position_embeddings=40960, rope_theta=1e6),
-}
+from moe_offload.models import SHAPE_PRESETS, preset_dir
 
 _DISK_NAMES = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
 _DEFAULT_NAMES = ("mlp", "gate_proj", "up_proj", "down_proj")
 
 
 def preset_config(preset: str, layers: int | None, dtype: torch.dtype):
-    spec = dict(PRESETS[preset])
-    model_type = spec.pop("model_type")
+    """The shape preset's config.json (the package's configs/presets/: the models' own configs), with
+    ``layers`` decoder layers and ``dtype``."""
+    config = AutoConfig.from_pretrained(preset_dir(preset))
     if layers is not None:
-        spec["num_hidden_layers"] = layers
-    return AutoConfig.for_model(model_type, **spec, dtype=dtype, tie_word_embeddings=False)
+        config.num_hidden_layers = layers
+    config.dtype = dtype
+    return config
 
 
 def disk_tensors(name: str, shape: torch.Size, model_type: str) -> list[tuple[str, tuple, str]]:
@@ -116,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    p.add_argument("--preset", choices=SHAPE_PRESETS, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--layers", type=int, help="keep the first N decoder layers")
     p.add_argument("--dtype", default="bfloat16")

@@ -116,3 +116,37 @@ class OraclePredictor(Predictor):
         target = self.check_target(layer, distance)
         rows = slice(self._start, self._next)
         return chosen_first(self.expert_ids[rows, target], self.router_probs[rows, target])  # [T, E]
+
+
+class RecallOraclePredictor(OraclePredictor):
+    """``oracle@R``: the true next-layer experts, each kept with probability ``recall`` and otherwise
+    replaced by a random expert the token did not select; only these k experts are ranked (equal scores).
+    Shows what a predictor of recall R buys. The replacements are drawn once per trace (``seed``)."""
+
+    row_independent = True
+
+    def __init__(self, trace: Trace, recall: float, seed: int = 0):
+        super().__init__(trace)
+        if not 0.0 <= recall <= 1.0:
+            raise ValueError(f"oracle recall must be in [0, 1], got {recall}")
+        self.name = f"oracle@{recall:g}"
+        self.recall = recall
+        self.noisy_ids = torch.from_numpy(_with_recall(trace.expert_ids.astype(np.int64), trace.num_experts,
+                                                       recall, np.random.default_rng(seed)))   # [N, L, k]
+
+    def predict(self, layer: int, distance: int) -> Tensor:
+        target = self.check_target(layer, distance)
+        chosen = self.noisy_ids[self._start:self._next, target]                          # [T, k]
+        return chosen_first(chosen, torch.zeros(chosen.shape[0], self.num_experts))      # [T, E]
+
+
+def _with_recall(ids: np.ndarray, experts: int, recall: float, rng: np.random.Generator) -> np.ndarray:
+    """[N, L, k] ``ids`` with each entry kept with probability ``recall``, else a random expert outside the row."""
+    out = ids.copy()
+    n, layers, k = ids.shape
+    replace = rng.random(ids.shape) >= recall
+    for t, layer in zip(*np.nonzero(replace.any(axis=2))):
+        others = np.setdiff1d(np.arange(experts), ids[t, layer])
+        picks = rng.choice(others, size=int(replace[t, layer].sum()), replace=False)
+        out[t, layer, replace[t, layer]] = picks
+    return out

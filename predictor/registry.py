@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .base import Predictor
-from .baselines import OraclePredictor, PopularityPredictor, PreviousTokenPredictor
+from .baselines import OraclePredictor, PopularityPredictor, PreviousTokenPredictor, RecallOraclePredictor
 from .cross_layer import CrossLayerGatePredictor
 from .eam import ActivationMatrixPredictor
 from .learned import FILE_NAME, LearnedCorrection, LearnedCorrectionPredictor
@@ -93,10 +93,27 @@ RUNTIME_PREDICTORS = (NO_PREDICTOR, *(name for name, entry in PREDICTORS.items()
 
 
 def predictor_entry(name: str) -> PredictorEntry:
-    """The entry of ``name``; ValueError naming the known predictors otherwise."""
-    if name not in PREDICTORS:
-        raise ValueError(f"unknown predictor {name!r}; known: {', '.join(PREDICTOR_NAMES)}")
-    return PREDICTORS[name]
+    """The entry of ``name`` (a PREDICTORS name, or ``oracle@R`` for the oracle kept at recall R in [0, 1]);
+    ValueError naming the known predictors otherwise."""
+    if name in PREDICTORS:
+        return PREDICTORS[name]
+    recall = _oracle_recall(name)
+    if recall is None:
+        raise ValueError(f"unknown predictor {name!r}; known: {', '.join(PREDICTOR_NAMES)}, or oracle@R "
+                         "(R in [0, 1])")
+    return PredictorEntry(lambda i: RecallOraclePredictor(i.replay_trace, recall), needs_replay_trace=True)
+
+
+def _oracle_recall(name: str) -> float | None:
+    """R of a name ``oracle@R``, or None."""
+    prefix, _, value = str(name).partition("@")
+    if prefix != "oracle" or not value:
+        return None
+    try:
+        recall = float(value)
+    except ValueError:
+        return None
+    return recall if 0.0 <= recall <= 1.0 else None
 
 
 def make_predictor(name: str, params: RouterParams | None = None, *, fit_trace: Trace | None = None,

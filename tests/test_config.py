@@ -120,17 +120,19 @@ def test_registry_entries_declare_what_they_need():
 def test_sweep_cli_accepts_exactly_the_registries_names(tmp_path, capsys):
     from moe_offload.cache import ALLOCATIONS, POLICIES, SIMULATION_ONLY
     from moe_offload.cli import build_parser, main
-    from moe_offload.cli.sweep import parse_policies
+    from moe_offload.cli.sweep import parse_policies, parse_predictors
     from moe_offload.predictor import PREDICTORS
 
     parser = build_parser()
-    for name in ("none", *PREDICTORS):
-        assert parser.parse_args(["sweep", "--predictor", name, "--out", "x"]).predictor == name
+    names = ["none", *PREDICTORS, "oracle@0.8", "oracle@1"]
+    assert parse_predictors(",".join(names), simulate=True) == names
+    for bad in ("psychic", "oracle@1.5", "oracle@", "cross_layer,psychic"):
+        with pytest.raises(MoEOffloadError, match="unknown predictor"):
+            parse_predictors(bad, simulate=True)
     for name in ALLOCATIONS:
         assert parser.parse_args(["sweep", "--allocation", name, "--out", "x"]).allocation == name
-    for bad in (["--predictor", "psychic"], ["--allocation", "diagonal"]):
-        with pytest.raises(MoEOffloadError, match="invalid choice"):
-            parser.parse_args(["sweep", *bad, "--out", "x"])
+    with pytest.raises(MoEOffloadError, match="invalid choice"):
+        parser.parse_args(["sweep", "--allocation", "diagonal", "--out", "x"])
     assert parse_policies(",".join([*POLICIES, *SIMULATION_ONLY]), simulate=True)[0] == [*POLICIES, *SIMULATION_ONLY]
     for name, entry in PREDICTORS.items():   # without --simulate the engine runs: runtime predictors only
         if not entry.runtime:

@@ -86,26 +86,37 @@ def test_replay_matches_the_engine_with_the_hybrid_scheduler(model_dir, tmp_path
         assert result.cpu_fills > 0
 
 
-class _LinkBound:
-    """Copies take 1 s, compute is free: a call lasts as long as its copies."""
+class _Costs:
+    """Copies take ``copy`` s (10 bytes per expert), a device run ``gpu`` s, the CPU never pays off."""
+
+    def __init__(self, copy: float, gpu: float):
+        self.copy, self.gpu = copy, gpu
 
     def copy_s(self) -> float:
-        return 1.0
+        return self.copy
+
+    def link_s(self, nbytes: int) -> float:
+        return nbytes / 10 * self.copy
 
     def gpu_s(self, tokens: int) -> float:
-        return 0.0
+        return self.gpu
 
     def cpu_s(self, tokens: int) -> float:
         return 1e9
 
 
-def test_prefetch_copies_count_in_link_time(model_dir):
-    _, trace, params = engine_run(model_dir, "lru", 5, "none")
+def test_prefetch_spends_only_the_link_time_calls_leave_free(model_dir):
+    _, trace, _ = engine_run(model_dir, "lru", 5, "none")
     routing = RoutingArrays.of(trace)
-    plain = Simulator(routing, _LinkBound(), bytes_per_expert=10).run("lru", 5)
+    oracle = lambda: make_predictor("oracle", replay_trace=trace)   # noqa: E731
+    # compute free: every call waits on its own demand copies, the link is never idle, no prefetch fits
+    plain = Simulator(routing, _Costs(1.0, 0.0), bytes_per_expert=10).run("lru", 5)
     assert plain.seconds == plain.copies
-    fetched = Simulator(routing, _LinkBound(), bytes_per_expert=10,
-                        predictor=lambda: make_predictor("previous", params)).run("lru", 5)
-    assert fetched.prefetch_copies > 0
-    assert fetched.seconds == fetched.copies + fetched.prefetch_copies
-    assert fetched.bytes_copied == 10 * (fetched.copies + fetched.prefetch_copies)
+    fetched = Simulator(routing, _Costs(1.0, 0.0), bytes_per_expert=10, predictor=oracle).run("lru", 5)
+    assert fetched.prefetch_copies == 0 and fetched.seconds == plain.seconds
+    # compute slower than copies: prefetches fill the idle link, land in time and shorten the replay
+    plain = Simulator(routing, _Costs(1.0, 3.0), bytes_per_expert=10).run("lru", 5)
+    fetched = Simulator(routing, _Costs(1.0, 3.0), bytes_per_expert=10, predictor=oracle).run("lru", 5)
+    assert fetched.prefetch_copies > 0 and fetched.prefetch_used == fetched.prefetch_copies
+    assert fetched.seconds < plain.seconds
+    assert fetched.bytes_copied == 10 * (fetched.copies + fetched.prefetch_copies + fetched.promotions)

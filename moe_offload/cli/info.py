@@ -1,4 +1,4 @@
-"""`moe-offload info`: sizes of a checkpoint and what a memory budget holds."""
+"""`moe-offload info`: sizes of a checkpoint (or of a config.json alone) and what a memory budget holds."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..loading.parts import ModelParts
+    from ..loading.parts import ModelParts, has_weights
 
     cfg = offload_config(args)
-    parts = ModelParts(args.model, cfg)
+    parts = ModelParts(args.model, cfg, weights=has_weights(args.model))
     plan = parts.plan
     from ..loading.budget import format_bytes
 
@@ -27,6 +27,7 @@ def main(args: argparse.Namespace) -> int:
 
     rows = [
         ("model", f"{parts.directory} ({parts.hf_config.model_type}, {parts.dtype})"),
+        ("weights", "checked" if parts.has_weights else "none: config.json only (sizes from the config)"),
         ("dense bytes", gib(plan.dense_bytes)),
         ("expert bytes", gib(plan.expert_bytes)),
         ("bytes per expert", gib(plan.bytes_per_expert)),

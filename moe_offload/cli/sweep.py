@@ -3,13 +3,18 @@
     moe-offload sweep --model tiny-mixtral --budgets 10%,25%,50%,75%,100% --policies lru,score,arc --out DIR
     moe-offload sweep --model M --simulate --hardware h100-pcie5 --trace T.npz --policies lru,score,belady --out DIR
     moe-offload sweep --model M --simulate --synthetic --budgets 4GiB,8GiB --out DIR
+    moe-offload sweep --model mixtral-8x7b --simulate --predictor none,oracle,oracle@0.8 --budgets 25%,50% --out DIR
 
 Without --simulate every (policy, budget) loads the model on the local device
 and generates greedily from a few prompts, timing it and reading
 ``model.offload.stats``; Belady needs the future and is skipped there. With
 --simulate a routing trace (--trace, --synthetic, or else recorded now from
-the same prompts) is replayed through the cache simulator and costed with a
-hardware profile. Writes DIR/sweep.csv, DIR/sweep.json and DIR/sweep.png.
+the same prompts) is replayed through the simulator and costed with a
+hardware profile, with the runtime's defaults on a GPU (CPU experts auto, the
+cross-layer predictor when the trace has gate inputs and the model its
+router weights), which it prints. A model directory with config.json only, or
+a shape preset (mixtral-8x7b, deepseek-v2-lite, qwen3-30b-a3b), is simulated
+on a synthetic trace. Writes DIR/sweep.csv, DIR/sweep.json and DIR/sweep.png.
 
 Budgets and result fields: see moe_offload.simulate.sweep.
 """
@@ -19,34 +24,40 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..cache import ALLOCATIONS, POLICIES, SIMULATION_ONLY
 from ..errors import MoEOffloadError
-from ..loading.config import OffloadConfig, check_predictor
-from ..predictor.registry import NO_PREDICTOR, PREDICTOR_NAMES
+from ..loading.config import GPU_DEFAULTS, OffloadConfig, check_predictor
+from ..predictor.registry import NO_PREDICTOR, PREDICTOR_NAMES, predictor_entry
+from ..runtime.scheduler import CPU_EXPERTS
 from ..simulate.sweep import (
     SweepSetup,
+    default_predictor,
     engine_rows,
     parse_budgets,
     runnable,
     simulate_rows,
     sweep_prompts,
+    sweep_trace,
 )
 from .argtypes import positive_int
 
 DEFAULT_BUDGETS = "10%,25%,50%,75%,100%"
 DEFAULT_POLICIES = "lru,score,arc,belady"
-RESULT_FIELDS = ("policy", "budget", "slots", "budget_bytes", "budget_fraction", "hit_rate",
+RESULT_FIELDS = ("policy", "predictor", "budget", "slots", "budget_bytes", "budget_fraction", "hit_rate",
                  "bytes_copied_per_token", "tokens_per_s")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``sweep`` subcommand."""
     p = subparsers.add_parser("sweep", help="hit rate and tokens/s against the expert-cache budget, per policy")
-    p.add_argument("--model", default="tiny-mixtral", help="checkpoint directory or shipped model name")
+    p.add_argument("--model", default="tiny-mixtral",
+                   help="checkpoint directory, shipped model name, or (with --simulate) a directory with config.json "
+                        "only or a shape preset: mixtral-8x7b, deepseek-v2-lite, qwen3-30b-a3b")
     p.add_argument("--budgets", default=DEFAULT_BUDGETS,
                    help=f"comma list of N%% or sizes like 6GiB (default {DEFAULT_BUDGETS.replace('%', '%%')})")
     p.add_argument("--policies", default=DEFAULT_POLICIES,
@@ -57,12 +68,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--simulate", action="store_true", help="replay a routing trace instead of running the model")
     p.add_argument("--hardware", default="rtx4090-pcie4",
                    help="hardware profile name or YAML, for --simulate (default rtx4090-pcie4)")
-    p.add_argument("--cpu-experts", choices=("never", "auto", "always"),
+    p.add_argument("--cpu-experts", choices=CPU_EXPERTS,
                    help="miss placement: the hybrid scheduler (auto), copy every miss (never), every miss on the "
                         "CPU (always); default: auto with --simulate, else the runtime's default for the device")
-    p.add_argument("--predictor", choices=(NO_PREDICTOR, *PREDICTOR_NAMES),
-                   help="prefetch with this predictor, one layer ahead; with --simulate the runtime's prefetcher "
-                        "replays it over the trace (default: none), else the engine's (default: the device's)")
+    p.add_argument("--predictor",
+                   help=f"comma list of predictors to prefetch with, one row each: {', '.join(PREDICTOR_NAMES)}, "
+                        f"{NO_PREDICTOR}, or oracle@R (the oracle kept at recall R); with --simulate the runtime's "
+                        "prefetcher replays them over the trace (default: the runtime's on a GPU, cross_layer, when "
+                        "the trace and model allow it, else none), else the engine's (default: the device's)")
+    p.add_argument("--prefetch-depth", type=positive_int, default=1, help="layers ahead to prefetch (default 1)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--trace", help="routing trace .npz from `moe-offload trace` (with --simulate)")
     source.add_argument("--synthetic", action="store_true", help="a synthetic trace shaped like the model")
@@ -99,17 +113,21 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def plot_sweep(path: Path, rows: list[dict], title: str) -> None:
-    """Two panels against the budget (% of routed experts): hit rate, tokens/s; one line per policy."""
+    """Two panels against the budget (% of routed experts): hit rate, tokens/s; one line per policy (and
+    predictor, when the sweep ran several)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (hit_ax, speed_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for policy in dict.fromkeys(r["policy"] for r in rows):
-        mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["budget_fraction"])
+    multi = len({r["predictor"] for r in rows}) > 1
+    for policy, predictor in dict.fromkeys((r["policy"], r["predictor"]) for r in rows):
+        mine = sorted((r for r in rows if (r["policy"], r["predictor"]) == (policy, predictor)),
+                      key=lambda r: r["budget_fraction"])
         x = [100 * r["budget_fraction"] for r in mine]
-        style = dict(marker="o", label=policy, linestyle="--" if policy in SIMULATION_ONLY else "-")
+        label = f"{policy} + {predictor}" if multi else policy
+        style = dict(marker="o", label=label, linestyle="--" if policy in SIMULATION_ONLY else "-")
         hit_ax.plot(x, [100 * r["hit_rate"] for r in mine], **style)
         speed_ax.plot(x, [r["tokens_per_s"] for r in mine], **style)
     hit_ax.set(xlabel="expert slots (% of routed experts)", ylabel="hit rate (%)", title="cache hit rate")
@@ -134,43 +152,82 @@ def write_outputs(out: Path, payload: dict) -> None:
 
 
 def print_rows(rows: list[dict]) -> None:
-    print(f"{'policy':>8} {'budget':>8} {'slots':>6} {'hit rate':>9} {'MB/token':>10} {'tokens/s':>10}")
+    print(f"{'policy':>8} {'predictor':>12} {'budget':>8} {'slots':>6} {'hit rate':>9} {'MB/token':>10} "
+          f"{'tokens/s':>10}")
     for r in rows:
-        print(f"{r['policy']:>8} {r['budget']:>8} {r['slots']:>6} {r['hit_rate']:>9.1%} "
+        print(f"{r['policy']:>8} {r['predictor']:>12} {r['budget']:>8} {r['slots']:>6} {r['hit_rate']:>9.1%} "
               f"{r['bytes_copied_per_token'] / 1e6:>10.3f} {r['tokens_per_s']:>10.1f}")
 
 
+def parse_predictors(text: str | None, simulate: bool) -> list[str] | None:
+    """The --predictor list (None: the default); names the registry does not know are refused."""
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise MoEOffloadError("--predictor needs at least one name")
+    for name in names:
+        if name != NO_PREDICTOR:
+            try:
+                predictor_entry(name)
+            except ValueError as err:
+                raise MoEOffloadError(str(err)) from None
+        if not simulate:
+            check_predictor(name)   # the engine runs runtime predictors only
+    return names
+
+
+def simulate_all(parts, setup: SweepSetup, runs, notes: list[str], predictors: list[str] | None):
+    """Rows of every predictor's runs over one trace; the predictors run (the default resolved)."""
+    trace = sweep_trace(parts, setup)
+    names = predictors or [default_predictor(parts, trace, notes)]
+    rows = [row for name in names for row in simulate_rows(parts, replace(setup, predictor=name), runs, notes, trace)]
+    return rows, names
+
+
 def main(args: argparse.Namespace) -> int:
-    from ..loading.parts import ModelParts
+    from ..loading.parts import ModelParts, has_weights
 
     cfg = OffloadConfig(device=args.device) if args.device else OffloadConfig()
     cfg = cfg.replace(dtype=args.dtype) if args.dtype else cfg
     if ALLOCATIONS[args.allocation].needs_miss_curves and not args.simulate:
         raise MoEOffloadError(f"--allocation {args.allocation} needs miss curves from a trace; use it with --simulate")
-    if not args.simulate:
-        check_predictor(args.predictor)   # the engine runs runtime predictors only
     if (args.trace or args.synthetic) and not args.simulate:
         raise MoEOffloadError("--trace and --synthetic replay a trace; add --simulate")
-    parts = ModelParts(args.model, cfg)
+    predictors = parse_predictors(args.predictor, args.simulate)
+    weights = has_weights(args.model)
+    if not weights and not args.simulate:
+        raise MoEOffloadError(f"{args.model} has config.json only (no weights): add --simulate to project it")
+    parts = ModelParts(args.model, cfg, weights=weights)
     policies, notes = parse_policies(args.policies, args.simulate)
     budgets = parse_budgets(args.budgets, parts)
-    prompts = [] if args.trace or args.synthetic else sweep_prompts(parts, args.prompts, args.prompt_tokens)
-    cpu_experts = args.cpu_experts or ("auto" if args.simulate else cfg.resolved_cpu_experts)
+    synthetic = args.synthetic or (args.simulate and not weights and not args.trace)
+    if synthetic and not args.synthetic:
+        notes.append(f"{args.model} has no weights to trace: replayed a synthetic trace of {args.synthetic_tokens} "
+                     "tokens shaped like it")
+    prompts = [] if args.trace or synthetic else sweep_prompts(parts, args.prompts, args.prompt_tokens)
+    cpu_experts = args.cpu_experts or (GPU_DEFAULTS["cpu_experts"] if args.simulate else cfg.resolved_cpu_experts)
+    gate_inputs = any(predictor_entry(n).needs_gate_inputs for n in predictors or [GPU_DEFAULTS["predictor"]]
+                      if n != NO_PREDICTOR)
     setup = SweepSetup(args.model, cfg.device, args.dtype, args.allocation, prompts, args.new_tokens, cfg.progress,
-                       cpu_experts, args.predictor, args.trace, args.synthetic_tokens if args.synthetic else 0,
-                       args.hardware)
+                       cpu_experts, None, args.trace, args.synthetic_tokens if synthetic else 0, args.hardware,
+                       args.prefetch_depth, gate_inputs)
     runs = runnable(parts, setup, policies, budgets, notes)
     if args.simulate:
-        rows = simulate_rows(parts, setup, runs, notes)
+        rows, predictors = simulate_all(parts, setup, runs, notes, predictors)
         hardware = Path(args.hardware).stem
     else:
-        rows = engine_rows(parts, setup, runs)
+        rows = [row for name in predictors or [None] for row in engine_rows(parts, replace(setup, predictor=name),
+                                                                            runs)]
         hardware = torch.cuda.get_device_name(cfg.torch_device) if cfg.on_cuda else "cpu"
+    defaults = f"CPU experts {cpu_experts}, predictor {', '.join(predictors or [cfg.resolved_predictor])}, " \
+               f"prefetch depth {args.prefetch_depth}"
     payload = {"model": str(args.model), "hardware": hardware, "simulated": bool(args.simulate),
                "allocation": args.allocation, "cpu_experts": cpu_experts,
-               "predictor": args.predictor or ("none" if args.simulate else cfg.resolved_predictor),
+               "predictor": ",".join(predictors or [cfg.resolved_predictor]), "prefetch_depth": args.prefetch_depth,
                "notes": notes, "results": rows}
     write_outputs(Path(args.out), payload)
+    print(f"[moe-offload] {'projected' if args.simulate else 'measured'} on {hardware}: {defaults}")
     print_rows(rows)
     for note in notes:
         print(f"[moe-offload] {note}")

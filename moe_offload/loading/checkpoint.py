@@ -19,22 +19,22 @@ _MAX_HEADER = 100 * 2**20
 
 
 def resolve_model_dir(model: str | os.PathLike) -> Path:
-    """A directory path, or a shipped model's short name (e.g. 'tiny-mixtral')."""
+    """A directory path, a shipped model's short name (e.g. 'tiny-mixtral') or a shape preset's
+    ('mixtral-8x7b': its config.json only)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
-    from ..models import (
-        shipped_model_dir,  # shipped checkpoints live inside the package
-    )
+    from ..models import preset_dir, shipped_model_dir  # both live inside the package
 
-    shipped = shipped_model_dir(str(model))
+    shipped = shipped_model_dir(str(model)) or preset_dir(str(model))
     if shipped is not None:
         return shipped
     if path.exists():
         raise MoEOffloadError(f"model path {path} is a file; give the checkpoint directory that holds config.json")
     raise MoEOffloadError(
         f"model directory {path} does not exist; give a local HF checkpoint directory "
-        "(config.json + *.safetensors) or a shipped model name such as 'tiny-mixtral'"
+        "(config.json + *.safetensors), a shipped model name such as 'tiny-mixtral' or a shape preset such as "
+        "'mixtral-8x7b' (config only: for info and sweep --simulate)"
     )
 
 

@@ -115,6 +115,15 @@ def check_predictor(name: str | None) -> None:
     raise MoEOffloadError(f"unknown predictor {name!r}; choose one of {', '.join(RUNTIME_PREDICTORS)}")
 
 
+# What unset fields become on each device type: beside a GPU the hybrid scheduler and the cross-layer gate's
+# prefetch over CUDA streams; on the CPU plain copies that land at once and no prefetch.
+DEVICE_DEFAULTS = {
+    "cuda": {"cpu_experts": "auto", "predictor": "cross_layer", "copy_backend": "cuda"},
+    "cpu": {"cpu_experts": "never", "predictor": "none", "copy_backend": "immediate"},
+}
+GPU_DEFAULTS = DEVICE_DEFAULTS["cuda"]
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -192,12 +201,15 @@ class OffloadConfig:
     def on_cuda(self) -> bool:
         return self.torch_device.type == "cuda"
 
+    def _resolved(self, name: str) -> str:
+        """Field ``name`` as the engine runs it: its value, or the device's default when unset."""
+        value = getattr(self, name)
+        return DEVICE_DEFAULTS[self.torch_device.type][name] if value is None else value
+
     @property
     def resolved_cpu_experts(self) -> str:
         """cpu_experts as the engine runs it; unset: the scheduler beside a GPU, plain copies on CPU."""
-        if self.cpu_experts is None:
-            return "auto" if self.on_cuda else "never"
-        return self.cpu_experts
+        return self._resolved("cpu_experts")
 
     @property
     def policy_params(self) -> dict[str, Any]:
@@ -209,16 +221,12 @@ class OffloadConfig:
     @property
     def resolved_copy_backend(self) -> str:
         """copy_backend as the engine runs it; unset: streams on CUDA, immediate copies on CPU."""
-        if self.copy_backend is None:
-            return "cuda" if self.on_cuda else "immediate"
-        return self.copy_backend
+        return self._resolved("copy_backend")
 
     @property
     def resolved_predictor(self) -> str:
         """predictor as the engine runs it; unset: the cross-layer gate on CUDA, none on CPU."""
-        if self.predictor is None:
-            return "cross_layer" if self.on_cuda else "none"
-        return self.predictor
+        return self._resolved("predictor")
 
     def replace(self, **fields: Any) -> "OffloadConfig":
         """A copy with ``fields`` changed; unknown names raise MoEOffloadError."""

@@ -34,11 +34,15 @@ def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
 
 
 class ModelParts:
-    """What inspecting a checkpoint tells before anything big is allocated."""
+    """What inspecting a checkpoint tells before anything big is allocated.
 
-    def __init__(self, model_path: str | os.PathLike, cfg: OffloadConfig):
+    ``weights=False`` reads config.json alone (``checkpoint`` is None): sizes, the memory plan and the
+    expert shape, for planning and simulation before the weights are downloaded (a shape preset such as
+    'mixtral-8x7b' is such a directory)."""
+
+    def __init__(self, model_path: str | os.PathLike, cfg: OffloadConfig, weights: bool = True):
         self.directory = resolve_model_dir(model_path)
-        self.checkpoint = Checkpoint(self.directory)
+        self.checkpoint = Checkpoint(self.directory) if weights else None
         self.hf_config = load_config(self.directory)
         self.adapter: ModelAdapter = adapter_for(self.hf_config)
         check_config(self.hf_config, self.adapter, self.directory / "config.json")
@@ -49,7 +53,8 @@ class ModelParts:
         num_experts, two_i, hidden = first.gate_up_proj.shape
         self.num_experts = num_experts
         self.shape = ExpertShape(hidden=hidden, intermediate=two_i // 2)
-        check_tensors(self)  # every tensor present, shaped and typed as config.json implies
+        if weights:
+            check_tensors(self)  # every tensor present, shaped and typed as config.json implies
         self.plan: MemoryPlan = plan_memory(
             cfg,
             dense_bytes=self._dense_bytes(),
@@ -62,6 +67,10 @@ class ModelParts:
     def _dense_bytes(self) -> int:
         expert_params = {id(p) for s in self.sites for p in s.module.parameters()}
         return sum(p.numel() * self.dtype.itemsize for p in self.model.parameters() if id(p) not in expert_params)
+
+    @property
+    def has_weights(self) -> bool:
+        return self.checkpoint is not None
 
     def routers(self) -> list[nn.Module]:
         """The router module beside each MoE layer's experts, in MoE-layer order."""
@@ -111,3 +120,8 @@ def load_dense(parts: ModelParts, device: torch.device) -> None:
         if buf.device != device:
             _set_tensor(model, name, buf.to(device))
     model.tie_weights()
+
+
+def has_weights(model_path: str | os.PathLike) -> bool:
+    """Whether the model directory holds safetensors weights (a config-only directory does not)."""
+    return any(resolve_model_dir(model_path).glob("*.safetensors"))

@@ -143,7 +143,7 @@ class Prefetcher:
             if target > layer:
                 continue
             del self.pending[key]
-            if key in selected_keys:
+            if key in selected_keys and self.cache.lookup(key) >= 0:   # (evicted before use: wasted)
                 self.stats.prefetch_used[target] += 1
                 continue
             self.stats.prefetch_wasted[target] += 1

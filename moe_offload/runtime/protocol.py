@@ -120,7 +120,10 @@ class CallProtocol:
                               None if budget is None else self.expected_use)
 
     def _link_budget(self, layer: int, record: RouterRecord) -> LinkBudget | None:
-        """The link time this router call's prefetches may spend (None without a cost model: no limit)."""
+        """The link time this router call's prefetches may spend (None without a cost model: no limit): a
+        copy for layer l+d must land before layer l+d starts, i.e. within the durations of layers l..l+d-1
+        (this call's as planned now, the others' last), behind what is on the link and this call's demand
+        copies."""
         if self.costs is None:
             return None
         counts = record.counts
@@ -130,12 +133,7 @@ class CallProtocol:
         start = self.costs.link_s(self.copier.pending_bytes()) + len(plan.experts(COPY)) * copy_s
         depth = min(self.prefetcher.depth, self.layout.num_layers - 1 - layer)
         durations = np.concatenate([[plan.finish_s], self.layer_s[layer + 1 : layer + depth]])   # layers l..l+d-1
-        return LinkBudget(start, copy_s, tuple(np.cumsum(durations) + self._saving()))
-
-    def _saving(self) -> float:
-        """What a resident expert saves per decode use: its CPU run (or copy) minus its device run."""
-        other = self.costs.copy_s() if self.cpu_experts == "never" else self.costs.cpu_s(1)
-        return max(0.0, other - self.costs.gpu_s(1))
+        return LinkBudget(start, copy_s, tuple(np.cumsum(durations)))
 
     def record(self, layer: int, ids: torch.Tensor) -> RouterRecord:
         """The router call's record for the experts call with flat ids ``ids`` [T*k]; read here when the

@@ -40,8 +40,10 @@ class ExpertResidency:
             return None
         slot, evicted = got
         if evicted >= 0:
-            self.copier.cancel(evicted)     # its queued chunks must never land over ``key``
-            self.stats.evictions[evicted // self.num_experts] += 1
+            layer = evicted // self.num_experts
+            if self.copier.cancel(evicted):     # its queued chunks must never land over ``key``
+                self.stats.prefetch_cancelled[layer] += 1
+            self.stats.evictions[layer] += 1
         if kind == DEMAND:
             self.copier.copy(key, slot)
         else:

@@ -17,10 +17,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import MoEOffloadError
-from ..loading.config import OffloadConfig, parse_bytes
-from ..predictor.registry import NO_PREDICTOR, PREDICTORS
+from ..loading.config import GPU_DEFAULTS, OffloadConfig, parse_bytes
+from ..predictor.registry import NO_PREDICTOR, PREDICTORS, predictor_entry
 from .calls import RoutingArrays
 from .simulator import Simulator
+
+# Locality of the synthetic traces, (skew, repeat, cross_layer) of predictor.synthetic, matched to the routing
+# the shipped trained models show on held-out text (bench/results/routing-*.json): usage entropy 0.995-0.998
+# of uniform (load-balanced routers: skew 0.3 gives 0.99) and consecutive tokens repeating an expert 7-11%
+# more often than chance on average (up to 22% in deep layers): repeat 0.1. No cross-layer correlation is
+# assumed (an oracle does not need it; a gate predictor cannot run on a synthetic trace anyway).
+SYNTHETIC_LOCALITY = (0.3, 0.1, 0.0)
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,9 @@ class SweepSetup:
     trace: str | None = None         # simulation: replay this trace file ...
     synthetic_tokens: int = 0        # ... or a synthetic trace of this many tokens; neither: record one now
     hardware: str = "rtx4090-pcie4"  # simulation: the hardware profile that costs the runs
+    prefetch_depth: int = 1          # layers ahead the prefetcher reaches
+    gate_inputs: bool = False        # record the trace with gate inputs (a gate predictor will replay it)
+    locality: tuple[float, float, float] = SYNTHETIC_LOCALITY   # synthetic trace: (skew, repeat, cross_layer)
 
 
 def parse_budgets(text: str, parts) -> list[Budget]:
@@ -144,8 +154,10 @@ def sweep_trace(parts, setup: SweepSetup):
     if setup.synthetic_tokens:
         from ..predictor.synthetic import SyntheticTraceConfig, synthetic_trace
 
+        skew, repeat, cross_layer = setup.locality
         return synthetic_trace(SyntheticTraceConfig(tokens=setup.synthetic_tokens, layers=layers, experts=experts,
-                                                    top_k=parts.hf_config.num_experts_per_tok))
+                                                    top_k=parts.hf_config.num_experts_per_tok, skew=skew,
+                                                    repeat=repeat, cross_layer=cross_layer))
     return record_prompts(setup)
 
 
@@ -155,8 +167,8 @@ def record_prompts(setup: SweepSetup):
     from ..runtime.tracing import record_trace
 
     model = from_pretrained(setup.model, device=setup.device, dtype=setup.dtype, progress=False)
-    return record_trace(model, None, setup.prompts, setup.new_tokens, gate_inputs=setup.predictor in
-                        GATE_INPUT_PREDICTORS, progress=False, min_new_tokens=setup.new_tokens)
+    return record_trace(model, None, setup.prompts, setup.new_tokens, gate_inputs=setup.gate_inputs,
+                        progress=False, min_new_tokens=setup.new_tokens)
 
 
 GATE_INPUT_PREDICTORS = tuple(name for name, entry in PREDICTORS.items() if entry.needs_gate_inputs)
@@ -173,9 +185,13 @@ def predictor_maker(setup: SweepSetup, trace, parts, notes: list[str]):
     name = setup.predictor
     if name in (None, NO_PREDICTOR):
         return None
-    if name not in PREDICTORS:
-        raise MoEOffloadError(f"unknown predictor {name!r}; choose one of {', '.join((NO_PREDICTOR, *PREDICTORS))}")
-    entry = PREDICTORS[name]
+    try:
+        entry = predictor_entry(name)
+    except ValueError as err:
+        raise MoEOffloadError(str(err)) from None
+    if entry.needs_router_params and not parts.has_weights:
+        raise MoEOffloadError(f"--predictor {name} reads the model's router weights; {parts.directory} has "
+                              "config.json only")
     if entry.needs_gate_inputs and trace.gate_inputs is None:
         raise MoEOffloadError(f"--predictor {name} needs gate inputs in the trace; record it with "
                               "`moe-offload trace --gate-inputs` (a --synthetic trace has none)")
@@ -203,23 +219,38 @@ def runnable(parts, setup: SweepSetup, policies: list[str], budgets: list[Budget
     return [(p, b) for p in policies for b in budgets if b not in too_small]
 
 
-def simulate_rows(parts, setup: SweepSetup, runs: list[tuple[str, Budget]], notes: list[str]) -> list[dict]:
-    """One row per run, replayed by the simulator and costed with ``setup.hardware``."""
+def default_predictor(parts, trace, notes: list[str]) -> str:
+    """The runtime's predictor on a GPU (cross_layer) when the trace and the model let it run, else none."""
+    name = GPU_DEFAULTS["predictor"]
+    entry = predictor_entry(name)
+    missing = [what for what, lacking in (("gate inputs in the trace", entry.needs_gate_inputs
+                                           and trace.gate_inputs is None),
+                                          ("the model's router weights", entry.needs_router_params
+                                           and not parts.has_weights)) if lacking]
+    if not missing:
+        return name
+    notes.append(f"the runtime's default predictor {name} needs {' and '.join(missing)}; projected without "
+                 "prefetch (name one with --predictor, e.g. oracle or oracle@0.8 for bounds)")
+    return NO_PREDICTOR
+
+
+def simulate_rows(parts, setup: SweepSetup, runs: list[tuple[str, Budget]], notes: list[str], trace) -> list[dict]:
+    """One row per run, ``trace`` replayed by the simulator and costed with ``setup.hardware``."""
     from ..runtime.cost import CostModel, HardwareProfile
 
-    trace = sweep_trace(parts, setup)
     profile = HardwareProfile.from_yaml(setup.hardware)
     cost = CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize)
     simulator = Simulator(RoutingArrays.of(trace), cost, parts.plan.bytes_per_expert, setup.cpu_experts,
-                          predictor=predictor_maker(setup, trace, parts, notes))
+                          predictor=predictor_maker(setup, trace, parts, notes), prefetch_depth=setup.prefetch_depth)
     rows = []
-    for policy, budget in tqdm(runs, desc="sweep (simulated)", unit="run", disable=not setup.progress):
+    for policy, budget in tqdm(runs, desc=f"sweep (simulated, {setup.predictor})", unit="run",
+                               disable=not setup.progress):
         try:
             result = simulator.run(policy, budget.slots, setup.allocation)
         except ValueError as err:
             raise MoEOffloadError(f"{policy} at {budget.label}: {err}") from None
         rows.append(result_row(policy, budget, parts.plan, result.hit_rate, result.bytes_copied_per_token,
-                               result.tokens_per_s))
+                               result.tokens_per_s) | {"predictor": setup.predictor or NO_PREDICTOR})
     return rows
 
 
@@ -228,5 +259,6 @@ def engine_rows(parts, setup: SweepSetup, runs: list[tuple[str, Budget]]) -> lis
     rows = []
     for policy, budget in tqdm(runs, desc="sweep (engine)", unit="run", disable=not setup.progress):
         hit_rate, bytes_per_token, tokens_per_s = run_engine(setup, policy, budget.slots)
-        rows.append(result_row(policy, budget, parts.plan, hit_rate, bytes_per_token, tokens_per_s))
+        rows.append(result_row(policy, budget, parts.plan, hit_rate, bytes_per_token, tokens_per_s)
+                    | {"predictor": setup.predictor or "default"})
     return rows

@@ -1,0 +1,132 @@
+"""Time on the link: the simulator's link model, the prefetch budget, promotion, oracle@R, planning from a config."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from moe_offload.cache import ExpertLayout, ExpertSlots
+from moe_offload.cli import main
+from moe_offload.models import SHAPE_PRESETS, preset_dir
+from moe_offload.predictor import make_predictor
+from moe_offload.predictor.synthetic import SyntheticTraceConfig, synthetic_trace
+from moe_offload.runtime.cost import CostModel, HardwareProfile
+from moe_offload.runtime.worth import USE_ALPHA, ExpectedUse, LinkBudget
+from moe_offload.simulate import RoutingArrays, SimulatedLink, Simulator
+
+
+def test_the_link_serves_demand_copies_before_prefetches():
+    link = SimulatedLink(copy_s=2.0, bytes_per_expert=100)
+    link.prefetch(1, slot=0)
+    link.prefetch(2, slot=1)
+    link.advance(1.0)                                   # half of prefetch 1
+    link.copy(3, slot=2)                                # a demand copy jumps the queue
+    assert link.backlog_bytes() == 100 and link.pending_bytes() == 100 + 50 + 100
+    assert not link.cancel(1) and link.cancel(2)        # started: lands; not started: dropped
+    assert link.copies == 2 and link.demand == 1
+    link.advance(2.0)                                   # the demand copy lands first
+    assert link.landed(2) and not link.landed(0)
+    assert link.ready_bytes(0) == 50                    # what is left of prefetch 1
+    assert link.expedite(1) and link.backlog_bytes() == 50
+    link.advance(1.0)
+    assert link.idle() and link.landed(0) and link.now == 4.0
+
+
+def test_a_link_without_costs_lands_every_copy_at_once():
+    link = SimulatedLink()
+    link.copy(3, slot=0)
+    link.prefetch(4, slot=1)
+    assert link.idle() and link.landed(0) and link.landed(1) and link.copies == 2
+
+
+def test_budget_fits_copies_that_land_before_their_layer():
+    budget = LinkBudget(start_s=1.0, copy_s=2.0, deadlines=(4.0, 9.0))
+    assert budget.fits(1, queued=0) and not budget.fits(1, queued=1)   # 1 + 2 <= 4; 1 + 4 > 4
+    assert budget.fits(2, queued=3) and not budget.fits(2, queued=4)   # 1 + 8 <= 9; 1 + 10 > 9
+    assert not budget.fits(3, queued=0)                                # no deadline: no layer there
+
+
+def test_expected_use_protects_likelier_residents():
+    layout = ExpertLayout(num_layers=2, experts_per_layer=4, top_k=1)
+    use = ExpectedUse(layout)
+    for _ in range(10):
+        use.observe(0, [1])
+    use.observe(1, [2])
+    assert use.use[1] == pytest.approx(1 - (1 - USE_ALPHA) ** 10) and use.use[6] == pytest.approx(USE_ALPHA)
+    slots = ExpertSlots.bookkeeping(3, layout.num_keys)
+    for slot, key in enumerate((1, 6, 7)):
+        slots.assign(key, slot)
+    assert use.protected(slots, 0.5) == {1}
+    assert use.protected(slots, USE_ALPHA) == {1, 6}
+    assert use.protected(slots, 0.0) == {1, 6, 7}
+
+
+def test_oracle_at_recall_r_keeps_that_share_of_the_true_experts():
+    trace = synthetic_trace(SyntheticTraceConfig(tokens=400, layers=3, experts=16, top_k=4, seed=1))
+    for recall in (1.0, 0.8, 0.5, 0.0):
+        predictor = make_predictor(f"oracle@{recall}", replay_trace=trace)
+        assert predictor.name == f"oracle@{recall:g}"
+        kept = (predictor.noisy_ids.unsqueeze(-1) == torch.from_numpy(trace.expert_ids.astype(np.int64))
+                .unsqueeze(-2)).any(-1).float().mean().item()
+        assert kept == pytest.approx(recall, abs=0.03)
+        rows = predictor.noisy_ids.sort(dim=-1).values
+        assert torch.all(rows[..., 1:] != rows[..., :-1])          # k distinct experts per token and layer
+
+
+def mixtral_decode(tokens: int = 160):
+    """A Mixtral-8x7B-shaped decode trace (32 layers, 8 experts, top-2) and its costs on an RTX 4090."""
+    trace = synthetic_trace(SyntheticTraceConfig(tokens=tokens, layers=32, experts=8, top_k=2, skew=0.3, repeat=0.1))
+    cost = CostModel.for_expert(HardwareProfile.from_yaml("rtx4090-pcie4"), 4096, 14336, 2)
+    return trace, cost, 3 * 4096 * 14336 * 2
+
+
+def test_promotion_makes_the_cache_policy_matter_in_decode():
+    trace, cost, nbytes = mixtral_decode()
+    routing = RoutingArrays.of(trace)
+    runs = {policy: Simulator(routing, cost, nbytes, "auto").run(policy, 64) for policy in ("lru", "score", "belady")}
+    assert all(r.promotions > 0 for r in runs.values())
+    assert len({r.hits for r in runs.values()}) == 3                     # the policies now decide
+    assert runs["belady"].tokens_per_s >= max(runs["lru"].tokens_per_s, runs["score"].tokens_per_s)
+
+
+def test_oracle_prefetch_pays_for_itself_and_recall_buys_speed():
+    trace, cost, nbytes = mixtral_decode()
+    routing = RoutingArrays.of(trace)
+
+    def speed(predictor):
+        maker = None if predictor is None else (lambda: make_predictor(predictor, replay_trace=trace))
+        return Simulator(routing, cost, nbytes, "auto", predictor=maker, prefetch_depth=3).run("score", 64).tokens_per_s
+
+    none, oracle, partial = speed(None), speed("oracle"), speed("oracle@0.5")
+    assert oracle > partial > none
+
+
+@pytest.mark.parametrize("preset", SHAPE_PRESETS)
+def test_sweep_plans_from_a_shape_preset_without_weights(preset, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["sweep", "--model", preset, "--simulate", "--synthetic-tokens", "48", "--budgets", "25%",
+            "--policies", "score", "--predictor", "none,oracle@0.5", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "CPU experts auto" in printed and "no weights to trace" in printed
+    payload = json.loads((out / "sweep.json").read_text())
+    assert [r["predictor"] for r in payload["results"]] == ["none", "oracle@0.5"]
+    assert all(r["tokens_per_s"] > 0 for r in payload["results"])
+
+
+def test_a_directory_with_config_json_only_is_planned_not_run(tmp_path, capsys):
+    model = tmp_path / "mixtral"
+    model.mkdir()
+    shutil.copy(preset_dir("mixtral-8x7b") / "config.json", model / "config.json")
+    assert main(["info", "--model", str(model), "--gpu-memory", "24GiB"]) == 0
+    assert "none: config.json only" in capsys.readouterr().out
+    assert main(["sweep", "--model", str(model), "--out", str(tmp_path / "o")]) == 2
+    assert "add --simulate" in capsys.readouterr().err
+    default = ["sweep", "--model", str(model), "--simulate", "--synthetic-tokens", "32", "--budgets", "50%",
+               "--policies", "lru", "--out", str(tmp_path / "p")]
+    assert main(default) == 0   # the GPU default predictor cannot run without router weights: said, then none
+    assert "projected without prefetch" in capsys.readouterr().out
