@@ -1,4 +1,4 @@
-"""Copy timings the ordering-sensitive parity suites run under, and the shared parity check.
+"""Copy timings the ordering-sensitive parity suites run under.
 
 ``immediate``: every copy lands when issued. ``deferred-N``: copies land late, in
 an order drawn with seed N among those their dependencies allow. ``held-N``: the
@@ -26,12 +26,3 @@ def load(path, timing: str = "immediate", **fields):
     if held:
         model.offload.engine.copier.max_prefetch_inflight = 0
     return model
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def assert_logits_match(got: torch.Tensor, expected: torch.Tensor, what=None, tol: float = 1e-5) -> None:
-    err = rel_err(got, expected)
-    assert err < tol, f"{what}: relative error {err:.2e} >= {tol}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_close, layer_budgets
 from transformers import AutoModelForCausalLM
 
 from moe_offload.cache import (
@@ -18,8 +19,7 @@ from moe_offload.transfer import CopyEngine, ExpertShape, HostExpertStore
 from moe_offload.transfer.copy_engine import CopyOrderError
 from moe_offload.transfer.streams import SimBackend
 
-from copy_timing import assert_logits_match, load
-from tiny_checkpoints import num_experts
+from copy_timing import load
 
 SEEDS = [1, 2, 3, 4]
 
@@ -165,7 +165,7 @@ def test_held_prefetches_keep_greedy_tokens(tiny_deepseek, slots, depth, policy,
     got = model.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0)
     assert torch.equal(got, ids)
     with torch.no_grad():
-        assert_logits_match(model(ids).logits, logits, (slots, depth, policy))
+        assert_close(model(ids).logits, logits, ("tiny-deepseek", slots, depth, policy, timing))
     assert model.offload.stats.prefetch_issued.sum() > 0
 
 
@@ -178,28 +178,36 @@ def test_hybrid_scheduler_with_held_prefetches(tiny_deepseek, slots, depth, timi
                  predictor="cross_layer", prefetch_depth=depth)
     assert torch.equal(model.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0), ids)
     with torch.no_grad():
-        assert_logits_match(model(ids).logits, logits, (slots, depth))
+        assert_close(model(ids).logits, logits, ("tiny-deepseek hybrid", slots, depth, timing))
+
+
+_LATE_REFS: dict = {}
+LATE_PROMPT = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(11))
+LATE_GENERATE = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+
+
+def late_reference(path) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' greedy continuation of LATE_PROMPT and its logits over the whole sequence."""
+    if path not in _LATE_REFS:
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        expected = ref.generate(LATE_PROMPT, **LATE_GENERATE)
+        with torch.no_grad():
+            _LATE_REFS[path] = expected, ref(expected).logits
+    return _LATE_REFS[path]
 
 
 @pytest.mark.parametrize("timing", ["deferred-1", "held-2"])
 @pytest.mark.parametrize("policy", list(POLICIES))
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
-def test_every_policy_depth_and_budget_with_late_copies(checkpoints, family, policy, timing):
+@pytest.mark.parametrize("depth", [1, 2, 3], ids=lambda depth: f"depth{depth}")
+@pytest.mark.parametrize(("family", "slots"), layer_budgets(["mixtral", "deepseek_v3"]))
+def test_every_policy_depth_and_budget_with_late_copies(checkpoints, family, slots, depth, policy, timing):
     path = checkpoints[family]
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    prompt = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(11))
-    gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    expected = ref.generate(prompt, **gen)
+    expected, expected_logits = late_reference(path)
+    model = load(path, timing, expert_slots=slots, cache_policy=policy, predictor="cross_layer",
+                 prefetch_depth=depth)
+    assert torch.equal(model.generate(LATE_PROMPT, **LATE_GENERATE), expected), (family, slots, depth, policy)
     with torch.no_grad():
-        expected_logits = ref(expected).logits
-    e = num_experts(family)
-    for slots in (1, e // 2, e):
-        for depth in (1, 2, 3):
-            model = load(path, timing, expert_slots=slots, cache_policy=policy, predictor="cross_layer",
-                         prefetch_depth=depth)
-            assert torch.equal(model.generate(prompt, **gen), expected), (slots, depth)
-            with torch.no_grad():
-                assert_logits_match(model(expected).logits, expected_logits, (slots, depth))
+        assert_close(model(expected).logits, expected_logits, (family, slots, depth, policy, timing))
 
 
 def test_preload_counts_its_evictions(checkpoints):

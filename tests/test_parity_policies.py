@@ -4,21 +4,38 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_close
 from transformers import AutoModelForCausalLM
 
 import moe_offload
 from moe_offload import MoEOffloadError
 from moe_offload.cache import POLICIES
 
-from copy_timing import COPY_TIMINGS, assert_logits_match
+from copy_timing import COPY_TIMINGS
 from copy_timing import load as load_timed
 from tiny_checkpoints import num_experts
 
 TOKENS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))  # [B, S]
+MOE_LAYERS = {"mixtral": 3, "deepseek_v3": 2}   # deepseek_v3's first layer is dense
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+def global_budgets() -> list:
+    """(family, expert_slots): 1 slot, half and all of the model's experts, one shared pool."""
+    params = []
+    for family, layers in MOE_LAYERS.items():
+        total = layers * num_experts(family)
+        for name, slots in (("1slot", 1), ("half", total // 2), ("all", total)):
+            params.append(pytest.param(family, slots, id=f"{family}-{name}"))
+    return params
+
+
+def quota_budgets() -> list:
+    """(family, expert_slots) for per-layer pools: one slot per MoE layer, and half the experts plus one."""
+    params = []
+    for family, layers in MOE_LAYERS.items():
+        for name, slots in (("1perlayer", layers), ("half+1", layers * num_experts(family) // 2 + 1)):
+            params.append(pytest.param(family, slots, id=f"{family}-{name}"))
+    return params
 
 
 def load(path, **fields):
@@ -39,35 +56,25 @@ def references(checkpoints):
 
 
 @pytest.mark.parametrize("timing", COPY_TIMINGS)
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize(("family", "slots"), global_budgets())
 @pytest.mark.parametrize("policy", list(POLICIES))
-def test_logits_match_with_every_policy(checkpoints, references, family, policy, timing):
-    path, expected = checkpoints[family], references(family)
-    total = None
-    for slots in (1, "half", "all"):
-        if slots == "half":
-            slots = total // 2
-        elif slots == "all":
-            slots = total
-        model = load_timed(path, timing, expert_slots=slots, cache_policy=policy)
-        total = model.offload.plan.num_experts
-        with torch.no_grad():
-            got = model(TOKENS).logits
-        assert_logits_match(got, expected, (family, policy, slots))
-        assert model.offload.config.cache_policy == policy
+def test_logits_match_with_every_policy(checkpoints, references, family, slots, policy, timing):
+    model = load_timed(checkpoints[family], timing, expert_slots=slots, cache_policy=policy)
+    assert model.offload.plan.num_experts == MOE_LAYERS[family] * num_experts(family)
+    with torch.no_grad():
+        got = model(TOKENS).logits
+    assert_close(got, references(family), (family, policy, slots, timing))
+    assert model.offload.config.cache_policy == policy
 
 
 @pytest.mark.parametrize("timing", COPY_TIMINGS)
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize(("family", "slots"), quota_budgets())
 @pytest.mark.parametrize("allocation", ["uniform", "shallow"])
-def test_logits_match_with_per_layer_quotas(checkpoints, references, family, allocation, timing):
-    path, expected = checkpoints[family], references(family)
-    layers = 3 if family == "mixtral" else 2
-    for slots in (layers, layers * num_experts(family) // 2 + 1):
-        model = load_timed(path, timing, expert_slots=slots, slot_allocation=allocation)
-        with torch.no_grad():
-            assert_logits_match(model(TOKENS).logits, expected, (family, allocation, slots))
-        assert model.offload.engine.cache.pools.num_pools == layers
+def test_logits_match_with_per_layer_quotas(checkpoints, references, family, slots, allocation, timing):
+    model = load_timed(checkpoints[family], timing, expert_slots=slots, slot_allocation=allocation)
+    with torch.no_grad():
+        assert_close(model(TOKENS).logits, references(family), (family, allocation, slots, timing))
+    assert model.offload.engine.cache.pools.num_pools == MOE_LAYERS[family]
 
 
 def test_runtime_rejects_simulation_only_choices(checkpoints):
@@ -88,7 +95,7 @@ def test_score_parameters_reach_the_runtime_policy(checkpoints, references):
     policy = model.offload.engine.cache.policy
     assert (policy.alpha, policy.top_p, policy.candidates) == (0.3, 3, (3,))
     with torch.no_grad():
-        assert rel_err(model(TOKENS).logits, references("mixtral")) < 1e-5
+        assert_close(model(TOKENS).logits, references("mixtral"), "mixtral with score_alpha=0.3, score_top_p=3")
     assert policy.scores.any()                                          # the router scores were fed in
     with pytest.raises(MoEOffloadError, match="score_alpha"):
         load(path, score_alpha=0)

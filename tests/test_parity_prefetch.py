@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import assert_close
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moe_offload
@@ -15,18 +16,43 @@ from moe_offload.predictor.fit_correction import fit_correction
 from moe_offload.predictor.registry import correction_path
 from moe_offload.runtime.tracing import record_trace
 
-from copy_timing import COPY_TIMINGS, assert_logits_match, load
+from copy_timing import COPY_TIMINGS, load
 from tiny_checkpoints import add_char_tokenizer, num_experts
 
 TOKENS = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(5))  # [B, S]
 PROMPTS = ["def f(x):", "import os", "class A:", "for i in range(3):", "x = [1, 2]", "print('hi')"]
+FITTED = ["mixtral", "deepseek_v3", "qwen2_moe"]   # families the fitted fixture prepares
+GENERATE = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+_REFS: dict = {}
+
+
+def budgets() -> list:
+    """(family, expert_slots, prefetch_depth): 1 slot at depth 1, half of one layer's experts (E // 2) at
+    depths 2 and 3, E slots at depth 1."""
+    params = []
+    for family in FITTED:
+        e = num_experts(family)
+        for slots, depth in ((1, 1), (e // 2, 2), (e // 2, 3), (e, 1)):
+            name = f"{family}-{slots}slot{'s' * (slots > 1)}-depth{depth}"
+            params.append(pytest.param(family, slots, depth, id=name))
+    return params
+
+
+def reference(path) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' logits on TOKENS and greedy continuation of its first 4 tokens."""
+    if path not in _REFS:
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = ref(TOKENS).logits
+        _REFS[path] = logits, ref.generate(TOKENS[:, :4], **GENERATE)
+    return _REFS[path]
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, checkpoints):
     """Copies of the tiny checkpoints with a learned correction fitted on their own traces."""
     out = {}
-    for family in ("mixtral", "deepseek_v3", "qwen2_moe"):
+    for family in FITTED:
         path = add_char_tokenizer(shutil.copytree(checkpoints[family], tmp_path_factory.mktemp(family) / "m"))
         model = moe_offload.from_pretrained(path, device="cpu", dtype=torch.float32, progress=False)
         trace = record_trace(model, AutoTokenizer.from_pretrained(path), PROMPTS, 6, gate_inputs=True,
@@ -37,28 +63,22 @@ def fitted(tmp_path_factory, checkpoints):
 
 
 @pytest.mark.parametrize("timing", COPY_TIMINGS)
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen2_moe"])
+@pytest.mark.parametrize(("family", "slots", "depth"), budgets())
 @pytest.mark.parametrize("predictor", ["cross_layer", "cross_layer_raw", "learned", "previous"])
-def test_prefetch_keeps_the_math(fitted, family, predictor, timing):
+def test_prefetch_keeps_the_math(fitted, family, slots, depth, predictor, timing):
     path = fitted[family]
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected, expected_ids = reference(path)
+    model = load(path, timing, expert_slots=slots, predictor=predictor, prefetch_depth=depth)
+    assert model.offload.engine.prefetcher is not None
     with torch.no_grad():
-        expected = ref(TOKENS).logits
-    expected_ids = ref.generate(TOKENS[:, :4], **gen)
-    e = num_experts(family)
-    for slots, depth in ((1, 1), (e // 2, 2), (e // 2, 3), (e, 1)):
-        model = load(path, timing, expert_slots=slots, predictor=predictor, prefetch_depth=depth)
-        assert model.offload.engine.prefetcher is not None
-        with torch.no_grad():
-            assert_logits_match(model(TOKENS).logits, expected, (slots, depth))
-        assert torch.equal(model.generate(TOKENS[:, :4], **gen), expected_ids), (slots, depth)
-        stats = model.offload.stats
-        if slots == e // 2:
-            assert stats.prefetch_issued.sum() > 0
-            assert stats.prefetch_used.sum() + stats.prefetch_wasted.sum() <= stats.prefetch_issued.sum()
-        if predictor != "previous" and slots == e // 2:
-            assert stats.predictor_recall is not None and 0.0 <= stats.predictor_recall <= 1.0
+        assert_close(model(TOKENS).logits, expected, (family, predictor, slots, depth, timing))
+    assert torch.equal(model.generate(TOKENS[:, :4], **GENERATE), expected_ids), (family, predictor, slots, depth)
+    stats = model.offload.stats
+    if slots == num_experts(family) // 2:
+        assert stats.prefetch_issued.sum() > 0
+        assert stats.prefetch_used.sum() + stats.prefetch_wasted.sum() <= stats.prefetch_issued.sum()
+    if predictor != "previous" and slots == num_experts(family) // 2:
+        assert stats.predictor_recall is not None and 0.0 <= stats.predictor_recall <= 1.0
 
 
 def test_unknown_or_unfitted_predictor(checkpoints):

@@ -1,13 +1,15 @@
 """Exact decisions of every cache policy on short hand-written traces.
 
-Each trace is replayed the way the engine drives the cache: observe the router
-call, then on a miss acquire a slot (the call's experts locked), then touch.
+Each access is one single-expert router call driven through the engine's own
+CallProtocol (route, then run: lookup, observe, on a miss a slot with the call's
+experts locked, touch), over a SimulatedLink that moves no bytes.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from moe_offload.cache import (
     ARCPolicy,
@@ -21,6 +23,9 @@ from moe_offload.cache import (
     SlotPools,
     make_policy,
 )
+from moe_offload.runtime.protocol import CallProtocol, Costed, RouterRecord
+from moe_offload.runtime.stats import OffloadStats
+from moe_offload.simulate.link import SimulatedLink
 
 HIT = "hit"
 
@@ -30,15 +35,23 @@ def make_cache(policy, slots: int, keys: int = 16, pools: SlotPools | None = Non
 
 
 def access(cache: ExpertCache, key: int, probs=None, experts: int = 16):
-    """One single-expert router call; returns HIT or the evicted key (-1: a free slot)."""
-    layer = key // experts
-    cache.policy.observe(layer, [key - layer * experts], None if probs is None else np.asarray([probs]))
-    if cache.lookup(key) >= 0:
-        cache.touch(key)
+    """One single-expert router call, run through CallProtocol; returns HIT or the evicted key (-1: a free
+    slot). ``probs``: the call's router scores over the layer's ``experts``."""
+    layer, expert = divmod(key, experts)
+    layout = ExpertLayout(len(cache.slots.expert_to_slot) // experts, experts, 1)   # keys = layers x experts
+    stats = OffloadStats(layout.num_layers, bytes_per_expert=0)
+    protocol = CallProtocol(layout, cache, SimulatedLink(), stats)
+    counts = [0] * experts
+    counts[expert] = 1
+    protocol.route(layer, RouterRecord(counts, None if probs is None else np.asarray([probs])))   # [T=1, E]
+    resident = set(cache.slots.resident())
+    protocol.run(layer, 1, protocol.record(layer, torch.tensor([expert])), Costed())
+    assert cache.lookup(key) >= 0 and stats.hits.sum() + stats.misses.sum() == 1
+    if stats.hits.sum():
         return HIT
-    _, evicted = cache.place(key, {key})
-    cache.touch(key)
-    return evicted
+    evicted = resident - set(cache.slots.resident())
+    assert len(evicted) == stats.evictions.sum() <= 1
+    return evicted.pop() if evicted else -1
 
 
 def replay(cache: ExpertCache, keys: list[int], experts: int = 16) -> list:

@@ -28,23 +28,23 @@ def run_engine(path, **fields):
     return model.offload.stats, RoutingArrays.of(recorder.trace({}))
 
 
-CASES = {  # (slots, allocation); mixtral: 3 MoE layers x 8 experts, deepseek_v3: 2 x 8
-    "mixtral": [(1, "global"), (5, "global"), (4, "uniform")],
-    "deepseek_v3": [(3, "global"), (5, "uniform")],
-}
+CASES = [  # (family, slots, allocation); mixtral: 3 MoE layers x 8 experts, deepseek_v3: 2 x 8
+    ("mixtral", 1, "global"), ("mixtral", 5, "global"), ("mixtral", 4, "uniform"),
+    ("deepseek_v3", 3, "global"), ("deepseek_v3", 5, "uniform"),
+]
+CASE_IDS = [f"{family}-{slots}slot{'s' * (slots > 1)}-{allocation}" for family, slots, allocation in CASES]
 
 
-@pytest.mark.parametrize("family", list(CASES))
+@pytest.mark.parametrize(("family", "slots", "allocation"), CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("policy", list(POLICIES))
-def test_simulator_matches_the_engine(checkpoints, family, policy):
-    for slots, allocation in CASES[family]:
-        stats, routing = run_engine(checkpoints[family], expert_slots=slots, cache_policy=policy,
-                                    slot_allocation=allocation)
-        result = Simulator(routing).run(policy, slots, allocation)
-        where = (family, policy, slots, allocation)
-        assert result.hits_per_layer == tuple(stats.hits.tolist()), where
-        assert result.misses_per_layer == tuple(stats.misses.tolist()), where
-        assert result.hit_rate == pytest.approx(stats.hit_rate)
+def test_simulator_matches_the_engine(checkpoints, family, slots, allocation, policy):
+    stats, routing = run_engine(checkpoints[family], expert_slots=slots, cache_policy=policy,
+                                slot_allocation=allocation)
+    result = Simulator(routing).run(policy, slots, allocation)
+    where = (family, policy, slots, allocation)
+    assert result.hits_per_layer == tuple(stats.hits.tolist()), where
+    assert result.misses_per_layer == tuple(stats.misses.tolist()), where
+    assert result.hit_rate == pytest.approx(stats.hit_rate)
 
 
 def random_routing(seed: int, tokens=300, layers=3, experts=8, k=2) -> RoutingArrays:
