@@ -10,6 +10,7 @@ layer needs it.
 from __future__ import annotations
 
 import torch
+from transformers import AutoModelForCausalLM
 
 import moe_offload
 
@@ -26,3 +27,21 @@ def load(path, timing: str = "immediate", **fields):
     if held:
         model.offload.engine.copier.max_prefetch_inflight = 0
     return model
+
+_REFS: dict = {}
+
+
+def reference(path, tokens: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain transformers (fp32): logits on ``tokens`` [1, S] and the greedy continuation of its first 4
+    tokens by ``new_tokens``; made once per checkpoint and inputs."""
+    key = (str(path), tuple(tokens.flatten().tolist()), new_tokens)
+    if key not in _REFS:
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            _REFS[key] = ref(tokens).logits, ref.generate(tokens[:, :4], **greedy(new_tokens))
+    return _REFS[key]
+
+
+def greedy(new_tokens: int) -> dict:
+    """generate() arguments for exactly ``new_tokens`` greedy tokens."""
+    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)

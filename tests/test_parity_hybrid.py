@@ -5,26 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_close, layer_budgets
-from transformers import AutoModelForCausalLM
 
 from moe_offload.runtime.cost import HardwareProfile
 
-from copy_timing import COPY_TIMINGS, load
+from copy_timing import COPY_TIMINGS, greedy, load, reference
 from tiny_checkpoints import num_experts
 
 TOKENS = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(3))  # [B, S]
-GENERATE = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-_REFS: dict = {}
-
-
-def reference(path) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' logits on TOKENS and greedy continuation of its first 4 tokens."""
-    if path not in _REFS:
-        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        with torch.no_grad():
-            logits = ref(TOKENS).logits
-        _REFS[path] = logits, ref.generate(TOKENS[:, :4], **GENERATE)
-    return _REFS[path]
+GENERATE = greedy(8)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +29,7 @@ def split_profile(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["never", "always", "auto"])
 def test_logits_and_generation_match(checkpoints, family, k, mode, split_profile, timing):
     path = checkpoints[family]
-    expected, expected_ids = reference(path)
+    expected, expected_ids = reference(path, TOKENS, 8)
     model = load(path, timing, expert_slots=k, cpu_experts=mode, hardware=str(split_profile))
     with torch.no_grad():
         assert_close(model(TOKENS).logits, expected, (family, mode, k, timing))

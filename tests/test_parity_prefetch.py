@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from conftest import assert_close
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 import moe_offload
 from moe_offload import MoEOffloadError
@@ -16,14 +16,13 @@ from moe_offload.predictor.fit_correction import fit_correction
 from moe_offload.predictor.registry import correction_path
 from moe_offload.runtime.tracing import record_trace
 
-from copy_timing import COPY_TIMINGS, load
+from copy_timing import COPY_TIMINGS, greedy, load, reference
 from tiny_checkpoints import add_char_tokenizer, num_experts
 
 TOKENS = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(5))  # [B, S]
 PROMPTS = ["def f(x):", "import os", "class A:", "for i in range(3):", "x = [1, 2]", "print('hi')"]
 FITTED = ["mixtral", "deepseek_v3", "qwen2_moe"]   # families the fitted fixture prepares
-GENERATE = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-_REFS: dict = {}
+GENERATE = greedy(8)
 
 
 def budgets() -> list:
@@ -36,16 +35,6 @@ def budgets() -> list:
             name = f"{family}-{slots}slot{'s' * (slots > 1)}-depth{depth}"
             params.append(pytest.param(family, slots, depth, id=name))
     return params
-
-
-def reference(path) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' logits on TOKENS and greedy continuation of its first 4 tokens."""
-    if path not in _REFS:
-        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        with torch.no_grad():
-            logits = ref(TOKENS).logits
-        _REFS[path] = logits, ref.generate(TOKENS[:, :4], **GENERATE)
-    return _REFS[path]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +56,7 @@ def fitted(tmp_path_factory, checkpoints):
 @pytest.mark.parametrize("predictor", ["cross_layer", "cross_layer_raw", "learned", "previous"])
 def test_prefetch_keeps_the_math(fitted, family, slots, depth, predictor, timing):
     path = fitted[family]
-    expected, expected_ids = reference(path)
+    expected, expected_ids = reference(path, TOKENS, 8)
     model = load(path, timing, expert_slots=slots, predictor=predictor, prefetch_depth=depth)
     assert model.offload.engine.prefetcher is not None
     with torch.no_grad():

@@ -11,24 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_close
-from transformers import AutoModelForCausalLM
 
 from moe_offload.runtime.cost import HardwareProfile
 
-from copy_timing import COPY_TIMINGS, load
+from copy_timing import COPY_TIMINGS, greedy, load, reference
 from tiny_checkpoints import num_experts
 
 TOKENS = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(5))  # [B, S]
-GENERATE = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
-_REFS: dict = {}
-
-
-def reference(path) -> tuple[torch.Tensor, torch.Tensor]:
-    if path not in _REFS:
-        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        with torch.no_grad():
-            _REFS[path] = ref(TOKENS).logits, ref.generate(TOKENS[:, :4], **GENERATE)
-    return _REFS[path]
+GENERATE = greedy(10)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +37,7 @@ def cpu_decode_profile(tmp_path_factory):
 def test_promotion_and_budgeted_prefetch_keep_logits_and_tokens(checkpoints, family, predictor, timing,
                                                                  cpu_decode_profile):
     path = checkpoints[family]
-    expected, expected_ids = reference(path)
+    expected, expected_ids = reference(path, TOKENS, 10)
     model = load(path, timing, expert_slots=num_experts(family) // 2, cpu_experts="auto",
                  hardware=str(cpu_decode_profile), predictor=predictor, prefetch_depth=2)
     with torch.no_grad():
