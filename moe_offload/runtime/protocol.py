@@ -34,7 +34,7 @@ from ..transfer.readback import HostReadback
 from .residency import DEMAND, PREFETCH, ExpertResidency
 from .scheduler import COPY, CPU, RESIDENT, ExpertLoad, Plan, plan_layer
 from .stats import OffloadStats
-from .worth import USE_ALPHA, ExpectedUse, LinkBudget
+from .worth import ExpectedUse, LinkBudget
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ class CallProtocol:
                 break
         compute.cpu(on_cpu, [keys[e] for e in on_cpu])
         self._fill(layer, [keys[e] for e in on_cpu])
-        self._promote(layer, [keys[e] for e in on_cpu])
+        self._promote(layer, [keys[e] for e in on_cpu], locked)
         for e in device:
             key = keys[e]
             slot = self._slot(key, locked)
@@ -214,10 +214,11 @@ class CallProtocol:
             if self.cache.lookup(key) < 0 and self.residency.copy_in(key, PREFETCH, evict=False) is not None:
                 self.stats.cpu_fills[layer] += 1
 
-    def _promote(self, layer: int, cpu_keys: list[int]) -> None:
+    def _promote(self, layer: int, cpu_keys: list[int], locked: set[int]) -> None:
         """While the link is idle, the CPU-run expert likeliest to be selected again is copied in at low
-        priority, evicting only a resident less likely to be used (the policy picks which). With a cost
-        model only (the engine's 'auto', the simulator), one per call."""
+        priority, evicting only a resident less likely to be used (the policy picks which), never one of
+        this call's device experts (``locked``). With a cost model only (the engine's 'auto', the
+        simulator), one per call."""
         if self.costs is None or self.cpu_experts != "auto" or not cpu_keys or not self.copier.idle():
             return
         use = self.expected_use.use
@@ -225,9 +226,8 @@ class CallProtocol:
         if not candidates:
             return
         key = max(candidates, key=lambda k: use[k])
-        chance = use[key] * (1.0 - USE_ALPHA) + USE_ALPHA     # this call selected it: as observed after the call
-        protected = self.expected_use.protected(self.cache.slots, chance)
-        if self.residency.copy_in(key, PREFETCH, protected) is not None:
+        protected = self.expected_use.protected(self.cache.slots, self.expected_use.once_more(key))
+        if self.residency.copy_in(key, PREFETCH, protected | locked) is not None:
             self.stats.promotions[layer] += 1
 
     def _observe(self, layer: int, selected: list[int], probs: np.ndarray | None) -> None:

@@ -42,6 +42,10 @@ class ExpectedUse:
         row *= 1.0 - USE_ALPHA
         row[selected] += USE_ALPHA
 
+    def once_more(self, key: int) -> float:
+        """``key``'s expected use once the call that just selected it is observed."""
+        return self.use[key] * (1.0 - USE_ALPHA) + USE_ALPHA
+
     def protected(self, slots: ExpertSlots, chance: float) -> set[int]:
         """Residents at least as likely to be used as ``chance``: a copy with that chance never evicts them."""
         residents = slots.slot_to_expert[slots.slot_to_expert >= 0]

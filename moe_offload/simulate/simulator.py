@@ -46,6 +46,8 @@ from .calls import RouterCall, RoutingArrays, router_calls
 from .link import SimulatedLink
 from .miss_curves import lru_miss_curves
 
+_NO_COMPUTE = Costed()   # a replay runs no expert
+
 
 @dataclass(frozen=True)
 class SimulationResult:
@@ -187,7 +189,7 @@ class Simulator:
         else:
             protocol.route(layer, self._record(call))
         record = protocol.record(layer, self._ids[rows, layer].reshape(-1))
-        plan = protocol.run(layer, call.end - call.start, record, Costed())
+        plan = protocol.run(layer, call.end - call.start, record, _NO_COMPUTE)
         if self.cost is None:
             return 0.0
         link.advance(plan.finish_s)
