@@ -7,9 +7,14 @@ For each shape preset (config.json only: no weights) and hardware profile the
 simulator replays one synthetic decode trace shaped like the model, with the
 locality of the shipped models' real routing (moe_offload.simulate.sweep
 SYNTHETIC_LOCALITY), through the runtime's call protocol: CPU experts 'auto',
-promotion on, prefetch depth 3. Rows: no prefetch, oracle@0.5, oracle@0.8
-and the oracle, under the score policy (the runtime's default), and LRU and
-Belady with and without the oracle. Ratios compare rows of the same run.
+promotion on, prefetch depth 3. Rows: static placement (no prefetch, no
+promotion: the cache freezes after warm-up), no prefetch (promotion only),
+oracle@0.5, oracle@0.8 and the oracle, under the score policy (the runtime's
+default), and LRU and Belady with and without the oracle. ``link_bound``:
+the most prefetch can buy over static placement when every call's time is
+CPU-run misses and the link is never idle, 1 + (CPU time of one expert) /
+(copy time of one expert): while the CPU runs an expert the link can bring
+that fraction of another one in. Ratios compare rows of the same run.
 Writes bench/results/prefetch_budget.json and .png.
 """
 
@@ -35,7 +40,7 @@ from moe_offload.simulate import RoutingArrays, Simulator  # noqa: E402
 from moe_offload.simulate.sweep import SYNTHETIC_LOCALITY  # noqa: E402
 
 BUDGETS = (0.10, 0.25, 0.50, 0.75)
-RUNS = [("score", p) for p in ("none", "oracle@0.5", "oracle@0.8", "oracle")] + \
+RUNS = [("score", p) for p in ("static", "none", "oracle@0.5", "oracle@0.8", "oracle")] + \
        [(policy, p) for policy in ("lru", "belady") for p in ("none", "oracle")]
 DEPTH = 3
 
@@ -55,13 +60,15 @@ def run_shape(shape: str, profile: str, tokens: int, bar) -> list[dict]:
     routing = RoutingArrays.of(trace)
     rows = []
     for policy, predictor in RUNS:
-        maker = None if predictor == "none" else (lambda name=predictor: make_predictor(name, replay_trace=trace))
+        maker = None if predictor in ("none", "static") else \
+            (lambda name=predictor: make_predictor(name, replay_trace=trace))
         simulator = Simulator(routing, cost, parts.plan.bytes_per_expert, "auto", predictor=maker,
-                              prefetch_depth=DEPTH)
+                              prefetch_depth=DEPTH, promote=predictor != "static")
         for share in BUDGETS:
             slots = max(1, round(share * parts.plan.num_experts))
             result = simulator.run(policy, slots)
             rows.append({"shape": shape, "hardware": profile, "policy": policy, "predictor": predictor,
+                         "link_bound": 1.0 + cost.cpu_s(1) / cost.copy_s(),
                          "budget_fraction": share, "slots": slots, "hit_rate": result.hit_rate,
                          "tokens_per_s": result.tokens_per_s, "prefetch_copies": result.prefetch_copies,
                          "prefetch_used": result.prefetch_used, "promotions": result.promotions,
@@ -71,15 +78,19 @@ def run_shape(shape: str, profile: str, tokens: int, bar) -> list[dict]:
 
 
 def speedups(rows: list[dict]) -> list[dict]:
-    """Per shape, hardware and budget: each score row's tokens/s over score without prefetch."""
-    base = {(r["shape"], r["hardware"], r["budget_fraction"]): r["tokens_per_s"] for r in rows
-            if (r["policy"], r["predictor"]) == ("score", "none")}
+    """Per shape, hardware and budget: each score row's tokens/s over score without prefetch (promotion on)
+    and over static placement (neither prefetch nor promotion)."""
+    def base(name):
+        return {(r["shape"], r["hardware"], r["budget_fraction"]): r["tokens_per_s"] for r in rows
+                if (r["policy"], r["predictor"]) == ("score", name)}
+    none, static = base("none"), base("static")
     out = []
     for r in rows:
-        if r["policy"] == "score" and r["predictor"] != "none":
+        if r["policy"] == "score" and r["predictor"] != "static":
             key = (r["shape"], r["hardware"], r["budget_fraction"])
             out.append({"shape": r["shape"], "hardware": r["hardware"], "budget": f"{100 * r['budget_fraction']:.0f}%",
-                        "predictor": r["predictor"], "speedup": r["tokens_per_s"] / base[key]})
+                        "predictor": r["predictor"], "speedup": r["tokens_per_s"] / none[key],
+                        "over_static": r["tokens_per_s"] / static[key], "link_bound": r["link_bound"]})
     return out
 
 
@@ -115,7 +126,8 @@ def main(args: argparse.Namespace) -> int:
                 rows += run_shape(shape, profile, args.tokens, bar)
     gains = speedups(rows)
     print_table(gains, [("shape", "shape", ""), ("hardware", "hardware", ""), ("budget", "budget", ""),
-                        ("predictor", "predictor", ""), ("speedup", "x no prefetch", ".2f")])
+                        ("predictor", "predictor", ""), ("speedup", "x no prefetch", ".2f"),
+                        ("over_static", "x static", ".2f"), ("link_bound", "bound", ".2f")])
     RESULTS.mkdir(exist_ok=True)
     write_json(RESULTS / "prefetch_budget.json", {
         "command": "python bench/prefetch_budget.py " + " ".join(sys.argv[1:]), "machine": machine(),

@@ -118,7 +118,7 @@ class Prefetcher:
         key = self.layout.key(target, expert)
         if self.cache.lookup(key) >= 0:
             return 0
-        keep = locked if use is None else locked | use.protected(self.cache.slots, chance)
+        keep = locked if use is None else locked | use.protected(self.cache.slots, use.prefetch_worth(key, chance))
         if self.residency.copy_in(key, PREFETCH, keep) is None:
             return None if use is None or len(keep) == len(locked) else 0
         self.pending[key] = target

@@ -73,11 +73,12 @@ class CallProtocol:
     ``landed``, ``begin_read``, ``end_read``, ``pump``). ``cpu_experts``: 'never'
     copies every miss, 'always' runs every miss on the CPU, 'auto' lets the
     scheduler choose with ``costs``. ``prefetcher`` (set after construction):
-    a Prefetcher built on ``residency``, or None.
+    a Prefetcher built on ``residency``, or None. ``promote=False`` turns
+    promotion off (static placement after warm-up, for comparison).
     """
 
     def __init__(self, layout: ExpertLayout, cache: ExpertCache, copier, stats: OffloadStats,
-                 cpu_experts: str = "never", costs=None, device: torch.device | str = "cpu"):
+                 cpu_experts: str = "never", costs=None, device: torch.device | str = "cpu", promote: bool = True):
         if cpu_experts == "auto" and costs is None:
             raise ValueError("cpu_experts='auto' needs a cost model")
         self.layout = layout
@@ -86,6 +87,7 @@ class CallProtocol:
         self.stats = stats
         self.cpu_experts = cpu_experts
         self.costs = costs
+        self.promote = promote
         self.residency = ExpertResidency(cache, copier, stats, layout.experts_per_layer)
         self.prefetcher = None
         self.readback = HostReadback(torch.device(device))     # the router call's numbers, one copy per layer
@@ -219,7 +221,8 @@ class CallProtocol:
         priority, evicting only a resident less likely to be used (the policy picks which), never one of
         this call's device experts (``locked``). With a cost model only (the engine's 'auto', the
         simulator), one per call."""
-        if self.costs is None or self.cpu_experts != "auto" or not cpu_keys or not self.copier.idle():
+        if not self.promote or self.costs is None or self.cpu_experts != "auto" or not cpu_keys \
+                or not self.copier.idle():
             return
         use = self.expected_use.use
         candidates = [key for key in cpu_keys if self.cache.lookup(key) < 0]

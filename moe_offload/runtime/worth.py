@@ -4,11 +4,14 @@ A copy pays for itself when the expert it brings is used before it leaves and
 lands before it is needed. Two rules follow, shared by prefetch and promotion
 (and so by the engine and the simulator, through the call protocol):
 
-- never evict a likelier expert: a copy of an expert with chance ``p`` of
-  being selected by its layer's next call may only evict residents whose
-  expected use is below ``p``. Per expert the chance is the predictor's
-  (for predicted layers) or an exponential average of whether its layer's
-  calls selected it (``ExpectedUse``). The saving of a resident expert per
+- never evict a likelier expert: a copy may only evict residents whose
+  expected use per call is below the newcomer's. Per expert the expected
+  use is an exponential average of whether its layer's calls selected it
+  (``ExpectedUse``). A prefetch with chance ``p`` (the predictor's) of use by
+  the coming call is worth its average after that call plus ``p`` spread
+  over the calls a resident keeps its slot (``prefetch_worth``): an
+  imminent use alone does not justify evicting an expert that is used
+  every other call. The saving of a resident expert per
   use (CPU or copy time minus device time) is the same for every expert of a
   model at one token count, so comparing chances compares benefits.
 - spend only the link time there is (``LinkBudget``): a prefetch for layer
@@ -27,6 +30,7 @@ import numpy as np
 from ..cache import ExpertLayout, ExpertSlots
 
 USE_ALPHA = 0.1     # weight of the newest call in an expert's expected use
+HORIZON = 1.0 / USE_ALPHA   # calls a resident is expected to keep its slot (the average's memory)
 
 
 class ExpectedUse:
@@ -50,6 +54,12 @@ class ExpectedUse:
         """Residents at least as likely to be used as ``chance``: a copy with that chance never evicts them."""
         residents = slots.slot_to_expert[slots.slot_to_expert >= 0]
         return set(residents[self.use[residents] >= chance].tolist())
+
+    def prefetch_worth(self, key: int, chance: float) -> float:
+        """What a prefetch of ``key`` (chance ``chance`` of use by its coming call) is worth per call of its
+        layer, against a victim's expected use: its use then (expected, after that call) plus the coming
+        call's use spread over the ``HORIZON`` calls a resident is expected to keep its slot."""
+        return self.use[key] * (1.0 - USE_ALPHA) + USE_ALPHA * chance + chance / HORIZON
 
 
 @dataclass(frozen=True)

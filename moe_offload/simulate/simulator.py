@@ -101,12 +101,14 @@ class Simulator:
     allocation, measured on another trace; by default they are measured on
     ``routing`` itself (in-sample, so optimistic). ``timed_link=False`` lands
     every copy at once, as the engine's immediate CPU backend does (for
-    comparing counts with it); the plans still use ``cost``.
+    comparing counts with it); the plans still use ``cost``. ``promote=False``
+    turns promotion off: with no predictor, the static placement after warm-up.
     """
 
     def __init__(self, routing: RoutingArrays, cost=None, bytes_per_expert: int = 0, cpu_experts: str = "never",
                  predictor: Callable[[], object] | None = None, prefetch_depth: int = 1,
-                 prefetch_width: int | None = None, miss_curves: np.ndarray | None = None, timed_link: bool = True):
+                 prefetch_width: int | None = None, miss_curves: np.ndarray | None = None, timed_link: bool = True,
+                 promote: bool = True):
         self.routing = routing
         self.layout = routing.layout
         self.cost = cost
@@ -116,6 +118,7 @@ class Simulator:
         self.prefetch_depth = prefetch_depth
         self.prefetch_width = prefetch_width or self.layout.top_k
         self.timed_link = timed_link
+        self.promote = promote
         self.calls: list[list[RouterCall]] = router_calls(routing)   # [G][L]
         self._miss_curves = miss_curves
         self._ids = torch.from_numpy(np.asarray(routing.expert_ids, dtype=np.int64))   # [N, L, k]
@@ -165,7 +168,7 @@ class Simulator:
         stats = OffloadStats(self.layout.num_layers, self.bytes_per_expert)
         copy_s = self.cost.copy_s() if self.cost is not None and self.timed_link else 0.0
         link = SimulatedLink(copy_s, self.bytes_per_expert)
-        protocol = CallProtocol(self.layout, cache, link, stats, self.cpu_experts, self.cost)
+        protocol = CallProtocol(self.layout, cache, link, stats, self.cpu_experts, self.cost, promote=self.promote)
         if self.predictor is not None:
             protocol.prefetcher = Prefetcher(self.predictor(), protocol.residency, self.layout, stats,
                                              self.prefetch_depth, self.prefetch_width)
