@@ -27,6 +27,8 @@ import torch
 from .blocks import infer_inter
 from .ffn import check_act, check_weights, expert_ffn
 from .formats import canonical_format
+from .packed import ExpertFormat
+from .packed_ffn import PackedExperts, check_packed
 from .quant import quantize_block_int8
 from .rows import gather_rows, scatter_add_rows
 from .workspace import Workspace
@@ -40,7 +42,8 @@ _WARMUP_BLOCK_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16"
 class CpuJob:
     """One routed expert: its weight block, the token rows it serves and their routing weights.
 
-    block: 1-D numpy block (float32 / float16 / uint16 bf16 bits / int8 with `scales`).
+    block: 1-D numpy block (float32 / float16 / uint16 bf16 bits / int8 with `scales`), or, with
+    `fmt` (a packed ExpertFormat), the expert's packed uint8 row.
     rows: [n] token indices into the runner's hidden [T, H]; weights: [n] routing weights.
     """
 
@@ -49,6 +52,7 @@ class CpuJob:
     weights: np.ndarray
     act: str = "silu"
     scales: np.ndarray | None = None
+    fmt: ExpertFormat | None = None
 
 
 def _as_float32_2d(array, name: str) -> np.ndarray:
@@ -66,8 +70,11 @@ def _as_float32_2d(array, name: str) -> np.ndarray:
 
 def _check_job(job: CpuJob, tokens: int, hidden: int) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Validate a job; returns (rows int64, weights float32, inter, act code)."""
-    inter = infer_inter(job.block, hidden)
-    check_weights(job.block, job.scales, hidden, inter)
+    if job.fmt is not None and job.fmt.packed:
+        inter = check_packed(job.block, job.fmt, hidden)
+    else:
+        inter = infer_inter(job.block, hidden)
+        check_weights(job.block, job.scales, hidden, inter)
     rows = np.ascontiguousarray(job.rows, dtype=np.int64)
     weights = np.ascontiguousarray(job.weights, dtype=np.float32)
     if rows.ndim != 1 or weights.shape != rows.shape:
@@ -87,6 +94,7 @@ class CpuRunner:
     def __init__(self, num_threads: int | None = None) -> None:
         self._num_threads = self._check_threads(num_threads or numba.config.NUMBA_NUM_THREADS)
         self._workspace = Workspace()
+        self._packed = PackedExperts()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-cpu-experts")
         self._worker_threads = 0  # numba threads last set in the worker thread
 
@@ -147,7 +155,10 @@ class CpuRunner:
             ys = self._workspace.get("y", n, width)  # [n, H]
             hs = self._workspace.get("h", n, inter)  # [n, I]
             gather_rows(x, rows, xs)
-            expert_ffn(xs, job.block, width, inter, code, ys, hs, job.scales)
+            if job.fmt is not None and job.fmt.packed:
+                self._packed.run(job.fmt, job.block, xs, code, ys)
+            else:
+                expert_ffn(xs, job.block, width, inter, code, ys, hs, job.scales)
             scatter_add_rows(acc, rows, weights, ys)
         return result
 

@@ -1,0 +1,328 @@
+"""Stored expert formats: the bytes of one expert in each format, and how they are made and read back.
+
+    # H = hidden, I = intermediate, G = group size, B = FP8 block size (128)
+    An expert's weights are gate_up [2I, H] (rows 0..I-1 gate, I..2I-1 up) and down [H, I].
+
+    native (float32, float16, bfloat16): one row of that dtype, [gate_up | down] flattened (no scales).
+    packed formats: one row of bytes, segments in this order; the weight bytes form one run
+    ([gate_up | down], as a native block), each array of scales starts 16-byte aligned:
+      int8        q int8 [2I, H] | q int8 [H, I] | scales float32 [2I + H]
+                  per output row, symmetric: W[r] ~= scales[r] * q[r]
+      int4 (G=64), int4-g128
+                  q uint8 [2I, H/2] | q uint8 [H, I/2]              two weights per byte along the input:
+                                                                    byte j = q[2j] | q[2j+1] << 4, q in 0..15
+                  scale, zero float16 [2I, ceil(H/G)] each | scale, zero float16 [H, ceil(I/G)] each
+                  W[r, c] ~= (q[r, c] - zero[r, c // G]) * scale[r, c // G]   (the last group may be short)
+      fp8         q uint8 (float8_e4m3fn bits) [2I, H] | [H, I]
+                  scale float32 [2 * ceil(I/B), ceil(H/B)] | [ceil(H/B), ceil(I/B)]
+                  W[r, c] ~= fp8(q[r, c]) * scale[block_row(r), c // B]; gate and up are blocked
+                  separately (block_row(r) = (r // I) * ceil(I/B) + (r % I) // B), as FP8 checkpoints store them
+
+Every quantizer works row by row (FP8: B rows of gate, up or down), so each projection can be
+written on its own as the checkpoint yields it. The same ``unpack`` runs on the CPU and on CUDA:
+the engine dequantizes into one reused scratch and runs transformers' own ops, and the parity
+reference is transformers running ``dequantized`` weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+NATIVE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PACKED = ("int8", "int4", "int4-g128", "fp8")
+FORMAT_NAMES = (*NATIVE, *PACKED)
+ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "int4-g64": "int4",
+           "float8": "fp8", "float8_e4m3fn": "fp8"}
+INT4_GROUP = {"int4": 64, "int4-g128": 128}
+FP8_BLOCK = 128
+FP8_MAX = 448.0          # largest finite float8_e4m3fn
+HQQ_ITERS = 20           # at most this many proximal steps of the int4 zero-point fit
+HQQ_TOL = 0.002          # ... stopping once a step lowers the squared error by less than this fraction
+_ALIGN = 16
+
+
+def canonical_expert_format(name: str | torch.dtype) -> str:
+    """'bf16', torch.bfloat16, 'int4-g64', ... -> a name of FORMAT_NAMES; ValueError if unknown."""
+    key = str(name).lower().replace("torch.", "")
+    key = ALIASES.get(key, key)
+    if key not in FORMAT_NAMES:
+        raise ValueError(f"unknown expert format {name!r}; use one of {', '.join(FORMAT_NAMES)}")
+    return key
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One array inside a packed row: its dtype, shape and byte offset."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _aligned(n: int) -> int:
+    return _ceil(n, _ALIGN) * _ALIGN
+
+
+class ExpertFormat:
+    """The stored form of every routed expert of one model (see the module docstring).
+
+    ``name``: a FORMAT_NAMES entry; ``compute_dtype``: what the device dequantizes into (the model's
+    dtype). ``row_dtype`` / ``row_numel``: the host store's and the device slots' element type and
+    elements per expert; ``nbytes``: bytes per expert, scales included.
+    """
+
+    def __init__(self, name: str, hidden: int, inter: int, compute_dtype: torch.dtype):
+        self.name = canonical_expert_format(name)
+        self.hidden, self.inter = int(hidden), int(inter)
+        self.compute_dtype = compute_dtype
+        self.packed = self.name in PACKED
+        self.group = INT4_GROUP.get(self.name, 0)
+        if self.group and (hidden % 2 or inter % 2):
+            raise ValueError(f"int4 experts need even hidden and intermediate sizes, got H={hidden}, I={inter}")
+        self.segments = self._layout() if self.packed else {}
+        if self.packed:
+            end = max(s.offset + s.nbytes for s in self.segments.values())
+            self.row_dtype, self.row_numel = torch.uint8, _aligned(end)
+        else:
+            self.row_dtype, self.row_numel = NATIVE[self.name], 3 * hidden * inter
+        self.nbytes = self.row_numel * torch.empty((), dtype=self.row_dtype).element_size()
+
+    def __repr__(self) -> str:
+        return f"ExpertFormat({self.name!r}, H={self.hidden}, I={self.inter}, {self.nbytes} bytes per expert)"
+
+    def _layout(self) -> dict[str, Segment]:
+        h, i = self.hidden, self.inter
+        if self.name == "int8":
+            arrays = [("gate_up", torch.int8, (2 * i, h)), ("down", torch.int8, (h, i)),
+                      ("scales", torch.float32, (2 * i + h,))]
+        elif self.group:
+            g = self.group
+            arrays = [("gate_up", torch.uint8, (2 * i, h // 2)), ("down", torch.uint8, (h, i // 2)),
+                      ("gate_up_scale", torch.float16, (2 * i, _ceil(h, g))),
+                      ("gate_up_zero", torch.float16, (2 * i, _ceil(h, g))),
+                      ("down_scale", torch.float16, (h, _ceil(i, g))), ("down_zero", torch.float16, (h, _ceil(i, g)))]
+        else:
+            b = FP8_BLOCK
+            arrays = [("gate_up", torch.uint8, (2 * i, h)), ("down", torch.uint8, (h, i)),
+                      ("gate_up_scale", torch.float32, (2 * _ceil(i, b), _ceil(h, b))),
+                      ("down_scale", torch.float32, (_ceil(h, b), _ceil(i, b)))]
+        segments, offset = {}, 0
+        for name, dtype, shape in arrays:
+            if dtype not in (torch.int8, torch.uint8):
+                offset = _aligned(offset)   # byte arrays follow each other, so the weights are one run
+            segments[name] = Segment(dtype, shape, offset)
+            offset += segments[name].nbytes
+        return segments
+
+    # -- views ---------------------------------------------------------------------------------------------------
+    def views(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named views of one expert's row (a host store row or a device slot), no copy."""
+        if not self.packed:
+            split = 2 * self.inter * self.hidden
+            return {"gate_up": row[:split].view(2 * self.inter, self.hidden),
+                    "down": row[split:].view(self.hidden, self.inter)}
+        return {name: row[s.offset: s.offset + s.nbytes].view(s.dtype).view(s.shape)
+                for name, s in self.segments.items()}
+
+    def numpy_views(self, row: np.ndarray) -> dict[str, np.ndarray]:
+        """The same views of a numpy uint8 row (what the CPU kernels read); float16 stays float16."""
+        out = {}
+        for name, s in self.segments.items():
+            dtype = np.dtype(str(s.dtype).removeprefix("torch."))
+            out[name] = row[s.offset: s.offset + s.nbytes].view(dtype).reshape(s.shape)
+        return out
+
+    # -- writing -------------------------------------------------------------------------------------------------
+    def write(self, row: torch.Tensor, role: str, weight: torch.Tensor) -> None:
+        """Quantize (or cast) one projection into ``row``: 'gate' / 'up' [I, H], 'gate_up' [2I, H], 'down' [H, I]."""
+        if role == "gate_up":
+            self.write(row, "gate", weight[: self.inter])
+            self.write(row, "up", weight[self.inter:])
+            return
+        matrix, rows = self._rows(role)
+        views = self.views(row)
+        if not self.packed:
+            views[matrix][rows].copy_(weight)
+            return
+        weight = weight.float()
+        if self.name == "int8":
+            q, scale = quantize_int8(weight)
+            views[matrix][rows] = q
+            views["scales"][self._scale_rows(matrix, rows)] = scale
+        elif self.group:
+            q, scale, zero = quantize_int4(weight, self.group)
+            views[matrix][rows] = q
+            views[f"{matrix}_scale"][rows] = scale
+            views[f"{matrix}_zero"][rows] = zero
+        else:
+            q, scale = quantize_fp8(weight)
+            self.write_fp8(row, role, q, scale)
+
+    def write_fp8(self, row: torch.Tensor, role: str, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """Store already-FP8 weights as they are (an FP8 checkpoint's ``weight`` and ``weight_scale_inv``,
+        128x128 blocks): 1 byte per weight, no second rounding."""
+        if self.name != "fp8":
+            raise ValueError(f"write_fp8 stores fp8 experts; this format is {self.name}")
+        if role == "gate_up":
+            split = _ceil(self.inter, FP8_BLOCK)
+            self.write_fp8(row, "gate", q[: self.inter], scale[:split])
+            self.write_fp8(row, "up", q[self.inter:], scale[split:])
+            return
+        matrix, rows = self._rows(role)
+        views = self.views(row)
+        views[matrix][rows] = q.view(torch.uint8)
+        views[f"{matrix}_scale"][self._block_rows(role)] = scale.float()
+
+    def _rows(self, role: str) -> tuple[str, slice]:
+        i = self.inter
+        return {"gate": ("gate_up", slice(0, i)), "up": ("gate_up", slice(i, 2 * i)),
+                "down": ("down", slice(0, self.hidden))}[role]
+
+    def _scale_rows(self, matrix: str, rows: slice) -> slice:
+        base = 0 if matrix == "gate_up" else 2 * self.inter
+        return slice(base + rows.start, base + rows.stop)
+
+    def _block_rows(self, role: str) -> slice:
+        n = _ceil(self.inter, FP8_BLOCK)
+        return {"gate": slice(0, n), "up": slice(n, 2 * n), "down": slice(0, _ceil(self.hidden, FP8_BLOCK))}[role]
+
+    # -- reading -------------------------------------------------------------------------------------------------
+    def unpack(self, row: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, H], down [H, I]) in ``compute_dtype``: views of a native row, or dequantized into
+        ``scratch`` (>= 3HI elements of ``compute_dtype`` on the row's device; allocated when None)."""
+        views = self.views(row)
+        if not self.packed:
+            return views["gate_up"], views["down"]
+        h, i = self.hidden, self.inter
+        if scratch is None:
+            scratch = torch.empty(3 * h * i, dtype=self.compute_dtype, device=row.device)
+        gate_up = scratch[: 2 * i * h].view(2 * i, h)
+        down = scratch[2 * i * h: 3 * i * h].view(h, i)
+        for matrix, out in (("gate_up", gate_up), ("down", down)):
+            out.copy_(self._dequantize(views, matrix))
+        return gate_up, down
+
+    def _dequantize(self, views: dict[str, torch.Tensor], matrix: str) -> torch.Tensor:
+        """One matrix of a packed row as float32."""
+        q = views[matrix]
+        if self.name == "int8":
+            rows = self._scale_rows(matrix, slice(0, q.shape[0]))
+            return q.float() * views["scales"][rows, None]
+        if self.group:
+            return dequantize_int4(q, views[f"{matrix}_scale"], views[f"{matrix}_zero"], self.group)
+        scale = views[f"{matrix}_scale"]
+        if matrix == "gate_up":
+            half = scale.shape[0] // 2
+            return torch.cat([dequantize_fp8(q[: self.inter], scale[:half]),
+                              dequantize_fp8(q[self.inter:], scale[half:])])
+        return dequantize_fp8(q, scale)
+
+    def dequantized(self, weight: torch.Tensor, role: str) -> torch.Tensor:
+        """What the engine computes with for a projection written as ``weight``: dequant(quant(weight)) in
+        ``compute_dtype`` (the parity reference's weights)."""
+        row = torch.zeros(self.row_numel, dtype=self.row_dtype, device=weight.device)
+        self.write(row, role, weight)
+        gate_up, down = self.unpack(row)
+        matrix, rows = self._rows(role) if role != "gate_up" else ("gate_up", slice(0, 2 * self.inter))
+        return (gate_up if matrix == "gate_up" else down)[rows].clone()
+
+
+# -- the quantizers (torch, any device) ------------------------------------------------------------------------------
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, K] float32 -> (q int8 [R, K], scale float32 [R]): symmetric per row, scale = max|w| / 127."""
+    scale = w.abs().amax(dim=1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
+    """[R, K] -> [R, ceil(K/G), G] (the last group padded by repeating its last column)."""
+    rows, cols = w.shape
+    pad = _ceil(cols, group) * group - cols
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(rows, pad)], dim=1)
+    return w.view(rows, -1, group)
+
+
+def _int4_codes(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return torch.round(wg / scale[..., None] + zero[..., None]).clamp_(0, 15)
+
+
+def _int4_fit(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group (scale, zero), both rounded to float16 as stored: min-max, then HQQ's half-quadratic
+    refinement of the zero point (sparse l_p error, p = 0.7; stops when an iteration gains under
+    HQQ_TOL), kept per group where it lowers the squared error. In units of the scale, with ws = w / scale:
+    codes q = round(ws + zero), error u = ws - q + zero."""
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    scale = ((hi - lo) / 15.0).clamp_min(1e-8).half().float()
+    zero = (-lo / scale).half().float()
+    best_zero, best_err = zero, _int4_error(wg, scale, zero)
+    ws, s = wg / scale[..., None], scale[..., None]
+    beta, total = 10.0, best_err.sum()
+    for _ in range(HQQ_ITERS):
+        q = (ws + zero[..., None]).round_().clamp_(0, 15)
+        u = ws - q
+        u += zero[..., None]
+        mag = u.abs()
+        shrunk = torch.relu_(mag - (mag * s).clamp_min_(1e-8).pow_(-0.3) / (beta * s)).mul_(torch.sign(u))
+        zero = (q - ws + shrunk).mean(dim=-1).half().float()
+        err = _int4_error(wg, scale, zero)
+        better = err < best_err
+        best_zero, best_err = torch.where(better, zero, best_zero), torch.where(better, err, best_err)
+        if best_err.sum() > total * (1.0 - HQQ_TOL):
+            break
+        total, beta = best_err.sum(), beta * 1.01
+    return scale.half(), best_zero.half()
+
+
+def _int4_error(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    q = _int4_codes(wg, scale, zero)
+    return ((q - zero[..., None]) * scale[..., None] - wg).square().sum(dim=-1)
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[R, K] float32 (K even) -> (packed uint8 [R, K/2], scale float16 [R, ceil(K/G)], zero float16 [same])."""
+    rows, cols = w.shape
+    wg = _groups(w, group)
+    scale, zero = _int4_fit(wg)
+    q = _int4_codes(wg, scale.float(), zero.float()).to(torch.uint8).view(rows, -1)[:, :cols]   # [R, K]
+    return q[:, 0::2] | (q[:, 1::2] << 4), scale, zero
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    """packed uint8 [R, K/2], scale/zero float16 [R, ceil(K/G)] -> float32 [R, K]."""
+    rows, half = packed.shape
+    q = torch.stack([packed & 15, packed >> 4], dim=-1).view(rows, 2 * half).float()     # [R, K]
+    index = torch.arange(2 * half, device=packed.device) // group                          # [K] group of each column
+    return (q - zero.float()[:, index]) * scale.float()[:, index]
+
+
+def quantize_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, K] float32 -> (q float8_e4m3fn [R, K], scale float32 [ceil(R/B), ceil(K/B)]): per B x B block,
+    scale = max|w| / 448 (what FP8 checkpoints call weight_scale_inv)."""
+    rows, cols = w.shape
+    nr, nc = _ceil(rows, block), _ceil(cols, block)
+    padded = torch.zeros(nr * block, nc * block, device=w.device)
+    padded[:rows, :cols] = w.abs()
+    scale = padded.view(nr, block, nc, block).amax(dim=(1, 3)) / FP8_MAX                    # [ceil(R/B), ceil(K/B)]
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    expanded = safe.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    return (w / expanded).to(torch.float8_e4m3fn), scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    """q float8_e4m3fn (or its uint8 bits) [R, K], scale [ceil(R/B), ceil(K/B)] -> float32 [R, K]."""
+    rows, cols = q.shape
+    values = q.view(torch.float8_e4m3fn).float()
+    return values * scale.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
