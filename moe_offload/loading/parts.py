@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from ..cpu_kernels.packed import ExpertFormat
 from ..errors import MoEOffloadError
 from ..transfer import ExpertShape
 from .adapters import ModelAdapter, adapter_for
@@ -53,12 +54,13 @@ class ModelParts:
         num_experts, two_i, hidden = first.gate_up_proj.shape
         self.num_experts = num_experts
         self.shape = ExpertShape(hidden=hidden, intermediate=two_i // 2)
+        self.format = expert_format(cfg, self.shape, self.dtype)
         if weights:
             check_tensors(self)  # every tensor present, shaped and typed as config.json implies
         self.plan: MemoryPlan = plan_memory(
             cfg,
             dense_bytes=self._dense_bytes(),
-            bytes_per_expert=self.shape.numel * self.dtype.itemsize,
+            bytes_per_expert=self.format.nbytes,
             num_moe_layers=len(self.sites),
             experts_per_layer=num_experts,
             kv_bytes_per_token=self.adapter.kv_bytes_per_token(self.hf_config, self.dtype.itemsize),
@@ -75,6 +77,15 @@ class ModelParts:
     def routers(self) -> list[nn.Module]:
         """The router module beside each MoE layer's experts, in MoE-layer order."""
         return [getattr(s.parent, self.adapter.router_attr) for s in self.sites]
+
+
+def expert_format(cfg: OffloadConfig, shape: ExpertShape, dtype: torch.dtype) -> ExpertFormat:
+    """The routed experts' stored format: ``cfg.expert_dtype``, or the compute dtype."""
+    name = cfg.expert_dtype or str(dtype).removeprefix("torch.")
+    try:
+        return ExpertFormat(name, shape.hidden, shape.intermediate, dtype)
+    except ValueError as err:
+        raise MoEOffloadError(f"expert_dtype {name!r}: {err}") from None
 
 
 def _keeps_fp32(model: PreTrainedModel, name: str) -> bool:

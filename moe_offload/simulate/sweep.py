@@ -239,7 +239,8 @@ def simulate_rows(parts, setup: SweepSetup, runs: list[tuple[str, Budget]], note
     from ..runtime.cost import CostModel, HardwareProfile
 
     profile = HardwareProfile.from_yaml(setup.hardware)
-    cost = CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize)
+    cost = CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize,
+                                parts.format.nbytes)
     simulator = Simulator(RoutingArrays.of(trace), cost, parts.plan.bytes_per_expert, setup.cpu_experts,
                           predictor=predictor_maker(setup, trace, parts, notes), prefetch_depth=setup.prefetch_depth)
     rows = []
