@@ -73,7 +73,10 @@ def checkpoint_format(quantization_config: dict | None, where) -> BlockFP8 | Non
     Raise MoEOffloadError naming the quant_method for anything else."""
     if quantization_config is None:
         return None
-    qc = quantization_config if isinstance(quantization_config, dict) else vars(quantization_config)
+    if not isinstance(quantization_config, dict):
+        raise MoEOffloadError(f"{where}: quantization_config is {quantization_config!r}, not a mapping; fix "
+                              "config.json")
+    qc = quantization_config
     method = qc.get("quant_method")
 
     def refuse(why: str) -> MoEOffloadError:

@@ -94,8 +94,9 @@ class Checkpoint:
 
     ``quantization`` is the format config.json declares: None (tensors are read as stored) or BlockFP8,
     whose float8 weights ``get`` and ``get_slice`` return dequantized to float32 with their
-    ``*_scale_inv`` (kept in ``scales``, not in ``tensors``: they are no model tensors). ``fp8_weight``
-    and ``fp8_weight_slice`` give the stored bytes and scales for a store that keeps experts in fp8."""
+    ``*_scale_inv`` (kept in ``scales``, keyed by the weight's name, not in ``tensors``: they are no model
+    tensors). ``fp8_weight`` and ``fp8_weight_slice`` give the stored bytes and scales, for a store that
+    keeps experts in fp8."""
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -149,25 +150,30 @@ class Checkpoint:
 
     def get_slice(self, name: str, index: int) -> torch.Tensor:
         """Row ``index`` of a tensor's first dimension (a fused [E, O, I] tensor's expert ``index``), without
-        reading the rest; an fp8 weight dequantized to float32 with the matching rows of its scales."""
-        if name in self.scales:
-            return self.fp8_weight_slice(name, index).dequantize()
-        return self._reader(self.tensors[name]).get_slice(name)[index]
+        reading the rest; a fused fp8 weight's expert dequantized to float32 with its own scales."""
+        if name not in self.scales:
+            return self._reader(self.tensors[name]).get_slice(name)[index]
+        if len(self.tensors[name].shape) == 2:   # a matrix row: dequantized whole (fused experts are 3-D)
+            return self.get(name)[index]
+        return self.fp8_weight_slice(name, index).dequantize()
 
     def fp8_weight(self, name: str) -> FP8Weight:
-        """An fp8 weight as stored: (q float8_e4m3fn [O, I] or [E, O, I], scale_inv float32, block)."""
+        """An fp8 weight (``name in scales``) as stored: (q float8_e4m3fn [O, I] or [E, O, I], scale_inv
+        float32 [ceil(O/BO), ceil(I/BI)] or [E, ...], block (BO, BI)), for a store that keeps fp8 bytes."""
+        if name not in self.scales:
+            raise KeyError(f"{name} is not an fp8 weight of {self.directory}")
         q = self._reader(self.tensors[name]).get_tensor(name)
         scale = self._reader(self.scales[name]).get_tensor(name + SCALE_SUFFIX)
         return FP8Weight(q, scale, self.quantization.block)
 
     def fp8_weight_slice(self, name: str, index: int) -> FP8Weight:
-        """Expert ``index`` of a fused fp8 weight [E, O, I] as stored: (q [O, I], scale_inv [ceil(O/BO),
-        ceil(I/BI)], block). A 2-D weight's row ``index`` comes as q [1, I] with its one row of scales."""
+        """Expert ``index`` of a fused fp8 weight [E, O, I] as stored, reading only its bytes: (q [O, I],
+        scale_inv [ceil(O/BO), ceil(I/BI)], block)."""
+        if name not in self.scales or len(self.tensors[name].shape) != 3:
+            raise KeyError(f"{name} is not a fused [E, O, I] fp8 weight of {self.directory}")
         q = self._reader(self.tensors[name]).get_slice(name)[index]
-        scales = self._reader(self.scales[name]).get_slice(name + SCALE_SUFFIX)
-        if q.dim() == 1:   # a row of a matrix: the scale row of its block, both kept 2-D
-            return FP8Weight(q[None], scales[index // self.quantization.block[0]][None], self.quantization.block)
-        return FP8Weight(q, scales[index], self.quantization.block)
+        scale = self._reader(self.scales[name]).get_slice(name + SCALE_SUFFIX)[index]
+        return FP8Weight(q, scale, self.quantization.block)
 
     def close(self) -> None:
         self._readers.clear()
