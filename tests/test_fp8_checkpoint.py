@@ -22,7 +22,7 @@ from tiny_checkpoints import dequantize_fp8, dequantized_checkpoint, make_checkp
 
 TOKENS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))  # [B, S]
 PROMPT = TOKENS[:1, :6]
-GENERATE = dict(max_new_tokens=10, do_sample=False, min_new_tokens=10, pad_token_id=0)
+GENERATE = {"max_new_tokens": 10, "do_sample": False, "min_new_tokens": 10, "pad_token_id": 0}
 
 # (family, (BO, BI), fused experts on disk, modules_to_not_convert): 128x128 blocks are larger than every
 # tiny dimension (one partial block per matrix); 8x16 blocks cut the fused gate_up rows across gate and up.
@@ -210,8 +210,8 @@ SCALE = "model.layers.1.self_attn.q_proj.weight_scale_inv"
 
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda t: {k: v for k, v in t.items() if k != SCALE}, "q_proj.weight is F8_E4M3 but has no .*_scale_inv"),
-    (lambda t: t | {SCALE: t[SCALE][:1]}, r"has shape \[1, 2\] but weight shape \[32, 32\] with 16x16 blocks "
-                                          r"implies \[2, 2\]"),
+    (lambda t: t | {SCALE: t[SCALE][:1]},
+     r"has shape \[1, 2\] but weight shape \[32, 32\] with 16x16 blocks implies \[2, 2\]"),
     (lambda t: t | {SCALE: t[SCALE].double()}, "is F64; only float32 scales"),
     (lambda t: t | {SCALE.removesuffix("_scale_inv"): torch.zeros(32, 32)}, "which is F32, not F8_E4M3"),
 ], ids=["missing-scale", "scale-shape", "scale-dtype", "scale-without-fp8"])

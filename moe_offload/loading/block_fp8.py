@@ -21,7 +21,7 @@ import torch
 
 from ..errors import MoEOffloadError
 
-SCALE_SUFFIX = "_scale_inv"      # "X.weight" -> "X.weight_scale_inv"; fused "X.gate_up_proj" -> "X.gate_up_proj_scale_inv"
+SCALE_SUFFIX = "_scale_inv"      # "X.weight" -> "X.weight_scale_inv"; fused "X.down_proj" -> "X.down_proj_scale_inv"
 FP8_DTYPE = "F8_E4M3"            # safetensors' name of torch.float8_e4m3fn
 _SUPPORTED = ("an unquantized safetensors checkpoint, or block-FP8 (quant_method 'fp8', fmt 'e4m3', "
               "activation_scheme 'dynamic', weight_block_size [BO, BI], float32 weight_scale_inv)")
