@@ -28,6 +28,8 @@ def main(args: argparse.Namespace) -> int:
     rows = [
         ("model", f"{parts.directory} ({parts.hf_config.model_type}, {parts.dtype})"),
         ("weights", "checked" if parts.has_weights else "none: config.json only (sizes from the config)"),
+        ("checkpoint format", f"{parts.quantization.describe()} (dequantized to {parts.dtype} on read)"
+         if parts.quantization else "unquantized"),
         ("dense bytes", gib(plan.dense_bytes)),
         ("expert bytes", gib(plan.expert_bytes)),
         ("bytes per expert", gib(plan.bytes_per_expert)),

@@ -14,7 +14,7 @@ from ..errors import MoEOffloadError
 from ..transfer import ExpertShape
 from .adapters import ModelAdapter, adapter_for
 from .budget import MemoryPlan, plan_memory
-from .checkpoint import Checkpoint, resolve_model_dir
+from .checkpoint import Checkpoint, read_format, resolve_model_dir
 from .config import OffloadConfig
 from .skeleton import ExpertsSite, build_skeleton, find_experts
 from .validate import check_config, check_tensors
@@ -44,6 +44,8 @@ class ModelParts:
     def __init__(self, model_path: str | os.PathLike, cfg: OffloadConfig, weights: bool = True):
         self.directory = resolve_model_dir(model_path)
         self.checkpoint = Checkpoint(self.directory) if weights else None
+        # the weight format (None: unquantized, or BlockFP8); any other quantization is refused here, by name
+        self.quantization = self.checkpoint.quantization if weights else read_format(self.directory)
         self.hf_config = load_config(self.directory)
         self.adapter: ModelAdapter = adapter_for(self.hf_config)
         check_config(self.hf_config, self.adapter, self.directory / "config.json")

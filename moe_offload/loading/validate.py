@@ -76,8 +76,8 @@ def _shape_error(name: str, got, want) -> MoEOffloadError:
 
 def _dtype_error(name: str, dtype: str) -> MoEOffloadError:
     return MoEOffloadError(f"tensor {name} has dtype {dtype} but is a weight, which must be floating point "
-                           "(F32, F16, BF16, F8); the checkpoint is corrupt or quantized in a format "
-                           "moe-offload does not read")
+                           "(F32, F16, BF16, or F8_E4M3 with block scales); the checkpoint is corrupt or "
+                           "quantized in a format moe-offload does not read")
 
 
 def check_tensors(parts) -> None:
