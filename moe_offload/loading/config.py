@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from ..cache import ALLOCATIONS, POLICIES, RUNTIME_ALLOCATIONS, SIMULATION_ONLY
-from ..errors import MoEOffloadError
 from ..cpu_kernels.packed import FORMAT_NAMES, canonical_expert_format
+from ..errors import MoEOffloadError
 from ..predictor.registry import PREDICTORS, RUNTIME_PREDICTORS
 from ..runtime.scheduler import CPU_EXPERTS
 from ..transfer.streams import BACKENDS as COPY_BACKENDS
