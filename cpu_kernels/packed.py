@@ -42,6 +42,7 @@ FP8_MAX = 448.0          # largest finite float8_e4m3fn
 HQQ_ITERS = 20           # at most this many proximal steps of the int4 zero-point fit
 HQQ_TOL = 0.002          # ... stopping once a step lowers the squared error by less than this fraction
 _ALIGN = 16
+QUANTIZER_VERSION = 1    # bump when a quantizer's output changes: cached packed experts are then rebuilt
 
 
 def canonical_expert_format(name: str | torch.dtype) -> str:

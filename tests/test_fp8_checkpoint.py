@@ -137,8 +137,11 @@ def test_bfloat16_config_computes_in_bfloat16(tmp_path):
 def test_info_shows_checkpoint_format(case, capsys):
     assert main(["info", "--model", str(case.path), "--expert-slots", "2"]) == 0
     block = json.loads((case.path / "config.json").read_text())["quantization_config"]["weight_block_size"]
-    line = f"checkpoint format +fp8 e4m3, {block[0]}x{block[1]} blocks \\(dequantized to torch.float32 on read\\)"
-    assert re.search(line, capsys.readouterr().out)
+    out = capsys.readouterr().out
+    line = f"checkpoint format +fp8 e4m3, {block[0]}x{block[1]} blocks \\(dense weights dequantized to torch.float32 on"
+    assert re.search(line, out)
+    kept = "fp8" if block == [128, 128] else "float32"     # 128x128 expert blocks are kept as stored
+    assert re.search(f"expert format +{kept}", out)
 
 
 # --- refusals: every quantization but block FP8, by name, when the checkpoint is inspected -------------------
@@ -241,3 +244,23 @@ def test_quantized_module_listed_unconverted_refused(fp8, tmp_path):
 def test_info_shows_unquantized_format(plain, capsys):
     assert main(["info", "--model", str(plain)]) == 0
     assert re.search(r"checkpoint format +unquantized\n", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("case", ["deepseek_v3-128x128", "deepseek_v3-16x16"], indirect=True)
+def test_fp8_experts_stay_fp8(case):
+    """128x128 blocks (the real checkpoints'): the store keeps each expert's fp8 bytes and scales exactly as
+    stored (1 byte per weight), no second rounding; other block sizes are dequantized on read."""
+    from safetensors import safe_open
+
+    model = load(case.path, expert_slots=2)
+    store = model.offload.store
+    if case.path.parent.name.startswith("deepseek_v3-16x16"):
+        assert store.format.name == "float32"
+        return
+    assert store.format.name == "fp8" and store.bytes_per_expert < 3 * store.shape.numel // 2
+    views = store.format.views(store.block(store.key(0, 1)))
+    site = model.offload.moe_layers[0]
+    name = f"model.layers.{site}.mlp.experts.1.down_proj.weight"
+    with safe_open(str(case.path / "model.safetensors"), framework="pt") as f:
+        assert torch.equal(views["down"], f.get_tensor(name).view(torch.uint8))
+        assert torch.equal(views["down_scale"], f.get_tensor(name + "_scale_inv"))

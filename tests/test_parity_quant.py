@@ -141,3 +141,56 @@ def test_packed_bytes_everywhere(checkpoints):
 def test_unknown_expert_dtype(checkpoints):
     with pytest.raises(MoEOffloadError, match="unknown expert_dtype 'int3'.*int4"):
         load(checkpoints["mixtral"], "int3")
+
+
+def test_quantize_once_cache(checkpoints, tmp_path):
+    """The first load writes the packed experts; a later load reads them (same bytes, no quantization); a
+    corrupt or stale file is detected, never used, and rebuilt."""
+    from moe_offload.loading import quant_cache
+
+    path = checkpoints["olmoe"]
+    first = load(path, "int4", expert_slots=3, quant_cache=str(tmp_path))
+    files = list(tmp_path.glob("experts-int4-*.safetensors"))
+    assert len(files) == 1
+    calls = []
+    real = quant_cache.load_cached
+
+    def spy(*args):
+        calls.append(real(*args))
+        return calls[-1]
+
+    quant_cache.load_cached = spy
+    try:
+        second = load(path, "int4", expert_slots=3, quant_cache=str(tmp_path))
+        assert calls == [True] and torch.equal(second.offload.store.blocks, first.offload.store.blocks)
+        raw = bytearray(files[0].read_bytes())
+        raw[-5] ^= 0xFF                                    # one flipped byte in the last expert
+        files[0].write_bytes(bytes(raw))
+        with pytest.warns(UserWarning, match="stale or corrupt.*checksum"):
+            third = load(path, "int4", expert_slots=3, quant_cache=str(tmp_path))
+        assert calls[-1] is False and torch.equal(third.offload.store.blocks, first.offload.store.blocks)
+        load(path, "int4", expert_slots=3, quant_cache=str(tmp_path))
+        assert calls[-1] is True, "the rebuilt file is used again"
+        files[0].write_bytes(files[0].read_bytes()[:100])   # truncated
+        with pytest.warns(UserWarning, match="stale or corrupt"):
+            load(path, "int4", expert_slots=3, quant_cache=str(tmp_path))
+        assert calls[-1] is False
+    finally:
+        quant_cache.load_cached = real
+    other = load(path, "int8", expert_slots=3, quant_cache=str(tmp_path))
+    assert other.offload.store.format.name == "int8" and len(list(tmp_path.glob("experts-*"))) == 2
+    with torch.no_grad():
+        assert_close(third(TOKENS).logits, quantized_reference(path, "int4")(TOKENS).logits, "olmoe int4 from cache")
+
+
+def test_cache_key_follows_the_checkpoint(tmp_path):
+    """Re-saving the checkpoint with other weights changes the key: the old file is stale."""
+    from tiny_checkpoints import make_checkpoint
+
+    path = make_checkpoint("mixtral", tmp_path / "ckpt", seed=1)
+    load(path, "int8", expert_slots=2, quant_cache=str(tmp_path / "c"))
+    make_checkpoint("mixtral", path, seed=2)
+    model = load(path, "int8", expert_slots=2, quant_cache=str(tmp_path / "c"))
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 2
+    with torch.no_grad():
+        assert_close(model(TOKENS).logits, quantized_reference(path, "int8")(TOKENS).logits, "re-saved mixtral int8")

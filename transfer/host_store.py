@@ -112,12 +112,22 @@ class HostExpertStore:
     def write(self, key: int, role: str, tensor: torch.Tensor) -> None:
         """Store one projection ('gate' [I, H], 'up' [I, H], 'gate_up' [2I, H], 'down' [H, I]) of expert
         ``key``: cast, or quantized into the packed format."""
+        self._check(key, role, tensor)
+        self.format.write(self.blocks[key], role, tensor)
+        self.filled[key, [PARTS.index(p) for p in _ROLE_PARTS[role]]] = True
+
+    def write_fp8(self, key: int, role: str, q: torch.Tensor, scale_inv: torch.Tensor) -> None:
+        """Store one projection given as float8_e4m3fn ``q`` with 128x128 block scales, bytes as they are
+        (an fp8 store only)."""
+        self._check(key, role, q)
+        self.format.write_fp8(self.blocks[key], role, q, scale_inv)
+        self.filled[key, [PARTS.index(p) for p in _ROLE_PARTS[role]]] = True
+
+    def _check(self, key: int, role: str, tensor: torch.Tensor) -> None:
         h, i = self.shape.hidden, self.shape.intermediate
         expected = {"gate": (i, h), "up": (i, h), "gate_up": (2 * i, h), "down": (h, i)}[role]
         if tuple(tensor.shape) != expected:
             raise ValueError(f"expert {key} {role}: shape {tuple(tensor.shape)}, expected {expected}")
-        self.format.write(self.blocks[key], role, tensor)
-        self.filled[key, [PARTS.index(p) for p in _ROLE_PARTS[role]]] = True
 
     def missing_keys(self) -> list[int]:
         """Keys of experts with at least one projection (gate, up or down) never written."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from ..cpu_kernels.packed import ExpertFormat
+from ..cpu_kernels.packed import FP8_BLOCK, ExpertFormat
 from ..errors import MoEOffloadError
 from ..transfer import ExpertShape
 from .adapters import ModelAdapter, adapter_for
@@ -56,7 +56,7 @@ class ModelParts:
         num_experts, two_i, hidden = first.gate_up_proj.shape
         self.num_experts = num_experts
         self.shape = ExpertShape(hidden=hidden, intermediate=two_i // 2)
-        self.format = expert_format(cfg, self.shape, self.dtype)
+        self.format = expert_format(cfg, self.shape, self.dtype, self.quantization)
         if weights:
             check_tensors(self)  # every tensor present, shaped and typed as config.json implies
         self.plan: MemoryPlan = plan_memory(
@@ -81,9 +81,11 @@ class ModelParts:
         return [getattr(s.parent, self.adapter.router_attr) for s in self.sites]
 
 
-def expert_format(cfg: OffloadConfig, shape: ExpertShape, dtype: torch.dtype) -> ExpertFormat:
-    """The routed experts' stored format: ``cfg.expert_dtype``, or the compute dtype."""
-    name = cfg.expert_dtype or str(dtype).removeprefix("torch.")
+def expert_format(cfg: OffloadConfig, shape: ExpertShape, dtype: torch.dtype, quantization=None) -> ExpertFormat:
+    """The routed experts' stored format: ``cfg.expert_dtype``; unset, fp8 for a block-FP8 checkpoint whose
+    blocks are the format's 128x128 (its bytes are kept as they are), else the compute dtype."""
+    keep_fp8 = quantization is not None and tuple(quantization.block) == (FP8_BLOCK, FP8_BLOCK)
+    name = cfg.expert_dtype or ("fp8" if keep_fp8 else str(dtype).removeprefix("torch."))
     try:
         return ExpertFormat(name, shape.hidden, shape.intermediate, dtype)
     except ValueError as err:
