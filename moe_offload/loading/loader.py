@@ -49,7 +49,7 @@ def fill_store(parts: ModelParts, store: HostExpertStore, progress: bool, device
     checkpoint's 128x128 fp8 weights go into an fp8 store as they are."""
     ordinal = {s.model_layer: i for i, s in enumerate(parts.sites)}
     names = [(n, parts.adapter.expert_tensor(n)) for n in parts.checkpoint.tensors]
-    names = [(n, t) for n, t in names if t is not None]
+    names = [(n, t) for n, t in names if t is not None and t.layer < parts.hf_config.num_hidden_layers]
     desc = f"experts -> host ({store.format.name})" if store.format.packed else "experts -> host"
     for name, t in tqdm(names, desc=desc, unit="tensor", disable=not progress, leave=False):
         if t.layer not in ordinal:

@@ -152,8 +152,8 @@ def _scan_experts(parts, ordinal: dict[int, int]):
     prefix: dict[int, str] = {}
     for name, info in parts.checkpoint.tensors.items():
         t = adapter.expert_tensor(name)
-        if t is None:
-            continue
+        if t is None or t.layer >= parts.hf_config.num_hidden_layers:
+            continue   # (layers past the model's, e.g. DeepSeek-V3's multi-token-prediction head: not built)
         if t.layer not in ordinal:
             raise MoEOffloadError(
                 f"checkpoint has routed experts for layer {t.layer} ({name}) but config.json makes it dense"
