@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..cpu_kernels.packed import ExpertFormat
@@ -54,13 +55,17 @@ class HostExpertStore:
     """
 
     def __init__(self, num_layers: int, num_experts: int, shape: ExpertShape, dtype: torch.dtype, pin: bool,
-                 fmt: ExpertFormat | None = None):
+                 fmt: ExpertFormat | None = None, capacity: int | None = None):
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.shape = shape
         self.format = fmt or ExpertFormat(str(dtype).removeprefix("torch."), shape.hidden, shape.intermediate, dtype)
         self.dtype = self.format.row_dtype
-        rows = (num_layers * num_experts, self.format.row_numel)
+        # A host cache of ``capacity`` rows (the disk tier fills them): ``slot_of[key]`` is the row holding
+        # expert ``key`` (-1: on disk only). Without a capacity every expert has its own row, key = row.
+        self.capacity = capacity
+        self.slot_of = None if capacity is None else np.full(num_layers * num_experts, -1, dtype=np.int64)
+        rows = (capacity or num_layers * num_experts, self.format.row_numel)
         self._memory: PinnedBuffer | None = None
         if pin:
             self._memory = PinnedBuffer(rows, self.dtype)    # warns and falls back if it cannot page-lock
@@ -100,14 +105,19 @@ class HostExpertStore:
 
     @property
     def nbytes(self) -> int:
-        return self.num_keys * self.bytes_per_expert
+        return self.blocks.shape[0] * self.bytes_per_expert
 
     def key(self, layer: int, expert: int) -> int:
         return layer * self.num_experts + expert
 
     def block(self, key: int) -> torch.Tensor:
         """The contiguous row of expert ``key`` ([3*H*I] of ``dtype``, or its packed bytes)."""
-        return self.blocks[key]
+        if self.slot_of is None:
+            return self.blocks[key]
+        row = int(self.slot_of[key])
+        if row < 0:
+            raise KeyError(f"expert {key} is not in the host cache (on disk only)")
+        return self.blocks[row]
 
     def write(self, key: int, role: str, tensor: torch.Tensor) -> None:
         """Store one projection ('gate' [I, H], 'up' [I, H], 'gate_up' [2I, H], 'down' [H, I]) of expert

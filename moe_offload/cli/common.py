@@ -18,6 +18,8 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--gpu-memory", help="device memory the model may use, e.g. 6GiB, 500MB")
     group.add_argument("--expert-slots", type=positive_int, help="expert slots in the device cache")
+    p.add_argument("--host-memory", help="page-locked host memory for experts, e.g. 16GiB (default: all of them); "
+                                         "below that the rest stay on disk, read on demand and ahead")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +36,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def offload_config(args: argparse.Namespace, **extra) -> OffloadConfig:
     cfg = OffloadConfig.from_yaml(args.config) if getattr(args, "config", None) else OffloadConfig()
     fields = {"device": args.device, "dtype": args.dtype, "gpu_memory": args.gpu_memory,
-              "expert_slots": args.expert_slots, "expert_dtype": getattr(args, "expert_dtype", None)} | extra
+              "expert_slots": args.expert_slots, "expert_dtype": getattr(args, "expert_dtype", None),
+              "host_memory": getattr(args, "host_memory", None)} | extra
     return cfg.replace(**{k: v for k, v in fields.items() if v is not None})
 
 

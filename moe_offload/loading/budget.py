@@ -29,6 +29,7 @@ class MemoryPlan:
     workspace_bytes: int
     budget_bytes: int | None
     slots: int
+    host_rows: int | None = None      # host expert cache rows (host_memory); None: every expert in host memory
 
     @property
     def num_experts(self) -> int:
@@ -41,6 +42,15 @@ class MemoryPlan:
     @property
     def slot_bytes(self) -> int:
         return self.slots * self.bytes_per_expert
+
+    @property
+    def disk_tier(self) -> bool:
+        """Experts beyond host memory live on disk (three tiers)."""
+        return self.host_rows is not None and self.host_rows < self.num_experts
+
+    @property
+    def host_bytes(self) -> int:
+        return (self.num_experts if self.host_rows is None else self.host_rows) * self.bytes_per_expert
 
     @property
     def one_per_layer(self) -> bool:
@@ -64,6 +74,9 @@ class MemoryPlan:
             "slots": self.slots,
             "slot_fraction": self.slots / self.num_experts,
             "one_expert_per_layer": self.one_per_layer,
+            "host_rows": self.num_experts if self.host_rows is None else self.host_rows,
+            "host_bytes": self.host_bytes,
+            "disk_bytes": self.expert_bytes if self.disk_tier else 0,
         }
 
 
@@ -91,4 +104,20 @@ def plan_memory(cfg: OffloadConfig, dense_bytes: int, bytes_per_expert: int, num
     else:
         slots = total
     return MemoryPlan(dense_bytes, bytes_per_expert, num_moe_layers, experts_per_layer, kv,
-                      cfg.workspace_bytes, cfg.gpu_memory, int(slots))
+                      cfg.workspace_bytes, cfg.gpu_memory, int(slots), host_rows(cfg, bytes_per_expert, total,
+                                                                                    experts_per_layer))
+
+
+def host_rows(cfg: OffloadConfig, bytes_per_expert: int, total: int, experts_per_layer: int) -> int | None:
+    """Rows of the host expert cache ``host_memory`` buys (None: every expert in host memory); at least one MoE
+    layer's experts, since one call may run all of them."""
+    if cfg.host_memory is None:
+        return None
+    rows = cfg.host_memory // bytes_per_expert
+    if rows < experts_per_layer:
+        need = experts_per_layer * bytes_per_expert
+        raise MoEOffloadError(
+            f"host_memory {_gib(cfg.host_memory)} holds {rows} experts, fewer than one MoE layer's "
+            f"{experts_per_layer} ({_gib(need)}): one call may run all of them; give at least {_gib(need)}"
+        )
+    return int(min(rows, total))

@@ -45,6 +45,8 @@ class TensorInfo:
     shard: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0     # file offset of the tensor's first byte (for positional reads)
+    nbytes: int = 0
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -68,8 +70,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            tensors[name] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]))
-            data_end = max(data_end, int(meta["data_offsets"][1]))
+            begin, end = (int(x) for x in meta["data_offsets"])
+            tensors[name] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]), 8 + header_len + begin, end - begin)
+            data_end = max(data_end, end)
         except (KeyError, TypeError, IndexError, ValueError):
             raise MoEOffloadError(f"shard {path} has a corrupt entry for tensor {name!r}; {fix}") from None
     if 8 + header_len + data_end > size:

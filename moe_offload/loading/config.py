@@ -167,6 +167,10 @@ class OffloadConfig:
                                               # "int4" (groups of 64), "int4-g128", "fp8", or a float dtype
     quant_cache: str | None = None            # folder of the quantized-experts cache files; None: the user's
                                               # cache folder ($XDG_CACHE_HOME/moe-offload/experts)
+    host_memory: int | None = None            # bytes of page-locked host memory for experts; fewer than all of
+                                              # them: the rest stay on disk and are read on demand and ahead
+    host_policy: str = "lru"                  # the host cache's eviction policy (the device cache's names)
+    disk_threads: int = 4                     # reads from disk kept in flight
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
@@ -178,6 +182,12 @@ class OffloadConfig:
                                       f"{', '.join(FORMAT_NAMES)} (or leave it unset for the model's dtype)") from None
         if self.gpu_memory is not None:
             object.__setattr__(self, "gpu_memory", parse_bytes(self.gpu_memory))
+        if self.host_memory is not None:
+            object.__setattr__(self, "host_memory", parse_bytes(self.host_memory))
+        if self.host_policy not in POLICIES:
+            raise MoEOffloadError(f"unknown host_policy {self.host_policy!r}; choose one of {', '.join(POLICIES)}")
+        if isinstance(self.disk_threads, bool) or not isinstance(self.disk_threads, int) or self.disk_threads < 1:
+            raise MoEOffloadError(f"disk_threads must be an integer >= 1, got {self.disk_threads!r}")
         if self.gpu_memory is not None and self.expert_slots is not None:
             raise MoEOffloadError("give either gpu_memory or expert_slots, not both")
         if self.expert_slots is not None and int(self.expert_slots) < 1:

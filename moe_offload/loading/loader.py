@@ -60,11 +60,11 @@ def fill_store(parts: ModelParts, store: HostExpertStore, progress: bool, device
         if t.expert is not None:
             if t.expert >= store.num_experts:
                 raise MoEOffloadError(f"{name}: expert {t.expert} >= num_experts {store.num_experts} in config.json")
-            _put(parts, store, store.key(layer, t.expert), t.role, name, (), device)
+            write_expert(parts, store, store.key(layer, t.expert), t.role, name, (), device)
             continue
         role = "gate_up" if t.role == "gate_up" else "down"
         for e in range(store.num_experts):
-            _put(parts, store, store.key(layer, e), role, name, (e,), device)
+            write_expert(parts, store, store.key(layer, e), role, name, (e,), device)
 
 
 def fill_experts(parts: ModelParts, store: HostExpertStore, cfg: OffloadConfig) -> None:
@@ -76,7 +76,7 @@ def fill_experts(parts: ModelParts, store: HostExpertStore, cfg: OffloadConfig) 
     from . import quant_cache
 
     shards = sorted({info.shard for info in parts.checkpoint.tensors.values()})
-    key = quant_cache.cache_key(shards, store)
+    key = quant_cache.cache_key(shards, store.format, store.num_keys)
     path = quant_cache.cache_path(cfg.quant_cache, key, store.format.name)
     if quant_cache.load_cached(path, key, store, cfg.progress):
         return
@@ -91,8 +91,8 @@ def _fp8_as_stored(parts: ModelParts, store: HostExpertStore) -> bool:
         tuple(quantization.block) == (FP8_BLOCK, FP8_BLOCK)
 
 
-def _put(parts: ModelParts, store: HostExpertStore, key: int, role: str, name: str, index: tuple,
-         device: torch.device | None) -> None:
+def write_expert(parts: ModelParts, store: HostExpertStore, key: int, role: str, name: str, index: tuple,
+                 device: torch.device | None) -> None:
     """One expert tensor (``index``: the expert's row of a fused tensor) into the store."""
     checkpoint = parts.checkpoint
     aligned = role != "gate_up" or store.format.inter % FP8_BLOCK == 0   # fused gate_up blocks must not straddle
@@ -106,14 +106,14 @@ def _put(parts: ModelParts, store: HostExpertStore, key: int, role: str, name: s
     _write(store, key, role, tensor, name)
 
 
-def check_complete(parts: ModelParts, store: HostExpertStore) -> None:
+def check_complete(parts: ModelParts, store: HostExpertStore | None) -> None:
     missing = [n for n, p in parts.model.named_parameters() if p.is_meta]
     if missing:
         raise MoEOffloadError(
             f"checkpoint {parts.directory} lacks {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}; "
             "the checkpoint is incomplete or does not match config.json"
         )
-    absent = store.missing_keys()
+    absent = [] if store is None else store.missing_keys()   # (a disk tier reads experts later: none loaded)
     if absent:  # check_tensors catches this first; the store's own record is the last guard
         layer, expert = divmod(absent[0], store.num_experts)
         raise MoEOffloadError(
@@ -140,7 +140,7 @@ def cost_model(cfg: OffloadConfig, parts: ModelParts, store: HostExpertStore, sl
     if cfg.hardware is not None:
         profile = HardwareProfile.from_yaml(cfg.hardware)
     else:
-        profile = measure_profile(store.block(0), slots.buffers[0], parts.shape, runner, repeats=3, fmt=store.format)
+        profile = measure_profile(store.blocks[0], slots.buffers[0], parts.shape, runner, repeats=3, fmt=store.format)
     return CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize,
                                 parts.format.nbytes)
 
@@ -177,12 +177,19 @@ def attach_prefetcher(model: PreTrainedModel, cfg: OffloadConfig, parts: ModelPa
 def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
     device = cfg.torch_device
     layout, pools = expert_pools(parts, cfg)
+    disk = parts.plan.disk_tier
     store = HostExpertStore(len(parts.sites), parts.num_experts, parts.shape, parts.dtype,
-                            pin=torch.cuda.is_available() and device.type == "cuda", fmt=parts.format)
+                            pin=torch.cuda.is_available() and device.type == "cuda", fmt=parts.format,
+                            capacity=parts.plan.host_rows if disk else None)
     for site in parts.sites:  # drop the meta expert parameters before anything is loaded
         setattr(site.parent, site.attr, nn.Identity())
     load_dense(parts, device)
-    fill_experts(parts, store, cfg)
+    if disk:
+        from .disk_source import expert_runs
+
+        runs, source = expert_runs(parts, store.format, cfg.quant_cache, cfg.progress)
+    else:
+        fill_experts(parts, store, cfg)
     slots = ExpertSlots(parts.plan.slots, store.num_keys, store.format.row_numel, store.format.row_dtype, device)
     cache = ExpertCache(slots, make_policy(cfg.cache_policy, layout, **cfg.policy_params), pools)
     stats = OffloadStats(len(parts.sites), store.bytes_per_expert)
@@ -191,10 +198,12 @@ def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
     costs = cost_model(cfg, parts, store, slots, runner) if cfg.resolved_cpu_experts == "auto" else None
     engine = Engine(store, layout, cache, copier, stats, cfg.resolved_cpu_experts, costs, runner,
                     parts.hf_config.hidden_act)
+    if disk:
+        engine.protocol.residency.host = host_tier(cfg, layout, store, runs, source, copier, stats)
     for i, site in enumerate(parts.sites):
         setattr(site.parent, site.attr,
                 OffloadedExperts(engine, i, site.model_layer, parts.num_experts, site.module.act_fn))
-    check_complete(parts, store)
+    check_complete(parts, None if disk else store)
     model = parts.model
     model.config._name_or_path = str(parts.directory)
     if (parts.directory / "generation_config.json").is_file():
@@ -206,6 +215,19 @@ def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
     model.offload.guard_forward(model)
     attach_prefetcher(model, cfg, parts)
     return model
+
+
+def host_tier(cfg: OffloadConfig, layout: ExpertLayout, store: HostExpertStore, runs, source: str, copier,
+              stats: OffloadStats):
+    """The host expert cache over the disk: ``store``'s rows under the ``host_policy``, reads of ``runs``."""
+    from ..runtime.host_tier import HostTier
+    from ..transfer.disk import DiskReader
+
+    rows = store.capacity
+    cache = ExpertCache(ExpertSlots.bookkeeping(rows, store.num_keys),
+                        make_policy(cfg.host_policy, layout, **(cfg.policy_params if cfg.host_policy == "score" else {})),
+                        slot_pools("global", rows, layout))
+    return HostTier(store, cache, DiskReader(cfg.disk_threads), runs, copier, stats, source)
 
 
 def from_pretrained(model: str | os.PathLike, config: OffloadConfig | None = None, **fields) -> PreTrainedModel:

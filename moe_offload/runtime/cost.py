@@ -42,13 +42,15 @@ class HardwareProfile:
     cpu_gflops: float         # CPU expert kernel throughput, GFLOP/s
     cpu_start_us: float       # fixed cost of one expert job on the CPU
     source: str = ""          # where the numbers come from
+    disk_gbps: float = 0.0    # expert reads from disk (the disk tier), GB/s; 0: not known (reads cost nothing)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "HardwareProfile":
         path = resolve_profile(path)
         data = yaml.safe_load(path.read_text()) or {}
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = set(data) - known, {f.name for f in dataclasses.fields(cls) if f.name != "source"} - set(data)
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        unknown, missing = set(data) - known, required - set(data)
         if unknown or missing:
             raise MoEOffloadError(f"hardware profile {path}: unknown fields {sorted(unknown)}, missing {sorted(missing)}")
         return cls(**data)
@@ -92,6 +94,11 @@ class CostModel:
     def copy_s(self) -> float:
         p = self.profile
         return p.copy_latency_us * 1e-6 + self.bytes_per_expert / (p.h2d_gbps * 1e9)
+
+    def disk_s(self) -> float:
+        """Seconds to read one expert from disk into host memory (0 without a disk rate)."""
+        rate = self.profile.disk_gbps
+        return self.bytes_per_expert / (rate * 1e9) if rate > 0 else 0.0
 
     def link_s(self, nbytes: int) -> float:
         """Seconds the link needs for ``nbytes`` already queued on it (no per-copy latency)."""

@@ -40,13 +40,14 @@ class Engine:
         # a packed (or cast) expert is dequantized into this one buffer before its matmuls
         self._scratch = (torch.empty(store.shape.numel, dtype=self.format.compute_dtype, device=device)
                          if self.format.needs_scratch else None)
-        self._cpu_blocks = None
+        self._cpu_blocks = self._cpu_view = None
         if cpu_experts != "never":
             from ..cpu_kernels import as_numpy_block
 
             # numpy views of the host rows, made once: the CPU kernels read the store in place
-            view = (lambda row: row.numpy()) if self.format.packed else as_numpy_block
-            self._cpu_blocks = [view(store.block(key)) for key in range(store.num_keys)]
+            self._cpu_view = (lambda row: row.numpy()) if self.format.packed else as_numpy_block
+            if store.slot_of is None:     # rows never move: views made once
+                self._cpu_blocks = [self._cpu_view(store.block(key)) for key in range(store.num_keys)]
 
     @property
     def prefetcher(self):
@@ -55,7 +56,7 @@ class Engine:
     def close(self) -> None:
         """Drop the device slots and the CPU views of the host store (the runtime closes the rest)."""
         self.protocol.prefetcher = None
-        self._cpu_blocks = None
+        self._cpu_blocks = self._cpu_view = None
         empty = self.cache.slots.buffers.new_empty((0, self.cache.slots.buffers.shape[1]))
         self.cache.slots.buffers = empty
         self.copier.buffers = empty
@@ -86,10 +87,17 @@ class Engine:
         hidden_host = hidden_host.reshape(hidden.shape)                    # [T, H] float32
         rows_host = rows_host.astype(np.int64)                             # [T*k] exact: row ids < 2^24
         fmt = self.format if self.format.packed else None
-        jobs = [CpuJob(self._cpu_blocks[key], rows_host[starts[e] : starts[e + 1]],
+        jobs = [CpuJob(self._cpu_block(key), rows_host[starts[e] : starts[e + 1]],
                        weights_host[starts[e] : starts[e + 1]], self.act, fmt=fmt) for e, key in zip(experts, keys)]
         out = self._cpu_output(hidden.shape)
         return self.cpu_runner.submit(hidden_host, jobs, out=out.numpy()), out
+
+    def _cpu_block(self, key: int):
+        """The numpy view the CPU kernels read for ``key``: made once, or (a host cache over the disk) of the
+        row that holds it now."""
+        if self._cpu_blocks is not None:
+            return self._cpu_blocks[key]
+        return self._cpu_view(self.store.block(key))
 
     def _cpu_output(self, shape: torch.Size) -> torch.Tensor:
         """The page-locked [T, H] float32 buffer the CPU experts write, free of the last layer's copy."""

@@ -80,6 +80,8 @@ class OffloadRuntime:
             self.closed = True
             engine = self.engine
             engine.copier.close()
+            if engine.residency.host is not None:
+                engine.residency.host.close()
             self.router_tap.close()
             if engine.cpu_runner is not None:
                 engine.cpu_runner.close()

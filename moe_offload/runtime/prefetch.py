@@ -53,6 +53,7 @@ class Prefetcher:
         self.depth = depth
         self.width = width                      # experts per token fetched for each coming layer
         self.pending: dict[int, int] = {}       # key -> target layer
+        self.disk_pending: dict[int, int] = {}  # key -> target layer of a disk read started ahead (disk tier)
         self._predicted: dict[int, torch.Tensor] = {}   # layer -> [T, k] predicted at distance 1
 
     def summarize(self, layer: int, gate_input: torch.Tensor, probs: torch.Tensor,
@@ -99,18 +100,28 @@ class Prefetcher:
         """Host half, second step: queue copies for l+1, l+2, ... in rank order. ``selected``: the
         experts layer ``layer`` runs now (never evicted for a prefetch). With a ``budget`` only copies
         that land in time are queued, and with ``use`` a copy never evicts a resident at least as likely
-        to be used as the prefetched expert."""
+        to be used as the prefetched expert. With a disk tier, a predicted expert not in host memory is
+        read from disk in the background instead (no link time: it is copied once it is there)."""
         locked = {self.layout.key(layer, int(e)) for e in selected} | set(self.pending)
-        queued = 0
+        host = self.residency.host
+        queued, device = 0, True
         for distance, weight in enumerate(prediction.weights, 1):                    # [E] each
             members = np.flatnonzero(weight >= 0)
             ranked = members[np.argsort(-weight[members], kind="stable")]
+            fits = device
             for e in ranked.tolist():
-                if budget is not None and not budget.fits(distance, queued):
-                    break
+                key = self.layout.key(layer + distance, e)
+                if host is not None and not host.ready(key):    # on disk: read it into host memory first
+                    if host.prefetch(key, locked):
+                        self.disk_pending[key] = layer + distance
+                    continue
+                fits = fits and (budget is None or budget.fits(distance, queued))
+                if not fits:
+                    continue
                 outcome = self._issue(layer + distance, e, locked, prediction.chance(distance, e), use)
                 if outcome is None:
-                    return                                  # every slot this copy could take is locked
+                    device = fits = False                   # every slot this copy could take is locked
+                    continue
                 queued += outcome
 
     def _issue(self, target: int, expert: int, locked: set[int], chance: float, use: ExpectedUse | None) -> int | None:
@@ -149,4 +160,9 @@ class Prefetcher:
             self.stats.prefetch_wasted[target] += 1
             if self.residency.drop(key):
                 self.stats.prefetch_cancelled[target] += 1
+        for key, target in list(self.disk_pending.items()):
+            if target <= layer:
+                del self.disk_pending[key]
+                if key not in selected_keys:
+                    self.residency.host.cancel(key)   # a stale read that has not started frees its row
         self.residency.copier.pump()

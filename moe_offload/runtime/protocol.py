@@ -130,7 +130,7 @@ class CallProtocol:
             return None
         counts = record.counts
         slots = {e: self.cache.lookup(self.layout.key(layer, e)) for e, n in enumerate(counts) if n}
-        plan = self.plan(slots, counts)                       # the call about to run, as it stands now
+        plan = self.plan(slots, counts, layer)                # the call about to run, as it stands now
         copy_s = self.costs.copy_s()
         start = self.costs.link_s(self.copier.pending_bytes()) + len(plan.experts(COPY)) * copy_s
         depth = min(self.prefetcher.depth, self.layout.num_layers - 1 - layer)
@@ -151,10 +151,11 @@ class CallProtocol:
         """Run one experts call of ``tokens`` tokens routed as ``record``; returns the scheduler's plan."""
         selected = [e for e, n in enumerate(record.counts) if n]
         keys = {e: self.layout.key(layer, e) for e in selected}
+        self.residency.call_keys = set(keys.values())
         if self.prefetcher is not None:
             self.prefetcher.begin_layer(layer, set(keys.values()))
         slots = {e: self.cache.lookup(key) for e, key in keys.items()}   # -1: not resident
-        plan = self.plan(slots, record.counts)
+        plan = self.plan(slots, record.counts, layer)
         resident_now = {e for e, slot in slots.items() if slot >= 0}
         self._count(layer, tokens, plan, resident_now)
         self._observe(layer, selected, record.probs)
@@ -166,6 +167,8 @@ class CallProtocol:
         for e in copied:                           # start copies now, into slots this call does not need
             if self.residency.copy_in(keys[e], DEMAND, locked) is None:
                 break
+        for e in on_cpu:
+            self.residency.ensure_host(keys[e])
         compute.cpu(on_cpu, [keys[e] for e in on_cpu])
         self._fill(layer, [keys[e] for e in on_cpu])
         self._promote(layer, [keys[e] for e in on_cpu], locked)
@@ -183,9 +186,10 @@ class CallProtocol:
             self.layer_s[layer] = plan.finish_s
         return plan
 
-    def plan(self, slots: dict[int, int], counts: list[int]) -> Plan:
+    def plan(self, slots: dict[int, int], counts: list[int], layer: int | None = None) -> Plan:
         """Where each selected expert runs (``slots``: expert -> slot or -1). In 'auto' a new copy queues
-        behind the bytes already on the link, and a resident expert still in flight is ready when it lands."""
+        behind the bytes already on the link, a resident expert still in flight is ready when it lands, and
+        (with a disk tier, given ``layer``) an expert not in host memory is read from disk first."""
         backlog = 0.0
         if self.costs is not None:
             pending = self.copier.backlog_bytes()
@@ -194,8 +198,15 @@ class CallProtocol:
         for e, slot in slots.items():
             in_flight = slot >= 0 and self.costs is not None and not self.copier.landed(slot)
             ready = self.costs.link_s(self.copier.ready_bytes(slot)) if in_flight else 0.0
-            loads.append(ExpertLoad(e, counts[e], resident=slot >= 0, ready_s=ready))
+            loads.append(ExpertLoad(e, counts[e], resident=slot >= 0, ready_s=ready,
+                                    disk_s=self._disk_s(layer, e) if slot < 0 else 0.0))
         return plan_layer(loads, self.costs, self.cpu_experts, copy_backlog_s=backlog)
+
+    def _disk_s(self, layer: int | None, expert: int) -> float:
+        host = self.residency.host
+        if host is None or layer is None or self.costs is None or host.resident(self.layout.key(layer, expert)):
+            return 0.0
+        return self.costs.disk_s()
 
     def _slot(self, key: int, locked: set[int]) -> int:
         slot = self.cache.lookup(key)

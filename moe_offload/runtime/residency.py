@@ -27,6 +27,13 @@ class ExpertResidency:
         self.copier = copier
         self.stats = stats
         self.num_experts = num_experts
+        self.host = None              # a HostTier when the experts live on disk (three tiers), else None
+        self.call_keys: set[int] = set()   # the running call's experts: never evicted from the host cache
+
+    def ensure_host(self, key: int) -> None:
+        """With a disk tier: ``key``'s bytes in host memory before it is copied or run on the CPU."""
+        if self.host is not None:
+            self.host.ensure(key, self.call_keys)
 
     def copy_in(self, key: int, kind: str = DEMAND, locked: Collection[int] = (), evict: bool = True) -> int | None:
         """Give missing expert ``key`` a slot and start its copy (demand: now; prefetch: queued at low
@@ -44,6 +51,7 @@ class ExpertResidency:
             if self.copier.cancel(evicted):     # its queued chunks must never land over ``key``
                 self.stats.prefetch_cancelled[layer] += 1
             self.stats.evictions[layer] += 1
+        self.ensure_host(key)
         if kind == DEMAND:
             self.copier.copy(key, slot)
         else:

@@ -36,6 +36,7 @@ class ExpertLoad:
     tokens: int
     resident: bool
     ready_s: float = 0.0     # resident experts still being copied in: when the copy lands
+    disk_s: float = 0.0      # not in host memory (the disk tier): its read from disk comes first
 
 
 @dataclass(frozen=True)
@@ -49,18 +50,19 @@ class Plan:
 
 def _device_finish(items: Sequence[ExpertLoad], costs: Costs, copy_backlog_s: float) -> float:
     """When the device finishes ``items`` (resident ones first, copies in order)."""
-    gpu, copy = 0.0, copy_backlog_s
+    gpu, copy, disk = 0.0, copy_backlog_s, 0.0
     for item in sorted(items, key=lambda i: (not i.resident, -i.tokens)):
         if item.resident:
             gpu = max(gpu, item.ready_s) + costs.gpu_s(item.tokens)
         else:
-            copy += costs.copy_s()
+            disk += item.disk_s                          # reads from disk one after another
+            copy = max(copy, disk) + costs.copy_s()
             gpu = max(gpu, copy) + costs.gpu_s(item.tokens)
     return gpu
 
 
 def _cpu_finish(items: Sequence[ExpertLoad], costs: Costs) -> float:
-    return sum(costs.cpu_s(i.tokens) for i in items)
+    return sum(costs.cpu_s(i.tokens) + i.disk_s for i in items)
 
 
 def _makespan(device: Sequence[ExpertLoad], cpu: Sequence[ExpertLoad], costs: Costs, backlog: float) -> float:

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 _COUNTERS = ("layer_calls", "tokens", "hits", "misses", "evictions", "cpu_experts", "cpu_fills", "promotions",
-             "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "predicted_found", "predicted_total")
+             "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "predicted_found", "predicted_total",
+             "disk_reads", "disk_prefetches", "host_hits")
 
 
 @dataclass
@@ -24,7 +25,10 @@ class OffloadStats:
     ``cpu_fills``: experts that ran on the CPU and were also copied, in the
     background, into a slot that was free (no eviction), for later calls;
     ``promotions``: CPU-run experts copied in while the link was idle, evicting
-    an expert less likely to be used.
+    an expert less likely to be used. With a host cache below the experts
+    (the disk tier): ``host_hits``, experts a call needed that were in host
+    memory; ``disk_reads``, experts read from disk (``disk_prefetches`` of them
+    ahead of need).
     """
 
     num_layers: int
@@ -43,6 +47,9 @@ class OffloadStats:
     prefetch_cancelled: np.ndarray = field(init=False)  # wasted ones dropped before their copy started
     predicted_found: np.ndarray = field(init=False)
     predicted_total: np.ndarray = field(init=False)
+    disk_reads: np.ndarray = field(init=False)
+    disk_prefetches: np.ndarray = field(init=False)
+    host_hits: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.reset()
@@ -84,6 +91,8 @@ class OffloadStats:
             "prefetch_used": int(self.prefetch_used.sum()),
             "prefetch_wasted": int(self.prefetch_wasted.sum()),
             "predictor_recall": self.predictor_recall,
+            "disk_reads": int(self.disk_reads.sum()),
+            "bytes_read": int(self.disk_reads.sum()) * self.bytes_per_expert,
             "per_layer": {name: getattr(self, name).tolist() for name in _COUNTERS}
             | {"bytes_copied": self.bytes_copied.tolist()},
         }
@@ -95,4 +104,6 @@ class OffloadStats:
             text += (f", prefetch {int(self.prefetch_used.sum())}/{int(self.prefetch_issued.sum())} used")
         if self.predictor_recall is not None:
             text += f", predictor recall {self.predictor_recall:.1%}"
+        if self.disk_reads.sum():
+            text += f", {self.disk_reads.sum() * self.bytes_per_expert / 1e9:.3f} GB read from disk"
         return text
