@@ -1,0 +1,235 @@
+"""The disk tier: experts beyond host_memory stay on disk; logits and greedy ids still equal transformers'."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close
+from transformers import AutoModelForCausalLM
+
+import moe_offload
+from moe_offload.errors import MoEOffloadError
+
+from tiny_checkpoints import FAMILIES, num_experts
+
+TOKENS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(4))  # [B, S]
+PROMPT = TOKENS[:1, :6]
+GENERATE = dict(max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0)
+_REFS: dict = {}
+
+
+def reference(path):
+    if path not in _REFS:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            _REFS[path] = (model(TOKENS).logits, model.generate(PROMPT, **GENERATE))
+    return _REFS[path]
+
+
+def host_budgets(family: str) -> list:
+    """(name, host rows as a multiple of one layer's experts, None: all): one layer's worth, half, all."""
+    return [pytest.param(family, rows, id=f"{family}-{name}") for name, rows in
+            (("one-layer", 1.0), ("half", 0.5), ("all", None))]
+
+
+def load(path, host_rows, slots=3, **fields):
+    """``host_rows``: experts per MoE layer times this many layers' worth (0.5: half of all experts)."""
+    from moe_offload.loading.config import OffloadConfig
+    from moe_offload.loading.parts import ModelParts
+
+    fmt = {k: v for k, v in fields.items() if k == "expert_dtype"}
+    plan = ModelParts(path, OffloadConfig(device="cpu", dtype=torch.float32, **fmt), weights=False).plan
+    if host_rows is None:
+        rows = plan.num_experts
+    elif host_rows == 0.5:
+        rows = plan.num_experts // 2
+    else:
+        rows = int(host_rows * plan.experts_per_layer)
+    return moe_offload.from_pretrained(path, device="cpu", dtype=torch.float32, progress=False, expert_slots=slots,
+                                       host_memory=rows * plan.bytes_per_expert, **fields)
+
+
+@pytest.mark.parametrize(("family", "rows"), [p for f in FAMILIES for p in host_budgets(f)])
+def test_logits_and_greedy_match_with_host_budgets(checkpoints, family, rows):
+    path = checkpoints[family]
+    logits, generated = reference(path)
+    model = load(path, rows)
+    plan = model.offload.plan
+    assert plan.disk_tier == (rows is not None)
+    with torch.no_grad():
+        assert_close(model(TOKENS).logits, logits, f"{family} host rows {rows}")
+    assert torch.equal(model.generate(PROMPT, **GENERATE), generated), f"{family} host rows {rows}"
+    stats = model.offload.stats
+    if rows is not None:
+        assert stats.disk_reads.sum() >= plan.experts_per_layer, "experts came from disk"
+        assert model.offload.store.blocks.shape[0] == plan.host_rows < plan.num_experts
+        if rows == 1.0:
+            assert stats.disk_reads.sum() > plan.num_experts, "one layer's worth must re-read evicted experts"
+    model.offload.close()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_disk_tier_under_late_copies_and_cpu_experts(checkpoints, family):
+    """Copies that land late and out of order read host rows that stay put until they land; CPU-run experts
+    read their rows in place."""
+    path = checkpoints[family]
+    logits, generated = reference(path)
+    for fields in (dict(copy_backend="deferred", copy_seed=3, predictor="previous", prefetch_depth=2),
+                   dict(cpu_experts="always", slots=2)):
+        slots = fields.pop("slots", 6)
+        model = load(path, 1.0, slots=slots, **fields)
+        with torch.no_grad():
+            assert_close(model(TOKENS).logits, logits, f"{family} disk tier {fields}")
+        assert torch.equal(model.generate(PROMPT, **GENERATE), generated)
+        model.offload.close()
+
+
+def test_disk_prefetch_reads_ahead(checkpoints):
+    """With a predictor, experts predicted for coming layers are read from disk ahead of need."""
+    path = checkpoints["qwen3_moe"]
+    logits, generated = reference(path)
+    model = load(path, 1.5, slots=4, predictor="previous", prefetch_depth=2)
+    with torch.no_grad():
+        assert_close(model(TOKENS).logits, logits, "qwen3_moe disk prefetch")
+    assert torch.equal(model.generate(PROMPT, **GENERATE), generated)
+    assert model.offload.stats.disk_prefetches.sum() > 0
+    model.offload.close()
+
+
+def test_packed_experts_from_disk(checkpoints, tmp_path):
+    """A quantized format reads the quantize-once cache file (built expert by expert); the result equals the
+    same format fully in host memory."""
+    path = checkpoints["olmoe"]
+    full = moe_offload.from_pretrained(path, device="cpu", dtype=torch.float32, expert_dtype="int4",
+                                       expert_slots=3, progress=False, quant_cache=str(tmp_path / "a"))
+    model = load(path, 1.0, expert_dtype="int4", quant_cache=str(tmp_path / "b"))
+    assert model.offload.engine.protocol.residency.host.source == "cache file"
+    assert len(list((tmp_path / "b").glob("experts-int4-*.safetensors"))) == 1
+    with torch.no_grad():
+        assert_close(model(TOKENS).logits, full(TOKENS).logits, "olmoe int4 from disk")
+    model.offload.close()
+
+
+def test_cast_experts_from_disk(checkpoints, tmp_path):
+    """bf16 compute from a float32 checkpoint: the rows are not the stored bytes, so the cache file holds them."""
+    path = checkpoints["mixtral"]
+    full = moe_offload.from_pretrained(path, device="cpu", dtype="bf16", expert_slots=3, progress=False)
+    model = moe_offload.from_pretrained(path, device="cpu", dtype="bf16", expert_slots=3, progress=False,
+                                        host_memory=8 * full.offload.plan.bytes_per_expert,
+                                        quant_cache=str(tmp_path))
+    assert model.offload.engine.protocol.residency.host.source == "cache file"
+    with torch.no_grad():
+        assert_close(model(TOKENS).logits, full(TOKENS).logits, "mixtral bf16 from disk")
+
+
+def test_host_budget_below_one_layer_is_refused(checkpoints):
+    path = checkpoints["mixtral"]
+    bytes_per_expert = 3 * 32 * 24 * 4
+    with pytest.raises(MoEOffloadError, match=r"host_memory .* fewer than one MoE layer's 8"):
+        moe_offload.from_pretrained(path, device="cpu", dtype=torch.float32, progress=False,
+                                    host_memory=(num_experts("mixtral") - 1) * bytes_per_expert)
+
+
+def test_info_reports_three_tiers(checkpoints, capsys):
+    from moe_offload.cli import main
+
+    path = checkpoints["mixtral"]
+    assert main(["info", "--model", str(path), "--expert-slots", "4", "--host-memory", "92160"]) == 0
+    out = capsys.readouterr().out
+    assert "host cache" in out and "disk" in out and "10 experts" in out
+
+
+# --- the host tier's rules, one by one ------------------------------------------------------------------------
+
+class _Copier:
+    """Stands in for the CopyEngine: which keys a device copy may still read, and a synchronize that lands them."""
+
+    def __init__(self):
+        self.busy: set[int] = set()
+        self.synchronized = 0
+
+    def busy_keys(self) -> set[int]:
+        return set(self.busy)
+
+    def synchronize(self) -> None:
+        self.synchronized += 1
+        self.busy.clear()
+
+
+def _tier(tmp_path, rows: int = 2, keys: int = 6, threads: int = 2):
+    """A HostTier over a file holding ``keys`` 16-byte experts (expert k's bytes are all k)."""
+    import numpy as np
+
+    from moe_offload.cache import ExpertCache, ExpertLayout, ExpertSlots, make_policy, slot_pools
+    from moe_offload.runtime.host_tier import HostTier
+    from moe_offload.runtime.stats import OffloadStats
+    from moe_offload.transfer import ExpertShape, HostExpertStore
+    from moe_offload.transfer.disk import DiskReader, Run
+
+    path = tmp_path / "experts.bin"
+    path.write_bytes(np.repeat(np.arange(keys, dtype=np.uint8), 12).tobytes())   # 3 * H * I float32 = 12 bytes each
+    layout = ExpertLayout(1, keys, 1)
+    store = HostExpertStore(1, keys, ExpertShape(1, 1), torch.float32, pin=False, capacity=rows)
+    cache = ExpertCache(ExpertSlots.bookkeeping(rows, keys), make_policy("lru", layout), slot_pools("global", rows, layout))
+    runs = {k: [Run(str(path), 12 * k, 0, 12)] for k in range(keys)}
+    copier = _Copier()
+    return HostTier(store, cache, DiskReader(threads), runs, copier, OffloadStats(1, 12)), copier
+
+
+def _bytes(store, key: int) -> list[int]:
+    return store.block(key).view(torch.uint8).tolist()
+
+
+def test_host_tier_reads_and_evicts_by_the_rules(tmp_path):
+    tier, copier = _tier(tmp_path)
+    store = tier.store
+    tier.ensure(0)
+    tier.ensure(1)
+    assert _bytes(store, 0) == [0] * 12 and _bytes(store, 1) == [1] * 12
+    copier.busy = {0}                                   # a device copy still reads expert 0's row
+    tier.ensure(2, locked={1})                          # 1 locked, 0 busy: both rows in use, so the copies land
+    assert copier.synchronized == 1 and not tier.resident(0) and tier.resident(1)
+    assert _bytes(store, 2) == [2] * 12
+    copier.busy = {2}
+    tier.ensure(3)                                      # the LRU victim would be 1 anyway; 2 is busy
+    assert tier.resident(2) and not tier.resident(1)
+    with pytest.raises(KeyError):
+        store.block(1)
+    with pytest.raises(MoEOffloadError, match="host-cache row"):
+        tier.ensure(4, locked={2, 3})
+    assert tier.stats.disk_reads.sum() == 4
+    tier.close()
+
+
+def test_host_tier_prefetch_then_demand(tmp_path):
+    tier, _ = _tier(tmp_path, rows=3)
+    assert tier.prefetch(4) and not tier.prefetch(4)
+    tier.ensure(4)                                       # waits for the prefetch read, reads nothing twice
+    assert _bytes(tier.store, 4) == [4] * 12 and tier.stats.disk_reads.sum() == 1
+    tier.close()
+
+
+def test_disk_reader_serves_demand_first_and_cancels(tmp_path):
+    """Queued prefetch reads wait behind a demand read submitted after them; a queued read can be cancelled."""
+    import numpy as np
+
+    from moe_offload.transfer.disk import DEMAND, PREFETCH, DiskReader, Run
+
+    paths = []
+    for name in "abcd":
+        (tmp_path / name).write_bytes(name.encode() * 8)
+        paths.append(str(tmp_path / name))
+    reader = DiskReader(threads=1)
+    order = []
+    real = reader._pread
+    reader._pread = lambda run, out: (order.append(run.path[-1]), real(run, out))
+    outs = [np.zeros(8, np.uint8) for _ in paths]
+    with reader._cv:                                     # the I/O thread waits until all four are queued
+        reads = [reader.submit([Run(p, 0, 0, 8)], out, PREFETCH) for p, out in zip(paths[:3], outs)]
+        demand = reader.submit([Run(paths[3], 0, 0, 8)], outs[3], DEMAND)
+        assert reader.cancel(reads[1])
+    demand.wait()
+    for read in reads:
+        read.wait()
+    reader.close()
+    assert order == ["d", "a", "c"] and bytes(outs[3]) == b"d" * 8 and not outs[1].any()
