@@ -86,6 +86,10 @@ class DiskReader:
             self._cv.notify()
         return read
 
+    def remaining_s(self, read: Read, full_s: float) -> float:
+        """Seconds until ``read`` lands, as far as known: 0 once landed, else a whole read's ``full_s``."""
+        return 0.0 if read.done.is_set() else full_s
+
     def promote(self, read: Read) -> None:
         """A queued prefetch read is needed now: it goes before the other queued prefetches."""
         with self._cv:

@@ -49,7 +49,7 @@ from .argtypes import positive_int
 DEFAULT_BUDGETS = "10%,25%,50%,75%,100%"
 DEFAULT_POLICIES = "lru,score,arc,belady"
 RESULT_FIELDS = ("policy", "predictor", "budget", "slots", "budget_bytes", "budget_fraction", "hit_rate",
-                 "bytes_copied_per_token", "tokens_per_s")
+                 "bytes_copied_per_token", "tokens_per_s", "host_memory", "disk_bytes_per_token")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -89,6 +89,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", help="float32, float16, bfloat16 (default: the checkpoint's)")
     p.add_argument("--expert-dtype", help="stored format of the routed experts: int8, int4, int4-g128, fp8 or a "
                                           "float dtype (default: --dtype); sizes slots, copies and CPU reads")
+    p.add_argument("--host-memory", help="with --simulate: host memory budgets for experts, e.g. 64GiB,128GiB,all "
+                                         "(below the experts: the disk tier); one set of rows each (default: all)")
+    p.add_argument("--disk-gbps", type=float, help="with --simulate: the disk's read GB/s (default: the profile's)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=main)
 
@@ -109,7 +112,7 @@ def parse_policies(text: str, simulate: bool) -> tuple[list[str], list[str]]:
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, restval="")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -124,11 +127,13 @@ def plot_sweep(path: Path, rows: list[dict], title: str) -> None:
 
     fig, (hit_ax, speed_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     multi = len({r["predictor"] for r in rows}) > 1
-    for policy, predictor in dict.fromkeys((r["policy"], r["predictor"]) for r in rows):
-        mine = sorted((r for r in rows if (r["policy"], r["predictor"]) == (policy, predictor)),
-                      key=lambda r: r["budget_fraction"])
+    hosts = len({r.get("host_memory", "all") for r in rows}) > 1
+    for policy, predictor, host in dict.fromkeys((r["policy"], r["predictor"], r.get("host_memory", "all"))
+                                                 for r in rows):
+        mine = sorted((r for r in rows if (r["policy"], r["predictor"], r.get("host_memory", "all")) ==
+                       (policy, predictor, host)), key=lambda r: r["budget_fraction"])
         x = [100 * r["budget_fraction"] for r in mine]
-        label = f"{policy} + {predictor}" if multi else policy
+        label = (f"{policy} + {predictor}" if multi else policy) + (f", host {host}" if hosts else "")
         style = dict(marker="o", label=label, linestyle="--" if policy in SIMULATION_ONLY else "-")
         hit_ax.plot(x, [100 * r["hit_rate"] for r in mine], **style)
         speed_ax.plot(x, [r["tokens_per_s"] for r in mine], **style)
@@ -154,11 +159,25 @@ def write_outputs(out: Path, payload: dict) -> None:
 
 
 def print_rows(rows: list[dict]) -> None:
-    print(f"{'policy':>8} {'predictor':>12} {'budget':>8} {'slots':>6} {'hit rate':>9} {'MB/token':>10} "
-          f"{'tokens/s':>10}")
+    print(f"{'policy':>8} {'predictor':>12} {'budget':>8} {'slots':>6} {'host':>8} {'hit rate':>9} {'MB/token':>10} "
+          f"{'disk MB/t':>10} {'tokens/s':>10}")
     for r in rows:
-        print(f"{r['policy']:>8} {r['predictor']:>12} {r['budget']:>8} {r['slots']:>6} {r['hit_rate']:>9.1%} "
-              f"{r['bytes_copied_per_token'] / 1e6:>10.3f} {r['tokens_per_s']:>10.1f}")
+        print(f"{r['policy']:>8} {r['predictor']:>12} {r['budget']:>8} {r['slots']:>6} {r.get('host_memory', 'all'):>8} "
+              f"{r['hit_rate']:>9.1%} {r['bytes_copied_per_token'] / 1e6:>10.3f} "
+              f"{r.get('disk_bytes_per_token', 0.0) / 1e6:>10.1f} {r['tokens_per_s']:>10.2f}")
+
+
+def parse_host_budgets(text: str | None, simulate: bool) -> tuple:
+    """'64GiB,all' -> (('64GiB', bytes), ('all', None))."""
+    if text is None:
+        return (("all", None),)
+    if not simulate:
+        raise MoEOffloadError("--host-memory lists host budgets for --simulate; to run with one, use "
+                              "moe-offload run --host-memory")
+    from ..loading.config import parse_bytes
+
+    labels = [t.strip() for t in text.split(",") if t.strip()]
+    return tuple((label, None if label == "all" else parse_bytes(label)) for label in labels)
 
 
 def parse_predictors(text: str | None, simulate: bool) -> list[str] | None:
@@ -214,7 +233,8 @@ def main(args: argparse.Namespace) -> int:
                       if n != NO_PREDICTOR)
     setup = SweepSetup(args.model, cfg.device, args.dtype, args.allocation, prompts, args.new_tokens, cfg.progress,
                        cpu_experts, None, args.trace, args.synthetic_tokens if synthetic else 0, args.hardware,
-                       args.prefetch_depth, gate_inputs, expert_dtype=cfg.expert_dtype)
+                       args.prefetch_depth, gate_inputs, expert_dtype=cfg.expert_dtype,
+                       host_budgets=parse_host_budgets(args.host_memory, args.simulate), disk_gbps=args.disk_gbps)
     runs = runnable(parts, setup, policies, budgets, notes)
     if args.simulate:
         rows, predictors = simulate_all(parts, setup, runs, notes, predictors)

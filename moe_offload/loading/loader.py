@@ -84,6 +84,38 @@ def fill_experts(parts: ModelParts, store: HostExpertStore, cfg: OffloadConfig) 
     quant_cache.save_cache(path, key, store)
 
 
+def read_stored_rows(parts: ModelParts, store: HostExpertStore, cfg: OffloadConfig) -> bool:
+    """When the store's rows are the checkpoint's bytes unchanged, read them straight from the shards into
+    the rows with positional reads, ``disk_threads`` in flight (the disk's speed, no staging copy). False
+    when the rows need a cast or quantization (then ``fill_store``)."""
+    from ..transfer.disk import DiskReader
+    from .disk_source import checkpoint_runs
+
+    runs = checkpoint_runs(parts, store.format)
+    if runs is None or len(runs) != store.num_keys:
+        return False
+    reader = DiskReader(cfg.disk_threads)
+    try:
+        rows = store.blocks.view(torch.uint8)
+        reads = [reader.submit(runs[key], rows[key].numpy()) for key in range(store.num_keys)]
+        for read in tqdm(reads, desc="experts -> host", unit="expert", disable=not cfg.progress, leave=False):
+            read.wait()
+    finally:
+        reader.close()
+    for key in range(store.num_keys):
+        roles = {part for run in runs[key] for part in _parts_at(store, run.dest, run.nbytes)}
+        store.filled[key, sorted(roles)] = True
+    return True
+
+
+def _parts_at(store: HostExpertStore, dest: int, nbytes: int) -> list[int]:
+    """The projections (PARTS indexes: gate 0, up 1, down 2) a run of ``nbytes`` at byte ``dest`` covers."""
+    item = store.blocks.element_size()
+    h, i = store.shape.hidden, store.shape.intermediate
+    bounds = [0, i * h * item, 2 * i * h * item, 3 * i * h * item]
+    return [p for p in range(3) if dest < bounds[p + 1] and dest + nbytes > bounds[p]]
+
+
 def _fp8_as_stored(parts: ModelParts, store: HostExpertStore) -> bool:
     """Whether the checkpoint's fp8 expert weights go into the store byte for byte (same 128x128 blocks)."""
     quantization = parts.checkpoint.quantization

@@ -27,7 +27,7 @@ def shipped_model_dir(name: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-SHAPE_PRESETS = ("mixtral-8x7b", "deepseek-v2-lite", "qwen3-30b-a3b")   # configs/presets/<name>/config.json
+SHAPE_PRESETS = ("mixtral-8x7b", "deepseek-v2-lite", "qwen3-30b-a3b", "deepseek-v3")   # configs/presets/<name>/config.json
 
 
 def preset_dir(name: str) -> Path | None:

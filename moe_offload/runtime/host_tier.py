@@ -47,6 +47,14 @@ class HostTier:
         read = self.pending.get(key)
         return self.cache.lookup(key) >= 0 and (read is None or read.done.is_set())
 
+    def read_s(self, key: int, full_s: float) -> float:
+        """Seconds before ``key`` is in host memory: 0 when it is, the rest of its read when one is in
+        flight, else ``full_s`` (a whole read)."""
+        read = self.pending.get(key)
+        if self.cache.lookup(key) >= 0:
+            return 0.0 if read is None else self.reader.remaining_s(read, full_s)
+        return full_s
+
     def ensure(self, key: int, locked: Collection[int] = ()) -> None:
         """Expert ``key``'s bytes in host memory now: a hit, the wait for its prefetch read, or a demand read."""
         layer = key // self.store.num_experts

@@ -204,9 +204,9 @@ class CallProtocol:
 
     def _disk_s(self, layer: int | None, expert: int) -> float:
         host = self.residency.host
-        if host is None or layer is None or self.costs is None or host.resident(self.layout.key(layer, expert)):
+        if host is None or layer is None or self.costs is None:
             return 0.0
-        return self.costs.disk_s()
+        return host.read_s(self.layout.key(layer, expert), self.costs.disk_s())
 
     def _slot(self, key: int, locked: set[int]) -> int:
         slot = self.cache.lookup(key)

@@ -110,6 +110,11 @@ class SimulatedLink:
             return 0
         return int((sum(self._demand.values()) + sum(self._prefetch.values())) / self.copy_s * self.bytes_per_expert)
 
+    def synchronize(self) -> None:
+        """Land everything on the link (the disk tier's last resort before reusing a host row)."""
+        self._demand.clear()
+        self._prefetch.clear()
+
     def advance(self, seconds: float) -> None:
         """Let ``seconds`` of link time pass: demand copies first, then prefetches, oldest first."""
         self.now += seconds

@@ -39,10 +39,13 @@ from ..cache import (
     make_policy,
     slot_pools,
 )
+from ..runtime.host_tier import HostTier
 from ..runtime.prefetch import Prefetcher
 from ..runtime.protocol import CallProtocol, Costed, RouterRecord
 from ..runtime.stats import OffloadStats
+from ..transfer import ExpertShape, HostExpertStore
 from .calls import RouterCall, RoutingArrays, router_calls
+from .disk import SimulatedDisk
 from .link import SimulatedLink
 from .miss_curves import lru_miss_curves
 
@@ -66,6 +69,12 @@ class SimulationResult:
     prefetch_copies: int = 0    # experts copied by prefetch (their bytes are in bytes_copied)
     prefetch_used: int = 0      # prefetched experts their layer then selected
     promotions: int = 0         # CPU-run experts copied in while the link was idle (bytes in bytes_copied)
+    disk_reads: int = 0         # experts read from disk into the host cache (the disk tier; prefetches included)
+    bytes_per_expert: int = 0
+
+    @property
+    def disk_bytes_per_token(self) -> float:
+        return self.disk_reads * self.bytes_per_expert / self.tokens if self.tokens else 0.0
 
     @property
     def hit_rate(self) -> float:
@@ -86,6 +95,7 @@ class SimulationResult:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"hit_rate": self.hit_rate, "bytes_copied_per_token": self.bytes_copied_per_token,
+                               "disk_bytes_per_token": self.disk_bytes_per_token,
                                "seconds_per_token": self.seconds_per_token, "tokens_per_s": self.tokens_per_s}
 
 
@@ -103,12 +113,15 @@ class Simulator:
     every copy at once, as the engine's immediate CPU backend does (for
     comparing counts with it); the plans still use ``cost``. ``promote=False``
     turns promotion off: with no predictor, the static placement after warm-up.
+    ``host_rows`` below the expert count adds the disk tier: a host cache of that
+    many experts under ``host_policy`` (the runtime's HostTier), reads from a
+    simulated disk at ``cost.disk_s()`` per expert.
     """
 
     def __init__(self, routing: RoutingArrays, cost=None, bytes_per_expert: int = 0, cpu_experts: str = "never",
                  predictor: Callable[[], object] | None = None, prefetch_depth: int = 1,
                  prefetch_width: int | None = None, miss_curves: np.ndarray | None = None, timed_link: bool = True,
-                 promote: bool = True):
+                 promote: bool = True, host_rows: int | None = None, host_policy: str = "lru"):
         self.routing = routing
         self.layout = routing.layout
         self.cost = cost
@@ -119,6 +132,8 @@ class Simulator:
         self.prefetch_width = prefetch_width or self.layout.top_k
         self.timed_link = timed_link
         self.promote = promote
+        self.host_rows = host_rows if host_rows is not None and host_rows < self.layout.num_keys else None
+        self.host_policy = host_policy
         self.calls: list[list[RouterCall]] = router_calls(routing)   # [G][L]
         self._miss_curves = miss_curves
         self._ids = torch.from_numpy(np.asarray(routing.expert_ids, dtype=np.int64))   # [N, L, k]
@@ -172,18 +187,34 @@ class Simulator:
         if self.predictor is not None:
             protocol.prefetcher = Prefetcher(self.predictor(), protocol.residency, self.layout, stats,
                                              self.prefetch_depth, self.prefetch_width)
+        disk = self._disk_tier(protocol, link, stats)
         seconds = 0.0
         for calls in self.calls:
             for call in calls:
-                seconds += self._replay(protocol, link, call)
+                seconds += self._replay(protocol, link, call, disk)
         name = allocation if isinstance(allocation, str) else "custom"
         return SimulationResult(policy.name, name, num_slots, self.routing.num_tokens, int(stats.hits.sum()),
                                 int(stats.misses.sum()), link.demand, link.copies * self.bytes_per_expert, seconds,
                                 tuple(stats.hits.tolist()), tuple(stats.misses.tolist()), int(stats.cpu_fills.sum()),
                                 int((stats.prefetch_issued - stats.prefetch_cancelled).sum()),
-                                int(stats.prefetch_used.sum()), int(stats.promotions.sum()))
+                                int(stats.prefetch_used.sum()), int(stats.promotions.sum()),
+                                int(stats.disk_reads.sum()), self.bytes_per_expert)
 
-    def _replay(self, protocol: CallProtocol, link: SimulatedLink, call: RouterCall) -> float:
+    def _disk_tier(self, protocol: CallProtocol, link: SimulatedLink, stats: OffloadStats) -> SimulatedDisk | None:
+        """With ``host_rows``: the runtime's HostTier over bookkeeping rows and a simulated disk."""
+        if self.host_rows is None:
+            return None
+        layout = self.layout
+        disk = SimulatedDisk(self.cost.disk_s() if self.cost is not None and self.timed_link else 0.0)
+        store = HostExpertStore(layout.num_layers, layout.experts_per_layer, ExpertShape(1, 1), torch.float32,
+                                pin=False, capacity=self.host_rows)     # rows of 12 bytes: bookkeeping only
+        cache = ExpertCache(ExpertSlots.bookkeeping(self.host_rows, layout.num_keys), self.make_policy(self.host_policy),
+                            slot_pools("global", self.host_rows, layout))
+        runs = {key: [] for key in range(layout.num_keys)}
+        protocol.residency.host = HostTier(store, cache, disk, runs, link, stats, "simulated disk")
+        return disk
+
+    def _replay(self, protocol: CallProtocol, link: SimulatedLink, call: RouterCall, disk=None) -> float:
         """One router call, as the engine makes it; returns its projected seconds and moves the link's clock."""
         layer, rows = call.layer, slice(call.start, call.end)
         if self._tensors is not None:
@@ -196,6 +227,8 @@ class Simulator:
         if self.cost is None:
             return 0.0
         link.advance(plan.finish_s)
+        if disk is not None:
+            disk.advance(plan.finish_s)
         return plan.finish_s
 
     def _record(self, call: RouterCall) -> RouterRecord:

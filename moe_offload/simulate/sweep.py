@@ -10,6 +10,7 @@ experts only.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -56,6 +57,8 @@ class SweepSetup:
     gate_inputs: bool = False        # record the trace with gate inputs (a gate predictor will replay it)
     locality: tuple[float, float, float] = SYNTHETIC_LOCALITY   # synthetic trace: (skew, repeat, cross_layer)
     expert_dtype: str | None = None  # the experts' stored format (OffloadConfig.expert_dtype)
+    host_budgets: tuple = (("all", None),)   # simulation: (label, host memory bytes or None: every expert)
+    disk_gbps: float | None = None   # simulation: the disk's read rate (default: the hardware profile's)
 
 
 def parse_budgets(text: str, parts) -> list[Budget]:
@@ -237,24 +240,41 @@ def default_predictor(parts, trace, notes: list[str]) -> str:
 
 
 def simulate_rows(parts, setup: SweepSetup, runs: list[tuple[str, Budget]], notes: list[str], trace) -> list[dict]:
-    """One row per run, ``trace`` replayed by the simulator and costed with ``setup.hardware``."""
+    """One row per run and host budget, ``trace`` replayed by the simulator and costed with ``setup.hardware``
+    (a host budget below the experts adds the disk tier)."""
     from ..runtime.cost import CostModel, HardwareProfile
 
     profile = HardwareProfile.from_yaml(setup.hardware)
+    if setup.disk_gbps is not None:
+        profile = dataclasses.replace(profile, disk_gbps=setup.disk_gbps)
     cost = CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize,
                                 parts.format.nbytes)
-    simulator = Simulator(RoutingArrays.of(trace), cost, parts.plan.bytes_per_expert, setup.cpu_experts,
-                          predictor=predictor_maker(setup, trace, parts, notes), prefetch_depth=setup.prefetch_depth)
     rows = []
-    for policy, budget in tqdm(runs, desc=f"sweep (simulated, {setup.predictor})", unit="run",
-                               disable=not setup.progress):
-        try:
-            result = simulator.run(policy, budget.slots, setup.allocation)
-        except ValueError as err:
-            raise MoEOffloadError(f"{policy} at {budget.label}: {err}") from None
-        rows.append(result_row(policy, budget, parts.plan, result.hit_rate, result.bytes_copied_per_token,
-                               result.tokens_per_s) | {"predictor": setup.predictor or NO_PREDICTOR})
+    for label, host in setup.host_budgets:
+        host_rows = None if host is None else sweep_host_rows(parts.plan, host, label)
+        simulator = Simulator(RoutingArrays.of(trace), cost, parts.plan.bytes_per_expert, setup.cpu_experts,
+                              predictor=predictor_maker(setup, trace, parts, notes),
+                              prefetch_depth=setup.prefetch_depth, host_rows=host_rows)
+        for policy, budget in tqdm(runs, desc=f"sweep (simulated, {setup.predictor}, host {label})", unit="run",
+                                   disable=not setup.progress):
+            try:
+                result = simulator.run(policy, budget.slots, setup.allocation)
+            except ValueError as err:
+                raise MoEOffloadError(f"{policy} at {budget.label}: {err}") from None
+            rows.append(result_row(policy, budget, parts.plan, result.hit_rate, result.bytes_copied_per_token,
+                                   result.tokens_per_s) | {"predictor": setup.predictor or NO_PREDICTOR,
+                                                           "host_memory": label,
+                                                           "disk_bytes_per_token": result.disk_bytes_per_token})
     return rows
+
+
+def sweep_host_rows(plan, host: int, label: str) -> int:
+    """Host cache rows of a host budget; at least one MoE layer's experts."""
+    rows = host // plan.bytes_per_expert
+    if rows < plan.experts_per_layer:
+        raise MoEOffloadError(f"host memory {label} holds {rows} experts, fewer than one MoE layer's "
+                              f"{plan.experts_per_layer}; give more")
+    return int(rows)
 
 
 def engine_rows(parts, setup: SweepSetup, runs: list[tuple[str, Budget]]) -> list[dict]:

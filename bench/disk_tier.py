@@ -1,0 +1,202 @@
+"""The disk tier: cold read speed, loading speed, and decode with experts on disk vs all in host memory.
+
+    python bench/full_size.py --preset mixtral-8x7b --layers 2 --out /tmp/mixtral-l2   # 5.9 GB, once
+    python bench/disk_tier.py --model /tmp/mixtral-l2 --host-memory 2GiB              # ~10 minutes, 2 cores
+
+Every measurement starts from a cold page cache for the checkpoint's files (posix_fadvise DONTNEED on
+each shard; the page cache is never what the numbers measure):
+
+1. sequential read of the shards (what `cat` does, 8 MiB reads): the disk's bandwidth here;
+2. loading (from_pretrained, every expert to host memory): the positional reads in flight straight into
+   the host store vs the previous path (tensor by tensor through safetensors' reader), as a share of (1);
+3. expert reads with the disk reader, 1..8 in flight, as a share of (1);
+4. CPU decode ms per token (bf16 on the CPU device) with every expert in host memory vs a host budget
+   below the experts (the disk tier), without and with prefetch (the previous-token predictor reads
+   ahead the experts the last token used): host hit rate, bytes read from disk per token.
+
+Writes bench/results/disk_tier.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import moe_offload  # noqa: E402
+from moe_offload.loading import loader  # noqa: E402
+from moe_offload.loading.checkpoint import Checkpoint  # noqa: E402
+from moe_offload.loading.config import parse_bytes  # noqa: E402
+from moe_offload.transfer.disk import DiskReader  # noqa: E402
+
+from common import RESULTS, machine, print_table, write_json  # noqa: E402
+
+CHUNK = 8 * 2**20
+
+
+def shards(path: Path) -> list[Path]:
+    return sorted({info.shard for info in Checkpoint(path).tensors.values()})
+
+
+def drop_cache(files: list[Path]) -> None:
+    """Evict the files' pages from the page cache (the next read comes from the disk): written pages are
+    flushed first, since only clean pages can be dropped."""
+    os.sync()
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def sequential_read(files: list[Path]) -> dict:
+    drop_cache(files)
+    buf = bytearray(CHUNK)
+    total, start = 0, time.perf_counter()
+    for file in files:
+        with open(file, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                total += n
+    seconds = time.perf_counter() - start
+    return {"bytes": total, "seconds": seconds, "gbps": total / seconds / 1e9}
+
+
+def load_time(path: Path, files: list[Path], direct: bool) -> float:
+    """Seconds of a cold from_pretrained with every expert in host memory; ``direct=False``: the previous path."""
+    drop_cache(files)
+    real = loader.read_stored_rows
+    if not direct:
+        loader.read_stored_rows = lambda *args: False
+    try:
+        start = time.perf_counter()
+        model = moe_offload.from_pretrained(path, device="cpu", dtype="bfloat16", expert_slots=4, progress=False)
+        seconds = time.perf_counter() - start
+    finally:
+        loader.read_stored_rows = real
+    model.offload.close()
+    return seconds
+
+
+def reader_rates(path: Path, files: list[Path], threads: list[int]) -> list[dict]:
+    """Cold reads of every expert through the disk reader, ``n`` in flight."""
+    from moe_offload.loading.config import OffloadConfig
+    from moe_offload.loading.disk_source import checkpoint_runs
+    from moe_offload.loading.parts import ModelParts
+
+    parts = ModelParts(path, OffloadConfig(device="cpu", dtype=torch.bfloat16, expert_slots=1))
+    runs = checkpoint_runs(parts, parts.format)
+    nbytes = parts.format.nbytes
+    rows = []
+    for n in threads:
+        drop_cache(files)
+        reader = DiskReader(n)
+        out = [np.empty(nbytes, np.uint8) for _ in range(2 * n)]     # n rows in flight, reused
+        start = time.perf_counter()
+        pending = []
+        for i, key in enumerate(sorted(runs)):
+            if len(pending) >= n:
+                pending.pop(0).wait()
+            pending.append(reader.submit(runs[key], out[i % len(out)]))
+        for read in pending:
+            read.wait()
+        seconds = time.perf_counter() - start
+        reader.close()
+        rows.append({"in_flight": n, "bytes": nbytes * len(runs), "seconds": seconds,
+                     "gbps": nbytes * len(runs) / seconds / 1e9})
+    return rows
+
+
+def decode(path: Path, files: list[Path], host_memory: str | None, predictor: str, tokens: int, slots: int) -> dict:
+    drop_cache(files)
+    model = moe_offload.from_pretrained(path, device="cpu", dtype="bfloat16", expert_slots=slots, progress=False,
+                                        host_memory=host_memory, predictor=predictor, prefetch_depth=1)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    model.generate(prompt, max_new_tokens=2, do_sample=False, min_new_tokens=2, pad_token_id=0)  # warm up
+    model.offload.stats.reset()
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens, pad_token_id=0)
+    seconds = time.perf_counter() - start
+    stats = model.offload.stats
+    needed = int(stats.host_hits.sum() + stats.disk_reads.sum() - stats.disk_prefetches.sum())
+    row = {"host_memory": host_memory or "all experts", "predictor": predictor, "ms_per_token": 1e3 * seconds / tokens,
+           "host_hit_rate": float(stats.host_hits.sum()) / needed if host_memory and needed else 1.0,
+           "disk_bytes_per_token": float(stats.disk_reads.sum()) * stats.bytes_per_expert / tokens,
+           "disk_prefetches": int(stats.disk_prefetches.sum()), "device_hit_rate": stats.hit_rate}
+    model.offload.close()
+    return row
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    seq = result["sequential"]["gbps"]
+    reads = result["reader"]
+    ax1.plot([r["in_flight"] for r in reads], [r["gbps"] for r in reads], marker="o", label="expert reads")
+    ax1.axhline(seq, color="gray", linestyle=":", label="sequential read (cat)")
+    ax1.set(xlabel="reads in flight", ylabel="GB/s (cold)", title="disk reads")
+    ax1.legend(fontsize=8)
+    rows = result["decode"]
+    ax2.bar([f"{r['host_memory']}\n{r['predictor']}" for r in rows], [r["ms_per_token"] for r in rows])
+    ax2.set(ylabel="CPU decode ms / token", title="experts on disk vs in host memory")
+    ax2.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> int:
+    path = Path(args.model)
+    files = shards(path)
+    start = time.perf_counter()
+    sequential = sequential_read(files)
+    print(f"sequential read: {sequential['bytes'] / 1e9:.2f} GB in {sequential['seconds']:.2f} s = "
+          f"{sequential['gbps']:.2f} GB/s")
+    loads = {"direct": load_time(path, files, True), "tensor_by_tensor": load_time(path, files, False)}
+    loading = [{"path": name, "seconds": s, "share_of_sequential": sequential["seconds"] / s} for name, s in loads.items()]
+    print_table(loading, [("path", "load path", ""), ("seconds", "seconds", ".2f"),
+                          ("share_of_sequential", "x of cat's speed", ".2f")])
+    reader = reader_rates(path, files, args.in_flight)
+    for row in reader:
+        row["share_of_sequential"] = row["gbps"] / sequential["gbps"]
+    print_table(reader, [("in_flight", "in flight", "d"), ("gbps", "GB/s", ".2f"),
+                         ("share_of_sequential", "x sequential", ".2f")])
+    runs = [(None, "none"), (args.host_memory, "none"), (args.host_memory, "previous")]
+    decoded = [decode(path, files, host, predictor, args.tokens, args.expert_slots) for host, predictor in runs]
+    print_table(decoded, [("host_memory", "host memory", ""), ("predictor", "prefetch", ""),
+                          ("ms_per_token", "ms/token", ".1f"), ("host_hit_rate", "host hits", ".1%"),
+                          ("disk_bytes_per_token", "disk B/token", ".3e"), ("disk_prefetches", "read ahead", "d")])
+    result = {"command": "python bench/disk_tier.py " + " ".join(sys.argv[1:]), "machine": machine(),
+              "model": str(path), "checkpoint_bytes": sum(f.stat().st_size for f in files),
+              "host_memory_bytes": parse_bytes(args.host_memory), "sequential": sequential, "loading": loading,
+              "reader": reader, "decode": decoded, "seconds": time.perf_counter() - start}
+    RESULTS.mkdir(exist_ok=True)
+    write_json(RESULTS / "disk_tier.json", result)
+    plot(result, RESULTS / "disk_tier.png")
+    print(f"wrote {RESULTS / 'disk_tier.json'} and .png")
+    return 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a checkpoint from bench/full_size.py")
+    p.add_argument("--host-memory", default="2GiB", help="host budget of the disk-tier rows")
+    p.add_argument("--expert-slots", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=8, help="decode tokens per row")
+    p.add_argument("--in-flight", type=int, nargs="+", default=[1, 2, 4, 8])
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))
