@@ -7,10 +7,12 @@
 
 Each read is a list of runs copied with ``os.preadv`` into the destination's own memory (a page-locked
 host row): no staging copy, no second in-memory copy of the checkpoint, and no reliance on the page
-cache beyond what the kernel does for any read. A small pool of threads keeps several reads in flight
-so the disk's queue stays full (``os.preadv`` releases the GIL). Reads wait in one priority queue:
-demand reads go before every queued prefetch read, and a queued read can be cancelled before it starts
-(a stale prefetch).
+cache beyond what the kernel does for any read. Runs are cut into pieces of ``piece_bytes`` served by a
+small pool of threads (``os.preadv`` releases the GIL), so several pieces are in flight and the disk's
+queue stays full, while the pieces in flight stay next to each other in the file (one read's pieces go
+out in file order): parallel, yet sequential for the disk. Pieces wait in one priority queue: demand
+reads go before every queued prefetch read, and a queued read can be cancelled before any of its
+pieces starts (a stale prefetch).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DEMAND, PREFETCH = 0, 1
+PIECE_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Read:
     error: BaseException | None = None
     cancelled: bool = False
     started: bool = False
+    left: int = 0           # pieces not yet read
 
     @property
     def nbytes(self) -> int:
@@ -59,15 +63,16 @@ class Read:
 
 
 class DiskReader:
-    """``threads`` I/O threads serving reads by priority (DEMAND before PREFETCH, then in submission order)."""
+    """``threads`` I/O threads serving pieces by priority (DEMAND before PREFETCH, then in submission order)."""
 
-    def __init__(self, threads: int = 4):
-        self._queue: list[tuple[int, int, Read]] = []
+    def __init__(self, threads: int = 4, piece_bytes: int = PIECE_BYTES):
+        self._queue: list[tuple[int, int, Read, Run]] = []
         self._order = itertools.count()
         self._cv = threading.Condition()
         self._fds: dict[str, int] = {}
         self._fd_lock = threading.Lock()
         self._closed = False
+        self.piece_bytes = piece_bytes
         self.bytes_read = 0
         self._threads = [threading.Thread(target=self._serve, name=f"moe-disk-{i}", daemon=True)
                          for i in range(max(1, threads))]
@@ -79,31 +84,46 @@ class DiskReader:
         if out.dtype != np.uint8 or not out.flags.c_contiguous:
             raise ValueError("disk reads land in a contiguous uint8 array")
         read = Read(runs, out, priority)
+        pieces = [piece for run in sorted(runs, key=lambda r: (r.path, r.offset)) for piece in self._pieces(run)]
+        read.left = len(pieces)
         with self._cv:
             if self._closed:
                 raise RuntimeError("disk reader is closed")
-            heapq.heappush(self._queue, (priority, next(self._order), read))
-            self._cv.notify()
+            if not pieces:
+                read.done.set()
+            for piece in pieces:
+                heapq.heappush(self._queue, (priority, next(self._order), read, piece))
+            self._cv.notify_all()
         return read
+
+    def _pieces(self, run: Run) -> list[Run]:
+        step = self.piece_bytes
+        return [Run(run.path, run.offset + at, run.dest + at, min(step, run.nbytes - at))
+                for at in range(0, run.nbytes, step)]
 
     def remaining_s(self, read: Read, full_s: float) -> float:
         """Seconds until ``read`` lands, as far as known: 0 once landed, else a whole read's ``full_s``."""
         return 0.0 if read.done.is_set() else full_s
 
     def promote(self, read: Read) -> None:
-        """A queued prefetch read is needed now: it goes before the other queued prefetches."""
+        """A queued prefetch read is needed now: its pieces go before the other queued prefetches."""
         with self._cv:
-            if read.started or read.priority == DEMAND:
+            if read.priority == DEMAND or read.done.is_set():
                 return
             read.priority = DEMAND
-            heapq.heappush(self._queue, (DEMAND, -1, read))   # (its old entry is skipped when popped)
+            mine = sorted((item for item in self._queue if item[2] is read), key=lambda item: item[1])
+            self._queue = [item for item in self._queue if item[2] is not read]
+            self._queue += [(DEMAND, next(self._order), read, piece) for *_, piece in mine]
+            heapq.heapify(self._queue)
 
     def cancel(self, read: Read) -> bool:
-        """Drop a read that has not started; True if it was dropped (its destination is left untouched)."""
+        """Drop a read none of whose pieces has started; True if it was dropped (its destination is untouched)."""
         with self._cv:
             if read.started or read.done.is_set():
                 return False
             read.cancelled = True
+            self._queue = [item for item in self._queue if item[2] is not read]
+            heapq.heapify(self._queue)
             read.done.set()
             return True
 
@@ -114,18 +134,21 @@ class DiskReader:
                     self._cv.wait()
                 if not self._queue:
                     return
-                _, _, read = heapq.heappop(self._queue)
-                if read.started or read.cancelled:
+                _, _, read, piece = heapq.heappop(self._queue)
+                if read.cancelled or read.error is not None:
                     continue
                 read.started = True
             try:
-                for run in read.runs:
-                    self._pread(run, read.out)
-                with self._cv:
-                    self.bytes_read += read.nbytes
+                self._pread(piece, read.out)
             except BaseException as err:   # handed to the waiter
                 read.error = err
-            read.done.set()
+                read.done.set()
+                continue
+            with self._cv:
+                self.bytes_read += piece.nbytes
+                read.left -= 1
+                if read.left == 0:
+                    read.done.set()
 
     def _fd(self, path: str) -> int:
         with self._fd_lock:
@@ -152,10 +175,9 @@ class DiskReader:
         """Finish the reads that started, drop the queued ones, stop the threads, close the files."""
         with self._cv:
             self._closed = True
-            for _, _, read in self._queue:
-                if not read.started:
-                    read.cancelled = True
-                    read.done.set()
+            for _, _, read, _ in self._queue:
+                read.cancelled = True
+                read.done.set()
             self._queue.clear()
             self._cv.notify_all()
         for thread in self._threads:

@@ -97,7 +97,8 @@ def read_stored_rows(parts: ModelParts, store: HostExpertStore, cfg: OffloadConf
     reader = DiskReader(cfg.disk_threads)
     try:
         rows = store.blocks.view(torch.uint8)
-        reads = [reader.submit(runs[key], rows[key].numpy()) for key in range(store.num_keys)]
+        order = sorted(range(store.num_keys), key=lambda k: min((r.path, r.offset) for r in runs[k]))   # file order
+        reads = [reader.submit(runs[key], rows[key].numpy()) for key in order]
         for read in tqdm(reads, desc="experts -> host", unit="expert", disable=not cfg.progress, leave=False):
             read.wait()
     finally:
