@@ -12,7 +12,8 @@ each shard; the page cache is never what the numbers measure):
 3. expert reads with the disk reader, 1..8 in flight, as a share of (1);
 4. CPU decode ms per token (bf16 on the CPU device) with every expert in host memory vs a host budget
    below the experts (the disk tier), without and with prefetch (the previous-token predictor reads
-   ahead the experts the last token used): host hit rate, bytes read from disk per token.
+   ahead the experts the last token used): host hit rate, bytes read from disk per token, and the
+   resident set beyond dense weights + expert slots + host budget (the runtime's own overhead).
 
 Writes bench/results/disk_tier.json and .png.
 """
@@ -128,14 +129,25 @@ def decode(path: Path, files: list[Path], host_memory: str | None, predictor: st
     start = time.perf_counter()
     model.generate(prompt, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens, pad_token_id=0)
     seconds = time.perf_counter() - start
-    stats = model.offload.stats
+    stats, plan = model.offload.stats, model.offload.plan
+    rss = rss_bytes()
+    budgeted = plan.dense_bytes + plan.slot_bytes + plan.host_bytes    # on the CPU device the slots are host memory
     needed = int(stats.host_hits.sum() + stats.disk_reads.sum() - stats.disk_prefetches.sum())
     row = {"host_memory": host_memory or "all experts", "predictor": predictor, "ms_per_token": 1e3 * seconds / tokens,
            "host_hit_rate": float(stats.host_hits.sum()) / needed if host_memory and needed else 1.0,
            "disk_bytes_per_token": float(stats.disk_reads.sum()) * stats.bytes_per_expert / tokens,
-           "disk_prefetches": int(stats.disk_prefetches.sum()), "device_hit_rate": stats.hit_rate}
+           "disk_prefetches": int(stats.disk_prefetches.sum()), "device_hit_rate": stats.hit_rate,
+           "rss_bytes": rss, "budgeted_bytes": budgeted, "rss_overhead_bytes": rss - budgeted}
     model.offload.close()
     return row
+
+
+def rss_bytes() -> int:
+    """The process's resident set now (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def plot(result: dict, path: Path) -> None:
@@ -180,7 +192,8 @@ def main(args: argparse.Namespace) -> int:
     decoded = [decode(path, files, host, predictor, args.tokens, args.expert_slots) for host, predictor in runs]
     print_table(decoded, [("host_memory", "host memory", ""), ("predictor", "prefetch", ""),
                           ("ms_per_token", "ms/token", ".1f"), ("host_hit_rate", "host hits", ".1%"),
-                          ("disk_bytes_per_token", "disk B/token", ".3e"), ("disk_prefetches", "read ahead", "d")])
+                          ("disk_bytes_per_token", "disk B/token", ".3e"), ("disk_prefetches", "read ahead", "d"),
+                          ("rss_overhead_bytes", "RSS over budget B", ".3e")])
     result = {"command": "python bench/disk_tier.py " + " ".join(sys.argv[1:]), "machine": machine(),
               "model": str(path), "checkpoint_bytes": sum(f.stat().st_size for f in files),
               "host_memory_bytes": parse_bytes(args.host_memory), "sequential": sequential, "loading": loading,
