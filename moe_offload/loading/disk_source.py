@@ -20,6 +20,7 @@ from ..errors import MoEOffloadError
 from ..transfer import HostExpertStore
 from ..transfer.disk import Run
 from . import quant_cache
+from .expert_writes import write_expert
 from .parts import ModelParts
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -67,8 +68,6 @@ def checkpoint_runs(parts: ModelParts, fmt) -> dict[int, list[Run]] | None:
 def cache_runs(parts: ModelParts, store_format, folder, progress: bool) -> dict[int, list[Run]]:
     """Runs from the quantize-once cache file, built now (expert by expert, with a progress bar) when none
     matches the checkpoint."""
-    from .loader import write_expert
-
     shards = sorted({info.shard for info in parts.checkpoint.tensors.values()})
     num_keys = len(parts.sites) * parts.num_experts
     key = quant_cache.cache_key(shards, store_format, num_keys)

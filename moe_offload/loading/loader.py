@@ -19,7 +19,6 @@ from ..cache import (
     make_policy,
     slot_pools,
 )
-from ..cpu_kernels.packed import FP8_BLOCK
 from ..errors import MoEOffloadError
 from ..runtime.calibrate import measure_profile
 from ..runtime.cost import CostModel, HardwareProfile
@@ -30,17 +29,8 @@ from ..runtime.router_tap import RouterTap
 from ..runtime.stats import OffloadStats
 from ..transfer import CopyEngine, HostExpertStore
 from .config import OffloadConfig
+from .expert_writes import write_expert
 from .parts import ModelParts, load_dense
-
-
-def _write(store: HostExpertStore, key: int, role: str, tensor, name: str) -> None:
-    try:
-        if isinstance(tensor, torch.Tensor):
-            store.write(key, role, tensor)
-        else:   # an FP8Weight kept as stored
-            store.write_fp8(key, role, tensor.q, tensor.scale_inv)
-    except ValueError as err:
-        raise MoEOffloadError(f"tensor {name}: {err}; the weights and config.json do not belong together") from None
 
 
 def fill_store(parts: ModelParts, store: HostExpertStore, progress: bool, device: torch.device | None = None) -> None:
@@ -115,28 +105,6 @@ def _parts_at(store: HostExpertStore, dest: int, nbytes: int) -> list[int]:
     h, i = store.shape.hidden, store.shape.intermediate
     bounds = [0, i * h * item, 2 * i * h * item, 3 * i * h * item]
     return [p for p in range(3) if dest < bounds[p + 1] and dest + nbytes > bounds[p]]
-
-
-def _fp8_as_stored(parts: ModelParts, store: HostExpertStore) -> bool:
-    """Whether the checkpoint's fp8 expert weights go into the store byte for byte (same 128x128 blocks)."""
-    quantization = parts.checkpoint.quantization
-    return store.format.name == "fp8" and quantization is not None and \
-        tuple(quantization.block) == (FP8_BLOCK, FP8_BLOCK)
-
-
-def write_expert(parts: ModelParts, store: HostExpertStore, key: int, role: str, name: str, index: tuple,
-                 device: torch.device | None) -> None:
-    """One expert tensor (``index``: the expert's row of a fused tensor) into the store."""
-    checkpoint = parts.checkpoint
-    aligned = role != "gate_up" or store.format.inter % FP8_BLOCK == 0   # fused gate_up blocks must not straddle
-    if _fp8_as_stored(parts, store) and name in checkpoint.scales and aligned:
-        weight = checkpoint.fp8_weight_slice(name, index[0]) if index else checkpoint.fp8_weight(name)
-        _write(store, key, role, weight, name)
-        return
-    tensor = checkpoint.get_slice(name, index[0]) if index else checkpoint.get(name)
-    if store.format.packed and device is not None and device.type != "cpu":
-        tensor = tensor.to(device)
-    _write(store, key, role, tensor, name)
 
 
 def check_complete(parts: ModelParts, store: HostExpertStore | None) -> None:
