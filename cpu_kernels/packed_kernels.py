@@ -1,0 +1,183 @@
+"""Numba kernels of one gated expert FFN read straight from a packed int4 or fp8 row.
+
+    # T = tokens, H = hidden, I = intermediate, G = int4 group, B = FP8 block (128), C = row chunks
+    h = act(gate @ x) * (up @ x)   # [T, I]      gate = gate_up rows 0..I-1, up = rows I..2I-1
+    y = down @ h                   # [T, H]
+
+The layouts are ExpertFormat's (cpu_kernels/packed.py); each matrix arrives as a tuple of its
+numpy views, the float16 ones as int16 bits (numba has no CPU float16; `_f16_bits_to_f32`
+widens them):
+
+    int4  (q uint8 [R, K/2], scale int16 [R, ceil(K/G)], zero int16 [same], G)
+          W[r, c] = (q[r, c] - zero[r, c // G]) * scale[r, c // G], two codes per byte (low nibble first)
+    fp8   (q uint8 [R, K], scale float32 [row blocks, ceil(K/B)], LUT float32 [256], split)
+          W[r, c] = LUT[q[r, c]] * scale[block_row(r), c // B]; rows below `split` and from `split` on
+          are blocked separately (gate_up: split = I, so gate and up each start a block row; down: H)
+
+Rows are split into C contiguous chunks, one prange iteration each. A chunk decodes one weight row
+(or a gate/up or down row pair) at a time into its own float32 row buffer `rows[c]` (K floats,
+so it stays in L1/L2), then runs kernels.py's float32 dot products on it:
+
+  * decode (T = 1): each packed byte is read once from memory and each decoded row once from cache;
+  * prefill (T > 1): a decoded row pair serves all tokens, TOKEN_BLOCK at a time, so the packed
+    expert is still read once per call.
+
+Decoding a whole row first (rather than reducing group by group) keeps the dot products long: a
+horizontal reduction per 64-weight group costs more than the decode itself. Group and block loops
+run in whole INT4_CHUNK / B steps, whose constant trip counts LLVM vectorizes.
+Accumulation is float32; nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange, types
+from numba.extending import overload
+
+from .activations import activate
+from .formats import _f16_bits_to_f32
+from .kernels import _OPTS, TOKEN_BLOCK, _dot1, _dot2x1, _dot2x4
+from .packed import FP8_BLOCK
+
+# Bytes (2 * INT4_CHUNK weights) per vectorized int4 decode step; every int4 group size is a multiple of it.
+INT4_CHUNK = 32
+# float8_e4m3fn bit pattern -> float32 value (the two NaN codes stay NaN).
+FP8_LUT = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+
+
+@njit(inline="always", **_OPTS)
+def _int4_decode_bytes(q, r, j0, j1, zero, scale, w):
+    """w[2j], w[2j + 1] = (low, high nibble of q[r, j] - zero) * scale for bytes j0..j1-1."""
+    offset = -zero * scale
+    for j in range(j0, j1):
+        b = np.int32(q[r, j])   # int32, not numba's default int64: int64 -> float32 does not vectorize
+        w[2 * j] = np.float32(b & 15) * scale + offset
+        w[2 * j + 1] = np.float32(b >> 4) * scale + offset
+
+
+@njit(**_OPTS)
+def _int4_decode_row(q, scale, zero, group, r, w):
+    """w[:K] = row r of an int4 matrix, one INT4_CHUNK at a time (a chunk never straddles two groups), then
+    the bytes left in a short last group. One flat loop of constant-trip chunks: LLVM vectorizes these,
+    but not the same chunks nested in a loop over groups of run-time size."""
+    per_group, width = group // (2 * INT4_CHUNK), q.shape[1]
+    full = width // INT4_CHUNK
+    for k in range(full):
+        g = k // per_group
+        j = k * INT4_CHUNK
+        _int4_decode_bytes(q, r, j, j + INT4_CHUNK, _f16_bits_to_f32(zero[r, g]), _f16_bits_to_f32(scale[r, g]), w)
+    g = full // per_group
+    if full * INT4_CHUNK < width:
+        _int4_decode_bytes(q, r, full * INT4_CHUNK, width, _f16_bits_to_f32(zero[r, g]),
+                           _f16_bits_to_f32(scale[r, g]), w)
+
+
+@njit(inline="always", **_OPTS)
+def _fp8_decode_cols(q, r, c0, c1, lut, scale, w):
+    """w[c] = LUT[q[r, c]] * scale for columns c0..c1-1."""
+    for c in range(c0, c1):
+        w[c] = lut[q[r, c]] * scale
+
+
+@njit(**_OPTS)
+def _fp8_decode_row(q, scale, lut, split, r, w):
+    """w[:K] = row r of an fp8 matrix, block by block (the last block may be short)."""
+    width = q.shape[1]
+    br = (r // split) * ((split + FP8_BLOCK - 1) // FP8_BLOCK) + (r % split) // FP8_BLOCK   # packed.py's block_row
+    for b in range(scale.shape[1]):
+        c0 = b * FP8_BLOCK
+        if c0 + FP8_BLOCK <= width:
+            _fp8_decode_cols(q, r, c0, c0 + FP8_BLOCK, lut, scale[br, b], w)
+        else:
+            _fp8_decode_cols(q, r, c0, width, lut, scale[br, b], w)
+
+
+def decode_row(mat, r, w):
+    """w[:K] = row r of a packed matrix as float32 (numba only; dispatches on the matrix's types)."""
+    raise NotImplementedError("decode_row is only callable from numba-compiled code")
+
+
+@overload(decode_row)
+def _decode_row_overload(mat, r, w):
+    """int4 matrices carry int16 (float16 bits) scales, fp8 ones float32. The tuple is unpacked here:
+    arrays read out of a tuple in memory may alias the stores to w, which stops LLVM vectorizing."""
+    if not isinstance(mat, types.BaseTuple):
+        return None
+    impl = _int4_decode_row if mat[1].dtype == types.int16 else _fp8_decode_row
+    return lambda mat, r, w: impl(mat[0], mat[1], mat[2], mat[3], r, w)
+
+
+@njit(**_OPTS)
+def _chunk(c, chunks, n):
+    """Rows [start, stop) of chunk c when n rows are split into `chunks` contiguous chunks."""
+    return c * n // chunks, (c + 1) * n // chunks
+
+
+@njit(parallel=True, **_OPTS)
+def packed_decode(x, gate_up, down, act, out, h, rows):
+    """One token: x [1, H], out [1, H], h [>= 1, I] and rows [C, >= 2 * max(H, I)] float32 scratch."""
+    hidden, inter, chunks = out.shape[1], gate_up[0].shape[0] // 2, rows.shape[0]
+    x0, h0 = x[0], h[0]
+    for c in prange(chunks):
+        wg, wu = rows[c, :hidden], rows[c, hidden:2 * hidden]
+        start, stop = _chunk(c, chunks, inter)
+        for j in range(start, stop):
+            decode_row(gate_up, j, wg)
+            decode_row(gate_up, inter + j, wu)
+            g, u = _dot2x1(wg, wu, x0)
+            h0[j] = activate(g, act) * u
+    for c in prange(chunks):
+        wd = rows[c, :inter]
+        start, stop = _chunk(c, chunks, hidden)
+        for r in range(start, stop):
+            decode_row(down, r, wd)
+            out[0, r] = _dot1(wd, h0)
+
+
+@njit(**_OPTS)
+def _pair_tokens(wa, wb, x, y, ca, cb, act):
+    """y[:, ca], y[:, cb] = (wa . x[t], wb . x[t]) for every token, TOKEN_BLOCK at a time; with act >= 0
+    y[:, ca] = act(wa . x[t]) * (wb . x[t]) instead (a gate/up pair; cb unused)."""
+    tokens = x.shape[0]
+    full = tokens - tokens % TOKEN_BLOCK
+    for t in range(0, full, TOKEN_BLOCK):
+        a0, a1, a2, a3, b0, b1, b2, b3 = _dot2x4(wa, wb, x[t], x[t + 1], x[t + 2], x[t + 3])
+        _store(y, t, ca, cb, a0, b0, act)
+        _store(y, t + 1, ca, cb, a1, b1, act)
+        _store(y, t + 2, ca, cb, a2, b2, act)
+        _store(y, t + 3, ca, cb, a3, b3, act)
+    for t in range(full, tokens):
+        a, b = _dot2x1(wa, wb, x[t])
+        _store(y, t, ca, cb, a, b, act)
+
+
+@njit(inline="always", **_OPTS)
+def _store(y, t, ca, cb, a, b, act):
+    """One token's results of a row pair: act(a) * b into column ca (act >= 0), or a, b into ca, cb."""
+    if act >= 0:
+        y[t, ca] = activate(a, act) * b
+    else:
+        y[t, ca] = a
+        y[t, cb] = b
+
+
+@njit(parallel=True, **_OPTS)
+def packed_prefill(x, gate_up, down, act, out, h, rows):
+    """T tokens: x [T, H], out [T, H], h [T, I] and rows [C, >= 2 * max(H, I)] float32 scratch."""
+    hidden, inter, chunks = out.shape[1], gate_up[0].shape[0] // 2, rows.shape[0]
+    for c in prange(chunks):
+        wg, wu = rows[c, :hidden], rows[c, hidden:2 * hidden]
+        start, stop = _chunk(c, chunks, inter)
+        for j in range(start, stop):
+            decode_row(gate_up, j, wg)
+            decode_row(gate_up, inter + j, wu)
+            _pair_tokens(wg, wu, x, h, j, j, act)
+    for c in prange(chunks):
+        wa, wb = rows[c, :inter], rows[c, inter:2 * inter]
+        start, stop = _chunk(c, chunks, (hidden + 1) // 2)
+        for p in range(start, stop):
+            ra, rb = 2 * p, min(2 * p + 1, hidden - 1)   # odd H: the last row pairs with itself
+            decode_row(down, ra, wa)
+            decode_row(down, rb, wb)
+            _pair_tokens(wa, wb, h, out, ra, rb, -1)
