@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tqdm import tqdm  # noqa: E402
 
-from common import RESULTS, machine, print_table, write_json  # noqa: E402
 from moe_offload.loading.config import OffloadConfig  # noqa: E402
 from moe_offload.loading.parts import ModelParts  # noqa: E402
 from moe_offload.models import SHAPE_PRESETS  # noqa: E402
@@ -38,6 +37,8 @@ from moe_offload.predictor.synthetic import SyntheticTraceConfig, synthetic_trac
 from moe_offload.runtime.cost import CostModel, HardwareProfile  # noqa: E402
 from moe_offload.simulate import RoutingArrays, Simulator  # noqa: E402
 from moe_offload.simulate.sweep import SYNTHETIC_LOCALITY  # noqa: E402
+
+from common import RESULTS, machine, print_table, write_json  # noqa: E402
 
 BUDGETS = (0.10, 0.25, 0.50, 0.75)
 RUNS = [("score", p) for p in ("static", "none", "oracle@0.5", "oracle@0.8", "oracle")] + \

@@ -42,6 +42,7 @@ FP8_MAX = 448.0          # largest finite float8_e4m3fn
 HQQ_ITERS = 20           # at most this many proximal steps of the int4 zero-point fit
 HQQ_TOL = 0.002          # ... stopping once a step lowers the squared error by less than this fraction
 _ALIGN = 16
+QUANTIZER_VERSION = 1    # bump when a quantizer's output changes: cached packed experts are then rebuilt
 
 
 def canonical_expert_format(name: str | torch.dtype) -> str:
@@ -97,6 +98,8 @@ class ExpertFormat:
         else:
             self.row_dtype, self.row_numel = NATIVE[self.name], 3 * hidden * inter
         self.nbytes = self.row_numel * torch.empty((), dtype=self.row_dtype).element_size()
+        # computing from a row needs a dequantized (or cast) copy of its weights
+        self.needs_scratch = self.packed or self.row_dtype != compute_dtype
 
     def __repr__(self) -> str:
         return f"ExpertFormat({self.name!r}, H={self.hidden}, I={self.inter}, {self.nbytes} bytes per expert)"
@@ -202,7 +205,7 @@ class ExpertFormat:
         """(gate_up [2I, H], down [H, I]) in ``compute_dtype``: views of a native row, or dequantized into
         ``scratch`` (>= 3HI elements of ``compute_dtype`` on the row's device; allocated when None)."""
         views = self.views(row)
-        if not self.packed:
+        if not self.needs_scratch:
             return views["gate_up"], views["down"]
         h, i = self.hidden, self.inter
         if scratch is None:
@@ -214,8 +217,10 @@ class ExpertFormat:
         return gate_up, down
 
     def _dequantize(self, views: dict[str, torch.Tensor], matrix: str) -> torch.Tensor:
-        """One matrix of a packed row as float32."""
+        """One matrix of a row as float32 (a native row's, as stored)."""
         q = views[matrix]
+        if not self.packed:
+            return q
         if self.name == "int8":
             rows = self._scale_rows(matrix, slice(0, q.shape[0]))
             return q.float() * views["scales"][rows, None]

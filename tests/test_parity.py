@@ -148,3 +148,21 @@ def test_cuda_logits_match(checkpoints, family, slots):
     assert model.offload.store.pinned
     with torch.no_grad():
         assert_close(model(TOKENS.cuda()).logits, _CUDA_LOGITS[path], f"{family} on CUDA with {slots} slots")
+
+
+def test_extra_layers_past_the_model_are_ignored(tmp_path):
+    """DeepSeek-V3 checkpoints also ship a multi-token-prediction layer (model.layers.<num_hidden_layers>.*,
+    routed experts included) that transformers does not build: it is skipped, as transformers skips it."""
+    from safetensors.torch import load_file, save_file
+
+    path = make_checkpoint("deepseek_v3", tmp_path / "mtp")
+    expected_model = reference(path)
+    tensors = load_file(path / "model.safetensors")
+    extra = {k.replace("model.layers.2.", "model.layers.3."): v.clone() for k, v in tensors.items()
+             if k.startswith("model.layers.2.")}
+    extra["model.layers.3.eh_proj.weight"] = torch.zeros(32, 64)
+    assert any(".mlp.experts.0." in k for k in extra)
+    save_file(tensors | extra, path / "model.safetensors", metadata={"format": "pt"})
+    with torch.no_grad():
+        got = load(path, expert_slots=3)(TOKENS).logits
+        assert_close(got, expected_model(TOKENS).logits, "deepseek_v3 with a multi-token-prediction layer on disk")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cpu_kernels.packed import ExpertFormat
 from .pinning import PinnedBuffer
 
 # L = MoE layers, E = experts per layer, H = hidden size, I = expert intermediate size
@@ -44,24 +45,28 @@ def down_view(block: torch.Tensor, shape: ExpertShape) -> torch.Tensor:
 
 
 class HostExpertStore:
-    """All routed experts of a model as one [L*E, 3*H*I] host tensor, allocated once.
+    """All routed experts of a model as one [L*E, row] host tensor, allocated once.
 
-    Expert ``(layer, expert)`` (layer = MoE-layer ordinal) is row ``layer * E + expert``.
-    The store is page-locked when ``pin`` is set, so device copies can be asynchronous.
+    Expert ``(layer, expert)`` (layer = MoE-layer ordinal) is row ``layer * E + expert``: 3*H*I
+    elements of ``dtype``, or with a packed ``fmt`` (cpu_kernels.packed.ExpertFormat) its bytes,
+    scales included. The store is page-locked when ``pin`` is set, so device copies can be
+    asynchronous.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, shape: ExpertShape, dtype: torch.dtype, pin: bool):
+    def __init__(self, num_layers: int, num_experts: int, shape: ExpertShape, dtype: torch.dtype, pin: bool,
+                 fmt: ExpertFormat | None = None):
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.shape = shape
-        self.dtype = dtype
-        rows = (num_layers * num_experts, shape.numel)
+        self.format = fmt or ExpertFormat(str(dtype).removeprefix("torch."), shape.hidden, shape.intermediate, dtype)
+        self.dtype = self.format.row_dtype
+        rows = (num_layers * num_experts, self.format.row_numel)
         self._memory: PinnedBuffer | None = None
         if pin:
-            self._memory = PinnedBuffer(rows, dtype)    # warns and falls back if it cannot page-lock
-            self.blocks = self._memory.tensor            # [L*E, 3HI]
+            self._memory = PinnedBuffer(rows, self.dtype)    # warns and falls back if it cannot page-lock
+            self.blocks = self._memory.tensor                 # [L*E, row]
         else:
-            self.blocks = torch.empty(rows, dtype=dtype)  # [L*E, 3HI]
+            self.blocks = torch.empty(rows, dtype=self.dtype)  # [L*E, row]
         # How the store is page-locked: "registered" (cudaHostRegister, exact size), "torch"
         # (torch's pinned allocator) or "none"; copies may be asynchronous only while pinned.
         self.pinning = self._memory.pinning if self._memory is not None else "none"
@@ -82,7 +87,7 @@ class HostExpertStore:
     def release(self) -> None:
         """Unpin and free the blocks now (idempotent): the store holds no experts afterwards."""
         self.close()
-        self.blocks = self.blocks.new_empty((0, self.shape.numel))
+        self.blocks = self.blocks.new_empty((0, self.format.row_numel))
         self._memory = None
 
     @property
@@ -91,7 +96,7 @@ class HostExpertStore:
 
     @property
     def bytes_per_expert(self) -> int:
-        return self.shape.numel * self.blocks.element_size()
+        return self.format.nbytes
 
     @property
     def nbytes(self) -> int:
@@ -101,23 +106,28 @@ class HostExpertStore:
         return layer * self.num_experts + expert
 
     def block(self, key: int) -> torch.Tensor:
-        """[3*H*I] contiguous block of expert ``key``."""
+        """The contiguous row of expert ``key`` ([3*H*I] of ``dtype``, or its packed bytes)."""
         return self.blocks[key]
 
     def write(self, key: int, role: str, tensor: torch.Tensor) -> None:
-        """Copy one projection ('gate' [I, H], 'up' [I, H], 'gate_up' [2I, H], 'down' [H, I]) into its block."""
-        block, i = self.blocks[key], self.shape.intermediate
-        views = {
-            "gate": gate_up_view(block, self.shape)[:i],
-            "up": gate_up_view(block, self.shape)[i:],
-            "gate_up": gate_up_view(block, self.shape),
-            "down": down_view(block, self.shape),
-        }
-        target = views[role]
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise ValueError(f"expert {key} {role}: shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
-        target.copy_(tensor)
+        """Store one projection ('gate' [I, H], 'up' [I, H], 'gate_up' [2I, H], 'down' [H, I]) of expert
+        ``key``: cast, or quantized into the packed format."""
+        self._check(key, role, tensor)
+        self.format.write(self.blocks[key], role, tensor)
         self.filled[key, [PARTS.index(p) for p in _ROLE_PARTS[role]]] = True
+
+    def write_fp8(self, key: int, role: str, q: torch.Tensor, scale_inv: torch.Tensor) -> None:
+        """Store one projection given as float8_e4m3fn ``q`` with 128x128 block scales, bytes as they are
+        (an fp8 store only)."""
+        self._check(key, role, q)
+        self.format.write_fp8(self.blocks[key], role, q, scale_inv)
+        self.filled[key, [PARTS.index(p) for p in _ROLE_PARTS[role]]] = True
+
+    def _check(self, key: int, role: str, tensor: torch.Tensor) -> None:
+        h, i = self.shape.hidden, self.shape.intermediate
+        expected = {"gate": (i, h), "up": (i, h), "gate_up": (2 * i, h), "down": (h, i)}[role]
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"expert {key} {role}: shape {tuple(tensor.shape)}, expected {expected}")
 
     def missing_keys(self) -> list[int]:
         """Keys of experts with at least one projection (gate, up or down) never written."""

@@ -48,7 +48,8 @@ def main(args: argparse.Namespace) -> int:
     profile = measure_profile(host, slot, parts.shape, runner, name=args.name, repeats=args.repeats)
     out = args.out or user_profile_dir() / f"{args.name}.yaml"
     profile.to_yaml(out)
-    costs = CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize)
+    costs = CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize,
+                                parts.format.nbytes)
     print(f"copy {profile.h2d_gbps:.2f} GB/s, device {profile.gpu_mem_gbps:.1f} GB/s / "
           f"{profile.gpu_tflops:.3f} TFLOP/s, CPU {profile.cpu_mem_gbps:.1f} GB/s / {profile.cpu_gflops:.1f} GFLOP/s")
     for tokens in (1, 8, 64):

@@ -25,6 +25,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"checkpoint directory or shipped model name (default {DEFAULT_MODEL})")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--dtype", help="float32, float16, bfloat16 (default: the checkpoint's)")
+    p.add_argument("--expert-dtype", help="stored format of the routed experts: int8, int4 (groups of 64), int4-g128, "
+                                          "fp8 or a float dtype (default: --dtype); quantized once, then cached")
     p.add_argument("--config", help="OffloadConfig YAML; flags override it")
     add_budget_args(p)
 
@@ -32,7 +34,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def offload_config(args: argparse.Namespace, **extra) -> OffloadConfig:
     cfg = OffloadConfig.from_yaml(args.config) if getattr(args, "config", None) else OffloadConfig()
     fields = {"device": args.device, "dtype": args.dtype, "gpu_memory": args.gpu_memory,
-              "expert_slots": args.expert_slots} | extra
+              "expert_slots": args.expert_slots, "expert_dtype": getattr(args, "expert_dtype", None)} | extra
     return cfg.replace(**{k: v for k, v in fields.items() if v is not None})
 
 

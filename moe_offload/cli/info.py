@@ -28,9 +28,12 @@ def main(args: argparse.Namespace) -> int:
     rows = [
         ("model", f"{parts.directory} ({parts.hf_config.model_type}, {parts.dtype})"),
         ("weights", "checked" if parts.has_weights else "none: config.json only (sizes from the config)"),
+        ("checkpoint format", f"{parts.quantization.describe()} (dense weights dequantized to {parts.dtype} on "
+         "read)" if parts.quantization else "unquantized"),
+        ("expert format", _expert_format(parts)),
         ("dense bytes", gib(plan.dense_bytes)),
         ("expert bytes", gib(plan.expert_bytes)),
-        ("bytes per expert", gib(plan.bytes_per_expert)),
+        ("bytes per expert", gib(plan.bytes_per_expert) + (" (scales included)" if parts.format.packed else "")),
         ("experts", f"{plan.num_experts} ({plan.num_moe_layers} MoE layers x {plan.experts_per_layer})"),
         ("KV reserve", f"{gib(plan.kv_reserve_bytes)} for {cfg.kv_reserve_tokens} tokens"),
         ("budget", gib(plan.budget_bytes) if plan.budget_bytes else
@@ -43,3 +46,12 @@ def main(args: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _expert_format(parts) -> str:
+    """The routed experts' stored format, and its size against the compute dtype's."""
+    fmt = parts.format
+    if not fmt.packed:
+        return fmt.name
+    plain = parts.shape.numel * parts.dtype.itemsize
+    return f"{fmt.name} ({fmt.nbytes / plain:.1%} of {str(parts.dtype).removeprefix('torch.')}; computed in it)"

@@ -87,6 +87,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated per prompt")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--dtype", help="float32, float16, bfloat16 (default: the checkpoint's)")
+    p.add_argument("--expert-dtype", help="stored format of the routed experts: int8, int4, int4-g128, fp8 or a "
+                                          "float dtype (default: --dtype); sizes slots, copies and CPU reads")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=main)
 
@@ -190,6 +192,7 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = OffloadConfig(device=args.device) if args.device else OffloadConfig()
     cfg = cfg.replace(dtype=args.dtype) if args.dtype else cfg
+    cfg = cfg.replace(expert_dtype=args.expert_dtype) if args.expert_dtype else cfg
     if ALLOCATIONS[args.allocation].needs_miss_curves and not args.simulate:
         raise MoEOffloadError(f"--allocation {args.allocation} needs miss curves from a trace; use it with --simulate")
     if (args.trace or args.synthetic) and not args.simulate:
@@ -211,7 +214,7 @@ def main(args: argparse.Namespace) -> int:
                       if n != NO_PREDICTOR)
     setup = SweepSetup(args.model, cfg.device, args.dtype, args.allocation, prompts, args.new_tokens, cfg.progress,
                        cpu_experts, None, args.trace, args.synthetic_tokens if synthetic else 0, args.hardware,
-                       args.prefetch_depth, gate_inputs)
+                       args.prefetch_depth, gate_inputs, expert_dtype=cfg.expert_dtype)
     runs = runnable(parts, setup, policies, budgets, notes)
     if args.simulate:
         rows, predictors = simulate_all(parts, setup, runs, notes, predictors)
@@ -220,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
         rows = [row for name in predictors or [None] for row in engine_rows(parts, replace(setup, predictor=name),
                                                                             runs)]
         hardware = torch.cuda.get_device_name(cfg.torch_device) if cfg.on_cuda else "cpu"
-    defaults = f"CPU experts {cpu_experts}, predictor {', '.join(predictors or [cfg.resolved_predictor])}, " \
+    defaults = f"experts {parts.format.name}, CPU experts {cpu_experts}, predictor {', '.join(predictors or [cfg.resolved_predictor])}, " \
                f"prefetch depth {args.prefetch_depth}"
     payload = {"model": str(args.model), "hardware": hardware, "simulated": bool(args.simulate),
                "allocation": args.allocation, "cpu_experts": cpu_experts,

@@ -1,4 +1,5 @@
-"""A local HF checkpoint directory: config, safetensors shards, validated before any load."""
+"""A local HF checkpoint directory: config, safetensors shards (unquantized or block FP8), validated before any
+load."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import MoEOffloadError
+from .block_fp8 import SCALE_SUFFIX, BlockFP8, FP8Weight, checkpoint_format, split_scales
 
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -77,16 +79,36 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def read_format(directory: Path) -> BlockFP8 | None:
+    """The weight format config.json declares (None: unquantized); MoEOffloadError for one not read."""
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MoEOffloadError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+    return checkpoint_format(config.get("quantization_config") if isinstance(config, dict) else None, path)
+
+
 class Checkpoint:
-    """Tensor names -> shards of one checkpoint directory, with open readers reused."""
+    """Tensor names -> shards of one checkpoint directory, with open readers reused.
+
+    ``quantization`` is the format config.json declares: None (tensors are read as stored) or BlockFP8,
+    whose float8 weights ``get`` and ``get_slice`` return dequantized to float32 with their
+    ``*_scale_inv`` (kept in ``scales``, keyed by the weight's name, not in ``tensors``: they are no model
+    tensors). ``fp8_weight`` and ``fp8_weight_slice`` give the stored bytes and scales, for a store that
+    keeps experts in fp8."""
 
     def __init__(self, directory: Path):
         self.directory = directory
         if not (directory / "config.json").is_file():
             raise MoEOffloadError(f"{directory} has no config.json; is it a transformers checkpoint directory?")
-        self.tensors: dict[str, TensorInfo] = {}
+        self.quantization: BlockFP8 | None = read_format(directory)
+        stored: dict[str, TensorInfo] = {}
         for shard in self._shards():
-            self.tensors.update(read_safetensors_header(shard))
+            stored.update(read_safetensors_header(shard))
+        self.tensors: dict[str, TensorInfo]      # model tensors; an fp8 weight keeps its stored dtype F8_E4M3
+        self.scales: dict[str, TensorInfo]       # fp8 weight name -> its scale_inv
+        self.tensors, self.scales = split_scales(self.quantization, stored, directory)
         self._readers: dict[Path, object] = {}
 
     def _shards(self) -> list[Path]:
@@ -114,19 +136,44 @@ class Checkpoint:
             "only safetensors checkpoints are supported (re-save with save_pretrained)"
         )
 
+    def _reader(self, info: TensorInfo):
+        """The open safetensors reader of ``info``'s shard (opened once)."""
+        if info.shard not in self._readers:
+            self._readers[info.shard] = safe_open(str(info.shard), framework="pt", device="cpu")
+        return self._readers[info.shard]
+
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (only that tensor's bytes) from its shard."""
-        shard = self.tensors[name].shard
-        if shard not in self._readers:
-            self._readers[shard] = safe_open(str(shard), framework="pt", device="cpu")
-        return self._readers[shard].get_tensor(name)
+        """Read one tensor (only that tensor's bytes) from its shard; an fp8 weight dequantized to float32."""
+        if name in self.scales:
+            return self.fp8_weight(name).dequantize()
+        return self._reader(self.tensors[name]).get_tensor(name)
 
     def get_slice(self, name: str, index: int) -> torch.Tensor:
-        """Row ``index`` of a tensor's first dimension, without reading the rest."""
-        shard = self.tensors[name].shard
-        if shard not in self._readers:
-            self._readers[shard] = safe_open(str(shard), framework="pt", device="cpu")
-        return self._readers[shard].get_slice(name)[index]
+        """Row ``index`` of a tensor's first dimension (a fused [E, O, I] tensor's expert ``index``), without
+        reading the rest; a fused fp8 weight's expert dequantized to float32 with its own scales."""
+        if name not in self.scales:
+            return self._reader(self.tensors[name]).get_slice(name)[index]
+        if len(self.tensors[name].shape) == 2:   # a matrix row: dequantized whole (fused experts are 3-D)
+            return self.get(name)[index]
+        return self.fp8_weight_slice(name, index).dequantize()
+
+    def fp8_weight(self, name: str) -> FP8Weight:
+        """An fp8 weight (``name in scales``) as stored: (q float8_e4m3fn [O, I] or [E, O, I], scale_inv
+        float32 [ceil(O/BO), ceil(I/BI)] or [E, ...], block (BO, BI)), for a store that keeps fp8 bytes."""
+        if name not in self.scales:
+            raise KeyError(f"{name} is not an fp8 weight of {self.directory}")
+        q = self._reader(self.tensors[name]).get_tensor(name)
+        scale = self._reader(self.scales[name]).get_tensor(name + SCALE_SUFFIX)
+        return FP8Weight(q, scale, self.quantization.block)
+
+    def fp8_weight_slice(self, name: str, index: int) -> FP8Weight:
+        """Expert ``index`` of a fused fp8 weight [E, O, I] as stored, reading only its bytes: (q [O, I],
+        scale_inv [ceil(O/BO), ceil(I/BI)], block)."""
+        if name not in self.scales or len(self.tensors[name].shape) != 3:
+            raise KeyError(f"{name} is not a fused [E, O, I] fp8 weight of {self.directory}")
+        q = self._reader(self.tensors[name]).get_slice(name)[index]
+        scale = self._reader(self.scales[name]).get_slice(name + SCALE_SUFFIX)[index]
+        return FP8Weight(q, scale, self.quantization.block)
 
     def close(self) -> None:
         self._readers.clear()

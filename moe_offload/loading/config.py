@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from ..cache import ALLOCATIONS, POLICIES, RUNTIME_ALLOCATIONS, SIMULATION_ONLY
+from ..cpu_kernels.packed import FORMAT_NAMES, canonical_expert_format
 from ..errors import MoEOffloadError
 from ..predictor.registry import PREDICTORS, RUNTIME_PREDICTORS
 from ..runtime.scheduler import CPU_EXPERTS
@@ -162,9 +163,19 @@ class OffloadConfig:
                                               # when issued) or "deferred" (copies land late, in a seeded random
                                               # order their dependencies allow: tests); None: cuda or immediate
     copy_seed: int = 0                        # deferred backend: seed of the landing order
+    expert_dtype: str | None = None           # routed experts' stored format: None (the compute dtype), "int8",
+                                              # "int4" (groups of 64), "int4-g128", "fp8", or a float dtype
+    quant_cache: str | None = None            # folder of the quantized-experts cache files; None: the user's
+                                              # cache folder ($XDG_CACHE_HOME/moe-offload/experts)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        if self.expert_dtype is not None:
+            try:
+                object.__setattr__(self, "expert_dtype", canonical_expert_format(self.expert_dtype))
+            except ValueError:
+                raise MoEOffloadError(f"unknown expert_dtype {self.expert_dtype!r}; choose one of "
+                                      f"{', '.join(FORMAT_NAMES)} (or leave it unset for the model's dtype)") from None
         if self.gpu_memory is not None:
             object.__setattr__(self, "gpu_memory", parse_bytes(self.gpu_memory))
         if self.gpu_memory is not None and self.expert_slots is not None:

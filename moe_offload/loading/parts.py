@@ -9,11 +9,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from ..cpu_kernels.packed import FP8_BLOCK, ExpertFormat
 from ..errors import MoEOffloadError
 from ..transfer import ExpertShape
 from .adapters import ModelAdapter, adapter_for
 from .budget import MemoryPlan, plan_memory
-from .checkpoint import Checkpoint, resolve_model_dir
+from .checkpoint import Checkpoint, read_format, resolve_model_dir
 from .config import OffloadConfig
 from .skeleton import ExpertsSite, build_skeleton, find_experts
 from .validate import check_config, check_tensors
@@ -43,6 +44,8 @@ class ModelParts:
     def __init__(self, model_path: str | os.PathLike, cfg: OffloadConfig, weights: bool = True):
         self.directory = resolve_model_dir(model_path)
         self.checkpoint = Checkpoint(self.directory) if weights else None
+        # the weight format (None: unquantized, or BlockFP8); any other quantization is refused here, by name
+        self.quantization = self.checkpoint.quantization if weights else read_format(self.directory)
         self.hf_config = load_config(self.directory)
         self.adapter: ModelAdapter = adapter_for(self.hf_config)
         check_config(self.hf_config, self.adapter, self.directory / "config.json")
@@ -53,12 +56,13 @@ class ModelParts:
         num_experts, two_i, hidden = first.gate_up_proj.shape
         self.num_experts = num_experts
         self.shape = ExpertShape(hidden=hidden, intermediate=two_i // 2)
+        self.format = expert_format(cfg, self.shape, self.dtype, self.quantization)
         if weights:
             check_tensors(self)  # every tensor present, shaped and typed as config.json implies
         self.plan: MemoryPlan = plan_memory(
             cfg,
             dense_bytes=self._dense_bytes(),
-            bytes_per_expert=self.shape.numel * self.dtype.itemsize,
+            bytes_per_expert=self.format.nbytes,
             num_moe_layers=len(self.sites),
             experts_per_layer=num_experts,
             kv_bytes_per_token=self.adapter.kv_bytes_per_token(self.hf_config, self.dtype.itemsize),
@@ -75,6 +79,17 @@ class ModelParts:
     def routers(self) -> list[nn.Module]:
         """The router module beside each MoE layer's experts, in MoE-layer order."""
         return [getattr(s.parent, self.adapter.router_attr) for s in self.sites]
+
+
+def expert_format(cfg: OffloadConfig, shape: ExpertShape, dtype: torch.dtype, quantization=None) -> ExpertFormat:
+    """The routed experts' stored format: ``cfg.expert_dtype``; unset, fp8 for a block-FP8 checkpoint whose
+    blocks are the format's 128x128 (its bytes are kept as they are), else the compute dtype."""
+    keep_fp8 = quantization is not None and tuple(quantization.block) == (FP8_BLOCK, FP8_BLOCK)
+    name = cfg.expert_dtype or ("fp8" if keep_fp8 else str(dtype).removeprefix("torch."))
+    try:
+        return ExpertFormat(name, shape.hidden, shape.intermediate, dtype)
+    except ValueError as err:
+        raise MoEOffloadError(f"expert_dtype {name!r}: {err}") from None
 
 
 def _keeps_fp32(model: PreTrainedModel, name: str) -> bool:

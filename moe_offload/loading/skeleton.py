@@ -43,6 +43,12 @@ class ExpertsSite:
 
 
 def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """The model with meta parameters, in ``dtype``. A ``quantization_config`` (block FP8, the only one the
+    checkpoint layer lets through) is removed from ``config``, which becomes ``model.config``: the model
+    holds the weights dequantized, so transformers must neither quantize it nor save or report it as
+    quantized."""
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()

@@ -76,8 +76,8 @@ def _shape_error(name: str, got, want) -> MoEOffloadError:
 
 def _dtype_error(name: str, dtype: str) -> MoEOffloadError:
     return MoEOffloadError(f"tensor {name} has dtype {dtype} but is a weight, which must be floating point "
-                           "(F32, F16, BF16, F8); the checkpoint is corrupt or quantized in a format "
-                           "moe-offload does not read")
+                           "(F32, F16, BF16, or F8_E4M3 with block scales); the checkpoint is corrupt or "
+                           "quantized in a format moe-offload does not read")
 
 
 def check_tensors(parts) -> None:
@@ -152,8 +152,8 @@ def _scan_experts(parts, ordinal: dict[int, int]):
     prefix: dict[int, str] = {}
     for name, info in parts.checkpoint.tensors.items():
         t = adapter.expert_tensor(name)
-        if t is None:
-            continue
+        if t is None or t.layer >= parts.hf_config.num_hidden_layers:
+            continue   # (layers past the model's, e.g. DeepSeek-V3's multi-token-prediction head: not built)
         if t.layer not in ordinal:
             raise MoEOffloadError(
                 f"checkpoint has routed experts for layer {t.layer} ({name}) but config.json makes it dense"

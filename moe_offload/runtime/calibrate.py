@@ -7,7 +7,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..transfer import ExpertShape, down_view, gate_up_view
+from ..cpu_kernels.packed import ExpertFormat
+from ..transfer import ExpertShape
 from .cost import HardwareProfile
 
 # T = tokens, H = hidden size, I = expert intermediate size
@@ -31,36 +32,42 @@ def median_seconds(fn, device: torch.device, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _device_expert(block: torch.Tensor, shape: ExpertShape, x: torch.Tensor) -> torch.Tensor:
-    gate, up = F.linear(x, gate_up_view(block, shape)).chunk(2, dim=-1)   # [T, I] each
-    return F.linear(F.silu(gate) * up, down_view(block, shape))          # [T, H]
+def _device_expert(block: torch.Tensor, fmt: ExpertFormat, x: torch.Tensor, scratch) -> torch.Tensor:
+    gate_up, down = fmt.unpack(block, scratch)                            # views, or dequantized into scratch
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)                      # [T, I] each
+    return F.linear(F.silu(gate) * up, down)                              # [T, H]
 
 
 def measure_profile(host_block: torch.Tensor, slot: torch.Tensor, shape: ExpertShape, cpu_runner=None,
-                    name: str = "measured", repeats: int = 5, tokens: int = 128) -> HardwareProfile:
+                    name: str = "measured", repeats: int = 5, tokens: int = 128,
+                    fmt: ExpertFormat | None = None) -> HardwareProfile:
     """Roofline rates from timing one expert: copy into ``slot``, device compute at 1 and ``tokens``
-    tokens, and the CPU kernel at 1 and ``tokens`` tokens (when a runner is given)."""
+    tokens, and the CPU kernel at 1 and ``tokens`` tokens (when a runner is given). ``fmt``: the
+    stored format of ``host_block`` (default: native, of the slot's dtype); a packed expert's device time
+    includes dequantizing it."""
     device = slot.device
-    nbytes = host_block.numel() * host_block.element_size()
+    fmt = fmt or ExpertFormat(str(slot.dtype).removeprefix("torch."), shape.hidden, shape.intermediate, slot.dtype)
+    scratch = torch.empty(shape.numel, dtype=fmt.compute_dtype, device=device) if fmt.needs_scratch else None
+    nbytes = fmt.nbytes
     flops = 6 * shape.hidden * shape.intermediate
     full = median_seconds(lambda: slot.copy_(host_block, non_blocking=True), device, repeats)
     small = host_block[: max(1, host_block.numel() // 16)]
     part = median_seconds(lambda: slot[: small.numel()].copy_(small, non_blocking=True), device, repeats)
     latency = max(0.0, (16 * part - full) / 15)           # t = latency + bytes / bw, from two sizes
     h2d = nbytes / max(full - latency, 1e-9)
-    x1 = torch.randn(1, shape.hidden, dtype=slot.dtype, device=device)
-    xt = torch.randn(tokens, shape.hidden, dtype=slot.dtype, device=device)
-    g1 = median_seconds(lambda: _device_expert(slot, shape, x1), device, repeats)
-    gt = median_seconds(lambda: _device_expert(slot, shape, xt), device, repeats)
+    x1 = torch.randn(1, shape.hidden, dtype=fmt.compute_dtype, device=device)
+    xt = torch.randn(tokens, shape.hidden, dtype=fmt.compute_dtype, device=device)
+    g1 = median_seconds(lambda: _device_expert(slot, fmt, x1, scratch), device, repeats)
+    gt = median_seconds(lambda: _device_expert(slot, fmt, xt, scratch), device, repeats)
     c1, ct = g1, gt
     if cpu_runner is not None:
         from ..cpu_kernels import CpuJob, as_numpy_block
 
-        block_np = as_numpy_block(host_block)
+        block_np = host_block.numpy() if fmt.packed else as_numpy_block(host_block)
 
         def run_cpu(t: int):
             x = torch.randn(t, shape.hidden).numpy()
-            job = CpuJob(block_np, torch.arange(t).numpy(), torch.ones(t).numpy())
+            job = CpuJob(block_np, torch.arange(t).numpy(), torch.ones(t).numpy(), fmt=fmt if fmt.packed else None)
             return lambda: cpu_runner.run(x, [job])
 
         c1 = median_seconds(run_cpu(1), torch.device("cpu"), repeats)
@@ -70,5 +77,5 @@ def measure_profile(host_block: torch.Tensor, slot: torch.Tensor, shape: ExpertS
         gpu_mem_gbps=nbytes / g1 / 1e9, gpu_tflops=tokens * flops / gt / 1e12, gpu_launch_us=0.0,
         cpu_mem_gbps=nbytes / c1 / 1e9, cpu_gflops=tokens * flops / ct / 1e9, cpu_start_us=0.0,
         source=f"measured by moe-offload calibrate on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
-        f" with one {shape.hidden}x{shape.intermediate} {slot.dtype} expert",
+        f" with one {shape.hidden}x{shape.intermediate} {fmt.name} expert",
     )

@@ -82,8 +82,12 @@ class CostModel:
     flops_per_token: int      # 2 * 3 * H * I for a gated FFN
 
     @classmethod
-    def for_expert(cls, profile: HardwareProfile, hidden: int, intermediate: int, element_size: int) -> "CostModel":
-        return cls(profile, 3 * hidden * intermediate * element_size, 6 * hidden * intermediate)
+    def for_expert(cls, profile: HardwareProfile, hidden: int, intermediate: int, element_size: int,
+                   nbytes: int | None = None) -> "CostModel":
+        """Costs of one H x I gated expert stored in ``nbytes`` (default: 3HI elements of ``element_size``;
+        packed formats give their byte size, scales included)."""
+        size = 3 * hidden * intermediate * element_size if nbytes is None else int(nbytes)
+        return cls(profile, size, 6 * hidden * intermediate)
 
     def copy_s(self) -> float:
         p = self.profile

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import ExpertCache, ExpertLayout
-from ..transfer import CopyEngine, HostExpertStore, down_view, gate_up_view
+from ..transfer import CopyEngine, HostExpertStore
 from ..transfer.readback import HostReadback, grown
 from .protocol import CallProtocol
 from .stats import OffloadStats
@@ -36,12 +36,17 @@ class Engine:
         self._cpu_inputs = HostReadback(device)       # CPU experts' token rows, one copy per layer that has them
         self._cpu_out: torch.Tensor | None = None     # [>= T*H] float32 page-locked: CPU experts' weighted sum
         self._cpu_out_copied = torch.cuda.Event() if device.type == "cuda" else None
+        self.format = store.format
+        # a packed (or cast) expert is dequantized into this one buffer before its matmuls
+        self._scratch = (torch.empty(store.shape.numel, dtype=self.format.compute_dtype, device=device)
+                         if self.format.needs_scratch else None)
         self._cpu_blocks = None
         if cpu_experts != "never":
             from ..cpu_kernels import as_numpy_block
 
-            # numpy views of the host blocks, made once: the CPU kernels read the store in place
-            self._cpu_blocks = [as_numpy_block(store.block(key)) for key in range(store.num_keys)]
+            # numpy views of the host rows, made once: the CPU kernels read the store in place
+            view = (lambda row: row.numpy()) if self.format.packed else as_numpy_block
+            self._cpu_blocks = [view(store.block(key)) for key in range(store.num_keys)]
 
     @property
     def prefetcher(self):
@@ -80,8 +85,9 @@ class Engine:
         hidden_host, rows_host, weights_host = self._cpu_inputs.read([hidden.detach(), rows, weights])
         hidden_host = hidden_host.reshape(hidden.shape)                    # [T, H] float32
         rows_host = rows_host.astype(np.int64)                             # [T*k] exact: row ids < 2^24
+        fmt = self.format if self.format.packed else None
         jobs = [CpuJob(self._cpu_blocks[key], rows_host[starts[e] : starts[e + 1]],
-                       weights_host[starts[e] : starts[e + 1]], self.act) for e, key in zip(experts, keys)]
+                       weights_host[starts[e] : starts[e + 1]], self.act, fmt=fmt) for e, key in zip(experts, keys)]
         out = self._cpu_output(hidden.shape)
         return self.cpu_runner.submit(hidden_host, jobs, out=out.numpy()), out
 
@@ -99,10 +105,11 @@ class Engine:
             self._cpu_out_copied.record(torch.cuda.current_stream(device))
 
     def expert(self, block, x, w, act_fn, out) -> None:
-        """out = w * expert(x), the same ops transformers runs (x: [t, H] rows of this expert)."""
-        shape = self.store.shape
-        gate, up = F.linear(x, gate_up_view(block, shape)).chunk(2, dim=-1)  # [t, I] each
-        y = F.linear(act_fn(gate) * up, down_view(block, shape))             # [t, H]
+        """out = w * expert(x), the same ops transformers runs (x: [t, H] rows of this expert); a packed
+        block's weights are dequantized into the engine's scratch first."""
+        gate_up, down = self.format.unpack(block, self._scratch)            # [2I, H], [H, I]
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)                    # [t, I] each
+        y = F.linear(act_fn(gate) * up, down)                               # [t, H]
         out.copy_(y * w[:, None])
 
 

@@ -55,6 +55,7 @@ class SweepSetup:
     prefetch_depth: int = 1          # layers ahead the prefetcher reaches
     gate_inputs: bool = False        # record the trace with gate inputs (a gate predictor will replay it)
     locality: tuple[float, float, float] = SYNTHETIC_LOCALITY   # synthetic trace: (skew, repeat, cross_layer)
+    expert_dtype: str | None = None  # the experts' stored format (OffloadConfig.expert_dtype)
 
 
 def parse_budgets(text: str, parts) -> list[Budget]:
@@ -115,7 +116,8 @@ def run_engine(setup: SweepSetup, policy: str, slots: int) -> tuple[float, float
     """(hit rate, bytes copied per token, tokens/s) of greedy generation on the local device."""
     from ..loading.loader import from_pretrained
 
-    model = from_pretrained(setup.model, device=setup.device, dtype=setup.dtype, expert_slots=slots,
+    model = from_pretrained(setup.model, device=setup.device, dtype=setup.dtype, expert_dtype=setup.expert_dtype,
+                            expert_slots=slots,
                             cache_policy=policy, slot_allocation=setup.allocation, cpu_experts=setup.cpu_experts,
                             predictor=setup.predictor, progress=False)
     device = model.device
@@ -239,7 +241,8 @@ def simulate_rows(parts, setup: SweepSetup, runs: list[tuple[str, Budget]], note
     from ..runtime.cost import CostModel, HardwareProfile
 
     profile = HardwareProfile.from_yaml(setup.hardware)
-    cost = CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize)
+    cost = CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize,
+                                parts.format.nbytes)
     simulator = Simulator(RoutingArrays.of(trace), cost, parts.plan.bytes_per_expert, setup.cpu_experts,
                           predictor=predictor_maker(setup, trace, parts, notes), prefetch_depth=setup.prefetch_depth)
     rows = []
