@@ -96,6 +96,7 @@ class CpuRunner:
         self._torch = TorchExperts()
         self._choices: dict[str, dict[int, str]] = {}
         self.timings: dict[str, dict[int, dict[str, float]]] = {}   # the last measure_backends()
+        self.measured_shape: tuple[int, int] | None = None          # (H, I) it timed
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-cpu-experts")
         self._worker_threads = 0  # numba threads last set in the worker thread
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 
 import numpy as np
@@ -13,6 +14,9 @@ from moe_offload.cpu_kernels import CpuJob, CpuRunner
 from moe_offload.cpu_kernels.backends import BUCKETS, bucket_of, measured_shape, pick
 from moe_offload.cpu_kernels.packed import ExpertFormat
 from moe_offload.cpu_kernels.packed_ffn import packed_ffn, row_buffer_width
+from moe_offload.runtime.calibrate import measure_cpu_experts
+from moe_offload.runtime.cost import CostModel, HardwareProfile
+from moe_offload.transfer import ExpertShape
 
 # T = tokens, H = hidden, I = intermediate
 # (H, I) per format: odd where the format allows, never a multiple of the int4 group or the FP8 block.
@@ -166,7 +170,7 @@ def test_bad_input_raises_value_error(change, message):
     fmt, row = packed_row("int4", 66, 34)
     args = {"x": np.ones((2, 66), np.float32), "row": row, "fmt": fmt, "act": "silu",
             "out": np.empty((2, 66), np.float32), "scratch": np.empty(2 * 34, np.float32),
-            "rows": np.empty((2, row_buffer_width(fmt)), np.float32)}
+            "rows": np.zeros((2, row_buffer_width(fmt)), np.float32)}
     with pytest.raises(ValueError, match=message):
         packed_ffn(**change(args))
 
@@ -179,3 +183,30 @@ def test_runner_rejects_bad_packed_jobs_in_the_caller():
                                                                 fmt=fmt)])
         with pytest.raises(ValueError, match="'numba' \\| 'torch'"):
             runner.set_choices({"fp8": {3: "numba"}})
+
+
+# -- the measured CPU seconds in the hardware profile and the cost model ------------------------------------------------
+def test_calibration_records_the_chosen_backend_seconds(tmp_path):
+    with CpuRunner(num_threads=1) as runner:
+        fields = measure_cpu_experts(runner, ExpertShape(64, 96), ["int4", "float32"], budget_s=0.2)
+        choices = runner.choices
+    assert fields["cpu_expert_params"] == 3 * 64 * 96
+    assert fields["cpu_backend"] == {"int4": choices["int4"], "float32": choices["float32"]}
+    for name, per_bucket in fields["cpu_expert_s"].items():
+        assert per_bucket == {b: runner.timings[name][b][choices[name][b]] for b in BUCKETS}
+    profile = dataclasses.replace(HardwareProfile.from_yaml("h100-pcie5"), **fields)
+    assert HardwareProfile.from_yaml(profile.to_yaml(tmp_path / "p.yaml")) == profile
+
+
+def test_cost_model_interpolates_measured_cpu_seconds():
+    base = HardwareProfile.from_yaml("h100-pcie5")
+    measured = {"int4": {1: 1e-3, 4: 2e-3, 16: 5e-3}}
+    profile = dataclasses.replace(base, cpu_expert_s=measured, cpu_expert_params=3 * 100 * 200)
+    same, double = 6 * 100 * 200, 2 * 6 * 100 * 200      # flops per token of the measured expert, of one twice its size
+    costs = CostModel(profile, 30_000, same, expert_format="int4")
+    assert [costs.cpu_s(t) for t in (0, 1, 2, 4, 10, 16)] == pytest.approx([0.0, 1e-3, 4e-3 / 3, 2e-3, 3.5e-3, 5e-3])
+    assert costs.cpu_s(32) == pytest.approx(5e-3 + 16 * 3e-3 / 12)      # the last segment's slope
+    assert CostModel(profile, 60_000, double, expert_format="int4").cpu_s(4) == pytest.approx(4e-3)
+    roofline = CostModel(base, 30_000, same)
+    for fmt in ("", "fp8"):                                             # unmeasured: the roofline, as before
+        assert CostModel(profile, 30_000, same, expert_format=fmt).cpu_s(4) == roofline.cpu_s(4)
