@@ -2,7 +2,8 @@
 
     # T = tokens, H = hidden, I = intermediate
     row  uint8 [fmt.nbytes]   one expert in ExpertFormat's layout (int8, int4, int4-g128, fp8)
-    x    float32 [T, H] ; out float32 [T, H] written ; scratch float32 >= T * I
+    x    float32 [T, H] ; out float32 [T, H] written
+    scratch float32 >= T * (2I + H)      h [T, I], and x and h in the kernels' column order (int4)
     rows float32 [C, >= 2 * max(H, I)]   C = row chunks (threads), each one's decoded row pair
     out = down @ (act(gate @ x) * (up @ x))
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ffn import _check_tokens, check_act, scratch_view
+from .ffn import _check_tokens, check_act
 from .kernels import ffn_decode, ffn_prefill
 from .packed import ExpertFormat
 from .packed_kernels import FP8_LUT, packed_decode, packed_prefill
@@ -51,6 +52,24 @@ def packed_matrices(fmt: ExpertFormat, row: np.ndarray) -> tuple:
             (views["down"], views["down_scale"], FP8_LUT, fmt.hidden))
 
 
+def packed_scratch_size(fmt: ExpertFormat, tokens: int) -> int:
+    """Floats of the ``scratch`` packed_ffn needs for ``tokens`` tokens: h [T, I], hk [T, I], xk [T, H]."""
+    return tokens * (2 * fmt.inter + fmt.hidden)
+
+
+def _scratch_views(scratch: np.ndarray, fmt: ExpertFormat, tokens: int) -> tuple:
+    """(h [T, I], (xk [T, H], hk [T, I])) views of a flat float32 scratch of >= packed_scratch_size floats."""
+    need, h_size = packed_scratch_size(fmt, tokens), tokens * fmt.inter
+    if not isinstance(scratch, np.ndarray) or scratch.dtype != np.float32 or not scratch.flags.c_contiguous:
+        raise ValueError("scratch must be a C-contiguous float32 numpy array")
+    if scratch.size < need:
+        raise ValueError(f"scratch holds {scratch.size} floats; a packed expert needs T * (2I + H) = {need}")
+    flat = scratch.reshape(-1)
+    h = flat[:h_size].reshape(tokens, fmt.inter)
+    hk = flat[h_size:2 * h_size].reshape(tokens, fmt.inter)
+    return h, (flat[2 * h_size:need].reshape(tokens, fmt.hidden), hk)
+
+
 def row_buffer_width(fmt: ExpertFormat) -> int:
     """Floats per chunk of the ``rows`` buffer packed_ffn needs: one decoded row pair."""
     return 2 * max(fmt.hidden, fmt.inter)
@@ -69,9 +88,9 @@ def packed_ffn(x: np.ndarray, row: np.ndarray, fmt: ExpertFormat, act: str | int
                scratch: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """out [T, H] = expert FFN of x [T, H] with the packed weights of ``row``; returns ``out``.
 
-    rows: float32 [C, >= row_buffer_width(fmt)], where the C row chunks (run in parallel) decode
-    their rows (unused by int8). T = 1 takes the decode path (bytes streamed once), T > 1 the
-    token-blocked path.
+    scratch: float32, >= packed_scratch_size(fmt, T) floats. rows: float32 [C, >= row_buffer_width(fmt)],
+    where the C row chunks (run in parallel) decode their rows (unused by int8). T = 1 takes the decode
+    path (bytes streamed once), T > 1 the token-blocked path.
     """
     hidden = fmt.hidden
     tokens = _check_tokens(x, hidden, "x")
@@ -79,7 +98,7 @@ def packed_ffn(x: np.ndarray, row: np.ndarray, fmt: ExpertFormat, act: str | int
         raise ValueError(f"out has {out.shape[0]} rows, x has {tokens}")
     inter = check_packed(row, fmt, hidden)
     code = check_act(act)
-    h = scratch_view(scratch, tokens, inter)  # [T, I]
+    h, work = _scratch_views(scratch, fmt, tokens)  # h [T, I]
     _check_rows(rows, fmt)
     gate_up, down = packed_matrices(fmt, row)
     if fmt.name == "int8":
@@ -87,5 +106,5 @@ def packed_ffn(x: np.ndarray, row: np.ndarray, fmt: ExpertFormat, act: str | int
         kernel(x, gate_up, down, hidden, inter, code, out, h)
     else:
         kernel = packed_decode if tokens == 1 else packed_prefill
-        kernel(x, gate_up, down, code, out, h, rows)
+        kernel(x, gate_up, down, code, out, h, work, rows)
     return out

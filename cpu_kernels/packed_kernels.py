@@ -47,30 +47,33 @@ FP8_LUT = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8
 
 
 @njit(inline="always", **_OPTS)
-def _int4_decode_bytes(q, r, j0, j1, zero, scale, w):
-    """w[2j], w[2j + 1] = (low, high nibble of q[r, j] - zero) * scale for bytes j0..j1-1."""
+def _int4_decode_bytes(q, r, j0, j1, zero, scale, low, high):
+    """low[j], high[j] = (low, high nibble of q[r, j] - zero) * scale for bytes j0..j1-1."""
     offset = -zero * scale
     for j in range(j0, j1):
         b = np.int32(q[r, j])   # int32, not numba's default int64: int64 -> float32 does not vectorize
-        w[2 * j] = np.float32(b & 15) * scale + offset
-        w[2 * j + 1] = np.float32(b >> 4) * scale + offset
+        low[j] = np.float32(b & 15) * scale + offset
+        high[j] = np.float32(b >> 4) * scale + offset
 
 
 @njit(**_OPTS)
 def _int4_decode_row(q, scale, zero, group, r, w):
-    """w[:K] = row r of an int4 matrix, one INT4_CHUNK at a time (a chunk never straddles two groups), then
-    the bytes left in a short last group. One flat loop of constant-trip chunks: LLVM vectorizes these,
-    but not the same chunks nested in a loop over groups of run-time size."""
+    """w[:K] = row r of an int4 matrix in deinterleaved column order (even columns, then odd ones: see
+    kernel_input), one INT4_CHUNK at a time (a chunk never straddles two groups), then the bytes left in
+    a short last group. One flat loop of constant-trip chunks: LLVM vectorizes these, but not the same
+    chunks nested in a loop over groups of run-time size; two separate outputs, not interleaved stores."""
     per_group, width = group // (2 * INT4_CHUNK), q.shape[1]
+    low, high = w[:width], w[width:2 * width]
     full = width // INT4_CHUNK
     for k in range(full):
         g = k // per_group
         j = k * INT4_CHUNK
-        _int4_decode_bytes(q, r, j, j + INT4_CHUNK, _f16_bits_to_f32(zero[r, g]), _f16_bits_to_f32(scale[r, g]), w)
+        _int4_decode_bytes(q, r, j, j + INT4_CHUNK, _f16_bits_to_f32(zero[r, g]), _f16_bits_to_f32(scale[r, g]),
+                           low, high)
     g = full // per_group
     if full * INT4_CHUNK < width:
         _int4_decode_bytes(q, r, full * INT4_CHUNK, width, _f16_bits_to_f32(zero[r, g]),
-                           _f16_bits_to_f32(scale[r, g]), w)
+                           _f16_bits_to_f32(scale[r, g]), low, high)
 
 
 @njit(inline="always", **_OPTS)
@@ -98,14 +101,46 @@ def decode_row(mat, r, w):
     raise NotImplementedError("decode_row is only callable from numba-compiled code")
 
 
-@overload(decode_row)
-def _decode_row_overload(mat, r, w):
+@overload(decode_row, inline="always")
+def _decode_row_overload(mat, row, w):
     """int4 matrices carry int16 (float16 bits) scales, fp8 ones float32. The tuple is unpacked here:
     arrays read out of a tuple in memory may alias the stores to w, which stops LLVM vectorizing."""
     if not isinstance(mat, types.BaseTuple):
         return None
     impl = _int4_decode_row if mat[1].dtype == types.int16 else _fp8_decode_row
-    return lambda mat, r, w: impl(mat[0], mat[1], mat[2], mat[3], r, w)
+    return lambda mat, row, w: impl(mat[0], mat[1], mat[2], mat[3], row, w)
+
+
+def kernel_input(mat, src, dst):
+    """The tokens [T, K] in the column order decode_row writes a row of ``mat`` in (numba only)."""
+    raise NotImplementedError("kernel_input is only callable from numba-compiled code")
+
+
+@overload(kernel_input)
+def _kernel_input_overload(mat, src, dst):
+    """int4 rows decode even columns (low nibbles) then odd ones: dst [T, K] gets src in that order.
+    fp8 rows decode in order: src itself."""
+    if not isinstance(mat, types.BaseTuple):
+        return None
+    if mat[1].dtype == types.int16:
+        def deinterleave(mat, src, dst):
+            half = src.shape[1] // 2
+            for t in range(src.shape[0]):
+                for j in range(half):
+                    dst[t, j] = src[t, 2 * j]
+                    dst[t, half + j] = src[t, 2 * j + 1]
+            return dst
+        return deinterleave
+    return lambda mat, src, dst: src
+
+
+@njit(**_OPTS)
+def _decode_pair(mat, ra, rb, w, width):
+    """Rows ra, rb of a packed matrix decoded into w[:width] and w[width:2 * width]; returns both views."""
+    wa, wb = w[:width], w[width:2 * width]
+    decode_row(mat, ra, wa)
+    decode_row(mat, rb, wb)
+    return wa, wb
 
 
 @njit(**_OPTS)
@@ -115,18 +150,18 @@ def _chunk(c, chunks, n):
 
 
 @njit(parallel=True, **_OPTS)
-def packed_decode(x, gate_up, down, act, out, h, rows):
-    """One token: x [1, H], out [1, H], h [>= 1, I] and rows [C, >= 2 * max(H, I)] float32 scratch."""
+def packed_decode(x, gate_up, down, act, out, h, work, rows):
+    """One token: x [1, H], out [1, H]; float32 scratch h [1, I], work (xk [1, H], hk [1, I]) for the kernel
+    order of x and h (kernel_input), rows [C, >= 2 * max(H, I)]."""
     hidden, inter, chunks = out.shape[1], gate_up[0].shape[0] // 2, rows.shape[0]
-    x0, h0 = x[0], h[0]
+    x0 = kernel_input(gate_up, x, work[0])[0]
     for c in prange(chunks):
-        wg, wu = rows[c, :hidden], rows[c, hidden:2 * hidden]
         start, stop = _chunk(c, chunks, inter)
         for j in range(start, stop):
-            decode_row(gate_up, j, wg)
-            decode_row(gate_up, inter + j, wu)
+            wg, wu = _decode_pair(gate_up, j, inter + j, rows[c], hidden)
             g, u = _dot2x1(wg, wu, x0)
-            h0[j] = activate(g, act) * u
+            h[0, j] = activate(g, act) * u
+    h0 = kernel_input(down, h, work[1])[0]
     for c in prange(chunks):
         wd = rows[c, :inter]
         start, stop = _chunk(c, chunks, hidden)
@@ -163,21 +198,20 @@ def _store(y, t, ca, cb, a, b, act):
 
 
 @njit(parallel=True, **_OPTS)
-def packed_prefill(x, gate_up, down, act, out, h, rows):
-    """T tokens: x [T, H], out [T, H], h [T, I] and rows [C, >= 2 * max(H, I)] float32 scratch."""
+def packed_prefill(x, gate_up, down, act, out, h, work, rows):
+    """T tokens: x [T, H], out [T, H]; float32 scratch h [T, I], work (xk [T, H], hk [T, I]) for the kernel
+    order of x and h (kernel_input), rows [C, >= 2 * max(H, I)]."""
     hidden, inter, chunks = out.shape[1], gate_up[0].shape[0] // 2, rows.shape[0]
+    xk = kernel_input(gate_up, x, work[0])
     for c in prange(chunks):
-        wg, wu = rows[c, :hidden], rows[c, hidden:2 * hidden]
         start, stop = _chunk(c, chunks, inter)
         for j in range(start, stop):
-            decode_row(gate_up, j, wg)
-            decode_row(gate_up, inter + j, wu)
-            _pair_tokens(wg, wu, x, h, j, j, act)
+            wg, wu = _decode_pair(gate_up, j, inter + j, rows[c], hidden)
+            _pair_tokens(wg, wu, xk, h, j, j, act)
+    hk = kernel_input(down, h, work[1])
     for c in prange(chunks):
-        wa, wb = rows[c, :inter], rows[c, inter:2 * inter]
         start, stop = _chunk(c, chunks, (hidden + 1) // 2)
         for p in range(start, stop):
             ra, rb = 2 * p, min(2 * p + 1, hidden - 1)   # odd H: the last row pairs with itself
-            decode_row(down, ra, wa)
-            decode_row(down, rb, wb)
-            _pair_tokens(wa, wb, h, out, ra, rb, -1)
+            wa, wb = _decode_pair(down, ra, rb, rows[c], inter)
+            _pair_tokens(wa, wb, hk, out, ra, rb, -1)

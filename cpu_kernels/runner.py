@@ -28,7 +28,7 @@ from .backends import BUCKETS, bucket_of, job_format, measured_shape, median_tim
 from .blocks import infer_inter
 from .ffn import check_act, check_weights, expert_ffn
 from .packed import ExpertFormat, canonical_expert_format
-from .packed_ffn import check_packed, packed_ffn, row_buffer_width
+from .packed_ffn import check_packed, packed_ffn, packed_scratch_size, row_buffer_width
 from .rows import gather_rows, scatter_add_rows
 from .torch_backend import TorchExperts
 from .workspace import Workspace
@@ -169,7 +169,8 @@ class CpuRunner:
             self._torch.run(xs, job.block, inter, code, ys, job.scales, job.fmt if packed else None)
         elif packed:
             rows = self._workspace.get("rows", self._num_threads, row_buffer_width(job.fmt))
-            packed_ffn(xs, job.block, job.fmt, code, ys, hs, rows)
+            scratch = self._workspace.get("packed", 1, packed_scratch_size(job.fmt, xs.shape[0]))
+            packed_ffn(xs, job.block, job.fmt, code, ys, scratch, rows)
         else:
             expert_ffn(xs, job.block, xs.shape[1], inter, code, ys, hs, job.scales)
 

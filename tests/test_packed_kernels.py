@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from moe_offload.cpu_kernels import CpuJob, CpuRunner
 from moe_offload.cpu_kernels.backends import BUCKETS, bucket_of, measured_shape, pick
 from moe_offload.cpu_kernels.packed import ExpertFormat
-from moe_offload.cpu_kernels.packed_ffn import packed_ffn, row_buffer_width
+from moe_offload.cpu_kernels.packed_ffn import packed_ffn, packed_scratch_size, row_buffer_width
 from moe_offload.runtime.calibrate import measure_cpu_experts
 from moe_offload.runtime.cost import CostModel, HardwareProfile
 from moe_offload.transfer import ExpertShape
@@ -53,7 +53,7 @@ def reference(fmt: ExpertFormat, row: np.ndarray, x: torch.Tensor, act: str) -> 
 def run_kernel(fmt: ExpertFormat, row: np.ndarray, x: torch.Tensor, act: str, chunks: int = 2) -> torch.Tensor:
     """packed_ffn with fresh buffers (out starts as NaN, so an unwritten element fails)."""
     out = np.full((x.shape[0], fmt.hidden), np.nan, dtype=np.float32)
-    scratch = np.empty(x.shape[0] * fmt.inter, dtype=np.float32)
+    scratch = np.empty(packed_scratch_size(fmt, x.shape[0]), dtype=np.float32)
     rows = np.empty((chunks, row_buffer_width(fmt)), dtype=np.float32)
     packed_ffn(x.numpy(), row, fmt, act, out, scratch, rows)
     return torch.from_numpy(out)
@@ -141,7 +141,7 @@ def test_buckets_and_measured_shape():
 def test_no_buffer_allocation_per_call(tokens):
     fmt, row = packed_row("int4", 256, 512)
     x = np.ones((tokens, 256), np.float32)
-    out, scratch = np.empty_like(x), np.empty(tokens * 512, np.float32)
+    out, scratch = np.empty_like(x), np.empty(packed_scratch_size(fmt, tokens), np.float32)
     rows = np.empty((2, row_buffer_width(fmt)), np.float32)
     packed_ffn(x, row, fmt, "silu", out, scratch, rows)
     tracemalloc.start()
@@ -164,12 +164,13 @@ def test_no_buffer_allocation_per_call(tokens):
         (lambda a: {**a, "rows": a["rows"][:, :10].copy()}, "rows must have shape"),
         (lambda a: {**a, "rows": a["rows"].astype(np.float64)}, "rows must be"),
         (lambda a: {**a, "act": "relu"}, "activation"),
+        (lambda a: {**a, "scratch": a["scratch"][:-1]}, "T \\* \\(2I \\+ H\\)"),
     ],
 )
 def test_bad_input_raises_value_error(change, message):
     fmt, row = packed_row("int4", 66, 34)
     args = {"x": np.ones((2, 66), np.float32), "row": row, "fmt": fmt, "act": "silu",
-            "out": np.empty((2, 66), np.float32), "scratch": np.empty(2 * 34, np.float32),
+            "out": np.empty((2, 66), np.float32), "scratch": np.empty(packed_scratch_size(fmt, 2), np.float32),
             "rows": np.zeros((2, row_buffer_width(fmt)), np.float32)}
     with pytest.raises(ValueError, match=message):
         packed_ffn(**change(args))
