@@ -25,7 +25,11 @@ from .packed import NATIVE, ExpertFormat, canonical_expert_format
 BUCKETS = (1, 4, 16, 64, 256)
 BACKENDS = ("numba", "torch")
 # Weights (3 * H * I) of the expert a measurement times; larger experts are measured with a smaller I.
-MAX_PARAMS = 12_000_000
+MAX_PARAMS = 4_000_000
+# Bytes of distinct expert copies a measurement cycles through, so that weights come from DRAM as in use.
+COPIES_BYTES = 64 << 20
+# Torch is timed no further when its first call takes this many times Numba's median.
+GIVE_UP = 4.0
 
 
 def bucket_of(tokens: int) -> int:
@@ -86,6 +90,13 @@ def sample_expert(name: str, hidden: int, inter: int, seed: int = 0) -> SampleEx
     return SampleExpert(row.numpy(), None, fmt)
 
 
+def sample_copies(name: str, hidden: int, inter: int) -> list[SampleExpert]:
+    """One sample expert and distinct copies of it, COPIES_BYTES in all (at least two)."""
+    expert = sample_expert(name, hidden, inter)
+    count = max(2, math.ceil(COPIES_BYTES / expert.nbytes))
+    return [expert] + [SampleExpert(expert.block.copy(), expert.scales, expert.fmt) for _ in range(count - 1)]
+
+
 def _random_int4_row(fmt: ExpertFormat, gen: torch.Generator) -> np.ndarray:
     """An int4 row of uniform random codes, scale 1 / (8 sqrt(K)) and zero 7.5 (weights ~ U(-1, 1) / sqrt(K))."""
     row = torch.randint(0, 256, (fmt.row_numel,), generator=gen, dtype=torch.uint8)
@@ -96,11 +107,14 @@ def _random_int4_row(fmt: ExpertFormat, gen: torch.Generator) -> np.ndarray:
     return row.numpy()
 
 
-def median_time(fn, budget_s: float, min_runs: int = 3, max_runs: int = 15) -> float:
-    """Median seconds of ``fn()`` after one warm-up call; as many runs as fit in ``budget_s`` (within limits)."""
+def median_time(fn, budget_s: float, min_runs: int = 3, max_runs: int = 15, give_up_s: float = math.inf) -> float:
+    """Median seconds of ``fn()`` after one warm-up call; as many runs as fit in ``budget_s`` (within limits).
+    A warm-up call slower than ``give_up_s`` is returned as it is (a backend that slow cannot win)."""
     start = time.perf_counter()
     fn()
     first = max(time.perf_counter() - start, 1e-9)
+    if first > give_up_s:
+        return first
     runs = max(min_runs, min(max_runs, int(budget_s / first)))
     times = []
     for _ in range(runs):
@@ -113,3 +127,15 @@ def median_time(fn, budget_s: float, min_runs: int = 3, max_runs: int = 15) -> f
 def pick(timings: dict[int, dict[str, float]]) -> dict[int, str]:
     """{bucket: {backend: seconds}} -> {bucket: the faster backend} (Numba on a tie)."""
     return {b: min(BACKENDS, key=lambda name: (t[name], name != "numba")) for b, t in timings.items()}
+
+
+def time_buckets(run, hidden: int, share: float) -> dict[int, dict[str, float]]:
+    """{bucket: {backend: median seconds}}: ``run(x [T, H], backend)`` timed for T in BUCKETS, about ``share``
+    seconds per (bucket, backend); torch gives up early when clearly slower (GIVE_UP)."""
+    timings = {}
+    for tokens in BUCKETS:
+        xs = np.random.default_rng(tokens).standard_normal((tokens, hidden)).astype(np.float32)   # [T, H]
+        numba_s = median_time(lambda: run(xs, "numba"), share)
+        torch_s = median_time(lambda: run(xs, "torch"), share, give_up_s=GIVE_UP * numba_s)
+        timings[tokens] = {"numba": numba_s, "torch": torch_s}
+    return timings

@@ -16,6 +16,7 @@ preempted thread can stall a kernel for a whole scheduler time slice (~30 ms mea
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -24,7 +25,7 @@ import numba
 import numpy as np
 import torch
 
-from .backends import BUCKETS, bucket_of, job_format, measured_shape, median_time, pick, sample_expert
+from .backends import BUCKETS, bucket_of, job_format, measured_shape, pick, sample_copies, sample_expert, time_buckets
 from .blocks import infer_inter
 from .ffn import check_act, check_weights, expert_ffn
 from .packed import ExpertFormat, canonical_expert_format
@@ -205,26 +206,25 @@ class CpuRunner:
         names = [canonical_expert_format(name) for name in formats]
         share = budget_s / max(1, len(names) * len(BUCKETS) * 2)
         for name in names:
-            expert = sample_expert(name, hidden, inter)
-            timings = self._executor.submit(self._time_format, expert, hidden, inter, act, share).result()
+            experts = sample_copies(name, hidden, inter)
+            timings = self._executor.submit(self._time_format, experts, hidden, inter, act, share).result()
             self.timings[name] = timings
             self._choices[name] = pick(timings)
         return {name: self.timings[name] for name in names}
 
-    def _time_format(self, expert, hidden: int, inter: int, act: str, share: float) -> dict[int, dict[str, float]]:
-        """Worker thread: {bucket: {backend: median seconds}} of one expert over BUCKETS tokens."""
+    def _time_format(self, experts, hidden: int, inter: int, act: str, share: float) -> dict[int, dict[str, float]]:
+        """Worker thread: {bucket: {backend: median seconds}} of one format, cycling through its expert copies."""
         self._set_worker_threads(self._num_threads)
         code = check_act(act)
-        job = CpuJob(expert.block, np.zeros(1, np.int64), np.ones(1, np.float32), act, expert.scales, expert.fmt)
-        timings = {}
-        for tokens in BUCKETS:
-            xs = np.random.default_rng(tokens).standard_normal((tokens, hidden)).astype(np.float32)
-            ys = self._workspace.get("y", tokens, hidden)
-            hs = self._workspace.get("h", tokens, inter)
-            timings[tokens] = {
-                backend: median_time(lambda b=backend: self._run_expert(job, xs, ys, hs, inter, code, b), share)
-                for backend in ("numba", "torch")}
-        return timings
+        rows, weights = np.zeros(1, np.int64), np.ones(1, np.float32)
+        jobs = itertools.cycle([CpuJob(e.block, rows, weights, act, e.scales, e.fmt) for e in experts])
+
+        def run(xs: np.ndarray, backend: str) -> None:
+            ys = self._workspace.get("y", xs.shape[0], hidden)
+            hs = self._workspace.get("h", xs.shape[0], inter)
+            self._run_expert(next(jobs), xs, ys, hs, inter, code, backend)
+
+        return time_buckets(run, hidden, share)
 
     def reserve(self, max_tokens: int, hidden: int, inter: int) -> None:
         """Allocate the pooled buffers for up to max_tokens rows per job now (call before submitting)."""

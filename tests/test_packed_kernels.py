@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_offload.cpu_kernels import CpuJob, CpuRunner
-from moe_offload.cpu_kernels.backends import BUCKETS, bucket_of, measured_shape, pick
+from moe_offload.cpu_kernels.backends import BUCKETS, MAX_PARAMS, bucket_of, measured_shape, pick
 from moe_offload.cpu_kernels.packed import ExpertFormat
 from moe_offload.cpu_kernels.packed_ffn import packed_ffn, packed_scratch_size, row_buffer_width
 from moe_offload.runtime.calibrate import measure_cpu_experts
@@ -131,9 +131,9 @@ def test_runner_keeps_the_measured_choice_per_format_and_bucket():
 
 def test_buckets_and_measured_shape():
     assert [bucket_of(t) for t in (1, 2, 4, 5, 64, 65, 10_000)] == [1, 4, 4, 16, 64, 256, 256]
-    assert measured_shape(1024, 3584) == (1024, 3584)
+    assert measured_shape(512, 2048) == (512, 2048)
     hidden, inter = measured_shape(4096, 14336)
-    assert hidden == 4096 and inter % 2 == 0 and 3 * hidden * inter <= 12_000_000
+    assert hidden == 4096 and inter % 2 == 0 and 3 * hidden * inter <= MAX_PARAMS
     assert pick({1: {"numba": 1.0, "torch": 2.0}, 4: {"numba": 2.0, "torch": 1.0}}) == {1: "numba", 4: "torch"}
 
 
