@@ -200,7 +200,7 @@ def test_calibration_records_the_chosen_backend_seconds(tmp_path):
 
 
 def test_cost_model_interpolates_measured_cpu_seconds():
-    base = HardwareProfile.from_yaml("h100-pcie5")
+    base = dataclasses.replace(HardwareProfile.from_yaml("h100-pcie5"), cpu_start_us=0.0)
     measured = {"int4": {1: 1e-3, 4: 2e-3, 16: 5e-3}}
     profile = dataclasses.replace(base, cpu_expert_s=measured, cpu_expert_params=3 * 100 * 200)
     same, double = 6 * 100 * 200, 2 * 6 * 100 * 200      # flops per token of the measured expert, of one twice its size
@@ -208,6 +208,8 @@ def test_cost_model_interpolates_measured_cpu_seconds():
     assert [costs.cpu_s(t) for t in (0, 1, 2, 4, 10, 16)] == pytest.approx([0.0, 1e-3, 4e-3 / 3, 2e-3, 3.5e-3, 5e-3])
     assert costs.cpu_s(32) == pytest.approx(5e-3 + 16 * 3e-3 / 12)      # the last segment's slope
     assert CostModel(profile, 60_000, double, expert_format="int4").cpu_s(4) == pytest.approx(4e-3)
+    started = dataclasses.replace(profile, cpu_start_us=50.0)                # the fixed start-up adds
+    assert CostModel(started, 30_000, same, expert_format="int4").cpu_s(4) == pytest.approx(2e-3 + 50e-6)
     roofline = CostModel(base, 30_000, same)
     for fmt in ("", "fp8"):                                             # unmeasured: the roofline, as before
         assert CostModel(profile, 30_000, same, expert_format=fmt).cpu_s(4) == roofline.cpu_s(4)

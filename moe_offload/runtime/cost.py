@@ -112,12 +112,13 @@ class CostModel:
         return self._roofline(tokens, p.gpu_launch_us, p.gpu_mem_gbps, p.gpu_tflops * 1e12)
 
     def cpu_s(self, tokens: int) -> float:
-        """Seconds on the CPU: the profile's measured seconds for ``expert_format`` when it has them (scaled
-        from the measured expert's size to this one's), else the roofline."""
+        """Seconds on the CPU: start-up plus the profile's measured seconds for ``expert_format`` when it has
+        them (scaled from the measured expert's size to this one's), else the roofline."""
         p = self.profile
         measured = (p.cpu_expert_s or {}).get(self.expert_format)
         if measured and p.cpu_expert_params > 0 and tokens > 0:
-            return interpolate_seconds(measured, tokens) * (self.flops_per_token / 2) / p.cpu_expert_params
+            scale = (self.flops_per_token / 2) / p.cpu_expert_params     # this expert's weights / the measured one's
+            return p.cpu_start_us * 1e-6 + interpolate_seconds(measured, tokens) * scale
         return self._roofline(tokens, p.cpu_start_us, p.cpu_mem_gbps, p.cpu_gflops * 1e9)
 
     def _roofline(self, tokens: int, start_us: float, mem_gbps: float, flops_per_s: float) -> float:
