@@ -19,7 +19,7 @@ import numpy as np
 from .ffn import _check_tokens, check_act
 from .kernels import ffn_decode, ffn_prefill
 from .packed import ExpertFormat
-from .packed_kernels import FP8_LUT, packed_decode, packed_prefill
+from .packed_kernels import packed_decode, packed_prefill
 
 
 def check_packed(row: np.ndarray, fmt: ExpertFormat, hidden: int) -> int:
@@ -40,7 +40,7 @@ def packed_matrices(fmt: ExpertFormat, row: np.ndarray) -> tuple:
     """The kernels' view of a packed row, no copy.
 
     int8: (q int8 [3IH] block, scales float32 [2I + H]); int4: two (q, scale, zero, G) matrices, the
-    float16 arrays as int16 bits; fp8: two (q, scale, LUT, split) matrices (split: I for gate_up, H for down).
+    float16 arrays as int16 bits; fp8: two (q, scale, split) matrices (split: I for gate_up, H for down).
     """
     views = fmt.numpy_views(row)
     if fmt.name == "int8":
@@ -48,8 +48,7 @@ def packed_matrices(fmt: ExpertFormat, row: np.ndarray) -> tuple:
     if fmt.group:
         return tuple((views[m], views[f"{m}_scale"].view(np.int16), views[f"{m}_zero"].view(np.int16), fmt.group)
                      for m in ("gate_up", "down"))
-    return ((views["gate_up"], views["gate_up_scale"], FP8_LUT, fmt.inter),
-            (views["down"], views["down_scale"], FP8_LUT, fmt.hidden))
+    return ((views["gate_up"], views["gate_up_scale"], fmt.inter), (views["down"], views["down_scale"], fmt.hidden))
 
 
 def packed_scratch_size(fmt: ExpertFormat, tokens: int) -> int:

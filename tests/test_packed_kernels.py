@@ -14,6 +14,7 @@ from moe_offload.cpu_kernels import CpuJob, CpuRunner
 from moe_offload.cpu_kernels.backends import BUCKETS, MAX_PARAMS, bucket_of, measured_shape, pick
 from moe_offload.cpu_kernels.packed import ExpertFormat
 from moe_offload.cpu_kernels.packed_ffn import packed_ffn, packed_scratch_size, row_buffer_width
+from moe_offload.cpu_kernels.packed_kernels import FP8_LUT, _fp8_decode_row
 from moe_offload.runtime.calibrate import measure_cpu_experts
 from moe_offload.runtime.cost import CostModel, HardwareProfile
 from moe_offload.transfer import ExpertShape
@@ -80,7 +81,18 @@ def test_row_chunks_do_not_change_the_result(chunks):
     torch.testing.assert_close(run_kernel(fmt, row, x, "silu", chunks), run_kernel(fmt, row, x, "silu", 2))
 
 
-def test_fp8_lut_decodes_every_finite_code():
+def test_fp8_decode_equals_the_lookup_table_bit_for_bit():
+    """The kernels decode fp8 with integer ops; every one of the 256 codes (NaN, zeros, subnormals) gives the
+    value of the float8_e4m3fn lookup table."""
+    codes = np.arange(256, dtype=np.uint8).reshape(1, 256)
+    decoded = np.full(256, 7.0, np.float32)
+    _fp8_decode_row(codes, np.ones((1, 2), np.float32), 1, 0, decoded)
+    nan = np.isnan(FP8_LUT)                                   # codes 0x7F and 0xFF
+    np.testing.assert_array_equal(np.isnan(decoded), nan)
+    np.testing.assert_array_equal(decoded[~nan].view(np.uint32), FP8_LUT[~nan].view(np.uint32))
+
+
+def test_fp8_kernel_runs_every_finite_code():
     """A row whose codes run through all 254 finite float8_e4m3fn values (scale 1) matches the torch backend."""
     fmt = ExpertFormat("fp8", 128, 129, torch.float32)
     row = torch.zeros(fmt.row_numel, dtype=torch.uint8)
