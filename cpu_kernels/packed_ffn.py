@@ -19,7 +19,7 @@ import numpy as np
 from .ffn import _check_tokens, check_act
 from .kernels import ffn_decode, ffn_prefill
 from .packed import ExpertFormat
-from .packed_kernels import packed_decode, packed_prefill
+from .packed_kernels import INT4_CHUNK, packed_decode, packed_prefill
 
 
 def check_packed(row: np.ndarray, fmt: ExpertFormat, hidden: int) -> int:
@@ -43,6 +43,8 @@ def packed_matrices(fmt: ExpertFormat, row: np.ndarray) -> tuple:
     float16 arrays as int16 bits; fp8: two (q, scale, split) matrices (split: I for gate_up, H for down).
     """
     views = fmt.numpy_views(row)
+    if fmt.group % (2 * INT4_CHUNK):
+        raise ValueError(f"int4 kernels need groups of a multiple of {2 * INT4_CHUNK} columns, got {fmt.group}")
     if fmt.name == "int8":
         return row[: 3 * fmt.hidden * fmt.inter].view(np.int8), views["scales"]
     if fmt.group:
