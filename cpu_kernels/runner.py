@@ -178,8 +178,11 @@ class CpuRunner:
     # -- backend choice --------------------------------------------------------------------------------------------
     def backend(self, fmt: str, tokens: int) -> str:
         """"numba" or "torch": the backend a job of ``tokens`` tokens in format ``fmt`` runs on (Numba
-        until measure_backends() or set_choices() says otherwise)."""
-        return self._choices.get(fmt, {}).get(bucket_of(tokens), "numba")
+        until measure_backends() or set_choices() says otherwise). ``fmt``: a format name or alias ("bf16")."""
+        per = self._choices.get(fmt)
+        if per is None:
+            per = self._choices.get(canonical_expert_format(fmt), {})
+        return per.get(bucket_of(tokens), "numba")
 
     @property
     def choices(self) -> dict[str, dict[int, str]]:

@@ -138,6 +138,7 @@ def test_runner_keeps_the_measured_choice_per_format_and_bucket():
             assert runner.choices[name] == pick(per_bucket)
             for tokens in (1, 2, 40, 1000):
                 assert runner.backend(name, tokens) == runner.choices[name][bucket_of(tokens)]
+        assert runner.backend("bf16", 64) == runner.choices["bfloat16"][64]
         assert runner.backend("fp8", 1) == "numba"   # not measured: Numba
 
 
