@@ -1,15 +1,19 @@
 """Numba CPU expert kernels vs torch on CPU, and weight streaming vs the machine's read bandwidth.
 
     python bench/cpu_kernels.py [--json bench/results/cpu_kernels.json] [--hidden 1024 --inter 3584]
-                                [--threads N] [--tokens 1 4 16 64] [--dtypes fp32 fp16 bf16 int8]
+                                [--threads N] [--tokens 1 4 16 64]
+                                [--dtypes fp32 fp16 bf16 int8 int4 int4-g128 fp8]
 
-For every weight format and token count it times one expert FFN (T = tokens, H = hidden,
-I = intermediate) with `expert_ffn` and with the same computation in torch (F.linear chain on
-weights of the same dtype; int8 uses torch's per-channel int8 weight-only matmul), both with
-the same thread count. Each timing cycles through enough distinct expert blocks (>= --working-set
-MiB) that the weights come from DRAM, not the last-level cache. memory_gbps is a parallel numba
-reduction over a 1 GiB float32 array measured in the same run. Prints one table, writes JSON and
-a PNG plot next to it.
+For every expert format and token count it times one expert FFN (T = tokens, H = hidden,
+I = intermediate) on the CPU runner's two backends, with the same thread count: the Numba
+kernels (`expert_ffn` for native blocks, `packed_ffn` for packed rows) and torch (F.linear on
+the block's own dtype; packed rows dequantized into one float32 scratch first). Each timing
+cycles through enough distinct expert copies (>= --working-set MiB) that the weights come from
+DRAM, not the last-level cache. memory_gbps is a parallel numba reduction over a 1 GiB float32
+array measured in the same run. `picked` is the backend CpuRunner.measure_backends chooses for
+that format and T on this machine (its own short measurement), and `picked/best` how its time
+here compares with the faster of the two. The JSON records the CPU model and SIMD flags.
+Prints one table, writes JSON and a PNG plot next to it.
 
 OpenMP threads (numba's and torch's share one libgomp) spin at barriers by default; on shared
 cores a preempted thread then stalls a kernel for a scheduler time slice. This script therefore
@@ -31,14 +35,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before numba / torch load
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_offload.cpu_kernels import as_numpy_block, as_torch_block, expert_ffn  # noqa: E402
+from moe_offload.cpu_kernels import CpuRunner, expert_ffn  # noqa: E402
+from moe_offload.cpu_kernels.backends import sample_expert  # noqa: E402
+from moe_offload.cpu_kernels.packed import canonical_expert_format  # noqa: E402
+from moe_offload.cpu_kernels.packed_ffn import packed_ffn  # noqa: E402
+from moe_offload.cpu_kernels.torch_backend import TorchExperts  # noqa: E402
 
 from common import RESULTS, machine, median, print_table, write_json  # noqa: E402
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FORMATS = ["fp32", "fp16", "bf16", "int8", "int4", "int4-g128", "fp8"]
 BANDWIDTH_BYTES = 1 << 30
 # Environment that changes thread behaviour; recorded with the results.
 ENV_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "OMP_NUM_THREADS")
@@ -46,6 +53,7 @@ TABLE = [
     ("dtype", "dtype", ""), ("tokens", "T", "d"), ("shape_str", "H x I", ""),
     ("numba_ms", "numba ms", ".3f"), ("torch_ms", "torch ms", ".3f"), ("speedup", "torch/numba", ".2f"),
     ("weight_gbps", "weight GB/s", ".1f"), ("memory_gbps", "memory GB/s", ".1f"), ("mem_pct", "% of mem", ".0f"),
+    ("picked", "picked", ""), ("picked_vs_best", "picked/best", ".2f"),
 ]
 
 
@@ -70,32 +78,18 @@ def memory_gbps(repeats: int) -> float:
     return values.nbytes / median(times) / 1e9
 
 
-def make_blocks(dtype: str, hidden: int, inter: int, count: int, seed: int = 0) -> list[tuple]:
-    """`count` expert blocks as (numpy block, scales or None); int8 gets random codes and scales."""
-    gen = torch.Generator().manual_seed(seed)
-    blocks = []
-    for _ in range(count):
-        if dtype == "int8":
-            q = torch.randint(-127, 128, (3 * hidden * inter,), generator=gen, dtype=torch.int8).numpy()
-            scales = (torch.rand(2 * inter + hidden, generator=gen) * 1e-3 + 1e-4).numpy()
-            blocks.append((q, scales))
-        else:
-            weights = (torch.randn(3 * hidden * inter, generator=gen) * 0.02).to(TORCH_DTYPES[dtype])
-            blocks.append((as_numpy_block(weights), None))
-    return blocks
+def make_blocks(dtype: str, hidden: int, inter: int, count: int) -> list:
+    """`count` distinct copies of one random expert in format `dtype` (backends.sample_expert)."""
+    expert = sample_expert(dtype, hidden, inter)
+    return [(expert.block.copy(), expert.fmt) for _ in range(count)]
 
 
-def torch_expert(x: np.ndarray, block: np.ndarray, scales, hidden: int, inter: int) -> torch.Tensor:
-    """The same expert FFN in torch on the block's own dtype (int8: weight-only int8 matmul)."""
-    split = 2 * inter * hidden
-    weights = as_torch_block(block)
-    gate_up, down = weights[:split].view(2 * inter, hidden), weights[split:].view(hidden, inter)
-    if scales is None:
-        g, u = F.linear(torch.from_numpy(x).to(weights.dtype), gate_up).chunk(2, -1)
-        return F.linear(F.silu(g) * u, down)
-    s = torch.from_numpy(scales)
-    g, u = torch._weight_int8pack_mm(torch.from_numpy(x), gate_up, s[: 2 * inter]).chunk(2, -1)
-    return torch._weight_int8pack_mm(F.silu(g) * u, down, s[2 * inter :])
+def numba_expert(x, block, fmt, inter, out, scratch, rows) -> None:
+    """The runner's Numba backend: packed_ffn for packed rows, expert_ffn for native blocks."""
+    if fmt is not None:
+        packed_ffn(x, block, fmt, "silu", out, scratch, rows)
+    else:
+        expert_ffn(x, block, x.shape[1], inter, "silu", out, scratch)
 
 
 def time_per_call(run, blocks: list[tuple], repeats: int, budget_s: float) -> tuple[float, int]:
@@ -113,37 +107,43 @@ def time_per_call(run, blocks: list[tuple], repeats: int, budget_s: float) -> tu
     times = []
     for _ in range(passes):
         start = time.perf_counter()
-        for block, scales in used:
-            run(block, scales)
+        for block, fmt in used:
+            run(block, fmt)
         times.append((time.perf_counter() - start) / len(used))
     return median(times) * 1e3, len(used)
 
 
-def bench_case(dtype: str, tokens: int, blocks: list[tuple], args, mem_gbps: float) -> dict:
-    """One (dtype, T) row: numba and torch times, streamed weight bandwidth."""
+def bench_case(dtype: str, tokens: int, blocks: list, args, mem_gbps: float, picked: str) -> dict:
+    """One (format, T) row: Numba and torch times, streamed weight bandwidth, the runner's pick."""
     hidden, inter = args.hidden, args.inter
     x = np.random.default_rng(tokens).standard_normal((tokens, hidden)).astype(np.float32)  # [T, H]
     out = np.empty((tokens, hidden), dtype=np.float32)  # [T, H]
-    scratch = np.empty(tokens * inter, dtype=np.float32)  # [T, I]
+    scratch = np.empty(tokens * (2 * inter + hidden), dtype=np.float32)  # >= [T, I]; packed_scratch_size
+    rows = np.empty((numba.get_num_threads(), 2 * max(hidden, inter)), dtype=np.float32)  # packed_ffn row_buffer_width
+    torch_backend = TorchExperts()
     numba_ms, cycled = time_per_call(
-        lambda b, s: expert_ffn(x, b, hidden, inter, "silu", out, scratch, s), blocks, args.repeats, args.budget)
+        lambda b, f: numba_expert(x, b, f, inter, out, scratch, rows), blocks, args.repeats, args.budget)
     torch_ms, _ = time_per_call(
-        lambda b, s: torch_expert(x, b, s, hidden, inter), blocks, args.repeats, args.budget)
-    block, scales = blocks[0]
-    weight_bytes = block.nbytes + (0 if scales is None else scales.nbytes)
-    weight_gbps = weight_bytes / (numba_ms * 1e-3) / 1e9
+        lambda b, f: torch_backend.run(x, b, inter, 0, out, None, f), blocks, args.repeats, args.budget)
+    weight_gbps = blocks[0][0].nbytes / (numba_ms * 1e-3) / 1e9
     return {
         "dtype": dtype, "tokens": tokens, "shape": [hidden, inter], "numba_ms": round(numba_ms, 4),
         "torch_ms": round(torch_ms, 4), "weight_gbps": round(weight_gbps, 2), "memory_gbps": round(mem_gbps, 2),
-        "experts_cycled": cycled,
+        "experts_cycled": cycled, "bytes_per_expert": blocks[0][0].nbytes, "picked": picked,
     }
 
 
-def expert_count(dtype: str, args) -> int:
+def expert_count(block_bytes: int, args) -> int:
     """Distinct experts per timing pass so that their weights total >= --working-set MiB."""
-    element = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}[dtype]
-    block_bytes = 3 * args.hidden * args.inter * element
     return max(2, math.ceil(args.working_set * 2**20 / block_bytes))
+
+
+def runner_picks(formats: list[str], args, threads: int) -> dict[str, dict[int, str]]:
+    """{format: {bucket: backend}} as CpuRunner chooses on this machine for the benchmarked expert shape."""
+    with CpuRunner(num_threads=threads) as runner:
+        runner.warmup(dtypes=(), packed=formats)
+        runner.measure_backends(args.hidden, args.inter, formats, budget_s=args.pick_budget)
+        return {name: {t: runner.backend(name, t) for t in args.tokens} for name in formats}
 
 
 def plot(results: list[dict], path: Path, threads: int) -> None:
@@ -179,35 +179,42 @@ def plot(results: list[dict], path: Path, threads: int) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run every (dtype, T) case, print the table, write JSON and PNG."""
+    """Run every (format, T) case, print the table, write JSON and PNG."""
     threads = args.threads or numba.config.NUMBA_NUM_THREADS
     numba.set_num_threads(threads)
     torch.set_num_threads(threads)
     load_start = os.getloadavg()
     mem = memory_gbps(args.repeats)
+    picks = runner_picks([canonical_expert_format(d) for d in args.dtypes], args, threads)
     results = []
     for dtype in args.dtypes:
-        blocks = make_blocks(dtype, args.hidden, args.inter, expert_count(dtype, args))
+        one = make_blocks(dtype, args.hidden, args.inter, 1)
+        blocks = one + make_blocks(dtype, args.hidden, args.inter, expert_count(one[0][0].nbytes, args) - 1)
         for tokens in args.tokens:
-            results.append(bench_case(dtype, tokens, blocks, args, mem))
-        del blocks
+            picked = picks[canonical_expert_format(dtype)][tokens]
+            results.append(bench_case(dtype, tokens, blocks, args, mem, picked))
+        del blocks, one
     mem_end = memory_gbps(args.repeats)
     for r in results:
+        best = min(r["numba_ms"], r["torch_ms"])
+        r["picked_vs_best"] = round(r[f"{r['picked']}_ms"] / best, 3)
         r["shape_str"] = f"{r['shape'][0]} x {r['shape'][1]}"
         r["speedup"] = r["torch_ms"] / r["numba_ms"]
         r["mem_pct"] = 100 * r["weight_gbps"] / r["memory_gbps"]
     print_table(results, TABLE)
-    print(f"memory read bandwidth: {mem:.1f} GB/s at start, {mem_end:.1f} GB/s at end; "
-          f"load average {load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end")
-    for r in results:
-        for key in ("shape_str", "speedup", "mem_pct"):
-            r.pop(key)
     info = {**machine(), "cpu_count": os.cpu_count(), "numba": numba.__version__,
             "threading_layer": numba.threading_layer(), "load_avg_start": load_start,
             "load_avg_end": os.getloadavg(), "memory_gbps_end": round(mem_end, 2),
             "env": {name: os.environ.get(name) for name in ENV_VARS}}
+    print(f"memory read bandwidth: {mem:.1f} GB/s at start, {mem_end:.1f} GB/s at end; "
+          f"load average {load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end")
+    print(f"CPU: {info.get('cpu_model', '?')}, flags {' '.join(info.get('cpu_flags', []))}, {threads} threads")
+    for r in results:
+        for key in ("shape_str", "speedup", "mem_pct"):
+            r.pop(key)
     out = Path(args.json)
-    write_json(out, {"machine": info, "threads": threads, "command": " ".join(sys.argv), "results": results})
+    write_json(out, {"machine": info, "threads": threads, "command": " ".join(sys.argv), "runner_picks": picks,
+                     "results": results})
     plot(results, out.with_suffix(".png"), threads)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
@@ -221,11 +228,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inter", type=int, default=3584)
     p.add_argument("--threads", type=int, default=0, help="numba and torch threads (0: all)")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "bf16", "int8"],
-                   choices=["fp32", "fp16", "bf16", "int8"])
+    p.add_argument("--dtypes", nargs="+", default=FORMATS, choices=FORMATS)
     p.add_argument("--repeats", type=int, default=15, help="max timing passes per case")
     p.add_argument("--budget", type=float, default=1.2, help="seconds per timing (fewer passes when slow)")
     p.add_argument("--working-set", type=int, default=256, help="MiB of distinct expert weights per pass")
+    p.add_argument("--pick-budget", type=float, default=2.0, help="seconds CpuRunner.measure_backends spends")
     return p.parse_args(argv)
 
 

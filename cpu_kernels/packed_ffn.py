@@ -1,44 +1,111 @@
-"""Packed (quantized) experts on the CPU: dequantized into one reused float32 scratch, then torch's matmuls.
+"""Packed (quantized) experts on the Numba kernels: one gated expert FFN read from an ExpertFormat row.
 
     # T = tokens, H = hidden, I = intermediate
-    out [T, H] = down @ (act(gate @ x) * (up @ x)), the weights from ExpertFormat.unpack
+    row  uint8 [fmt.nbytes]   one expert in ExpertFormat's layout (int8, int4, int4-g128, fp8)
+    x    float32 [T, H] ; out float32 [T, H] written
+    scratch float32 >= T * (2I + H)      h [T, I], and x and h in the kernels' column order (int4)
+    rows float32 [C, >= 2 * max(H, I)]   C = row chunks (threads), each one's decoded row pair
+    out = down @ (act(gate @ x) * (up @ x))
+
+int8 rows run on the int8 block kernels (kernels.py): the row's first 3IH bytes are exactly an
+int8 block and its scales segment the per-row scales. int4 and fp8 rows run on packed_kernels.py.
+The torch backend of the same computation is torch_backend.TorchExperts.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from .activations import GELU, GELU_TANH, SILU
+from .ffn import _check_tokens, check_act
+from .kernels import ffn_decode, ffn_prefill
 from .packed import ExpertFormat
-
-_TORCH_ACTS = {SILU: F.silu, GELU: F.gelu, GELU_TANH: lambda v: F.gelu(v, approximate="tanh")}
+from .packed_kernels import INT4_CHUNK, packed_decode, packed_prefill
 
 
 def check_packed(row: np.ndarray, fmt: ExpertFormat, hidden: int) -> int:
     """Validate a packed row against its format; returns I."""
+    if not isinstance(fmt, ExpertFormat) or not fmt.packed:
+        raise ValueError(f"a packed expert needs a packed ExpertFormat (int8, int4, int4-g128, fp8), got {fmt!r}")
     if not isinstance(row, np.ndarray) or row.dtype != np.uint8 or row.ndim != 1:
         raise ValueError(f"a packed {fmt.name} expert is a 1-D uint8 numpy row, got {getattr(row, 'dtype', row)}")
     if row.size != fmt.nbytes or fmt.hidden != hidden:
         raise ValueError(f"packed {fmt.name} row of {row.size} bytes for H={hidden}; the format expects "
                          f"{fmt.nbytes} bytes for H={fmt.hidden}")
+    if not row.flags.c_contiguous:
+        raise ValueError(f"a packed {fmt.name} expert row must be contiguous")
     return fmt.inter
 
 
-class PackedExperts:
-    """Runs packed experts with one float32 scratch for the dequantized weights, grown once."""
+def packed_matrices(fmt: ExpertFormat, row: np.ndarray) -> tuple:
+    """The kernels' view of a packed row, no copy.
 
-    def __init__(self) -> None:
-        self._scratch = torch.empty(0)
+    int8: (q int8 [3IH] block, scales float32 [2I + H]); int4: two (q, scale, zero, G) matrices, the
+    float16 arrays as int16 bits; fp8: two (q, scale, split) matrices (split: I for gate_up, H for down).
+    """
+    views = fmt.numpy_views(row)
+    if fmt.group % (2 * INT4_CHUNK):
+        raise ValueError(f"int4 kernels need groups of a multiple of {2 * INT4_CHUNK} columns, got {fmt.group}")
+    if fmt.name == "int8":
+        return row[: 3 * fmt.hidden * fmt.inter].view(np.int8), views["scales"]
+    if fmt.group:
+        return tuple((views[m], views[f"{m}_scale"].view(np.int16), views[f"{m}_zero"].view(np.int16), fmt.group)
+                     for m in ("gate_up", "down"))
+    return ((views["gate_up"], views["gate_up_scale"], fmt.inter), (views["down"], views["down_scale"], fmt.hidden))
 
-    def run(self, fmt: ExpertFormat, row: np.ndarray, x: np.ndarray, act: int, out: np.ndarray) -> None:
-        """out [n, H] = expert(x [n, H]) for the packed ``row`` of format ``fmt``."""
-        need = 3 * fmt.hidden * fmt.inter
-        if self._scratch.numel() < need:
-            self._scratch = torch.empty(need)
-        gate_up, down = fmt.unpack(torch.from_numpy(row), self._scratch)   # float32, the kernels' precision
-        xt = torch.from_numpy(x)
-        gate, up = F.linear(xt, gate_up).chunk(2, dim=-1)                  # [n, I] each
-        torch.from_numpy(out).copy_(F.linear(_TORCH_ACTS[act](gate) * up, down))
 
+def packed_scratch_size(fmt: ExpertFormat, tokens: int) -> int:
+    """Floats of the ``scratch`` packed_ffn needs for ``tokens`` tokens: h [T, I], hk [T, I], xk [T, H]."""
+    return tokens * (2 * fmt.inter + fmt.hidden)
+
+
+def _scratch_views(scratch: np.ndarray, fmt: ExpertFormat, tokens: int) -> tuple:
+    """(h [T, I], (xk [T, H], hk [T, I])) views of a flat float32 scratch of >= packed_scratch_size floats."""
+    need, h_size = packed_scratch_size(fmt, tokens), tokens * fmt.inter
+    if not isinstance(scratch, np.ndarray) or scratch.dtype != np.float32 or not scratch.flags.c_contiguous:
+        raise ValueError("scratch must be a C-contiguous float32 numpy array")
+    if scratch.size < need:
+        raise ValueError(f"scratch holds {scratch.size} floats; a packed expert needs T * (2I + H) = {need}")
+    flat = scratch.reshape(-1)
+    h = flat[:h_size].reshape(tokens, fmt.inter)
+    hk = flat[h_size:2 * h_size].reshape(tokens, fmt.inter)
+    return h, (flat[2 * h_size:need].reshape(tokens, fmt.hidden), hk)
+
+
+def row_buffer_width(fmt: ExpertFormat) -> int:
+    """Floats per chunk of the ``rows`` buffer packed_ffn needs: one decoded row pair."""
+    return 2 * max(fmt.hidden, fmt.inter)
+
+
+def _check_rows(rows: np.ndarray, fmt: ExpertFormat) -> None:
+    """Validate the per-chunk decoded-row buffers."""
+    width = row_buffer_width(fmt)
+    if not isinstance(rows, np.ndarray) or rows.dtype != np.float32 or not rows.flags.c_contiguous:
+        raise ValueError("rows must be a C-contiguous float32 numpy array [C, 2 * max(H, I)]")
+    if rows.ndim != 2 or rows.shape[0] < 1 or rows.shape[1] < width:
+        raise ValueError(f"rows must have shape [C >= 1, >= 2 * max(H, I) = {width}], got {list(rows.shape)}")
+
+
+def packed_ffn(x: np.ndarray, row: np.ndarray, fmt: ExpertFormat, act: str | int, out: np.ndarray,
+               scratch: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """out [T, H] = expert FFN of x [T, H] with the packed weights of ``row``; returns ``out``.
+
+    scratch: float32, >= packed_scratch_size(fmt, T) floats. rows: float32 [C, >= row_buffer_width(fmt)],
+    where the C row chunks (run in parallel) decode their rows (unused by int8). T = 1 takes the decode
+    path (bytes streamed once), T > 1 the token-blocked path.
+    """
+    hidden = fmt.hidden
+    tokens = _check_tokens(x, hidden, "x")
+    if _check_tokens(out, hidden, "out") != tokens:
+        raise ValueError(f"out has {out.shape[0]} rows, x has {tokens}")
+    inter = check_packed(row, fmt, hidden)
+    code = check_act(act)
+    h, work = _scratch_views(scratch, fmt, tokens)  # h [T, I]
+    _check_rows(rows, fmt)
+    gate_up, down = packed_matrices(fmt, row)
+    if fmt.name == "int8":
+        kernel = ffn_decode if tokens == 1 else ffn_prefill
+        kernel(x, gate_up, down, hidden, inter, code, out, h)
+    else:
+        kernel = packed_decode if tokens == 1 else packed_prefill
+        kernel(x, gate_up, down, code, out, h, work, rows)
+    return out

@@ -16,6 +16,7 @@ preempted thread can stall a kernel for a whole scheduler time slice (~30 ms mea
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -24,18 +25,17 @@ import numba
 import numpy as np
 import torch
 
+from .backends import BUCKETS, bucket_of, job_format, measured_shape, pick, sample_copies, sample_expert, time_buckets
 from .blocks import infer_inter
 from .ffn import check_act, check_weights, expert_ffn
-from .formats import canonical_format
-from .packed import ExpertFormat
-from .packed_ffn import PackedExperts, check_packed
-from .quant import quantize_block_int8
+from .packed import ExpertFormat, canonical_expert_format
+from .packed_ffn import check_packed, packed_ffn, packed_scratch_size, row_buffer_width
 from .rows import gather_rows, scatter_add_rows
+from .torch_backend import TorchExperts
 from .workspace import Workspace
 
-# Shapes used to compile every kernel variant at warmup (odd sizes exercise every tail loop).
+# Shapes used to compile every kernel variant at warmup (int4 needs even sizes; T = 5 runs every tail loop).
 _WARMUP_HIDDEN, _WARMUP_INTER, _WARMUP_TOKENS = 10, 6, 5
-_WARMUP_BLOCK_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,10 @@ class CpuRunner:
     def __init__(self, num_threads: int | None = None) -> None:
         self._num_threads = self._check_threads(num_threads or numba.config.NUMBA_NUM_THREADS)
         self._workspace = Workspace()
-        self._packed = PackedExperts()
+        self._torch = TorchExperts()
+        self._choices: dict[str, dict[int, str]] = {}
+        self.timings: dict[str, dict[int, dict[str, float]]] = {}   # the last measure_backends()
+        self.measured_shape: tuple[int, int] | None = None          # (H, I) it timed
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-cpu-experts")
         self._worker_threads = 0  # numba threads last set in the worker thread
 
@@ -155,12 +158,76 @@ class CpuRunner:
             ys = self._workspace.get("y", n, width)  # [n, H]
             hs = self._workspace.get("h", n, inter)  # [n, I]
             gather_rows(x, rows, xs)
-            if job.fmt is not None and job.fmt.packed:
-                self._packed.run(job.fmt, job.block, xs, code, ys)
-            else:
-                expert_ffn(xs, job.block, width, inter, code, ys, hs, job.scales)
+            backend = self.backend(job_format(job.block, job.fmt), n)
+            self._run_expert(job, xs, ys, hs, inter, code, backend)
             scatter_add_rows(acc, rows, weights, ys)
         return result
+
+    def _run_expert(self, job: CpuJob, xs, ys, hs, inter: int, code: int, backend: str) -> None:
+        """ys [n, H] = the job's expert on xs [n, H] with ``backend`` (hs: the [n, I] kernel scratch)."""
+        packed = job.fmt is not None and job.fmt.packed
+        if backend == "torch":
+            self._torch.run(xs, job.block, inter, code, ys, job.scales, job.fmt if packed else None)
+        elif packed:
+            rows = self._workspace.get("rows", self._num_threads, row_buffer_width(job.fmt))
+            scratch = self._workspace.get("packed", 1, packed_scratch_size(job.fmt, xs.shape[0]))
+            packed_ffn(xs, job.block, job.fmt, code, ys, scratch, rows)
+        else:
+            expert_ffn(xs, job.block, xs.shape[1], inter, code, ys, hs, job.scales)
+
+    # -- backend choice --------------------------------------------------------------------------------------------
+    def backend(self, fmt: str, tokens: int) -> str:
+        """"numba" or "torch": the backend a job of ``tokens`` tokens in format ``fmt`` runs on (Numba
+        until measure_backends() or set_choices() says otherwise). ``fmt``: a format name or alias ("bf16")."""
+        per = self._choices.get(fmt)
+        if per is None:
+            per = self._choices.get(canonical_expert_format(fmt), {})
+        return per.get(bucket_of(tokens), "numba")
+
+    @property
+    def choices(self) -> dict[str, dict[int, str]]:
+        """{format: {token bucket: backend}} in use (a copy)."""
+        return {fmt: dict(per) for fmt, per in self._choices.items()}
+
+    def set_choices(self, choices: dict[str, dict[int, str]]) -> None:
+        """Use these {format: {bucket: "numba" | "torch"}} choices (e.g. read back from a hardware profile)."""
+        for fmt, per in choices.items():
+            bad = {b: v for b, v in per.items() if int(b) not in BUCKETS or v not in ("numba", "torch")}
+            if bad:
+                raise ValueError(f"backend choices for {fmt}: {bad} are not {{bucket in {BUCKETS}: 'numba' | 'torch'}}")
+            self._choices[canonical_expert_format(fmt)] = {int(b): v for b, v in per.items()}
+
+    def measure_backends(self, hidden: int, inter: int, formats: Sequence[str], act: str = "silu",
+                         budget_s: float = 2.0) -> dict[str, dict[int, dict[str, float]]]:
+        """Time Numba and torch for each format and token bucket on one expert of the model's (H, I) (capped,
+        see backends.measured_shape), keep the faster per bucket, and return {format: {bucket: {backend:
+        seconds}}} (also kept in ``timings``, with the measured shape in ``measured_shape``).
+
+        ``budget_s``: about the total time spent timing (the warm-up compile not included)."""
+        hidden, inter = measured_shape(hidden, inter)
+        self.measured_shape = (hidden, inter)
+        names = [canonical_expert_format(name) for name in formats]
+        share = budget_s / max(1, len(names) * len(BUCKETS) * 2)
+        for name in names:
+            experts = sample_copies(name, hidden, inter)
+            timings = self._executor.submit(self._time_format, experts, hidden, inter, act, share).result()
+            self.timings[name] = timings
+            self._choices[name] = pick(timings)
+        return {name: self.timings[name] for name in names}
+
+    def _time_format(self, experts, hidden: int, inter: int, act: str, share: float) -> dict[int, dict[str, float]]:
+        """Worker thread: {bucket: {backend: median seconds}} of one format, cycling through its expert copies."""
+        self._set_worker_threads(self._num_threads)
+        code = check_act(act)
+        rows, weights = np.zeros(1, np.int64), np.ones(1, np.float32)
+        jobs = itertools.cycle([CpuJob(e.block, rows, weights, act, e.scales, e.fmt) for e in experts])
+
+        def run(xs: np.ndarray, backend: str) -> None:
+            ys = self._workspace.get("y", xs.shape[0], hidden)
+            hs = self._workspace.get("h", xs.shape[0], inter)
+            self._run_expert(next(jobs), xs, ys, hs, inter, code, backend)
+
+        return time_buckets(run, hidden, share)
 
     def reserve(self, max_tokens: int, hidden: int, inter: int) -> None:
         """Allocate the pooled buffers for up to max_tokens rows per job now (call before submitting)."""
@@ -172,32 +239,28 @@ class CpuRunner:
         dtypes: Sequence = ("float32", "float16", "bfloat16"),
         acts: Sequence[str] = ("silu",),
         int8: bool = False,
+        packed: Sequence[str] = (),
     ) -> None:
         """Compile (or load from numba's cache) every kernel variant now, in the worker thread.
 
         dtypes: weight formats to prepare ("bf16", "bfloat16", torch.bfloat16, "int8", ...);
-        int8=True also prepares the int8 kernels. Runs the decode (T = 1) and prefill (T > 1)
-        paths for each format and activation, so no compilation happens at the first token.
+        packed: packed expert formats to prepare ("int8", "int4", "int4-g128", "fp8"); int8=True
+        also prepares the int8 kernels. Runs the decode (T = 1) and prefill (T > 1) paths for each
+        format and activation, so no compilation happens at the first token.
         """
-        formats = {canonical_format(name) for name in dtypes}
-        if int8:
-            formats.add("int8")
-        hidden, inter = _WARMUP_HIDDEN, _WARMUP_INTER
-        weights = np.full(3 * hidden * inter, 0.01, dtype=np.float32)
+        names = {canonical_expert_format(name) for name in (*dtypes, *packed)} | ({"int8"} if int8 else set())
         jobs = []
-        for fmt in sorted(formats):
-            if fmt == "int8":
-                jobs += self._warmup_jobs(*quantize_block_int8(weights, hidden, inter), acts)
-            else:
-                jobs += self._warmup_jobs(weights.astype(_WARMUP_BLOCK_DTYPES[fmt]), None, acts)
-        self.run(np.ones((_WARMUP_TOKENS, hidden), dtype=np.float32), jobs)
+        for name in sorted(names):
+            expert = sample_expert(name, _WARMUP_HIDDEN, _WARMUP_INTER)
+            jobs += self._warmup_jobs(expert, acts)
+        self.run(np.ones((_WARMUP_TOKENS, _WARMUP_HIDDEN), dtype=np.float32), jobs)
 
     @staticmethod
-    def _warmup_jobs(block, scales, acts) -> list[CpuJob]:
+    def _warmup_jobs(expert, acts) -> list[CpuJob]:
         """A decode job (1 row) and a prefill job (all rows) per activation."""
         one, many = np.zeros(1, np.int64), np.arange(_WARMUP_TOKENS)
         return [
-            CpuJob(block, rows, np.ones(rows.size, np.float32), act, scales)
+            CpuJob(expert.block, rows, np.ones(rows.size, np.float32), act, expert.scales, expert.fmt)
             for act in acts
             for rows in (one, many)
         ]

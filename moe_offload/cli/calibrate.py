@@ -45,11 +45,16 @@ def main(args: argparse.Namespace) -> int:
     slot = torch.empty(numel, dtype=parts.dtype, device=device)
     runner = CpuRunner(num_threads=args.cpu_threads)
     runner.warmup(dtypes=[str(parts.dtype).removeprefix("torch.")], acts=[parts.hf_config.hidden_act])
-    profile = measure_profile(host, slot, parts.shape, runner, name=args.name, repeats=args.repeats)
+    from ..cpu_kernels.packed import PACKED
+
+    formats = [str(parts.dtype).removeprefix("torch."), *PACKED]   # CPU backend and seconds for every format
+    runner.warmup(dtypes=[], acts=[parts.hf_config.hidden_act], packed=list(PACKED))
+    profile = measure_profile(host, slot, parts.shape, runner, name=args.name, repeats=args.repeats,
+                              cpu_formats=formats)
     out = args.out or user_profile_dir() / f"{args.name}.yaml"
     profile.to_yaml(out)
     costs = CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize,
-                                parts.format.nbytes)
+                                parts.format.nbytes, parts.format.name)
     print(f"copy {profile.h2d_gbps:.2f} GB/s, device {profile.gpu_mem_gbps:.1f} GB/s / "
           f"{profile.gpu_tflops:.3f} TFLOP/s, CPU {profile.cpu_mem_gbps:.1f} GB/s / {profile.cpu_gflops:.1f} GFLOP/s")
     for tokens in (1, 8, 64):

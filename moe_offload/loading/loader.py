@@ -131,19 +131,23 @@ def make_cpu_runner(cfg: OffloadConfig, parts: ModelParts):
     from ..cpu_kernels import CpuRunner
 
     runner = CpuRunner(num_threads=cfg.cpu_threads)
-    native = [] if parts.format.packed else [parts.format.name]
-    runner.warmup(dtypes=native, acts=[parts.hf_config.hidden_act])
+    fmt = parts.format
+    runner.warmup(dtypes=[] if fmt.packed else [fmt.name], acts=[parts.hf_config.hidden_act],
+                  packed=[fmt.name] if fmt.packed else [])
     return runner
 
 
 def cost_model(cfg: OffloadConfig, parts: ModelParts, store: HostExpertStore, slots: ExpertSlots, runner) -> CostModel:
-    """Costs from the named hardware profile, or measured now on one expert."""
+    """Costs from the named hardware profile, or measured now on one expert; the CPU runner then uses the
+    profile's measured backend choices (Numba or torch per format and token count) when it has them."""
     if cfg.hardware is not None:
         profile = HardwareProfile.from_yaml(cfg.hardware)
+        if runner is not None and profile.cpu_backend:
+            runner.set_choices(profile.cpu_backend)
     else:
         profile = measure_profile(store.blocks[0], slots.buffers[0], parts.shape, runner, repeats=3, fmt=store.format)
     return CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize,
-                                parts.format.nbytes)
+                                parts.format.nbytes, parts.format.name)
 
 
 def expert_pools(parts: ModelParts, cfg: OffloadConfig) -> tuple[ExpertLayout, SlotPools]:

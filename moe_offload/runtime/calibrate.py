@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +42,12 @@ def _device_expert(block: torch.Tensor, fmt: ExpertFormat, x: torch.Tensor, scra
 
 def measure_profile(host_block: torch.Tensor, slot: torch.Tensor, shape: ExpertShape, cpu_runner=None,
                     name: str = "measured", repeats: int = 5, tokens: int = 128,
-                    fmt: ExpertFormat | None = None) -> HardwareProfile:
+                    fmt: ExpertFormat | None = None, cpu_formats: Sequence[str] | None = None) -> HardwareProfile:
     """Roofline rates from timing one expert: copy into ``slot``, device compute at 1 and ``tokens``
     tokens, and the CPU kernel at 1 and ``tokens`` tokens (when a runner is given). ``fmt``: the
     stored format of ``host_block`` (default: native, of the slot's dtype); a packed expert's device time
-    includes dequantizing it."""
+    includes dequantizing it. With a runner, also the CPU backend choice and seconds per token bucket of
+    ``cpu_formats`` (default: ``fmt``'s), see measure_cpu_experts."""
     device = slot.device
     fmt = fmt or ExpertFormat(str(slot.dtype).removeprefix("torch."), shape.hidden, shape.intermediate, slot.dtype)
     scratch = torch.empty(shape.numel, dtype=fmt.compute_dtype, device=device) if fmt.needs_scratch else None
@@ -72,10 +75,26 @@ def measure_profile(host_block: torch.Tensor, slot: torch.Tensor, shape: ExpertS
 
         c1 = median_seconds(run_cpu(1), torch.device("cpu"), repeats)
         ct = median_seconds(run_cpu(tokens), torch.device("cpu"), repeats)
-    return HardwareProfile(
+    profile = HardwareProfile(
         name=name, h2d_gbps=h2d / 1e9, copy_latency_us=latency * 1e6,
         gpu_mem_gbps=nbytes / g1 / 1e9, gpu_tflops=tokens * flops / gt / 1e12, gpu_launch_us=0.0,
         cpu_mem_gbps=nbytes / c1 / 1e9, cpu_gflops=tokens * flops / ct / 1e9, cpu_start_us=0.0,
         source=f"measured by moe-offload calibrate on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
         f" with one {shape.hidden}x{shape.intermediate} {fmt.name} expert",
     )
+    if cpu_runner is None:
+        return profile
+    return dataclasses.replace(profile, **measure_cpu_experts(cpu_runner, shape, cpu_formats or [fmt.name]))
+
+
+def measure_cpu_experts(cpu_runner, shape: ExpertShape, formats: Sequence[str], budget_s: float = 2.0) -> dict:
+    """The CPU runner's backend choice per format and token bucket (CpuRunner.measure_backends, on an
+    expert of the model's shape, capped) and the chosen backend's seconds: HardwareProfile's
+    cpu_expert_s, cpu_expert_params and cpu_backend fields. The runner keeps using the choices."""
+    timings = cpu_runner.measure_backends(shape.hidden, shape.intermediate, formats, budget_s=budget_s)
+    hidden, inter = cpu_runner.measured_shape
+    choices = cpu_runner.choices
+    seconds = {name: {bucket: float(per[choices[name][bucket]]) for bucket, per in buckets.items()}
+               for name, buckets in timings.items()}
+    return {"cpu_expert_s": seconds, "cpu_expert_params": 3 * hidden * inter,
+            "cpu_backend": {name: choices[name] for name in timings}}

@@ -3,7 +3,10 @@
 A HardwareProfile holds model-independent, measured or published rates (copy
 GB/s, memory GB/s, matmul FLOP/s, fixed costs). A CostModel applies one to an
 expert's size: every expert cost is a roofline, fixed + max(bytes / bandwidth,
-flops / throughput), as a function of the token count.
+flops / throughput), as a function of the token count, except a CPU expert of a
+format the profile has measured seconds for (``cpu_expert_s``, from `calibrate`
+timing the CPU runner's chosen backend): those are interpolated between the
+measured token counts and scaled to the expert's size.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ class HardwareProfile:
     cpu_start_us: float       # fixed cost of one expert job on the CPU
     source: str = ""          # where the numbers come from
     disk_gbps: float = 0.0    # expert reads from disk (the disk tier), GB/s; 0: not known (reads cost nothing)
+    # measured CPU expert seconds per format and token count ({format: {tokens: s}}) with the runner's chosen
+    # backend, on an expert of cpu_expert_params weights (3 * H * I); cpu_backend: {format: {tokens: backend}}
+    cpu_expert_s: dict | None = None
+    cpu_expert_params: int = 0
+    cpu_backend: dict | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "HardwareProfile":
@@ -82,14 +90,16 @@ class CostModel:
     profile: HardwareProfile
     bytes_per_expert: int
     flops_per_token: int      # 2 * 3 * H * I for a gated FFN
+    expert_format: str = ""   # the experts' stored format (canonical name): picks the profile's measured CPU seconds
 
     @classmethod
     def for_expert(cls, profile: HardwareProfile, hidden: int, intermediate: int, element_size: int,
-                   nbytes: int | None = None) -> "CostModel":
+                   nbytes: int | None = None, expert_format: str = "") -> "CostModel":
         """Costs of one H x I gated expert stored in ``nbytes`` (default: 3HI elements of ``element_size``;
-        packed formats give their byte size, scales included)."""
+        packed formats give their byte size, scales included) in ``expert_format`` (picks the profile's
+        measured CPU seconds)."""
         size = 3 * hidden * intermediate * element_size if nbytes is None else int(nbytes)
-        return cls(profile, size, 6 * hidden * intermediate)
+        return cls(profile, size, 6 * hidden * intermediate, expert_format)
 
     def copy_s(self) -> float:
         p = self.profile
@@ -109,7 +119,13 @@ class CostModel:
         return self._roofline(tokens, p.gpu_launch_us, p.gpu_mem_gbps, p.gpu_tflops * 1e12)
 
     def cpu_s(self, tokens: int) -> float:
+        """Seconds on the CPU: start-up plus the profile's measured seconds for ``expert_format`` when it has
+        them (scaled from the measured expert's size to this one's), else the roofline."""
         p = self.profile
+        measured = (p.cpu_expert_s or {}).get(self.expert_format)
+        if measured and p.cpu_expert_params > 0 and tokens > 0:
+            scale = (self.flops_per_token / 2) / p.cpu_expert_params     # this expert's weights / the measured one's
+            return p.cpu_start_us * 1e-6 + interpolate_seconds(measured, tokens) * scale
         return self._roofline(tokens, p.cpu_start_us, p.cpu_mem_gbps, p.cpu_gflops * 1e9)
 
     def _roofline(self, tokens: int, start_us: float, mem_gbps: float, flops_per_s: float) -> float:
@@ -117,3 +133,19 @@ class CostModel:
         if tokens <= 0:
             return 0.0
         return start_us * 1e-6 + max(self.bytes_per_expert / (mem_gbps * 1e9), tokens * self.flops_per_token / flops_per_s)
+
+
+def interpolate_seconds(measured: dict, tokens: int) -> float:
+    """Seconds at ``tokens`` from {token count: seconds}: linear between the measured counts, the first
+    count's seconds below it (one pass over the weights either way), the last segment's slope beyond."""
+    points = sorted((int(t), float(s)) for t, s in measured.items())
+    first, first_s = points[0]
+    if tokens <= first:
+        return first_s
+    if len(points) == 1:
+        return first_s * tokens / first
+    for (t0, s0), (t1, s1) in zip(points, points[1:]):
+        if tokens <= t1:
+            return s0 + (s1 - s0) * (tokens - t0) / (t1 - t0)
+    (t0, s0), (t1, s1) = points[-2], points[-1]
+    return s1 + max(s1 - s0, 0.0) * (tokens - t1) / (t1 - t0)

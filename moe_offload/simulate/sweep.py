@@ -248,7 +248,7 @@ def simulate_rows(parts, setup: SweepSetup, runs: list[tuple[str, Budget]], note
     if setup.disk_gbps is not None:
         profile = dataclasses.replace(profile, disk_gbps=setup.disk_gbps)
     cost = CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize,
-                                parts.format.nbytes)
+                                parts.format.nbytes, parts.format.name)
     rows = []
     for label, host in setup.host_budgets:
         host_rows = None if host is None else sweep_host_rows(parts.plan, host, label)

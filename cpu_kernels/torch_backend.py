@@ -1,0 +1,64 @@
+"""The torch backend of the CPU expert FFN: the same computation as the Numba kernels through F.linear.
+
+    # T = tokens, H = hidden, I = intermediate
+    native blocks (float32 / float16 / bf16): torch.from_numpy views, F.linear in the block's dtype
+        (oneDNN's bf16 matmuls beat the Numba kernels for many tokens on CPUs with AVX-512 BF16 or AMX);
+    int8 blocks and packed rows: dequantized into one reused float32 scratch, then F.linear in float32.
+    out [T, H] float32 = down @ (act(gate @ x) * (up @ x))
+
+The runner chooses between this and the Numba kernels per format and token count (backends.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .activations import GELU, GELU_TANH, SILU
+from .blocks import as_torch_block
+from .packed import ExpertFormat
+
+_TORCH_ACTS = {SILU: F.silu, GELU: F.gelu, GELU_TANH: lambda v: F.gelu(v, approximate="tanh")}
+
+
+class TorchExperts:
+    """Runs experts with torch matmuls; one float32 dequantization scratch, grown once to the largest expert."""
+
+    def __init__(self) -> None:
+        self._scratch = torch.empty(0)
+
+    def _weights(self, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, H], down [H, I]) float32 views of the scratch."""
+        need = 3 * hidden * inter
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need)
+        split = 2 * inter * hidden
+        return self._scratch[:split].view(2 * inter, hidden), self._scratch[split:need].view(hidden, inter)
+
+    def matrices(self, block: np.ndarray, hidden: int, inter: int, scales=None, fmt: ExpertFormat | None = None):
+        """(gate_up, down) torch matrices of one expert: views of a native block, or dequantized into the scratch."""
+        if fmt is not None and fmt.packed:
+            return fmt.unpack(torch.from_numpy(block), self._scratch_for(fmt))
+        if scales is not None:                      # int8 block: W[r] = scales[r] * q[r]
+            gate_up, down = self._weights(hidden, inter)
+            q, s = torch.from_numpy(block), torch.from_numpy(scales)
+            split = 2 * inter * hidden
+            gate_up.copy_(q[:split].view(2 * inter, hidden)).mul_(s[: 2 * inter, None])
+            down.copy_(q[split:].view(hidden, inter)).mul_(s[2 * inter:, None])
+            return gate_up, down
+        weights = as_torch_block(block)
+        split = 2 * inter * hidden
+        return weights[:split].view(2 * inter, hidden), weights[split:].view(hidden, inter)
+
+    def _scratch_for(self, fmt: ExpertFormat) -> torch.Tensor:
+        self._weights(fmt.hidden, fmt.inter)
+        return self._scratch
+
+    def run(self, x: np.ndarray, block: np.ndarray, inter: int, act: int, out: np.ndarray, scales=None,
+            fmt: ExpertFormat | None = None) -> None:
+        """out [n, H] = expert(x [n, H]) (act: a kernel activation code)."""
+        gate_up, down = self.matrices(block, x.shape[1], inter, scales, fmt)
+        xt = torch.from_numpy(x).to(gate_up.dtype)
+        gate, up = F.linear(xt, gate_up).chunk(2, dim=-1)                  # [n, I] each
+        torch.from_numpy(out).copy_(F.linear(_TORCH_ACTS[act](gate) * up, down))
