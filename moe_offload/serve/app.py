@@ -24,8 +24,16 @@ from starlette.routing import Route
 
 from .engine import BatchEngine, GenerationRequest, QueueFull, Update
 from .metrics import render_metrics
-from .openai_api import (DEFAULT_COMPLETION_TOKENS, ApiError, ResponseShape, ServedModel, chat_prompt, check_model, completion_prompt,
-                         sampling_params)
+from .openai_api import (
+    DEFAULT_COMPLETION_TOKENS,
+    ApiError,
+    ResponseShape,
+    ServedModel,
+    chat_prompt,
+    check_model,
+    completion_prompt,
+    sampling_params,
+)
 
 DISCONNECT_POLL_S = 0.5  # how often a whole-answer request checks that its client is still there
 

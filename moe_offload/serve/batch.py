@@ -60,7 +60,7 @@ class PaddedBatch:
         """The model inputs of one decode step: each row's last token at its next position."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.size, 1)], dim=1)  # [B, L + 1]
         positions = self.mask.sum(dim=1, keepdim=True) - 1  # [B, 1] real tokens before this one
-        return dict(input_ids=self.last_tokens[:, None], attention_mask=self.mask, position_ids=positions)
+        return {"input_ids": self.last_tokens[:, None], "attention_mask": self.mask, "position_ids": positions}
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in that order); cut the columns that are now padding everywhere."""

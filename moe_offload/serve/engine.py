@@ -178,7 +178,7 @@ class BatchEngine:
                 request = self._waiting.popleft()
             try:
                 self._prefill(request)
-            except Exception as err:  # a failed request must not stop the server
+            except Exception as err:  # noqa: BLE001 (a failed request must not stop the server)
                 self._fail(request, f"generation failed: {err}")
 
     def _prefill(self, request: GenerationRequest) -> None:
@@ -201,7 +201,7 @@ class BatchEngine:
             inputs = {k: v.to(self.model.device) for k, v in self._batch.step_inputs().items()}
             inputs[self._cache_arg] = self._batch.cache
             logits = self.model(**inputs, use_cache=True).logits[:, -1].cpu()  # [B, V]
-        except Exception as err:  # fail the batch, keep serving
+        except Exception as err:  # noqa: BLE001 (fail the batch, keep serving)
             for request in self._running:
                 self._fail(request, f"generation failed: {err}")
             self._running, self._batch = [], PaddedBatch()
