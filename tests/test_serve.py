@@ -8,9 +8,6 @@ against each sequence run alone.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,6 +24,7 @@ pytest.importorskip("sse_starlette")
 import moe_offload  # noqa: E402
 from moe_offload.cli import main  # noqa: E402
 from moe_offload.cli.common import load_tokenizer  # noqa: E402
+from moe_offload.serve.process import ServerProcess  # noqa: E402
 
 MODEL = "tiny-mixtral"
 API_KEY = "test-key"
@@ -43,49 +41,18 @@ PROMPTS = [
 ]
 
 
-class Server:
-    """A `moe-offload serve` subprocess and clients for it."""
+class Server(ServerProcess):
+    """A `moe-offload serve` subprocess with the official client and an httpx client for it."""
 
     def __init__(self, log: Path, *flags: str) -> None:
-        with socket.socket() as s:  # a free loopback port, chosen by the OS
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        argv = [sys.executable, "-m", "moe_offload", "serve", "--model", MODEL, "--device", "cpu",
-                "--dtype", "float32", "--port", str(self.port), "--api-key", API_KEY, *flags]
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        super().__init__(["--model", MODEL, "--device", "cpu", "--dtype", "float32", *flags], log, API_KEY)
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"the server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if self.http.get("/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"no /health answer in {STARTUP_S} s:\n{self.log.read_text()}")
 
     def stop(self) -> None:
         self.http.close()
         self.client.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=20)
-
-    def metrics(self) -> dict[str, float]:
-        """/metrics parsed: 'name' or 'name{labels}' -> value."""
-        lines = self.http.get("/metrics").text.splitlines()
-        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines if not line.startswith("#"))}
+        super().stop()
 
     def wait_metric(self, name: str, ok, timeout: float = 20) -> float:
         """Poll /metrics until ``ok(value)``; the last value either way."""
@@ -103,7 +70,10 @@ class Server:
 def _start(tmp_path_factory, name: str, *flags: str):
     server = Server(tmp_path_factory.mktemp(name) / "server.log", *flags)
     try:
-        server.wait_ready()
+        server.wait_ready(STARTUP_S)
+    except RuntimeError as err:
+        server.stop()
+        pytest.fail(str(err))
     except BaseException:
         server.stop()
         raise
