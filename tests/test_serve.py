@@ -8,6 +8,7 @@ against each sequence run alone.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -67,9 +68,12 @@ class Server(ServerProcess):
         return self.client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0)
 
 
-def _start(tmp_path_factory, name: str, *flags: str):
+def _start(tmp_path_factory, name: str, *flags: str, meanwhile=None):
+    """A ready server; ``meanwhile()`` runs while it loads."""
     server = Server(tmp_path_factory.mktemp(name) / "server.log", *flags)
     try:
+        if meanwhile is not None:
+            meanwhile()
         server.wait_ready(STARTUP_S)
     except RuntimeError as err:
         server.stop()
@@ -81,8 +85,9 @@ def _start(tmp_path_factory, name: str, *flags: str):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = _start(tmp_path_factory, "serve", "--max-batch", "8", "--max-queue", "16")
+def server(tmp_path_factory, request):
+    server = _start(tmp_path_factory, "serve", "--max-batch", "8", "--max-queue", "16",
+                    meanwhile=lambda: request.getfixturevalue("reference"))  # the reference answers, meanwhile
     yield server
     server.stop()
 
@@ -328,20 +333,28 @@ def test_cli_errors_exit_2_with_one_line(argv, message, capsys):
     assert message in err and err.startswith("moe-offload: error:") and "\n" not in err
 
 
+def test_cli_port_in_use_exits_2_before_loading(capsys):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moe-offload: error: cannot listen on 127.0.0.1:") and "\n" not in err
+
+
 def test_batched_decode_logits_match_each_sequence_alone(model, tokenizer):
     """The batch's rounding: a left-padded batched decode step (three ragged rows; one row dropped, one
     added) gives each row the logits of its sequence run alone, within float32 tolerance. Greedy tokens
     then agree, as the server tests above check end to end."""
     from transformers import DynamicCache
 
-    from moe_offload.serve.batch import PaddedBatch
+    from moe_offload.serve.batch import PaddedBatch, cache_argument
 
+    cache_arg = cache_argument(model)
     prompts = [tokenizer(p)["input_ids"] for p in (PROMPTS[0], PROMPTS[7], PROMPTS[3], PROMPTS[13])]
     seqs, batch = [], PaddedBatch()
 
     def admit(ids):
         cache = DynamicCache(config=model.config)
-        logits = model(input_ids=torch.tensor([ids]), cache=cache, logits_to_keep=1).logits[0, -1]
+        logits = model(input_ids=torch.tensor([ids]), logits_to_keep=1, **{cache_arg: cache}).logits[0, -1]
         batch.add(cache, int(logits.argmax()))
         seqs.append(ids + [int(logits.argmax())])
 
@@ -353,7 +366,7 @@ def test_batched_decode_logits_match_each_sequence_alone(model, tokenizer):
                 batch.keep([0, 2])
                 del seqs[1]
                 admit(prompts[3])
-            logits = model(**batch.step_inputs(), cache=batch.cache).logits[:, -1]  # [B, V]
+            logits = model(**batch.step_inputs(), **{cache_arg: batch.cache}).logits[:, -1]  # [B, V]
             for row, seq in enumerate(seqs):
                 alone = model(input_ids=torch.tensor([seq])).logits[0, -1]
                 torch.testing.assert_close(logits[row], alone, rtol=1e-4, atol=1e-4)

@@ -4,6 +4,8 @@ requests (see moe_offload/serve/)."""
 from __future__ import annotations
 
 import argparse
+import socket
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +36,20 @@ def _port(text: str) -> int:
     return port
 
 
+def check_listen(host: str, port: int) -> None:
+    """Fail before the model loads if ``host:port`` cannot be bound (in use, or not an address here)."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        raise MoEOffloadError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
 def main(args: argparse.Namespace) -> int:
+    check_listen(args.host, args.port)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        print(f"[moe-offload] warning: listening on {args.host} without --api-key: anyone who can reach this "
+              "port can use the model", file=sys.stderr)
     try:
         import uvicorn
 
@@ -54,7 +69,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"[moe-offload] serving {served.name} on http://{args.host}:{args.port}/v1 "
           f"(batch {args.max_batch}, queue {args.max_queue})", flush=True)
     try:
-        uvicorn.run(create_app(engine, served, args.api_key), host=args.host, port=args.port, log_level="warning")
+        # Open streams get 5 s after SIGTERM/Ctrl-C, then the engine stops and the model closes.
+        uvicorn.run(create_app(engine, served, args.api_key), host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=5)
     finally:
         model.offload.close()
     return 0

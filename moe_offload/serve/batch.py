@@ -10,6 +10,8 @@ columns that are padding in every remaining row are cut, so its KV memory goes w
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
 
@@ -23,6 +25,12 @@ def _pad_left(x: torch.Tensor, length: int) -> torch.Tensor:
         pad = x.new_zeros(x.shape[0], x.shape[1], missing, x.shape[3])
         return torch.cat([pad, x], dim=2)
     return torch.cat([x.new_zeros(x.shape[0], missing), x], dim=1)
+
+
+def cache_argument(model) -> str:
+    """The name ``model.forward`` takes its KV cache by: ``cache`` (transformers >= 5.24, which warns on
+    the old name) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class PaddedBatch:

@@ -18,7 +18,6 @@ small: prefill alone (exactly ``generate``'s prefill), a left-padded ``DynamicCa
 
 from __future__ import annotations
 
-import inspect
 import random
 import threading
 from collections import deque
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .batch import PaddedBatch
+from .batch import PaddedBatch, cache_argument
 from .text import IncrementalText
 
 
@@ -110,8 +109,7 @@ class BatchEngine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         eos = model.generation_config.eos_token_id
-        # transformers renamed past_key_values to cache (5.24 warns on the old name); pass what forward takes.
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_arg = cache_argument(model)
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.counters = EngineCounters()
         self._waiting: deque[GenerationRequest] = deque()
