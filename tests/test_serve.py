@@ -342,8 +342,9 @@ def test_cli_port_in_use_exits_2_before_loading(capsys):
 
 def test_batched_decode_logits_match_each_sequence_alone(model, tokenizer):
     """The batch's rounding: a left-padded batched decode step (three ragged rows; one row dropped, one
-    added) gives each row the logits of its sequence run alone, within float32 tolerance. Greedy tokens
-    then agree, as the server tests above check end to end."""
+    added) gives each row the logits of its sequence run alone. Batching does change float32 rounding
+    (the matrix products see other shapes; differences of about 1e-5 on tiny-mixtral), so the logits are
+    compared within 1e-4 and the greedy tokens exactly; the server tests above check the text end to end."""
     from transformers import DynamicCache
 
     from moe_offload.serve.batch import PaddedBatch, cache_argument
