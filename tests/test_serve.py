@@ -376,3 +376,39 @@ def test_batched_decode_logits_match_each_sequence_alone(model, tokenizer):
             for row, seq in enumerate(seqs):
                 seq.append(int(batch.last_tokens[row]))
     assert batch.length == max(len(s) for s in seqs) - 1  # padding columns of the dropped row were cut
+
+
+def test_engine_fails_a_broken_step_and_keeps_serving(model, tokenizer):
+    """A forward that raises fails the requests it ran (an error update each), then the next one runs."""
+    import queue
+
+    from moe_offload.serve.engine import BatchEngine, GenerationRequest, SamplingParams
+
+    class BreaksOnce:
+        def __init__(self):
+            self.broken = False
+
+        def __call__(self, **inputs):
+            if not self.broken:
+                self.broken = True
+                raise RuntimeError("device lost")
+            return model(**inputs)
+
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+    engine = BatchEngine(model, tokenizer)
+    engine.model = BreaksOnce()
+    updates = queue.Queue()
+    engine.start()
+    try:
+        for prompt in PROMPTS[:2]:
+            engine.submit(GenerationRequest(tokenizer(prompt)["input_ids"], SamplingParams(max_tokens=3), tokenizer,
+                                            updates.put))
+            while (update := updates.get(timeout=60)).finish_reason is None and update.error is None:
+                pass
+            assert (update.error, update.finish_reason) == (
+                ("generation failed: device lost", None) if prompt == PROMPTS[0] else (None, "length"))
+    finally:
+        engine.stop()
+    assert engine.counters.requests["failed"] == 1 and engine.counters.requests["completed"] == 1

@@ -18,6 +18,7 @@ small: prefill alone (exactly ``generate``'s prefill), a left-padded ``DynamicCa
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from collections import deque
@@ -29,6 +30,8 @@ from transformers import DynamicCache
 
 from .batch import PaddedBatch, cache_argument
 from .text import IncrementalText
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -157,15 +160,26 @@ class BatchEngine:
     def _loop(self) -> None:
         with torch.inference_mode():
             while not self._stopping:
-                self._admit()
-                if self._running:
-                    self._decode_step()
+                try:
+                    self._admit()
+                    if self._running:
+                        self._decode_step()
+                        continue
+                except Exception as err:  # fail the batch, keep serving
+                    log.exception("decode step failed")
+                    self._fail_running(f"generation failed: {err}")
                     continue
                 with self._wake:
                     if not self._waiting and not self._stopping:
                         self._wake.wait(timeout=1.0)
-        for request in [*self._running, *self._waiting]:
+        self._fail_running("the server is shutting down")
+        for request in list(self._waiting):
             self._fail(request, "the server is shutting down")
+
+    def _fail_running(self, message: str) -> None:
+        for request in self._running:
+            self._fail(request, message)
+        self._running, self._batch = [], PaddedBatch()
 
     def _admit(self) -> None:
         """Prefill waiting requests, each alone, until ``max_batch`` sequences run."""
@@ -176,7 +190,8 @@ class BatchEngine:
                 request = self._waiting.popleft()
             try:
                 self._prefill(request)
-            except Exception as err:  # noqa: BLE001 (a failed request must not stop the server)
+            except Exception as err:  # a failed request must not stop the server
+                log.exception("prefill failed")
                 self._fail(request, f"generation failed: {err}")
 
     def _prefill(self, request: GenerationRequest) -> None:
@@ -195,15 +210,9 @@ class BatchEngine:
         self._keep([r for r in self._running if not r.cancelled])
         if not self._running:
             return
-        try:
-            inputs = {k: v.to(self.model.device) for k, v in self._batch.step_inputs().items()}
-            inputs[self._cache_arg] = self._batch.cache
-            logits = self.model(**inputs, use_cache=True).logits[:, -1].cpu()  # [B, V]
-        except Exception as err:  # noqa: BLE001 (fail the batch, keep serving)
-            for request in self._running:
-                self._fail(request, f"generation failed: {err}")
-            self._running, self._batch = [], PaddedBatch()
-            return
+        inputs = {k: v.to(self.model.device) for k, v in self._batch.step_inputs().items()}
+        inputs[self._cache_arg] = self._batch.cache
+        logits = self.model(**inputs, use_cache=True).logits[:, -1].cpu()  # [B, V]
         self.counters.decode_steps += 1
         self.counters.decode_rows += len(self._running)
         tokens = logits.argmax(dim=-1)  # [B] the greedy rows' tokens
@@ -217,10 +226,11 @@ class BatchEngine:
         """Keep only ``requests`` in the batch (a subsequence of the running ones)."""
         if len(requests) == len(self._running):
             return
+        kept = {id(r) for r in requests}
         for request in self._running:
-            if request.cancelled and not request.finished:
+            if id(request) not in kept and request.cancelled and not request.finished:
                 self.counters.requests["cancelled"] += 1
-        rows = [i for i, r in enumerate(self._running) if r in requests]
+        rows = [i for i, r in enumerate(self._running) if id(r) in kept]
         self._batch.keep(rows)
         self._running = requests
 
