@@ -20,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--cache-policy", help="expert cache policy")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
-    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")
     p.add_argument("--max-batch", type=positive_int, default=16, help="sequences decoded together (default 16)")
     p.add_argument("--max-queue", type=positive_int, default=64,
