@@ -302,6 +302,16 @@ def test_client_disconnect_mid_stream_leaves_the_batch(server):
     assert server.complete().choices[0].finish_reason == "length"
 
 
+def test_whole_answer_client_that_leaves_is_cancelled(server):
+    """A client waiting for a whole (non-streamed) answer gives up: the server notices and drops the request."""
+    before = server.metrics()['moe_offload_requests_total{outcome="cancelled"}']
+    with pytest.raises(httpx.ReadTimeout):  # 1000 greedy tokens of PROMPTS[0] (no EOS) take seconds
+        server.http.post("/v1/completions", json=GOOD | {"prompt": PROMPTS[0], "max_tokens": 1000}, timeout=1.0)
+    assert server.wait_metric("moe_offload_running_sequences", lambda v: v == 0) == 0
+    assert server.wait_metric('moe_offload_requests_total{outcome="cancelled"}', lambda v: v > before) == before + 1
+    assert server.complete().choices[0].finish_reason == "length"
+
+
 def test_full_queue_gets_429_then_serving_resumes(tmp_path_factory):
     """One running sequence and a queue of one: a third request is refused with the OpenAI error shape."""
     busy = _start(tmp_path_factory, "busy", "--max-batch", "1", "--max-queue", "1")

@@ -105,15 +105,20 @@ async def _stream(engine: BatchEngine, job: GenerationRequest, updates: asyncio.
 
 async def _whole(request: Request, engine: BatchEngine, job: GenerationRequest, updates: asyncio.Queue,
                  shape: ResponseShape) -> JSONResponse:
-    """Wait for the whole answer, watching for the client going away."""
-    pieces = []
+    """Wait for the whole answer, checking every DISCONNECT_POLL_S that the client is still there."""
+    loop, pieces = asyncio.get_running_loop(), []
+    next_check = loop.time() + DISCONNECT_POLL_S
     try:
         while True:
             try:
-                update: Update = await asyncio.wait_for(updates.get(), DISCONNECT_POLL_S)
+                update: Update | None = await asyncio.wait_for(updates.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
+                update = None
+            if loop.time() >= next_check:
                 if await request.is_disconnected():
                     return JSONResponse({}, status_code=499)  # nobody reads it
+                next_check = loop.time() + DISCONNECT_POLL_S
+            if update is None:
                 continue
             if update.error is not None:
                 raise ApiError(500, update.error, code="generation_failed", type="server_error")
