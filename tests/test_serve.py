@@ -422,3 +422,31 @@ def test_engine_fails_a_broken_step_and_keeps_serving(model, tokenizer):
     finally:
         engine.stop()
     assert engine.counters.requests["failed"] == 1 and engine.counters.requests["completed"] == 1
+
+
+class BytesTokenizer:
+    """Tokens are byte strings; decoding joins them as UTF-8 (an unfinished character decodes as U+FFFD)."""
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return b"".join(tokens).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("tokens,stop,pieces,stopped", [
+    ([b"a", b"E", b"N", b"Db"], ("END",), ["", "", "a", ""], True),           # a stop split over tokens
+    ([b"ab", b"EN", b"c"], ("END",), ["", "ab", "E"], False),                 # a partial stop that was not one
+    ([b"x", b"\xc3", b"\xa9", b"!"], (), ["x", "", "\u00e9", "!"], False),      # a character split over tokens
+    ([b"STOP", b"more"], ("STOP", "never"), ["", ""], True),                   # the stop at the very start
+], ids=["stop-over-tokens", "almost-a-stop", "split-character", "stop-first"])
+def test_incremental_text_holds_back_stops_and_split_characters(tokens, stop, pieces, stopped):
+    from moe_offload.serve.text import IncrementalText
+
+    text = IncrementalText(BytesTokenizer(), stop)
+    released = []
+    for token in tokens:
+        released.append(text.add(token))
+        if text.stopped:
+            break
+    assert released == pieces[:len(released)] and text.stopped == stopped
+    whole = "".join(released) + text.finish()
+    full = b"".join(tokens).decode()
+    assert whole == (full[:min(full.find(s) for s in stop if s in full)] if stopped else full)
