@@ -82,6 +82,7 @@ class PaddedBatch:
         start = int((self.mask.sum(dim=0) > 0).nonzero()[0])  # first column some row uses
         self.mask = self.mask[:, start:]
         for layer in self.cache.layers:
-            # index_select copies, so the dropped rows' memory is released now.
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
+            # Indexing with a tensor copies, so the dropped rows' memory is released now.
+            rows_here = index.to(layer.keys.device)
+            layer.keys = layer.keys[rows_here, :, start:]
+            layer.values = layer.values[rows_here, :, start:]
