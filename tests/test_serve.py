@@ -305,8 +305,9 @@ def test_client_disconnect_mid_stream_leaves_the_batch(server):
 def test_whole_answer_client_that_leaves_is_cancelled(server):
     """A client waiting for a whole (non-streamed) answer gives up: the server notices and drops the request."""
     before = server.metrics()['moe_offload_requests_total{outcome="cancelled"}']
-    with pytest.raises(httpx.ReadTimeout):  # 1000 greedy tokens of PROMPTS[0] (no EOS) take seconds
-        server.http.post("/v1/completions", json=GOOD | {"prompt": PROMPTS[0], "max_tokens": 1000}, timeout=1.0)
+    with pytest.raises(httpx.ReadTimeout):  # 1000 greedy tokens of PROMPTS[0] (it has no EOS) take seconds
+        server.http.post("/v1/completions", json=GOOD | {"prompt": PROMPTS[0], "max_tokens": 1000, "temperature": 0},
+                         timeout=1.0)
     assert server.wait_metric("moe_offload_running_sequences", lambda v: v == 0) == 0
     assert server.wait_metric('moe_offload_requests_total{outcome="cancelled"}', lambda v: v > before) == before + 1
     assert server.complete().choices[0].finish_reason == "length"
@@ -316,9 +317,11 @@ def test_full_queue_gets_429_then_serving_resumes(tmp_path_factory):
     """One running sequence and a queue of one: a third request is refused with the OpenAI error shape."""
     busy = _start(tmp_path_factory, "busy", "--max-batch", "1", "--max-queue", "1")
     try:
-        running = busy.client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=900, stream=True)
+        running = busy.client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=900, temperature=0,
+                                                 stream=True)
         next(iter(running))  # it is decoding
-        waiting = busy.client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=900, stream=True)
+        waiting = busy.client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=900, temperature=0,
+                                                 stream=True)
         assert busy.wait_metric("moe_offload_queue_depth", lambda v: v == 1) == 1
         with pytest.raises(openai.RateLimitError) as refused:
             busy.complete()
