@@ -165,7 +165,8 @@ def main(args: argparse.Namespace) -> int:
     rows = [{"budget": b["budget"], "slots": b["slots"], **lv} for b in budgets for lv in b["levels"]]
     print(f"model {args.model} on {args.device}, {args.dtype}, {args.requests} requests per client, "
           f"{args.max_tokens} tokens each, greedy, streamed")
-    print_table(rows, [("budget", "budget", ""), ("slots", "slots", "d"), ("clients", "clients", "d"), ("tokens_per_s", "tok/s", ".1f"),
+    print_table(rows, [("budget", "budget", ""), ("slots", "slots", "d"), ("clients", "clients", "d"),
+                       ("tokens_per_s", "tok/s", ".1f"),
                        ("mean_batch", "batch", ".1f"), ("ttft_p50_ms", "TTFT p50 ms", ".0f"),
                        ("ttft_p99_ms", "p99", ".0f"), ("per_token_p50_ms", "tok p50 ms", ".1f"),
                        ("per_token_p99_ms", "p99", ".1f"), ("gb_copied_per_token", "GB/token", ".4f"),
