@@ -1,4 +1,5 @@
-"""moe-offload command line: one module per command (run, info, calibrate, trace, fit-predictor, sweep)."""
+"""moe-offload command line: one module per command (run, info, calibrate, trace, fit-predictor, sweep,
+serve)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import argparse
 import sys
 
 from ..errors import MoEOffloadError
-from . import calibrate, fit_predictor, info, run, sweep, trace
+from . import calibrate, fit_predictor, info, run, serve, sweep, trace
 from .argtypes import Parser
 
-COMMANDS = (run, info, calibrate, trace, fit_predictor, sweep)
+COMMANDS = (run, info, calibrate, trace, fit_predictor, sweep, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

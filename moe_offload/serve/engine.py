@@ -1,0 +1,264 @@
+"""BatchEngine: one thread that runs every request on one model with continuous batching.
+
+Requests wait in a bounded queue. At each step boundary the engine admits waiting requests (up to
+``max_batch`` running), prefills each one alone and merges its KV cache into the running batch, then
+runs one batched decode step for all running sequences. A sequence that finishes (EOS, a stop string,
+``max_tokens``) or whose client went away leaves the batch at that boundary and its KV memory is freed,
+so a long request never holds back short ones and the experts each MoE layer copies for one step serve
+every running sequence.
+
+Why not transformers' own continuous batching (``ContinuousBatchingManager``, what ``transformers
+serve`` uses)? It does run this offloaded model on the CPU and its greedy tokens match, but sampling
+is one setting for the whole manager (``do_sample`` and the random seed are global, temperature 0
+cannot be mixed with sampled requests) and there is no per-request seed, which an OpenAI server must
+honour per request. Its paged cache is also sized up front from free memory. The step loop here is
+small: prefill alone (exactly ``generate``'s prefill), a left-padded ``DynamicCache`` for the batch
+(``PaddedBatch``), per-row sampling with a per-request generator.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .batch import PaddedBatch, cache_argument
+from .text import IncrementalText
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asked for: ``temperature`` 0 is greedy; ``stop`` strings end the text."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Update:
+    """What a request's sink receives after each generated token (and once more on failure)."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", or None while running
+    error: str | None = None
+
+
+class QueueFull(Exception):
+    """The bounded queue of waiting requests is full."""
+
+
+class GenerationRequest:
+    """One prompt being generated: its parameters, its text so far and where its updates go."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer, sink: Callable[[Update], None]):
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.sink = sink
+        self.text = IncrementalText(tokenizer, params.stop)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.cancelled = False  # set by the server when the client goes away
+        self.finished = False  # set by the engine once the last update is sent
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.text.tokens)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token from ``logits`` [V]: argmax at temperature 0, else temperature then top-p sampling."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # [V]
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs >= params.top_p  # mass before it already reaches top_p
+        probs = probs.scatter(0, order[outside], 0.0)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass
+class EngineCounters:
+    """Totals since the server started, for /metrics."""
+
+    requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("completed", "cancelled", "failed", "rejected"), 0))
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefills: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0  # sum of the batch size over decode steps
+
+
+class BatchEngine:
+    """Runs requests on ``model`` in one background thread; ``submit`` and ``cancel`` are thread-safe."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        eos = model.generation_config.eos_token_id
+        self._cache_arg = cache_argument(model)
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.counters = EngineCounters()
+        self._waiting: deque[GenerationRequest] = deque()
+        self._wake = threading.Condition()
+        self._running: list[GenerationRequest] = []
+        self._batch = PaddedBatch()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="moe-offload-engine", daemon=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the current step; requests still waiting or running get a failure update."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue ``request``; raises QueueFull when ``max_queue`` requests already wait."""
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:
+                self.counters.requests["rejected"] += 1
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(request)
+            self._wake.notify()
+
+    def cancel(self, request: GenerationRequest) -> None:
+        """The client is gone: drop ``request`` from the queue, or from the batch at the next boundary."""
+        request.cancelled = True
+        with self._wake:
+            if request in self._waiting:
+                self._waiting.remove(request)
+                self.counters.requests["cancelled"] += 1
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping:
+                try:
+                    self._admit()
+                    if self._running:
+                        self._decode_step()
+                        continue
+                except Exception as err:  # fail the batch, keep serving
+                    log.exception("decode step failed")
+                    self._fail_running(f"generation failed: {err}")
+                    continue
+                with self._wake:
+                    if not self._waiting and not self._stopping:
+                        self._wake.wait(timeout=1.0)
+        self._fail_running("the server is shutting down")
+        for request in list(self._waiting):
+            self._fail(request, "the server is shutting down")
+
+    def _fail_running(self, message: str) -> None:
+        for request in self._running:
+            self._fail(request, message)
+        self._running, self._batch = [], PaddedBatch()
+
+    def _admit(self) -> None:
+        """Prefill waiting requests, each alone, until ``max_batch`` sequences run."""
+        while len(self._running) < self.max_batch:
+            with self._wake:
+                if not self._waiting:
+                    return
+                request = self._waiting.popleft()
+            try:
+                self._prefill(request)
+            except Exception as err:  # a failed request must not stop the server
+                log.exception("prefill failed")
+                self._fail(request, f"generation failed: {err}")
+
+    def _prefill(self, request: GenerationRequest) -> None:
+        cache = DynamicCache(config=self.model.config)
+        ids = torch.tensor([request.prompt_ids], device=self.model.device)  # [1, P]
+        logits = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}).logits
+        self.counters.prefills += 1
+        self.counters.prompt_tokens += len(request.prompt_ids)
+        token = sample(logits[0, -1].cpu(), request.params, request.generator)
+        if not self._emit(request, token):
+            self._batch.add(cache, token)
+            self._running.append(request)
+
+    def _decode_step(self) -> None:
+        """One token for every running sequence; finished and cancelled ones leave the batch."""
+        self._keep([r for r in self._running if not r.cancelled])
+        if not self._running:
+            return
+        inputs = {k: v.to(self.model.device) for k, v in self._batch.step_inputs().items()}
+        inputs[self._cache_arg] = self._batch.cache
+        logits = self.model(**inputs, use_cache=True).logits[:, -1].cpu()  # [B, V]
+        self.counters.decode_steps += 1
+        self.counters.decode_rows += len(self._running)
+        tokens = logits.argmax(dim=-1)  # [B] the greedy rows' tokens
+        for row, request in enumerate(self._running):
+            if request.params.temperature > 0:
+                tokens[row] = sample(logits[row], request.params, request.generator)
+        self._batch.last_tokens = tokens
+        self._keep([r for r, t in zip(self._running, tokens.tolist()) if not self._emit(r, t)])
+
+    def _keep(self, requests: list[GenerationRequest]) -> None:
+        """Keep only ``requests`` in the batch (a subsequence of the running ones)."""
+        if len(requests) == len(self._running):
+            return
+        kept = {id(r) for r in requests}
+        for request in self._running:
+            if id(request) not in kept and request.cancelled and not request.finished:
+                self.counters.requests["cancelled"] += 1
+        rows = [i for i, r in enumerate(self._running) if id(r) in kept]
+        self._batch.keep(rows)
+        self._running = requests
+
+    def _emit(self, request: GenerationRequest, token: int) -> bool:
+        """Hand ``token``'s text to the request's sink; True when the request is finished."""
+        piece = request.text.add(token)
+        self.counters.completion_tokens += 1
+        if request.text.stopped or token in self.eos_ids:
+            reason = "stop"
+        elif request.completion_tokens >= request.params.max_tokens:
+            reason = "length"
+        else:
+            reason = None
+        if reason is not None:
+            piece += request.text.finish()
+            request.finished = True
+            self.counters.requests["completed"] += 1
+        self._send(request, Update(piece, len(request.prompt_ids), request.completion_tokens, reason))
+        return reason is not None
+
+    def _fail(self, request: GenerationRequest, message: str) -> None:
+        request.finished = True
+        self.counters.requests["failed"] += 1
+        self._send(request, Update("", len(request.prompt_ids), request.completion_tokens, error=message))
+
+    @staticmethod
+    def _send(request: GenerationRequest, update: Update) -> None:
+        try:
+            request.sink(update)
+        except RuntimeError:  # the server's event loop is closed: nobody listens any more
+            request.cancelled = True
