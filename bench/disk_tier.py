@@ -13,7 +13,9 @@ each shard; the page cache is never what the numbers measure):
 4. CPU decode ms per token (bf16 on the CPU device) with every expert in host memory vs a host budget
    below the experts (the disk tier), without and with prefetch (the previous-token predictor reads
    ahead the experts the last token used): host hit rate, bytes read from disk per token, and the
-   resident set beyond dense weights + expert slots + host budget (the runtime's own overhead).
+   resident set beyond dense weights + expert slots + host budget (the runtime's own overhead);
+5. the resident set before and after a 256-token generation at a host budget of a quarter of the
+   experts, with prefetch (flat: nothing grows per token).
 
 Writes bench/results/disk_tier.json and .png.
 """
@@ -126,6 +128,8 @@ def decode(path: Path, files: list[Path], host_memory: str | None, predictor: st
     prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     model.generate(prompt, max_new_tokens=2, do_sample=False, min_new_tokens=2, pad_token_id=0)  # warm up
     model.offload.stats.reset()
+    if model.offload.engine.protocol.residency.host is not None:
+        model.offload.engine.protocol.residency.host.reset_counters()
     start = time.perf_counter()
     model.generate(prompt, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens, pad_token_id=0)
     seconds = time.perf_counter() - start
@@ -133,9 +137,15 @@ def decode(path: Path, files: list[Path], host_memory: str | None, predictor: st
     rss = rss_bytes()
     budgeted = plan.dense_bytes + plan.slot_bytes + plan.host_bytes    # on the CPU device the slots are host memory
     needed = int(stats.host_hits.sum() + stats.disk_reads.sum() - stats.disk_prefetches.sum())
+    tier = model.offload.engine.protocol.residency.host
+    demand = int(stats.disk_reads.sum() - stats.disk_prefetches.sum())
     row = {"host_memory": host_memory or "all experts", "predictor": predictor, "ms_per_token": 1e3 * seconds / tokens,
            "host_hit_rate": float(stats.host_hits.sum()) / needed if host_memory and needed else 1.0,
            "disk_bytes_per_token": float(stats.disk_reads.sum()) * stats.bytes_per_expert / tokens,
+           "demand_bytes_per_token": demand * stats.bytes_per_expert / tokens,
+           "prefetch_used": tier.prefetch_used if tier else 0, "predictor_recall": stats.predictor_recall,
+           "read_wait_s_per_token": (tier.wait_s / tokens) if tier else 0.0,
+           "read_hidden_s_per_token": (tier.hidden_s / tokens) if tier else 0.0,
            "disk_prefetches": int(stats.disk_prefetches.sum()), "device_hit_rate": stats.hit_rate,
            "rss_bytes": rss, "budgeted_bytes": budgeted, "rss_overhead_bytes": rss - budgeted}
     model.offload.close()
@@ -172,32 +182,83 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def measure_reads(path: Path, files: list[Path], rounds: int, in_flight: list[int]) -> dict:
+    """``rounds`` alternating rounds of: sequential read, both load paths, the reader at each depth (the disk
+    here is shared and its speed drifts, so each number is the median of its rounds, taken side by side)."""
+    seq, loads, reads = [], {"direct": [], "tensor_by_tensor": []}, {n: [] for n in in_flight}
+    for _ in range(rounds):
+        seq.append(sequential_read(files))
+        for name in loads:
+            loads[name].append(load_time(path, files, name == "direct"))
+        for row in reader_rates(path, files, in_flight):
+            reads[row["in_flight"]].append(row["gbps"])
+    gbps = float(np.median([r["gbps"] for r in seq]))
+    seconds = float(np.median([r["seconds"] for r in seq]))
+    loading = [{"path": name, "seconds": float(np.median(t)), "all_seconds": t,
+                "share_of_sequential": seconds / float(np.median(t))} for name, t in loads.items()]
+    reader = [{"in_flight": n, "gbps": float(np.median(g)), "all_gbps": g, "share_of_sequential": float(np.median(g)) / gbps}
+              for n, g in reads.items()]
+    return {"sequential": {"gbps": gbps, "seconds": seconds, "bytes": seq[0]["bytes"], "rounds": seq},
+            "loading": loading, "reader": reader}
+
+
+def rss_over_generation(model_name: str, tokens: int) -> dict:
+    """Resident set before and after a ``tokens``-token generation with a host budget of a quarter of the
+    experts (the disk tier) and prefetch: a leak would grow it."""
+    from moe_offload.loading.config import OffloadConfig
+    from moe_offload.loading.parts import ModelParts
+
+    plan = ModelParts(model_name, OffloadConfig(device="cpu"), weights=False).plan
+    host = max(plan.experts_per_layer, plan.num_experts // 4) * plan.bytes_per_expert
+    model = moe_offload.from_pretrained(model_name, device="cpu", progress=False, expert_slots=plan.num_experts // 4,
+                                        host_memory=host, predictor="previous")
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    model.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
+    before = rss_bytes()
+    model.generate(prompt, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens, pad_token_id=0)
+    after = rss_bytes()
+    reads = int(model.offload.stats.disk_reads.sum())
+    model.offload.close()
+    return {"model": model_name, "host_memory_bytes": host, "tokens": tokens, "rss_before": before,
+            "rss_after": after, "rss_change": after / before - 1.0, "disk_reads": reads}
+
+
+def isolated(fn, *args) -> dict:
+    """``fn(*args)`` in a fresh process, so its resident set is its own."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 def main(args: argparse.Namespace) -> int:
     path = Path(args.model)
     files = shards(path)
     start = time.perf_counter()
-    sequential = sequential_read(files)
-    print(f"sequential read: {sequential['bytes'] / 1e9:.2f} GB in {sequential['seconds']:.2f} s = "
-          f"{sequential['gbps']:.2f} GB/s")
-    loads = {"direct": load_time(path, files, True), "tensor_by_tensor": load_time(path, files, False)}
-    loading = [{"path": name, "seconds": s, "share_of_sequential": sequential["seconds"] / s} for name, s in loads.items()]
-    print_table(loading, [("path", "load path", ""), ("seconds", "seconds", ".2f"),
-                          ("share_of_sequential", "x of cat's speed", ".2f")])
-    reader = reader_rates(path, files, args.in_flight)
-    for row in reader:
-        row["share_of_sequential"] = row["gbps"] / sequential["gbps"]
-    print_table(reader, [("in_flight", "in flight", "d"), ("gbps", "GB/s", ".2f"),
-                         ("share_of_sequential", "x sequential", ".2f")])
+    reads = measure_reads(path, files, args.rounds, args.in_flight)
+    sequential = reads["sequential"]
+    print(f"sequential read (median of {args.rounds}): {sequential['bytes'] / 1e9:.2f} GB in "
+          f"{sequential['seconds']:.2f} s = {sequential['gbps']:.2f} GB/s")
+    print_table(reads["loading"], [("path", "load path", ""), ("seconds", "seconds", ".2f"),
+                                   ("share_of_sequential", "x of cat's speed", ".2f")])
+    print_table(reads["reader"], [("in_flight", "in flight", "d"), ("gbps", "GB/s", ".2f"),
+                                  ("share_of_sequential", "x sequential", ".2f")])
     runs = [(None, "none"), (args.host_memory, "none"), (args.host_memory, "previous")]
-    decoded = [decode(path, files, host, predictor, args.tokens, args.expert_slots) for host, predictor in runs]
+    decoded = [isolated(decode, path, files, host, predictor, args.tokens, args.expert_slots) for host, predictor in runs]
     print_table(decoded, [("host_memory", "host memory", ""), ("predictor", "prefetch", ""),
                           ("ms_per_token", "ms/token", ".1f"), ("host_hit_rate", "host hits", ".1%"),
-                          ("disk_bytes_per_token", "disk B/token", ".3e"), ("disk_prefetches", "read ahead", "d"),
+                          ("disk_bytes_per_token", "disk B/token", ".3e"), ("demand_bytes_per_token", "demand B/token", ".3e"),
+                          ("disk_prefetches", "read ahead", "d"), ("prefetch_used", "used", "d"),
+                          ("read_wait_s_per_token", "wait s/token", ".3f"), ("read_hidden_s_per_token", "hidden s/token", ".3f"),
                           ("rss_overhead_bytes", "RSS over budget B", ".3e")])
+    rss = isolated(rss_over_generation, args.rss_model, args.rss_tokens)
+    print(f"RSS over {rss['tokens']} tokens of {rss['model']} at a quarter of the experts in host memory: "
+          f"{rss['rss_before'] / 2**20:.0f} -> {rss['rss_after'] / 2**20:.0f} MiB ({rss['rss_change']:+.1%}), "
+          f"{rss['disk_reads']} disk reads")
     result = {"command": "python bench/disk_tier.py " + " ".join(sys.argv[1:]), "machine": machine(),
               "model": str(path), "checkpoint_bytes": sum(f.stat().st_size for f in files),
-              "host_memory_bytes": parse_bytes(args.host_memory), "sequential": sequential, "loading": loading,
-              "reader": reader, "decode": decoded, "seconds": time.perf_counter() - start}
+              "host_memory_bytes": parse_bytes(args.host_memory), **reads, "decode": decoded, "rss": rss,
+              "seconds": time.perf_counter() - start}
     RESULTS.mkdir(exist_ok=True)
     write_json(RESULTS / "disk_tier.json", result)
     plot(result, RESULTS / "disk_tier.png")
@@ -212,6 +273,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--expert-slots", type=int, default=4)
     p.add_argument("--tokens", type=int, default=8, help="decode tokens per row")
     p.add_argument("--in-flight", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the read and load measurements")
+    p.add_argument("--rss-model", default="tiny-mixtral", help="model of the RSS-over-a-generation check")
+    p.add_argument("--rss-tokens", type=int, default=256)
     return p.parse_args(argv)
 
 

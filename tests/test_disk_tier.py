@@ -233,3 +233,21 @@ def test_disk_reader_serves_demand_first_and_cancels(tmp_path):
         read.wait()
     reader.close()
     assert order == ["d", "a", "c"] and bytes(outs[3]) == b"d" * 8 and not outs[1].any()
+
+
+def test_stored_bytes_are_read_straight_into_the_store(checkpoints, monkeypatch):
+    """Rows that are the checkpoint's bytes (same dtype, unquantized) load by positional reads, not tensor by
+    tensor; a cast (bf16 from a float32 checkpoint) goes tensor by tensor."""
+    from moe_offload.loading import loader
+
+    path = checkpoints["qwen2_moe"]
+    calls = []
+    real = loader.fill_store
+    monkeypatch.setattr(loader, "fill_store", lambda *args: calls.append(1) or real(*args))
+    logits, _ = reference(path)
+    model = moe_offload.from_pretrained(path, device="cpu", dtype=torch.float32, progress=False, expert_slots=3)
+    assert calls == [] and model.offload.store.missing_keys() == []
+    with torch.no_grad():
+        assert_close(model(TOKENS).logits, logits, "qwen2_moe read straight into the store")
+    moe_offload.from_pretrained(path, device="cpu", dtype="bf16", progress=False, expert_slots=3)
+    assert calls == [1]

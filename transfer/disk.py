@@ -21,6 +21,7 @@ import heapq
 import itertools
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +52,8 @@ class Read:
     cancelled: bool = False
     started: bool = False
     left: int = 0           # pieces not yet read
+    started_at: float = 0.0     # perf_counter when its first piece started, and when it landed
+    done_at: float = 0.0
 
     @property
     def nbytes(self) -> int:
@@ -137,7 +140,8 @@ class DiskReader:
                 _, _, read, piece = heapq.heappop(self._queue)
                 if read.cancelled or read.error is not None:
                     continue
-                read.started = True
+                if not read.started:
+                    read.started, read.started_at = True, time.perf_counter()
             try:
                 self._pread(piece, read.out)
             except BaseException as err:   # handed to the waiter
@@ -148,6 +152,7 @@ class DiskReader:
                 self.bytes_read += piece.nbytes
                 read.left -= 1
                 if read.left == 0:
+                    read.done_at = time.perf_counter()
                     read.done.set()
 
     def _fd(self, path: str) -> int:

@@ -29,7 +29,7 @@ from ..runtime.router_tap import RouterTap
 from ..runtime.stats import OffloadStats
 from ..transfer import CopyEngine, HostExpertStore
 from .config import OffloadConfig
-from .expert_writes import write_expert
+from .expert_writes import fp8_as_stored, write_expert
 from .parts import ModelParts, load_dense
 
 
@@ -58,10 +58,13 @@ def fill_store(parts: ModelParts, store: HostExpertStore, progress: bool, device
 
 
 def fill_experts(parts: ModelParts, store: HostExpertStore, cfg: OffloadConfig) -> None:
-    """The store's experts: a packed format is read from its quantize-once cache file when one matches the
-    checkpoint, else quantized now and the file written for the next load."""
-    if not store.format.packed:
-        fill_store(parts, store, cfg.progress, cfg.torch_device)
+    """The store's experts: rows that are the checkpoint's bytes unchanged are read straight into the store;
+    a packed format is read from its quantize-once cache file when one matches the checkpoint, else
+    quantized now and the file written for the next load. (A block-FP8 checkpoint's 128x128 experts go
+    into an fp8 store as they are: nothing to cache.)"""
+    if not store.format.packed or fp8_as_stored(parts, store):
+        if not read_stored_rows(parts, store, cfg):
+            fill_store(parts, store, cfg.progress, cfg.torch_device)
         return
     from . import quant_cache
 
@@ -209,6 +212,7 @@ def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
         setattr(site.parent, site.attr,
                 OffloadedExperts(engine, i, site.model_layer, parts.num_experts, site.module.act_fn))
     check_complete(parts, None if disk else store)
+    parts.checkpoint.close()   # its memory maps would keep every page read through them resident
     model = parts.model
     model.config._name_or_path = str(parts.directory)
     if (parts.directory / "generation_config.json").is_file():

@@ -13,6 +13,7 @@ Three tiers: device slots <- host cache (``host_memory``) <- disk. Each expert's
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
 
 import torch
@@ -38,6 +39,12 @@ class HostTier:
         self.stats = stats
         self.source = source                    # "checkpoint" or "cache file": where the reads go
         self.pending: dict[int, Read] = {}      # key -> read in flight into its row
+        self.prefetch_used = 0                  # prefetch reads a call then needed
+        self.wait_s = 0.0                       # seconds calls waited for reads (demand, or prefetch still landing)
+        self.hidden_s = 0.0                     # seconds of used prefetch reads that no call waited for
+
+    def reset_counters(self) -> None:
+        self.prefetch_used, self.wait_s, self.hidden_s = 0, 0.0, 0.0
 
     def resident(self, key: int) -> bool:
         return self.cache.lookup(key) >= 0
@@ -62,14 +69,22 @@ class HostTier:
             read = self.pending.pop(key, None)
             if read is not None:
                 self.reader.promote(read)
-                read.wait()
+                waited = self._wait(read)
+                self.prefetch_used += 1
+                self.hidden_s += max(0.0, read.done_at - read.started_at - waited)
             else:
                 self.stats.host_hits[layer] += 1
             self.cache.touch(key)
             return
-        read = self._start(key, locked, DEMAND)
-        read.wait()
+        self._wait(self._start(key, locked, DEMAND))
         self.cache.touch(key)
+
+    def _wait(self, read: Read) -> float:
+        start = time.perf_counter()
+        read.wait()
+        waited = time.perf_counter() - start
+        self.wait_s += waited
+        return waited
 
     def prefetch(self, key: int, locked: Collection[int] = ()) -> bool:
         """Start reading ``key`` in the background unless it is in host memory; True if a read started."""
