@@ -63,7 +63,6 @@ def main(args: argparse.Namespace) -> int:
             row[f"{kind}_gbps"] = timed_gbps(lambda: dst.copy_(src, non_blocking=True), nbytes, device, args.repeats)
         row["engine_gbps"] = engine_gbps(nbytes, device, args.repeats)
         rows.append(row)
-        del dst
     columns = [("block_mb", "block MB", ".0f")] + [(k, k.replace("_gbps", " GB/s"), ".2f")
                                                    for k in rows[0] if k.endswith("_gbps")]
     print(f"host -> {device_name(args.device)} copy bandwidth, median of {args.repeats}")
