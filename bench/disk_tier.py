@@ -11,8 +11,8 @@ each shard; the page cache is never what the numbers measure):
    the host store vs the previous path (tensor by tensor through safetensors' reader), as a share of (1);
 3. expert reads with the disk reader, 1..8 in flight, as a share of (1);
 4. CPU decode ms per token (bf16 on the CPU device) with every expert in host memory vs a host budget
-   below the experts (the disk tier), without and with prefetch (the previous-token predictor reads
-   ahead the experts the last token used): host hit rate, bytes read from disk per token, and the
+   below the experts (the disk tier), without and with prefetch (the cross-layer gate predicts the
+   next layer's experts and those on disk are read ahead): host hit rate, bytes read from disk per token, and the
    resident set beyond dense weights + expert slots + host budget (the runtime's own overhead);
 5. the resident set before and after a 256-token generation at a host budget of a quarter of the
    experts, with prefetch (flat: nothing grows per token).
@@ -211,7 +211,7 @@ def rss_over_generation(model_name: str, tokens: int) -> dict:
     plan = ModelParts(model_name, OffloadConfig(device="cpu"), weights=False).plan
     host = max(plan.experts_per_layer, plan.num_experts // 4) * plan.bytes_per_expert
     model = moe_offload.from_pretrained(model_name, device="cpu", progress=False, expert_slots=plan.num_experts // 4,
-                                        host_memory=host, predictor="previous")
+                                        host_memory=host, predictor="cross_layer")
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
     model.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
     before = rss_bytes()
@@ -243,7 +243,7 @@ def main(args: argparse.Namespace) -> int:
                                    ("share_of_sequential", "x of cat's speed", ".2f")])
     print_table(reads["reader"], [("in_flight", "in flight", "d"), ("gbps", "GB/s", ".2f"),
                                   ("share_of_sequential", "x sequential", ".2f")])
-    runs = [(None, "none"), (args.host_memory, "none"), (args.host_memory, "previous")]
+    runs = [(None, "none"), (args.host_memory, "none"), (args.host_memory, "cross_layer")]
     decoded = [isolated(decode, path, files, host, predictor, args.tokens, args.expert_slots) for host, predictor in runs]
     print_table(decoded, [("host_memory", "host memory", ""), ("predictor", "prefetch", ""),
                           ("ms_per_token", "ms/token", ".1f"), ("host_hit_rate", "host hits", ".1%"),
@@ -273,7 +273,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--expert-slots", type=int, default=4)
     p.add_argument("--tokens", type=int, default=8, help="decode tokens per row")
     p.add_argument("--in-flight", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the read and load measurements")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the read and load measurements")
     p.add_argument("--rss-model", default="tiny-mixtral", help="model of the RSS-over-a-generation check")
     p.add_argument("--rss-tokens", type=int, default=256)
     return p.parse_args(argv)

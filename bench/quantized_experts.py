@@ -88,10 +88,11 @@ def accuracy_rows(model_name: str, ids: torch.Tensor, cache: Path) -> list[dict]
         with torch.no_grad():
             got = model(ids).logits[0]
         loss = torch.nn.functional.cross_entropy(got[:-1], ids[0, 1:]).item()
+        base_loss = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:]).item()
         rows.append({"model": model_name, "format": name, "bytes_per_expert": model.offload.store.bytes_per_expert,
                      "weight_rel_err": weight_error(model, reference),
                      "logits_rel_err": ((got - logits).norm() / logits.norm()).item(),
-                     "loss": loss, "loss_delta": loss - torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:]).item(),
+                     "loss": loss, "loss_delta": loss - base_loss, "loss_change_pct": 100 * (loss / base_loss - 1),
                      "top1_agree": (got.argmax(-1) == logits.argmax(-1)).float().mean().item(),
                      "first_load_s": first, "second_load_s": second})
         model.offload.close()
@@ -156,7 +157,8 @@ def main(args: argparse.Namespace) -> int:
             accuracy += accuracy_rows(name, held_out_ids(name, args.tokens), Path(cache))
     print_table(accuracy, [("model", "model", ""), ("format", "format", ""), ("bytes_per_expert", "bytes/expert", "d"),
                            ("weight_rel_err", "weight err", ".4f"), ("logits_rel_err", "logits err", ".4f"),
-                           ("loss_delta", "loss delta", "+.4f"), ("top1_agree", "top-1 agree", ".3f"),
+                           ("loss_delta", "loss delta", "+.4f"), ("loss_change_pct", "loss change %", "+.2f"),
+                           ("top1_agree", "top-1 agree", ".3f"),
                            ("first_load_s", "1st load s", ".2f"), ("second_load_s", "2nd load s", ".2f")])
     projection = projection_rows(args.budget, args.hardware, args.sim_tokens)
     print_table(projection, [("format", "format", ""), ("bytes_per_expert", "bytes/expert", "d"),

@@ -251,3 +251,50 @@ def test_stored_bytes_are_read_straight_into_the_store(checkpoints, monkeypatch)
         assert_close(model(TOKENS).logits, logits, "qwen2_moe read straight into the store")
     moe_offload.from_pretrained(path, device="cpu", dtype="bf16", progress=False, expert_slots=3)
     assert calls == [1]
+
+
+class _HeldReader:
+    """A slow disk: reads ahead never start on their own (only when promoted); demand reads run at once."""
+
+    def __init__(self, real):
+        self.real, self.held = real, []
+
+    def submit(self, runs, out, priority):
+        from moe_offload.transfer.disk import PREFETCH, Read
+
+        if priority != PREFETCH:
+            return self.real.submit(runs, out, priority)
+        read = Read(runs, out, priority)
+        self.held.append(read)
+        return read
+
+    def promote(self, read):
+        self.held.remove(read)
+        self.real.submit(read.runs, read.out).wait()
+        read.done.set()
+
+    def cancel(self, read):
+        if read not in self.held:
+            return False
+        self.held.remove(read)
+        read.cancelled = True
+        read.done.set()
+        return True
+
+    def close(self):
+        self.real.close()
+
+
+def test_reads_ahead_never_starve_a_demand(tmp_path):
+    """Reads ahead holding every row give them back when a call needs one (queued ones are cancelled, their
+    rows freed), instead of the demand failing."""
+    tier, _ = _tier(tmp_path, rows=2)
+    tier.reader = _HeldReader(tier.reader)
+    assert tier.prefetch(0) and tier.prefetch(1) and not tier.ready(0)
+    tier.ensure(2)
+    assert _bytes(tier.store, 2) == [2] * 12 and not tier.pending and not tier.reader.held
+    assert not tier.resident(0) and not tier.resident(1)
+    assert tier.prefetch(3)
+    tier.ensure(3)                                       # a demand for a read ahead promotes it
+    assert _bytes(tier.store, 3) == [3] * 12 and tier.prefetch_used == 1
+    tier.close()

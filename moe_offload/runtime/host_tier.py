@@ -112,9 +112,10 @@ class HostTier:
         self._retire()
         keep = set(locked) | set(self.pending) | self.copier.busy_keys()
         got = self.cache.place(key, keep)
-        if got is None and must:             # every row is in use: let the device copies land, then retry
+        if got is None and must:             # every row is in use: land the copies and the reads ahead, retry
             self.copier.synchronize()
-            got = self.cache.place(key, set(locked) | set(self.pending))
+            self._settle_pending()
+            got = self.cache.place(key, set(locked))
         if got is None:
             if not must:
                 return None
@@ -127,6 +128,17 @@ class HostTier:
         self.stats.disk_reads[key // self.store.num_experts] += 1
         out = self.store.blocks[row].view(torch.uint8).numpy()
         return self.reader.submit(self.runs[key], out, priority)
+
+    def _settle_pending(self) -> None:
+        """Reads ahead give their rows back: a queued one is cancelled, one under way is waited for (its
+        expert is then an ordinary resident, evictable)."""
+        for key, read in list(self.pending.items()):
+            if self.reader.cancel(read):
+                self.cache.remove(key)
+                self.store.slot_of[key] = -1
+            else:
+                self._wait(read)
+            del self.pending[key]
 
     def _retire(self) -> None:
         """Forget prefetch reads that have landed (their rows are then ordinary residents)."""
