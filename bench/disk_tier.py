@@ -183,12 +183,13 @@ def plot(result: dict, path: Path) -> None:
 
 
 def measure_reads(path: Path, files: list[Path], rounds: int, in_flight: list[int]) -> dict:
-    """``rounds`` alternating rounds of: sequential read, both load paths, the reader at each depth (the disk
-    here is shared and its speed drifts, so each number is the median of its rounds, taken side by side)."""
+    """``rounds`` alternating rounds of: sequential read, both load paths (in turn first), the reader at each
+    depth (the disk here is shared and its speed drifts, so each number is the median of its rounds, taken
+    side by side)."""
     seq, loads, reads = [], {"direct": [], "tensor_by_tensor": []}, {n: [] for n in in_flight}
-    for _ in range(rounds):
+    for i in range(rounds):
         seq.append(sequential_read(files))
-        for name in loads:
+        for name in (list(loads) if i % 2 == 0 else list(loads)[::-1]):   # each path goes first every other round
             loads[name].append(load_time(path, files, name == "direct"))
         for row in reader_rates(path, files, in_flight):
             reads[row["in_flight"]].append(row["gbps"])

@@ -49,7 +49,8 @@ from .argtypes import positive_int
 DEFAULT_BUDGETS = "10%,25%,50%,75%,100%"
 DEFAULT_POLICIES = "lru,score,arc,belady"
 RESULT_FIELDS = ("policy", "predictor", "budget", "slots", "budget_bytes", "budget_fraction", "hit_rate",
-                 "bytes_copied_per_token", "tokens_per_s", "host_memory", "disk_bytes_per_token")
+                 "bytes_copied_per_token", "tokens_per_s", "host_memory", "disk_bytes_per_token",
+                 "demand_bytes_per_token")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -160,11 +161,12 @@ def write_outputs(out: Path, payload: dict) -> None:
 
 def print_rows(rows: list[dict]) -> None:
     print(f"{'policy':>8} {'predictor':>12} {'budget':>8} {'slots':>6} {'host':>8} {'hit rate':>9} {'MB/token':>10} "
-          f"{'disk MB/t':>10} {'tokens/s':>10}")
+          f"{'disk MB/t':>10} {'waited MB/t':>11} {'tokens/s':>10}")
     for r in rows:
         print(f"{r['policy']:>8} {r['predictor']:>12} {r['budget']:>8} {r['slots']:>6} {r.get('host_memory', 'all'):>8} "
               f"{r['hit_rate']:>9.1%} {r['bytes_copied_per_token'] / 1e6:>10.3f} "
-              f"{r.get('disk_bytes_per_token', 0.0) / 1e6:>10.1f} {r['tokens_per_s']:>10.2f}")
+              f"{r.get('disk_bytes_per_token', 0.0) / 1e6:>10.1f} {r.get('demand_bytes_per_token', 0.0) / 1e6:>11.1f} "
+              f"{r['tokens_per_s']:>10.2f}")
 
 
 def parse_host_budgets(text: str | None, simulate: bool) -> tuple:

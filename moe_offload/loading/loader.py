@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 import traceback
 
 import torch
@@ -87,11 +88,15 @@ def read_stored_rows(parts: ModelParts, store: HostExpertStore, cfg: OffloadConf
     runs = checkpoint_runs(parts, store.format)
     if runs is None or len(runs) != store.num_keys:
         return False
+    rows = store.blocks.view(torch.uint8)
+    order = sorted(range(store.num_keys), key=lambda k: min((r.path, r.offset) for r in runs[k]))   # file order
+    faulted = _fault_ahead(rows, order)
     reader = DiskReader(cfg.disk_threads)
     try:
-        rows = store.blocks.view(torch.uint8)
-        order = sorted(range(store.num_keys), key=lambda k: min((r.path, r.offset) for r in runs[k]))   # file order
-        reads = [reader.submit(runs[key], rows[key].numpy()) for key in order]
+        reads = []
+        for i, key in enumerate(order):
+            faulted[i].wait()
+            reads.append(reader.submit(runs[key], rows[key].numpy()))
         for read in tqdm(reads, desc="experts -> host", unit="expert", disable=not cfg.progress, leave=False):
             read.wait()
     finally:
@@ -100,6 +105,21 @@ def read_stored_rows(parts: ModelParts, store: HostExpertStore, cfg: OffloadConf
         roles = {part for run in runs[key] for part in _parts_at(store, run.dest, run.nbytes)}
         store.filled[key, sorted(roles)] = True
     return True
+
+
+def _fault_ahead(rows: torch.Tensor, order: list[int]) -> list[threading.Event]:
+    """Touch every page of the rows, in read order, on a thread of its own: the kernel's page faults (it zeroes
+    each new page) then run ahead of the disk reads instead of inside them, where the reader threads would
+    contend for them."""
+    done = [threading.Event() for _ in order]
+
+    def touch() -> None:
+        for i, key in enumerate(order):
+            rows[key].numpy()[::4096] = 0
+            done[i].set()
+
+    threading.Thread(target=touch, name="moe-fault-ahead", daemon=True).start()
+    return done
 
 
 def _parts_at(store: HostExpertStore, dest: int, nbytes: int) -> list[int]:

@@ -103,9 +103,16 @@ class HostTier:
         if read is None or not self.reader.cancel(read):
             return False
         del self.pending[key]
+        self._forget(key)
+        return True
+
+    def _forget(self, key: int) -> None:
+        """A cancelled read: its row is free again and it was never read."""
         self.cache.remove(key)
         self.store.slot_of[key] = -1
-        return True
+        layer = key // self.store.num_experts
+        self.stats.disk_reads[layer] -= 1
+        self.stats.disk_prefetches[layer] -= 1
 
     def _start(self, key: int, locked: Collection[int], priority: int, must: bool = True) -> Read | None:
         """Pick a row for ``key`` (evicting per the host policy) and submit its read."""
@@ -134,8 +141,7 @@ class HostTier:
         expert is then an ordinary resident, evictable)."""
         for key, read in list(self.pending.items()):
             if self.reader.cancel(read):
-                self.cache.remove(key)
-                self.store.slot_of[key] = -1
+                self._forget(key)
             else:
                 self._wait(read)
             del self.pending[key]

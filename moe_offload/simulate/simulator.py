@@ -71,10 +71,16 @@ class SimulationResult:
     promotions: int = 0         # CPU-run experts copied in while the link was idle (bytes in bytes_copied)
     disk_reads: int = 0         # experts read from disk into the host cache (the disk tier; prefetches included)
     bytes_per_expert: int = 0
+    disk_prefetches: int = 0    # ... of them read ahead of need (the rest: demand reads, on the calls' path)
 
     @property
     def disk_bytes_per_token(self) -> float:
         return self.disk_reads * self.bytes_per_expert / self.tokens if self.tokens else 0.0
+
+    @property
+    def demand_bytes_per_token(self) -> float:
+        """Bytes read from disk per token while a call waited (reads ahead not counted)."""
+        return (self.disk_reads - self.disk_prefetches) * self.bytes_per_expert / self.tokens if self.tokens else 0.0
 
     @property
     def hit_rate(self) -> float:
@@ -96,6 +102,7 @@ class SimulationResult:
     def to_dict(self) -> dict:
         return asdict(self) | {"hit_rate": self.hit_rate, "bytes_copied_per_token": self.bytes_copied_per_token,
                                "disk_bytes_per_token": self.disk_bytes_per_token,
+                               "demand_bytes_per_token": self.demand_bytes_per_token,
                                "seconds_per_token": self.seconds_per_token, "tokens_per_s": self.tokens_per_s}
 
 
@@ -198,7 +205,7 @@ class Simulator:
                                 tuple(stats.hits.tolist()), tuple(stats.misses.tolist()), int(stats.cpu_fills.sum()),
                                 int((stats.prefetch_issued - stats.prefetch_cancelled).sum()),
                                 int(stats.prefetch_used.sum()), int(stats.promotions.sum()),
-                                int(stats.disk_reads.sum()), self.bytes_per_expert)
+                                int(stats.disk_reads.sum()), self.bytes_per_expert, int(stats.disk_prefetches.sum()))
 
     def _disk_tier(self, protocol: CallProtocol, link: SimulatedLink, stats: OffloadStats) -> SimulatedDisk | None:
         """With ``host_rows``: the runtime's HostTier over bookkeeping rows and a simulated disk."""

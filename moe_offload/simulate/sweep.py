@@ -264,7 +264,8 @@ def simulate_rows(parts, setup: SweepSetup, runs: list[tuple[str, Budget]], note
             rows.append(result_row(policy, budget, parts.plan, result.hit_rate, result.bytes_copied_per_token,
                                    result.tokens_per_s) | {"predictor": setup.predictor or NO_PREDICTOR,
                                                            "host_memory": label,
-                                                           "disk_bytes_per_token": result.disk_bytes_per_token})
+                                                           "disk_bytes_per_token": result.disk_bytes_per_token,
+                                                           "demand_bytes_per_token": result.demand_bytes_per_token})
     return rows
 
 
