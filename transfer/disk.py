@@ -40,7 +40,7 @@ class Run:
     nbytes: int
 
 
-@dataclass
+@dataclass(eq=False)      # a read is itself: compared by identity
 class Read:
     """One submitted read: ``wait()`` returns when its bytes have landed (or raises the read's error)."""
 

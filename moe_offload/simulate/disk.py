@@ -41,7 +41,7 @@ class SimulatedDisk:
     def cancel(self, read: Read) -> bool:
         for item in self._queue:
             if item[0] is read and item[1] >= self.read_s:   # not started
-                self._queue.remove(item)
+                self._queue = [other for other in self._queue if other is not item]
                 read.cancelled = True
                 read.done.set()
                 self.reads -= 1
