@@ -39,7 +39,8 @@ def main(args: argparse.Namespace) -> int:
         ("budget", gib(plan.budget_bytes) if plan.budget_bytes else
          f"{cfg.expert_slots} expert slots" if cfg.expert_slots else "none (every expert gets a slot)"),
         ("slots", f"{plan.slots} ({plan.slots / plan.num_experts:.1%} of experts)"),
-        ("host cache", f"{plan.host_rows} experts ({gib(plan.host_bytes)}, page-locked), {cfg.host_policy} policy"
+        ("host cache", f"{plan.host_rows} experts ({gib(plan.host_bytes)}{', page-locked' if cfg.on_cuda else ''}), "
+         f"{cfg.host_policy} policy"
          if plan.disk_tier else f"every expert ({gib(plan.host_bytes)})"),
         ("disk", f"all {plan.num_experts} experts, read on demand and ahead into the host cache" if plan.disk_tier
          else "not used (every expert in host memory)"),

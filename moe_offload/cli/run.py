@@ -52,5 +52,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"[moe-offload] prefill {t.prefill_tokens_per_s:.1f} tok/s ({t.prompt_tokens} tokens), "
           f"decode {t.decode_tokens_per_s:.1f} tok/s ({t.new_tokens} tokens), "
           f"hit rate {stats.hit_rate:.1%}, {stats.bytes_copied.sum() / 1e9:.3f} GB copied, "
-          f"{model.offload.plan.slots}/{model.offload.plan.num_experts} experts on {cfg.device}")
+          f"{model.offload.plan.slots}/{model.offload.plan.num_experts} experts on {cfg.device}"
+          + (f", {stats.disk_reads.sum() * stats.bytes_per_expert / 1e9:.3f} GB read from disk"
+             if model.offload.plan.disk_tier else ""))
     return 0
