@@ -213,25 +213,25 @@ class ExpertFormat:
         gate_up = scratch[: 2 * i * h].view(2 * i, h)
         down = scratch[2 * i * h: 3 * i * h].view(h, i)
         for matrix, out in (("gate_up", gate_up), ("down", down)):
-            out.copy_(self._dequantize(views, matrix))
+            self._dequantize(views, matrix, out)
         return gate_up, down
 
-    def _dequantize(self, views: dict[str, torch.Tensor], matrix: str) -> torch.Tensor:
-        """One matrix of a row as float32 (a native row's, as stored)."""
+    def _dequantize(self, views: dict[str, torch.Tensor], matrix: str, out: torch.Tensor) -> None:
+        """One matrix of a row into ``out`` (a native row's, cast)."""
         q = views[matrix]
         if not self.packed:
-            return q
-        if self.name == "int8":
+            out.copy_(q)
+        elif self.name == "int8":
             rows = self._scale_rows(matrix, slice(0, q.shape[0]))
-            return q.float() * views["scales"][rows, None]
-        if self.group:
-            return dequantize_int4(q, views[f"{matrix}_scale"], views[f"{matrix}_zero"], self.group)
-        scale = views[f"{matrix}_scale"]
-        if matrix == "gate_up":
-            half = scale.shape[0] // 2
-            return torch.cat([dequantize_fp8(q[: self.inter], scale[:half]),
-                              dequantize_fp8(q[self.inter:], scale[half:])])
-        return dequantize_fp8(q, scale)
+            out.copy_(q.float() * views["scales"][rows, None])
+        elif self.group:
+            out.copy_(dequantize_int4(q, views[f"{matrix}_scale"], views[f"{matrix}_zero"], self.group))
+        elif matrix == "down":
+            out.copy_(dequantize_fp8(q, views["down_scale"]))
+        else:                                   # gate and up are blocked separately
+            scale, half, i = views["gate_up_scale"], views["gate_up_scale"].shape[0] // 2, self.inter
+            out[:i].copy_(dequantize_fp8(q[:i], scale[:half]))
+            out[i:].copy_(dequantize_fp8(q[i:], scale[half:]))
 
     def dequantized(self, weight: torch.Tensor, role: str) -> torch.Tensor:
         """What the engine computes with for a projection written as ``weight``: dequant(quant(weight)) in
@@ -313,6 +313,12 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return (q - zero.float()[:, index]) * scale.float()[:, index]
 
 
+def _expand_blocks(scale: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
+    """[..., ceil(R/BR), ceil(K/BK)] per-block factors -> [..., R, K] per weight (the last blocks partial)."""
+    scale = scale.repeat_interleave(block[0], dim=-2)[..., :rows, :]
+    return scale.repeat_interleave(block[1], dim=-1)[..., :cols]
+
+
 def quantize_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """[R, K] float32 -> (q float8_e4m3fn [R, K], scale float32 [ceil(R/B), ceil(K/B)]): per B x B block,
     scale = max|w| / 448 (what FP8 checkpoints call weight_scale_inv)."""
@@ -322,12 +328,12 @@ def quantize_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor,
     padded[:rows, :cols] = w.abs()
     scale = padded.view(nr, block, nc, block).amax(dim=(1, 3)) / FP8_MAX                    # [ceil(R/B), ceil(K/B)]
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    expanded = safe.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
-    return (w / expanded).to(torch.float8_e4m3fn), scale
+    return (w / _expand_blocks(safe, rows, cols, (block, block))).to(torch.float8_e4m3fn), scale
 
 
-def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
-    """q float8_e4m3fn (or its uint8 bits) [R, K], scale [ceil(R/B), ceil(K/B)] -> float32 [R, K]."""
-    rows, cols = q.shape
-    values = q.view(torch.float8_e4m3fn).float()
-    return values * scale.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block: int | tuple[int, int] = FP8_BLOCK) -> torch.Tensor:
+    """q float8_e4m3fn (or its uint8 bits) [..., R, K], scale [..., ceil(R/BR), ceil(K/BK)] -> float32
+    [..., R, K]; ``block``: B, or (BR, BK) as a checkpoint's weight_block_size gives it."""
+    rows, cols = q.shape[-2:]
+    block = (block, block) if isinstance(block, int) else tuple(block)
+    return q.view(torch.float8_e4m3fn).float() * _expand_blocks(scale.float(), rows, cols, block)

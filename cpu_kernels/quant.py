@@ -11,24 +11,22 @@ Rounding error per weight is at most scales[r] / 2 = max|W[r]| / 254.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .blocks import block_matrices, check_block, widen_to_float32
+from .packed import quantize_int8
 
-QMAX = 127
 # Rows quantised per pass: bounds the float32 temporaries to CHUNK_ROWS rows.
 CHUNK_ROWS = 512
 
 
 def _quantize_rows(src: np.ndarray, q_out: np.ndarray, scale_out: np.ndarray) -> None:
-    """src [R, K] (any block format) -> q_out [R, K] int8 and scale_out [R] float32, in chunks."""
+    """src [R, K] (any block format) -> q_out [R, K] int8 and scale_out [R] float32, in chunks (the packed
+    int8 format's quantizer, packed.quantize_int8)."""
     for start in range(0, src.shape[0], CHUNK_ROWS):
-        rows = widen_to_float32(src[start:start + CHUNK_ROWS])  # [r, K]
-        absmax = np.abs(rows).max(axis=1)  # [r]
-        scale = (absmax / QMAX).astype(np.float32)
-        safe = np.where(scale > 0, scale, np.float32(1.0))
-        q = np.rint(rows / safe[:, None])
-        q_out[start:start + rows.shape[0]] = np.clip(q, -QMAX, QMAX).astype(np.int8)
-        scale_out[start:start + rows.shape[0]] = scale
+        q, scale = quantize_int8(torch.from_numpy(widen_to_float32(src[start:start + CHUNK_ROWS])))
+        q_out[start:start + q.shape[0]] = q.numpy()
+        scale_out[start:start + q.shape[0]] = scale.numpy()
 
 
 def quantize_block_int8(block: np.ndarray, hidden: int, inter: int) -> tuple[np.ndarray, np.ndarray]:

@@ -170,12 +170,6 @@ class DiskReader:
                 raise OSError(f"{run.path}: read {done} of {run.nbytes} bytes at offset {run.offset}: file truncated")
             done += got
 
-    def drop_cache(self) -> None:
-        """Ask the kernel to drop the page cache of every file read so far (for cold-read measurements)."""
-        with self._fd_lock:
-            for fd in self._fds.values():
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
     def close(self) -> None:
         """Finish the reads that started, drop the queued ones, stop the threads, close the files."""
         with self._cv:

@@ -35,16 +35,6 @@ class ExpertShape:
         return 2 * self.intermediate * self.hidden
 
 
-def gate_up_view(block: torch.Tensor, shape: ExpertShape) -> torch.Tensor:
-    """[2I, H] view of a block."""
-    return block[: shape.gate_up_numel].view(2 * shape.intermediate, shape.hidden)
-
-
-def down_view(block: torch.Tensor, shape: ExpertShape) -> torch.Tensor:
-    """[H, I] view of a block."""
-    return block[shape.gate_up_numel :].view(shape.hidden, shape.intermediate)
-
-
 class HostExpertStore:
     """All routed experts of a model as one [L*E, row] host tensor, allocated once.
 

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..cpu_kernels.packed import dequantize_fp8
 from ..errors import MoEOffloadError
 
 SCALE_SUFFIX = "_scale_inv"      # "X.weight" -> "X.weight_scale_inv"; fused "X.down_proj" -> "X.down_proj_scale_inv"
@@ -56,16 +57,9 @@ class FP8Weight(NamedTuple):
     block: tuple[int, int]   # (BO, BI)
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize(self.q, self.scale_inv, self.block)
-
-
-def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """float32 ``W[..., i, j] = q[..., i, j] * scale_inv[..., i // BO, j // BI]``; the last block of a
-    dimension that is not a multiple of the block size is partial (ceil), as DeepSeek's kernels have it."""
-    out, inp = q.shape[-2:]
-    scale = scale_inv.float().repeat_interleave(block[0], dim=-2)[..., :out, :]
-    scale = scale.repeat_interleave(block[1], dim=-1)[..., :inp]   # [..., O, I]
-    return q.float() * scale
+        """float32 ``W[..., i, j] = q[..., i, j] * scale_inv[..., i // BO, j // BI]``; the last block of a
+        dimension that is not a multiple of the block size is partial (ceil), as DeepSeek's kernels have it."""
+        return dequantize_fp8(self.q, self.scale_inv, self.block)
 
 
 def checkpoint_format(quantization_config: dict | None, where) -> BlockFP8 | None:
