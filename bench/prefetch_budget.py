@@ -7,7 +7,7 @@ For each shape preset (config.json only: no weights) and hardware profile the
 simulator replays one synthetic decode trace shaped like the model, with the
 locality of the shipped models' real routing (moe_offload.simulate.sweep
 SYNTHETIC_LOCALITY), through the runtime's call protocol: CPU experts 'auto',
-promotion on, prefetch depth 3. Rows: static placement (no prefetch, no
+promotion on, prefetch depth 8. Rows: static placement (no prefetch, no
 promotion: the cache freezes after warm-up), no prefetch (promotion only),
 oracle@0.5, oracle@0.8 and the oracle, under the score policy (the runtime's
 default), and LRU and Belady with and without the oracle. ``link_bound``:
@@ -43,7 +43,7 @@ from common import RESULTS, machine, print_table, write_json  # noqa: E402
 BUDGETS = (0.10, 0.25, 0.50, 0.75)
 RUNS = [("score", p) for p in ("static", "none", "oracle@0.5", "oracle@0.8", "oracle")] + \
        [(policy, p) for policy in ("lru", "belady") for p in ("none", "oracle")]
-DEPTH = 3
+DEPTH = 8
 
 
 def shape_trace(parts: ModelParts, tokens: int):

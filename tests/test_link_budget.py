@@ -46,8 +46,16 @@ def test_a_link_without_costs_lands_every_copy_at_once():
 def test_budget_fits_copies_that_land_before_their_layer():
     budget = LinkBudget(start_s=1.0, copy_s=2.0, deadlines=(4.0, 9.0))
     assert budget.fits(1, queued=0) and not budget.fits(1, queued=1)   # 1 + 2 <= 4; 1 + 4 > 4
-    assert budget.fits(2, queued=3) and not budget.fits(2, queued=4)   # 1 + 8 <= 9; 1 + 10 > 9
     assert not budget.fits(3, queued=0)                                # no deadline: no layer there
+    late = LinkBudget(start_s=1.0, copy_s=2.0, deadlines=(4.0, 2.5))
+    assert not late.fits(2, queued=0)                                  # it would land at 3, after 2.5
+
+
+def test_budget_queues_farther_copies_only_in_this_calls_link_time():
+    budget = LinkBudget(start_s=1.0, copy_s=2.0, deadlines=(4.0, 9.0, 20.0))
+    assert budget.fits(2, queued=0) and budget.fits(2, queued=1)       # start at 1 and 3: before the call ends at 4
+    assert not budget.fits(2, queued=2)                                # starts at 5 and would land at 7 <= 9, but
+    assert not budget.fits(3, queued=5)                                # the next call can queue it as early
 
 
 def test_expected_use_protects_likelier_residents():
@@ -130,3 +138,19 @@ def test_a_directory_with_config_json_only_is_planned_not_run(tmp_path, capsys):
                "--policies", "lru", "--out", str(tmp_path / "p")]
     assert main(default) == 0   # the GPU default predictor cannot run without router weights: said, then none
     assert "projected without prefetch" in capsys.readouterr().out
+
+
+def test_looking_farther_ahead_does_not_slow_decode():
+    """Copies for farther layers only fill the current call's link time, so a deeper prefetch does not take
+    the link from nearer layers' copies (DeepSeek-V2-Lite shape: many small experts, top-6)."""
+    trace = synthetic_trace(SyntheticTraceConfig(tokens=60, layers=26, experts=64, top_k=6, skew=0.3, repeat=0.1))
+    cost = CostModel.for_expert(HardwareProfile.from_yaml("rtx4090-pcie4"), 2048, 1408, 2)
+    routing = RoutingArrays.of(trace)
+
+    def speed(depth):
+        maker = lambda: make_predictor("oracle", replay_trace=trace)  # noqa: E731
+        simulator = Simulator(routing, cost, 3 * 2048 * 1408 * 2, "auto", predictor=maker, prefetch_depth=depth)
+        return simulator.run("score", 26 * 64 // 4).tokens_per_s
+
+    near, far = speed(2), speed(4)
+    assert far >= 0.995 * near

@@ -15,10 +15,15 @@ lands before it is needed. Two rules follow, shared by prefetch and promotion
   use (CPU or copy time minus device time) is the same for every expert of a
   model at one token count, so comparing chances compares benefits.
 - spend only the link time there is (``LinkBudget``): a prefetch for layer
-  l+d must land before that layer would have finished it without the copy,
-  i.e. by the time layers l..l+d-1 take (their last durations) plus the
-  time the copy saves, counting the copies already on the link and the
-  demand copies of layer l, which go first.
+  l+d must land before that layer starts, i.e. within the time layers
+  l..l+d-1 take (this call as planned, the others' last durations),
+  counting the copies already on the link and the demand copies of layer l,
+  which go first.
+- fill this call's link time, no more: a copy for l+d (d >= 2) is queued
+  now only when it starts before this call ends. Queued at the next call it
+  would start no later (the link serves prefetches in order), while queued
+  now behind a busy link it would take the place of the copies the next calls
+  queue for nearer layers, and evict a resident earlier than it must.
 """
 
 from __future__ import annotations
@@ -71,7 +76,11 @@ class LinkBudget:
     deadlines: tuple[float, ...]    # per distance d = 1.., by when a copy for layer l+d must have landed
 
     def fits(self, distance: int, queued: int) -> bool:
-        """Whether one more copy for distance ``distance``, after ``queued`` already queued now, lands in time."""
+        """Whether one more copy for distance ``distance``, after ``queued`` already queued now, lands in time
+        and, beyond the next layer, starts before this call ends (``deadlines[0]``)."""
         if distance > len(self.deadlines):
             return False
-        return self.start_s + (queued + 1) * self.copy_s <= self.deadlines[distance - 1]
+        begin = self.start_s + queued * self.copy_s
+        if begin + self.copy_s > self.deadlines[distance - 1]:
+            return False
+        return distance == 1 or begin < self.deadlines[0]
