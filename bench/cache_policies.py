@@ -33,8 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_offload.cache import (  # noqa: E402
-    CachePolicy,
-    ExpertLayout,
+    FrequencyOraclePolicy,
 )
 from moe_offload.predictor.synthetic import SyntheticTraceConfig, synthetic_trace  # noqa: E402
 from moe_offload.simulate import RoutingArrays, Simulator, lru_miss_curves  # noqa: E402
@@ -47,48 +46,6 @@ ALLOCATION_STUDY = ("shallow", "dp")   # run for the score policy only
 SCORE_FIXED = {"score-p=2k": 2, "score-p=k": 1}   # score with top_p fixed at this many times top_k
 SYNTHETIC_REPEAT = 0.3
 PREFETCHED = ("lru", "score")          # policies also run with the learned predictor's prefetch
-
-
-class ProcessOraclePolicy(CachePolicy):
-    """Reference for synthetic traces only: knows the process that generated the trace.
-
-    An expert's value is its probability of being selected at its layer's next
-    call: ``repeat`` if the layer's last call selected it (the token repeats),
-    plus ``(1 - repeat) * frequency`` (a fresh draw, frequency = its selection
-    rate over the whole trace). Evicting the lowest value is the best a policy
-    that knows the statistics but not the draws can do one call ahead; its gap
-    to Belady is what no online policy can close on that trace.
-    """
-
-    name = "oracle-online"
-
-    def __init__(self, layout: ExpertLayout, frequency: np.ndarray, repeat: float):
-        self.experts = layout.experts_per_layer
-        self.value = (1.0 - repeat) * np.asarray(frequency, dtype=np.float64)   # [K]
-        self.repeat = repeat
-        self._last: dict[int, list[int]] = {}
-
-    def observe(self, layer, chosen, router_probs=None) -> None:
-        base = layer * self.experts
-        for e in self._last.get(layer, []):
-            self.value[base + e] -= self.repeat
-        self._last[layer] = list(chosen)
-        for e in chosen:
-            self.value[base + e] += self.repeat
-
-    def touch(self, key: int) -> None:
-        pass
-
-    def admit(self, key: int) -> None:
-        pass
-
-    def remove(self, key: int) -> None:
-        pass
-
-    def victim(self, candidates) -> int:
-        keys = np.fromiter(candidates, dtype=np.int64)
-        values = self.value[keys]
-        return int(keys[values == values.min()].min())
 
 
 def selection_frequency(trace) -> np.ndarray:
@@ -149,7 +106,8 @@ def run_trace(trace, budgets: list[int], synthetic: bool, predictor=None) -> lis
                 continue   # a per-layer split needs a slot per layer
             start = time.perf_counter()
             if policy == "oracle-online":
-                result = simulator.run(ProcessOraclePolicy(layout, frequency, SYNTHETIC_REPEAT), slots, allocation)
+                result = simulator.run(FrequencyOraclePolicy.from_rates(layout, frequency, SYNTHETIC_REPEAT), slots,
+                                       allocation)
             elif policy.endswith("+prefetch"):
                 result = prefetching.run(policy.removesuffix("+prefetch"), slots, allocation)
             elif policy in SCORE_FIXED:

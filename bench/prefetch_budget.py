@@ -10,11 +10,15 @@ SYNTHETIC_LOCALITY), through the runtime's call protocol: CPU experts 'auto',
 promotion on, prefetch depth 8. Rows: static placement (no prefetch, no
 promotion: the cache freezes after warm-up), no prefetch (promotion only),
 oracle@0.5, oracle@0.8 and the oracle, under the score policy (the runtime's
-default), and LRU and Belady with and without the oracle. ``link_bound``:
+default), and LRU, the frequency oracle (knows how often the trace selects
+each expert, not when: the most an online policy can learn of a stationary
+routing) and Belady with and without the oracle. ``link_bound``:
 the most prefetch can buy over static placement when every call's time is
 CPU-run misses and the link is never idle, 1 + (CPU time of one expert) /
 (copy time of one expert): while the CPU runs an expert the link can bring
-that fraction of another one in. Ratios compare rows of the same run.
+that fraction of another one in. ``freq_gain`` and ``belady_gain``: what the
+oracle's prefetch buys over no prefetch under the frequency oracle and under
+Belady. Ratios compare rows of the same run.
 Writes bench/results/prefetch_budget.json and .png.
 """
 
@@ -42,7 +46,7 @@ from common import RESULTS, machine, print_table, write_json  # noqa: E402
 
 BUDGETS = (0.10, 0.25, 0.50, 0.75)
 RUNS = [("score", p) for p in ("static", "none", "oracle@0.5", "oracle@0.8", "oracle")] + \
-       [(policy, p) for policy in ("lru", "belady") for p in ("none", "oracle")]
+       [(policy, p) for policy in ("lru", "frequency", "belady") for p in ("none", "oracle")]
 DEPTH = 8
 
 
@@ -85,13 +89,18 @@ def speedups(rows: list[dict]) -> list[dict]:
         return {(r["shape"], r["hardware"], r["budget_fraction"]): r["tokens_per_s"] for r in rows
                 if (r["policy"], r["predictor"]) == ("score", name)}
     none, static = base("none"), base("static")
+    by_run = {(r["shape"], r["hardware"], r["budget_fraction"], r["policy"], r["predictor"]): r["tokens_per_s"]
+              for r in rows}
     out = []
     for r in rows:
         if r["policy"] == "score" and r["predictor"] != "static":
             key = (r["shape"], r["hardware"], r["budget_fraction"])
+            gain = {policy: by_run[(*key, policy, "oracle")] / by_run[(*key, policy, "none")]
+                    for policy in ("frequency", "belady")}
             out.append({"shape": r["shape"], "hardware": r["hardware"], "budget": f"{100 * r['budget_fraction']:.0f}%",
                         "predictor": r["predictor"], "speedup": r["tokens_per_s"] / none[key],
-                        "over_static": r["tokens_per_s"] / static[key], "link_bound": r["link_bound"]})
+                        "over_static": r["tokens_per_s"] / static[key], "link_bound": r["link_bound"],
+                        "freq_gain": gain["frequency"], "belady_gain": gain["belady"]})
     return out
 
 
@@ -128,7 +137,8 @@ def main(args: argparse.Namespace) -> int:
     gains = speedups(rows)
     print_table(gains, [("shape", "shape", ""), ("hardware", "hardware", ""), ("budget", "budget", ""),
                         ("predictor", "predictor", ""), ("speedup", "x no prefetch", ".2f"),
-                        ("over_static", "x static", ".2f"), ("link_bound", "bound", ".2f")])
+                        ("over_static", "x static", ".2f"), ("link_bound", "bound", ".2f"),
+                        ("freq_gain", "frequency", ".2f"), ("belady_gain", "belady", ".2f")])
     RESULTS.mkdir(exist_ok=True)
     write_json(RESULTS / "prefetch_budget.json", {
         "command": "python bench/prefetch_budget.py " + " ".join(sys.argv[1:]), "machine": machine(),

@@ -18,6 +18,7 @@ from .registry import (
     ARCPolicy,
     BeladyPolicy,
     CachePolicy,
+    FrequencyOraclePolicy,
     LFUPolicy,
     LRUPolicy,
     ScorePolicy,
@@ -27,6 +28,7 @@ from .slots import ExpertSlots
 
 __all__ = [
     "ALLOCATIONS", "ARCPolicy", "Allocation", "BeladyPolicy", "CachePolicy", "ExpertCache", "ExpertLayout",
-    "ExpertSlots", "LFUPolicy", "LRUPolicy", "POLICIES", "RUNTIME_ALLOCATIONS", "SIMULATION_ONLY", "ScorePolicy",
-    "SlotPools", "dp_quotas", "make_policy", "shallow_quotas", "slot_pools", "uniform_quotas",
+    "ExpertSlots", "FrequencyOraclePolicy", "LFUPolicy", "LRUPolicy", "POLICIES", "RUNTIME_ALLOCATIONS",
+    "SIMULATION_ONLY", "ScorePolicy", "SlotPools", "dp_quotas", "make_policy", "shallow_quotas", "slot_pools",
+    "uniform_quotas",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .arc import ARCPolicy
 from .base import CachePolicy
 from .belady import BeladyPolicy
+from .frequency import FrequencyOraclePolicy
 from .layout import ExpertLayout
 from .lfu import LFUPolicy
 from .lru import LRUPolicy
@@ -20,7 +21,7 @@ POLICIES: dict[str, type[CachePolicy]] = {
     "arc": ARCPolicy,
 }
 # Policies that need the future (needs_future): the simulator builds them from the trace.
-SIMULATION_ONLY: dict[str, type[CachePolicy]] = {"belady": BeladyPolicy}
+SIMULATION_ONLY: dict[str, type[CachePolicy]] = {"belady": BeladyPolicy, "frequency": FrequencyOraclePolicy}
 
 
 def make_policy(name: str, layout: ExpertLayout | None = None, **params) -> CachePolicy:
@@ -35,5 +36,5 @@ def make_policy(name: str, layout: ExpertLayout | None = None, **params) -> Cach
     return cls(layout, **params)
 
 
-__all__ = ["ARCPolicy", "BeladyPolicy", "CachePolicy", "LFUPolicy", "LRUPolicy", "POLICIES", "SIMULATION_ONLY",
-           "ScorePolicy", "make_policy"]
+__all__ = ["ARCPolicy", "BeladyPolicy", "CachePolicy", "FrequencyOraclePolicy", "LFUPolicy", "LRUPolicy", "POLICIES",
+           "SIMULATION_ONLY", "ScorePolicy", "make_policy"]

@@ -17,6 +17,7 @@ from moe_offload.cache import (
     ExpertCache,
     ExpertLayout,
     ExpertSlots,
+    FrequencyOraclePolicy,
     LFUPolicy,
     LRUPolicy,
     ScorePolicy,
@@ -253,3 +254,21 @@ def test_make_policy():
         make_policy("belady", layout)
     with pytest.raises(ValueError, match="unknown cache policy"):
         make_policy("fifo", layout)
+
+
+def test_frequency_oracle_keeps_the_most_selected_experts():
+    future = [[1], [2], [1], [3], [1], [3], [2], [3]]   # key 1 three times, 2 twice, 3 three times
+    cache = make_cache(FrequencyOraclePolicy(ExpertLayout(1, 16, 1), future), 2)
+    # step 3: 3 misses with 1 and 2 resident; 2 is selected least: evicted. Step 6: 2 misses with 1 and 3
+    # resident, three uses each: the tie goes to the smaller key, 1.
+    assert replay(cache, [k for (k,) in future]) == [-1, -1, HIT, 2, HIT, HIT, 1, HIT]
+    with pytest.raises(ValueError, match="simulator"):
+        make_policy("frequency", ExpertLayout(1, 16, 1))
+
+
+def test_frequency_oracle_with_repeat_values_the_last_selection():
+    policy = FrequencyOraclePolicy.from_rates(ExpertLayout(1, 4, 1), np.array([0.4, 0.3, 0.2, 0.1]), repeat=0.5)
+    policy.observe(0, [3])                      # values 0.2, 0.15, 0.1, 0.05 + 0.5
+    assert policy.victim([0, 3]) == 0 and policy.victim([2, 3]) == 2
+    policy.observe(0, [1])                      # 3 is no longer the last selection: 0.05; 1: 0.65
+    assert policy.victim([0, 3]) == 3 and policy.victim([0, 1]) == 0

@@ -31,7 +31,6 @@ import torch
 
 from ..cache import (
     SIMULATION_ONLY,
-    BeladyPolicy,
     CachePolicy,
     ExpertCache,
     ExpertSlots,
@@ -169,9 +168,9 @@ class Simulator:
         return self._miss_curves
 
     def make_policy(self, name: str, **params) -> CachePolicy:
-        """A fresh policy ``name``; Belady gets this trace's future."""
+        """A fresh policy ``name``; those that need the future (Belady, the frequency oracle) get this trace's."""
         if name in SIMULATION_ONLY:
-            return BeladyPolicy(self.layout, [call.keys for calls in self.calls for call in calls])
+            return SIMULATION_ONLY[name](self.layout, [call.keys for calls in self.calls for call in calls])
         return make_policy(name, self.layout, **params)
 
     def pools(self, allocation: str | SlotPools, num_slots: int) -> SlotPools:
