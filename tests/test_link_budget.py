@@ -44,15 +44,27 @@ def test_a_link_without_costs_lands_every_copy_at_once():
 
 
 def test_budget_fits_copies_that_land_before_their_layer():
-    budget = LinkBudget(start_s=1.0, copy_s=2.0, deadlines=(4.0, 9.0))
+    budget = LinkBudget(start_s=1.0, copy_s=2.0, durations=(4.0, 5.0))
     assert budget.fits(1, queued=0) and not budget.fits(1, queued=1)   # 1 + 2 <= 4; 1 + 4 > 4
     assert not budget.fits(3, queued=0)                                # no deadline: no layer there
-    late = LinkBudget(start_s=1.0, copy_s=2.0, deadlines=(4.0, 2.5))
-    assert not late.fits(2, queued=0)                                  # it would land at 3, after 2.5
+    assert budget.deadline(2) == 9.0
+
+
+def test_budget_projects_coming_layers_when_a_deadline_needs_them():
+    asked = []
+
+    def project(distance):
+        asked.append(distance)
+        return {1: 1.0, 2: 4.0}[distance]          # layers l+1 and l+2 as projected
+
+    budget = LinkBudget(start_s=0.5, copy_s=2.0, durations=[3.0], depth=3, predict=project)
+    assert budget.fits(1, queued=0) and asked == []                    # lands at 2.5 <= 3: nothing to project
+    assert not budget.fits(2, queued=1) and asked == [1]               # lands at 4.5, after 3 + 1
+    assert budget.fits(3, queued=1) and asked == [1, 2]                # 4.5 <= 3 + 1 + 4, starts at 2.5 < 3
 
 
 def test_budget_queues_farther_copies_only_in_this_calls_link_time():
-    budget = LinkBudget(start_s=1.0, copy_s=2.0, deadlines=(4.0, 9.0, 20.0))
+    budget = LinkBudget(start_s=1.0, copy_s=2.0, durations=(4.0, 5.0, 11.0))
     assert budget.fits(2, queued=0) and budget.fits(2, queued=1)       # start at 1 and 3: before the call ends at 4
     assert not budget.fits(2, queued=2)                                # starts at 5 and would land at 7 <= 9, but
     assert not budget.fits(3, queued=5)                                # the next call can queue it as early
@@ -154,3 +166,27 @@ def test_looking_farther_ahead_does_not_slow_decode():
 
     near, far = speed(2), speed(4)
     assert far >= 0.995 * near
+
+
+def test_coming_layers_are_projected_from_the_prediction_and_the_cache():
+    from moe_offload.cache import ExpertCache, make_policy
+    from moe_offload.runtime.prefetch import Prediction
+    from moe_offload.runtime.protocol import CallProtocol
+    from moe_offload.runtime.stats import OffloadStats
+
+    _, cost, nbytes = mixtral_decode(4)
+    layout = ExpertLayout(num_layers=4, experts_per_layer=8, top_k=2)
+    cache = ExpertCache(ExpertSlots.bookkeeping(4, layout.num_keys), make_policy("lru"))
+    protocol = CallProtocol(layout, cache, SimulatedLink(cost.copy_s(), nbytes), OffloadStats(4, nbytes), "auto", cost)
+    protocol.layer_s[:] = 7.0                                         # last durations: not used when predicted
+    protocol.residency.copy_in(layout.key(2, 5))                      # layer 2's expert 5 holds a slot
+    shares = np.zeros(8)
+    shares[[3, 5]] = 0.5
+    weights = np.full(8, -1.0)
+    weights[[3, 5]] = 1.0
+    prediction = Prediction([shares, shares], [weights, weights], top_k=2)
+    both_on_cpu = protocol._projected_s(1, prediction, 1, tokens=1)  # layer 1: neither 3 nor 5 resident
+    one_resident = protocol._projected_s(2, prediction, 2, tokens=1)
+    assert both_on_cpu == pytest.approx(2 * cost.cpu_s(1))
+    assert one_resident == pytest.approx(cost.cpu_s(1))              # the device expert runs meanwhile
+    assert protocol._projected_s(3, prediction, 3, tokens=1) == 7.0  # beyond the prediction: the last duration

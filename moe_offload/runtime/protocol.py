@@ -31,10 +31,13 @@ import torch
 from ..cache import ExpertCache, ExpertLayout
 from ..errors import MoEOffloadError
 from ..transfer.readback import HostReadback
+from .prefetch import Prediction
 from .residency import DEMAND, PREFETCH, ExpertResidency
 from .scheduler import COPY, CPU, RESIDENT, ExpertLoad, Plan, plan_layer
 from .stats import OffloadStats
 from .worth import ExpectedUse, LinkBudget
+
+PROJECTED_EXPERTS = 4   # a coming layer's duration is planned from its prediction up to this many experts per top-k
 
 
 @dataclass(frozen=True)
@@ -117,15 +120,15 @@ class CallProtocol:
         prediction = self.prefetcher.read(layer, summary)
         if prediction.next_shares is not None and self.cache.policy.uses_hints:
             self.cache.policy.hint(layer + 1, prediction.next_shares)
-        budget = self._link_budget(layer, record)
+        budget = self._link_budget(layer, record, prediction)
         self.prefetcher.issue(layer, prediction, [e for e, n in enumerate(record.counts) if n], budget,
                               None if budget is None else self.expected_use)
 
-    def _link_budget(self, layer: int, record: RouterRecord) -> LinkBudget | None:
+    def _link_budget(self, layer: int, record: RouterRecord, prediction: Prediction) -> LinkBudget | None:
         """The link time this router call's prefetches may spend (None without a cost model: no limit): a
         copy for layer l+d must land before layer l+d starts, i.e. within the durations of layers l..l+d-1
-        (this call's as planned now, the others' last), behind what is on the link and this call's demand
-        copies."""
+        (this call's as planned now, the others' projected from the prediction), behind what is on the link
+        and this call's demand copies."""
         if self.costs is None:
             return None
         counts = record.counts
@@ -134,8 +137,23 @@ class CallProtocol:
         copy_s = self.costs.copy_s()
         start = self.costs.link_s(self.copier.pending_bytes()) + len(plan.experts(COPY)) * copy_s
         depth = min(self.prefetcher.depth, self.layout.num_layers - 1 - layer)
-        durations = np.concatenate([[plan.finish_s], self.layer_s[layer + 1 : layer + depth]])   # layers l..l+d-1
-        return LinkBudget(start, copy_s, tuple(np.cumsum(durations)))
+        tokens = sum(counts) // max(1, self.layout.top_k)
+        return LinkBudget(start, copy_s, [plan.finish_s], depth,
+                          lambda distance: self._projected_s(layer + distance, prediction, distance, tokens))
+
+    def _projected_s(self, target: int, prediction: Prediction, distance: int, tokens: int) -> float:
+        """Layer ``target``'s duration as the scheduler would plan it for the experts predicted there, each
+        with its expected token count, resident if it holds a slot (copies queued for it included). Its last
+        duration when the prediction does not reach it or names too many experts to plan cheaply."""
+        if distance > len(prediction.weights):
+            return float(self.layer_s[target])
+        members = np.flatnonzero(prediction.weights[distance - 1] >= 0)
+        if len(members) == 0 or len(members) > PROJECTED_EXPERTS * self.layout.top_k:
+            return float(self.layer_s[target])
+        shares = prediction.shares[distance - 1]
+        loads = [ExpertLoad(int(e), max(1, round(tokens * self.layout.top_k * float(shares[e]))),
+                            resident=self.cache.lookup(self.layout.key(target, int(e))) >= 0) for e in members]
+        return plan_layer(loads, self.costs, self.cpu_experts).finish_s
 
     def record(self, layer: int, ids: torch.Tensor) -> RouterRecord:
         """The router call's record for the experts call with flat ids ``ids`` [T*k]; read here when the

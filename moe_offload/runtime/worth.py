@@ -28,7 +28,7 @@ lands before it is needed. Two rules follow, shared by prefetch and promotion
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -67,20 +67,34 @@ class ExpectedUse:
         return self.use[key] * (1.0 - USE_ALPHA) + USE_ALPHA * chance + chance / HORIZON
 
 
-@dataclass(frozen=True)
 class LinkBudget:
-    """Link time a router call's prefetches may spend, in seconds from now."""
+    """Link time a router call's prefetches may spend, in seconds from now.
 
-    start_s: float                  # when a copy queued now starts (copies on the link and this call's demand)
-    copy_s: float                   # one expert's copy
-    deadlines: tuple[float, ...]    # per distance d = 1.., by when a copy for layer l+d must have landed
+    ``durations``: the projected durations of layers l, l+1, ... known so far (at least this call's);
+    ``predict(d)``, when given, projects layer l+d's duration the first time a deadline needs it, so a
+    projection sees the copies already queued for nearer layers. ``depth``: how many layers ahead have
+    a deadline (default: one per duration given)."""
+
+    def __init__(self, start_s: float, copy_s: float, durations: Sequence[float], depth: int | None = None,
+                 predict: Callable[[int], float] | None = None):
+        self.start_s = start_s          # when a copy queued now starts (copies on the link and this call's demand)
+        self.copy_s = copy_s            # one expert's copy
+        self.depth = len(durations) if depth is None else depth
+        self._durations = list(durations)
+        self._predict = predict
+
+    def deadline(self, distance: int) -> float:
+        """By when a copy for layer l+``distance`` must have landed: when that layer starts."""
+        while len(self._durations) < distance:
+            self._durations.append(self._predict(len(self._durations)))
+        return sum(self._durations[:distance])
 
     def fits(self, distance: int, queued: int) -> bool:
         """Whether one more copy for distance ``distance``, after ``queued`` already queued now, lands in time
-        and, beyond the next layer, starts before this call ends (``deadlines[0]``)."""
-        if distance > len(self.deadlines):
+        and, beyond the next layer, starts before this call ends."""
+        if distance > self.depth:
             return False
         begin = self.start_s + queued * self.copy_s
-        if begin + self.copy_s > self.deadlines[distance - 1]:
+        if begin + self.copy_s > self.deadline(distance):
             return False
-        return distance == 1 or begin < self.deadlines[0]
+        return distance == 1 or begin < self._durations[0]
