@@ -61,6 +61,8 @@ def test_budget_projects_coming_layers_when_a_deadline_needs_them():
     assert budget.fits(1, queued=0) and asked == []                    # lands at 2.5 <= 3: nothing to project
     assert not budget.fits(2, queued=1) and asked == [1]               # lands at 4.5, after 3 + 1
     assert budget.fits(3, queued=1) and asked == [1, 2]                # 4.5 <= 3 + 1 + 4, starts at 2.5 < 3
+    hidden = LinkBudget(start_s=0.5, copy_s=2.0, durations=[2.0], slack=lambda d, e: 1.0 if e == 7 else 0.0)
+    assert hidden.fits(1, queued=0, expert=7) and not hidden.fits(1, queued=0, expert=3)   # 2.5 <= 2 + 1; > 2
 
 
 def test_budget_queues_farther_copies_only_in_this_calls_link_time():
@@ -169,6 +171,8 @@ def test_looking_farther_ahead_does_not_slow_decode():
 
 
 def test_coming_layers_are_projected_from_the_prediction_and_the_cache():
+    """Budgeted prefetch plans the layers in between from the prediction, and lets a copy land as late as
+    its layer's CPU-run experts allow."""
     from moe_offload.cache import ExpertCache, make_policy
     from moe_offload.runtime.prefetch import Prediction
     from moe_offload.runtime.protocol import CallProtocol
@@ -190,3 +194,8 @@ def test_coming_layers_are_projected_from_the_prediction_and_the_cache():
     assert both_on_cpu == pytest.approx(2 * cost.cpu_s(1))
     assert one_resident == pytest.approx(cost.cpu_s(1))              # the device expert runs meanwhile
     assert protocol._projected_s(3, prediction, 3, tokens=1) == 7.0  # beyond the prediction: the last duration
+    # a copy of 3 into layer 1 may land as late as 5's CPU run outlasts 3's device run; into layer 2 not at all
+    assert protocol._slack_s(1, prediction, 1, 3, tokens=1) == pytest.approx(cost.cpu_s(1) - cost.gpu_s(1))
+    assert protocol._slack_s(2, prediction, 2, 3, tokens=1) == 0.0
+    protocol.cpu_experts = "never"                                    # misses copied: no CPU run to hide behind
+    assert protocol._slack_s(1, prediction, 1, 3, tokens=1) == 0.0

@@ -99,8 +99,8 @@ class Prefetcher:
               use: ExpectedUse | None = None) -> None:
         """Host half, second step: queue copies for l+1, l+2, ... in rank order. ``selected``: the
         experts layer ``layer`` runs now (never evicted for a prefetch). With a ``budget`` only copies
-        that land in time are queued, and with ``use`` a copy never evicts a resident at least as likely
-        to be used as the prefetched expert. With a disk tier, a predicted expert not in host memory is
+        that land in time (``LinkBudget.fits``) are queued, and with ``use`` a copy never evicts a
+        resident at least as likely to be used as the prefetched expert. With a disk tier, a predicted expert not in host memory is
         read from disk in the background instead (no link time: it is copied once it is there)."""
         locked = {self.layout.key(layer, int(e)) for e in selected} | set(self.pending)
         host = self.residency.host
@@ -115,8 +115,7 @@ class Prefetcher:
                     if host.prefetch(key, locked):
                         self.disk_pending[key] = layer + distance
                     continue
-                fits = fits and (budget is None or budget.fits(distance, queued))
-                if not fits:
+                if self.cache.lookup(key) >= 0 or not (fits and (budget is None or budget.fits(distance, queued, e))):
                     continue
                 outcome = self._issue(layer + distance, e, locked, prediction.chance(distance, e), use)
                 if outcome is None:

@@ -139,21 +139,45 @@ class CallProtocol:
         depth = min(self.prefetcher.depth, self.layout.num_layers - 1 - layer)
         tokens = sum(counts) // max(1, self.layout.top_k)
         return LinkBudget(start, copy_s, [plan.finish_s], depth,
-                          lambda distance: self._projected_s(layer + distance, prediction, distance, tokens))
+                          lambda distance: self._projected_s(layer + distance, prediction, distance, tokens),
+                          lambda distance, expert: self._slack_s(layer + distance, prediction, distance, expert,
+                                                                 tokens))
+
+    def _predicted_loads(self, target: int, prediction: Prediction, distance: int, tokens: int,
+                         landed: int = -1) -> list[ExpertLoad] | None:
+        """The experts predicted for layer ``target`` with their expected token counts, resident if they hold
+        a slot (copies queued for them included) or are ``landed``; None when the prediction does not reach
+        the layer or names too many experts to plan cheaply."""
+        if distance > len(prediction.weights):
+            return None
+        members = np.flatnonzero(prediction.weights[distance - 1] >= 0).tolist()
+        if not members or len(members) > PROJECTED_EXPERTS * self.layout.top_k:
+            return None
+        shares, k = prediction.shares[distance - 1], self.layout.top_k
+        return [ExpertLoad(e, max(1, round(tokens * k * float(shares[e]))),
+                           resident=e == landed or self.cache.lookup(self.layout.key(target, e)) >= 0)
+                for e in members]
 
     def _projected_s(self, target: int, prediction: Prediction, distance: int, tokens: int) -> float:
-        """Layer ``target``'s duration as the scheduler would plan it for the experts predicted there, each
-        with its expected token count, resident if it holds a slot (copies queued for it included). Its last
-        duration when the prediction does not reach it or names too many experts to plan cheaply."""
-        if distance > len(prediction.weights):
+        """Layer ``target``'s duration as the scheduler would plan it for its predicted experts; its last
+        duration when the prediction does not say."""
+        loads = self._predicted_loads(target, prediction, distance, tokens)
+        if loads is None:
             return float(self.layer_s[target])
-        members = np.flatnonzero(prediction.weights[distance - 1] >= 0)
-        if len(members) == 0 or len(members) > PROJECTED_EXPERTS * self.layout.top_k:
-            return float(self.layer_s[target])
-        shares = prediction.shares[distance - 1]
-        loads = [ExpertLoad(int(e), max(1, round(tokens * self.layout.top_k * float(shares[e]))),
-                            resident=self.cache.lookup(self.layout.key(target, int(e))) >= 0) for e in members]
         return plan_layer(loads, self.costs, self.cpu_experts).finish_s
+
+    def _slack_s(self, target: int, prediction: Prediction, distance: int, expert: int, tokens: int) -> float:
+        """How late into layer ``target`` a copy of ``expert`` may land without delaying the layer: as the
+        scheduler would plan it with ``expert`` resident, the time its CPU-run experts take beyond its device
+        experts'."""
+        loads = self._predicted_loads(target, prediction, distance, tokens, landed=expert)
+        if loads is None:
+            return 0.0
+        plan = plan_layer(loads, self.costs, self.cpu_experts)
+        on_cpu = set(plan.experts(CPU))
+        cpu_s = sum(self.costs.cpu_s(load.tokens) for load in loads if load.expert in on_cpu)
+        device_s = plan_layer([load for load in loads if load.expert not in on_cpu], self.costs, "never").finish_s
+        return max(0.0, cpu_s - device_s)
 
     def record(self, layer: int, ids: torch.Tensor) -> RouterRecord:
         """The router call's record for the experts call with flat ids ``ids`` [T*k]; read here when the

@@ -15,10 +15,12 @@ lands before it is needed. Two rules follow, shared by prefetch and promotion
   use (CPU or copy time minus device time) is the same for every expert of a
   model at one token count, so comparing chances compares benefits.
 - spend only the link time there is (``LinkBudget``): a prefetch for layer
-  l+d must land before that layer starts, i.e. within the time layers
-  l..l+d-1 take (this call as planned, the others' last durations),
-  counting the copies already on the link and the demand copies of layer l,
-  which go first.
+  l+d must land before that layer would be delayed by it, i.e. within the
+  time layers l..l+d-1 take (this call as planned; the others as the
+  scheduler would plan their predicted experts, the copies queued for them
+  counted as landed) plus the time the layer's CPU-run experts outlast its
+  device experts, counting the copies already on the link and the demand
+  copies of layer l, which go first.
 - fill this call's link time, no more: a copy for l+d (d >= 2) is queued
   now only when it starts before this call ends. Queued at the next call it
   would start no later (the link serves prefetches in order), while queued
@@ -73,15 +75,17 @@ class LinkBudget:
     ``durations``: the projected durations of layers l, l+1, ... known so far (at least this call's);
     ``predict(d)``, when given, projects layer l+d's duration the first time a deadline needs it, so a
     projection sees the copies already queued for nearer layers. ``depth``: how many layers ahead have
-    a deadline (default: one per duration given)."""
+    a deadline (default: one per duration given). ``slack(d, expert)``, when given: how late into layer
+    l+d a copy of ``expert`` may land without delaying it."""
 
     def __init__(self, start_s: float, copy_s: float, durations: Sequence[float], depth: int | None = None,
-                 predict: Callable[[int], float] | None = None):
+                 predict: Callable[[int], float] | None = None, slack: Callable[[int, int], float] | None = None):
         self.start_s = start_s          # when a copy queued now starts (copies on the link and this call's demand)
         self.copy_s = copy_s            # one expert's copy
         self.depth = len(durations) if depth is None else depth
         self._durations = list(durations)
         self._predict = predict
+        self._slack = slack
 
     def deadline(self, distance: int) -> float:
         """By when a copy for layer l+``distance`` must have landed: when that layer starts."""
@@ -89,12 +93,13 @@ class LinkBudget:
             self._durations.append(self._predict(len(self._durations)))
         return sum(self._durations[:distance])
 
-    def fits(self, distance: int, queued: int) -> bool:
+    def fits(self, distance: int, queued: int, expert: int = -1) -> bool:
         """Whether one more copy for distance ``distance``, after ``queued`` already queued now, lands in time
         and, beyond the next layer, starts before this call ends."""
         if distance > self.depth:
             return False
         begin = self.start_s + queued * self.copy_s
-        if begin + self.copy_s > self.deadline(distance):
+        late = self._slack(distance, expert) if self._slack is not None and expert >= 0 else 0.0
+        if begin + self.copy_s > self.deadline(distance) + late:
             return False
         return distance == 1 or begin < self._durations[0]
