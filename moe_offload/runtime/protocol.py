@@ -168,14 +168,15 @@ class CallProtocol:
 
     def _slack_s(self, target: int, prediction: Prediction, distance: int, expert: int, tokens: int) -> float:
         """How late into layer ``target`` a copy of ``expert`` may land without delaying the layer: as the
-        scheduler would plan it with ``expert`` resident, the time its CPU-run experts take beyond its device
-        experts'."""
+        scheduler would plan it with ``expert`` resident, the time its CPU-run experts take (each weighed by
+        its predicted chance) beyond its device experts'."""
         loads = self._predicted_loads(target, prediction, distance, tokens, landed=expert)
         if loads is None:
             return 0.0
         plan = plan_layer(loads, self.costs, self.cpu_experts)
         on_cpu = set(plan.experts(CPU))
-        cpu_s = sum(self.costs.cpu_s(load.tokens) for load in loads if load.expert in on_cpu)
+        cpu_s = sum(prediction.chance(distance, load.expert) * self.costs.cpu_s(load.tokens) for load in loads
+                    if load.expert in on_cpu)
         device_s = plan_layer([load for load in loads if load.expert not in on_cpu], self.costs, "never").finish_s
         return max(0.0, cpu_s - device_s)
 
