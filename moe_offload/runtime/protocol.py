@@ -167,18 +167,16 @@ class CallProtocol:
         return plan_layer(loads, self.costs, self.cpu_experts).finish_s
 
     def _slack_s(self, target: int, prediction: Prediction, distance: int, expert: int, tokens: int) -> float:
-        """How late into layer ``target`` a copy of ``expert`` may land without delaying the layer: as the
-        scheduler would plan it with ``expert`` resident, the time its CPU-run experts take (each weighed by
-        its predicted chance) beyond its device experts'."""
-        loads = self._predicted_loads(target, prediction, distance, tokens, landed=expert)
+        """How late into layer ``target`` a copy of ``expert`` may land without delaying the layer: the CPU
+        time of its predicted experts without a slot (each weighed by its predicted chance), which run
+        meanwhile, beyond the device time of those with one and ``expert``'s; 0 when misses are copied."""
+        loads = None if self.cpu_experts == "never" else \
+            self._predicted_loads(target, prediction, distance, tokens, landed=expert)
         if loads is None:
             return 0.0
-        plan = plan_layer(loads, self.costs, self.cpu_experts)
-        on_cpu = set(plan.experts(CPU))
         cpu_s = sum(prediction.chance(distance, load.expert) * self.costs.cpu_s(load.tokens) for load in loads
-                    if load.expert in on_cpu)
-        device_s = plan_layer([load for load in loads if load.expert not in on_cpu], self.costs, "never").finish_s
-        return max(0.0, cpu_s - device_s)
+                    if not load.resident)
+        return max(0.0, cpu_s - sum(self.costs.gpu_s(load.tokens) for load in loads if load.resident))
 
     def record(self, layer: int, ids: torch.Tensor) -> RouterRecord:
         """The router call's record for the experts call with flat ids ``ids`` [T*k]; read here when the

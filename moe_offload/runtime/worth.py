@@ -99,7 +99,9 @@ class LinkBudget:
         if distance > self.depth:
             return False
         begin = self.start_s + queued * self.copy_s
-        late = self._slack(distance, expert) if self._slack is not None and expert >= 0 else 0.0
-        if begin + self.copy_s > self.deadline(distance) + late:
+        if distance > 1 and begin >= self._durations[0]:
             return False
-        return distance == 1 or begin < self._durations[0]
+        lands, deadline = begin + self.copy_s, self.deadline(distance)
+        if lands <= deadline:
+            return True
+        return self._slack is not None and expert >= 0 and lands <= deadline + self._slack(distance, expert)
