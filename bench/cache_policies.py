@@ -106,8 +106,8 @@ def run_trace(trace, budgets: list[int], synthetic: bool, predictor=None) -> lis
                 continue   # a per-layer split needs a slot per layer
             start = time.perf_counter()
             if policy == "oracle-online":
-                result = simulator.run(FrequencyOraclePolicy.from_rates(layout, frequency, SYNTHETIC_REPEAT), slots,
-                                       allocation)
+                oracle = FrequencyOraclePolicy(layout, repeat=SYNTHETIC_REPEAT, rates=frequency)
+                result = simulator.run(oracle, slots, allocation)
             elif policy.endswith("+prefetch"):
                 result = prefetching.run(policy.removesuffix("+prefetch"), slots, allocation)
             elif policy in SCORE_FIXED:

@@ -19,7 +19,8 @@ class FrequencyOraclePolicy(CachePolicy):
     it and Belady (who knows when) lies what only knowledge of the future
     order buys; between the runtime's policies and it, what a better estimate
     of popularity would buy. ``future`` as for BeladyPolicy: every router
-    call's keys in order.
+    call's keys in order; or ``rates`` [K], known selection rates (e.g. the
+    share of tokens whose top-k holds each expert).
 
     ``repeat``: for a trace whose tokens repeat the previous token's experts at
     a layer with that probability (the synthetic traces' ``repeat``), an
@@ -32,23 +33,15 @@ class FrequencyOraclePolicy(CachePolicy):
     needs_layout = True
     needs_future = True
 
-    def __init__(self, layout: ExpertLayout, future: Sequence[Sequence[int]], repeat: float = 0.0) -> None:
-        keys = np.fromiter((k for call in future for k in call), dtype=np.int64)
-        uses = np.bincount(keys, minlength=layout.num_keys)[: layout.num_keys]
-        rate = uses / max(1, len(future) // max(1, layout.num_layers))            # [K] per call of its layer
-        self._init(layout, rate, repeat)
-
-    @classmethod
-    def from_rates(cls, layout: ExpertLayout, rates: np.ndarray, repeat: float = 0.0) -> "FrequencyOraclePolicy":
-        """From known selection rates [K] (e.g. the share of tokens whose top-k holds each expert)."""
-        policy = cls.__new__(cls)
-        policy._init(layout, np.asarray(rates, dtype=np.float64), repeat)
-        return policy
-
-    def _init(self, layout: ExpertLayout, rates: np.ndarray, repeat: float) -> None:
+    def __init__(self, layout: ExpertLayout, future: Sequence[Sequence[int]] = (), repeat: float = 0.0,
+                 rates: np.ndarray | None = None) -> None:
+        if rates is None:                                                          # [K] per call of its layer
+            keys = np.fromiter((k for call in future for k in call), dtype=np.int64)
+            uses = np.bincount(keys, minlength=layout.num_keys)[: layout.num_keys]
+            rates = uses / max(1, len(future) // max(1, layout.num_layers))
         self.experts = layout.experts_per_layer
         self.repeat = float(repeat)
-        self.value = (1.0 - self.repeat) * rates                                    # [K]
+        self.value = (1.0 - self.repeat) * np.asarray(rates, dtype=np.float64)      # [K]
         self._last: dict[int, list[int]] = {}                                       # layer -> its last selection
 
     def observe(self, layer: int, chosen: Sequence[int], router_probs: np.ndarray | None = None) -> None:

@@ -267,7 +267,7 @@ def test_frequency_oracle_keeps_the_most_selected_experts():
 
 
 def test_frequency_oracle_with_repeat_values_the_last_selection():
-    policy = FrequencyOraclePolicy.from_rates(ExpertLayout(1, 4, 1), np.array([0.4, 0.3, 0.2, 0.1]), repeat=0.5)
+    policy = FrequencyOraclePolicy(ExpertLayout(1, 4, 1), repeat=0.5, rates=np.array([0.4, 0.3, 0.2, 0.1]))
     policy.observe(0, [3])                      # values 0.2, 0.15, 0.1, 0.05 + 0.5
     assert policy.victim([0, 3]) == 0 and policy.victim([2, 3]) == 2
     policy.observe(0, [1])                      # 3 is no longer the last selection: 0.05; 1: 0.65

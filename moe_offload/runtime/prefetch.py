@@ -100,8 +100,9 @@ class Prefetcher:
         """Host half, second step: queue copies for l+1, l+2, ... in rank order. ``selected``: the
         experts layer ``layer`` runs now (never evicted for a prefetch). With a ``budget`` only copies
         that land in time (``LinkBudget.fits``) are queued, and with ``use`` a copy never evicts a
-        resident at least as likely to be used as the prefetched expert. With a disk tier, a predicted expert not in host memory is
-        read from disk in the background instead (no link time: it is copied once it is there)."""
+        resident at least as likely to be used as the prefetched expert. With a disk tier, a predicted
+        expert not in host memory is read from disk in the background instead (no link time: it is copied
+        once it is there). Experts already resident are skipped."""
         locked = {self.layout.key(layer, int(e)) for e in selected} | set(self.pending)
         host = self.residency.host
         queued, device = 0, True
@@ -124,10 +125,8 @@ class Prefetcher:
                 queued += outcome
 
     def _issue(self, target: int, expert: int, locked: set[int], chance: float, use: ExpectedUse | None) -> int | None:
-        """Queue one copy: 1 if queued, 0 if resident already or not worth an eviction, None if no slot."""
+        """Queue one copy of a missing expert: 1 if queued, 0 if not worth an eviction, None if no slot."""
         key = self.layout.key(target, expert)
-        if self.cache.lookup(key) >= 0:
-            return 0
         keep = locked if use is None else locked | use.protected(self.cache.slots, use.prefetch_worth(key, chance))
         if self.residency.copy_in(key, PREFETCH, keep) is None:
             return None if use is None or len(keep) == len(locked) else 0

@@ -126,9 +126,9 @@ class CallProtocol:
 
     def _link_budget(self, layer: int, record: RouterRecord, prediction: Prediction) -> LinkBudget | None:
         """The link time this router call's prefetches may spend (None without a cost model: no limit): a
-        copy for layer l+d must land before layer l+d starts, i.e. within the durations of layers l..l+d-1
-        (this call's as planned now, the others' projected from the prediction), behind what is on the link
-        and this call's demand copies."""
+        copy for layer l+d must land before it would delay layer l+d, i.e. within the durations of layers
+        l..l+d-1 (this call's as planned now, the others' projected from the prediction) plus that layer's
+        slack, behind what is on the link and this call's demand copies."""
         if self.costs is None:
             return None
         counts = record.counts
