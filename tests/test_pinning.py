@@ -130,6 +130,24 @@ def test_close_unregisters_now_and_is_idempotent(cudart):
     assert cudart.unregistered == [ptr]                        # not a second time when the memory dies
 
 
+@pytest.mark.parametrize("copiers", [[], ["cuda:1"], ["cuda:1", "cuda:0"]], ids=["current", "cuda1", "both"])
+def test_unregister_waits_for_the_copiers_devices(cudart, monkeypatch, copiers):
+    """Unpinning synchronizes every device whose copier reads the store (not only the current device), and
+    only then unregisters."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("sync", device)))
+    monkeypatch.setattr(pinning, "host_unregister", lambda ptr: events.append(("unregister", ptr)) or 0)
+    store = make_store()
+    for device in copiers:
+        store.copied_by(torch.device(device))
+    store.copied_by(torch.device("cpu"))           # a CPU copier has no stream to wait for
+    store.close()
+    synced = sorted({torch.device(d).index for d in copiers}) or [0]
+    assert events == [("sync", d) for d in synced] + [("unregister", cudart.registered[0][0])]
+
+
 def test_close_after_torch_fallback(cudart, monkeypatch):
     cudart.register_code = 2
     monkeypatch.setattr(pinning, "torch_pinned_empty", lambda shape, dtype: torch.zeros(shape, dtype=dtype))

@@ -57,6 +57,8 @@ class CopyEngine:
         name = backend or ("cuda" if buffers.is_cuda else "immediate")
         self.backend = make_backend(name, buffers.device, seed)
         self.cuda = name == "cuda"
+        if self.cuda:
+            store.copied_by(buffers.device)     # unpinning the store waits for this device's streams
         self.max_prefetch_inflight = max_prefetch_inflight
         self.chunk_numel = max(1, chunk_bytes // max(1, buffers.element_size()))
         num_slots, self.block_numel = buffers.shape

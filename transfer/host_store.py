@@ -68,6 +68,12 @@ class HostExpertStore:
         self.pinned = self.pinning != "none"
         self.filled = torch.zeros(num_layers * num_experts, len(PARTS), dtype=torch.bool)  # [L*E, gate|up|down]
 
+    def copied_by(self, device: torch.device) -> None:
+        """Copies from the store run on ``device``'s streams: unpinning waits for that device, not only the
+        current one."""
+        if self._memory is not None:
+            self._memory.copied_by(device)
+
     def close(self) -> None:
         """Unpin now (idempotent). The blocks stay readable, but only for synchronous copies.
 

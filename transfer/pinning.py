@@ -77,13 +77,15 @@ def torch_pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
-def _unregister_quietly(ptr: int, unregister) -> None:
-    """Finalizer: undo a registration with ``unregister``; never raises (it may run inside the garbage collector)."""
+def _unregister_quietly(ptr: int, unregister, devices: set[int]) -> None:
+    """Finalizer: undo a registration with ``unregister``; never raises (it may run inside the garbage collector).
+    ``devices``: the CUDA devices whose streams copy from the memory (the current one when none was named)."""
     try:
         if torch.cuda.is_initialized():
-            # A copy from this memory may still be queued on some stream; unregistering
-            # (and then freeing) under it would corrupt it, so wait for the device first.
-            torch.cuda.synchronize()
+            # A copy from this memory may still be queued on a copier's stream; unregistering (and then
+            # freeing) under it would corrupt it, so wait for every device that copies from it first.
+            for device in sorted(devices) or [torch.cuda.current_device()]:
+                torch.cuda.synchronize(device)
         code = unregister(ptr)
     except Exception as err:  # noqa: BLE001 - a finalizer must not raise
         warnings.warn(f"cudaHostUnregister failed: {err}", RuntimeWarning, stacklevel=2)
@@ -105,6 +107,7 @@ class PinnedBuffer:
         self.shape, self.dtype = tuple(shape), dtype
         self.nbytes = math.prod(self.shape) * dtype.itemsize
         self._finalizer: weakref.finalize | None = None
+        self._devices: set[int] = set()     # CUDA device indices whose streams copy from this memory
         self.tensor, self.pinning = self._allocate()
 
     @property
@@ -132,7 +135,7 @@ class PinnedBuffer:
             return self._fallback(f"cudaHostRegister returned CUDA error {code}")
         # Unregister when the base array dies: it outlives every view, since torch
         # storages made by from_numpy hold the array (and the array holds ``raw``).
-        self._finalizer = weakref.finalize(raw, _unregister_quietly, ptr, host_unregister)
+        self._finalizer = weakref.finalize(raw, _unregister_quietly, ptr, host_unregister, self._devices)
         self._finalizer.atexit = False  # at exit the process frees it; CUDA may be gone already
         tensor = torch.from_numpy(array).view(self.dtype).view(self.shape)
         return tensor, "registered"
@@ -152,6 +155,11 @@ class PinnedBuffer:
         warnings.warn(f"{_gib(self.nbytes)} of host memory left unpinned ({reason}): host-to-device copies are "
                       "synchronous and slower", RuntimeWarning, stacklevel=4)
         return torch.empty(self.shape, dtype=self.dtype), "none"
+
+    def copied_by(self, device: torch.device) -> None:
+        """Copies from this memory run on ``device``'s streams: unpinning waits for that device."""
+        if device.type == "cuda":
+            self._devices.add(torch.device(device).index if device.index is not None else torch.cuda.current_device())
 
     def unpin(self) -> None:
         """Undo the registration now (idempotent). Copies from the memory are then synchronous."""

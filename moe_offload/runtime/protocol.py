@@ -97,13 +97,16 @@ class CallProtocol:
         self.expected_use = ExpectedUse(layout)
         self.layer_s = np.zeros(layout.num_layers)              # [L] each layer's last call duration (with costs)
         self._routed: dict[int, RouterRecord] = {}
+        # [E] token counts per expert, counted in place: torch.bincount reads its input's min and max back to
+        # the host first (two blocking syncs per layer on CUDA), scatter_add_ into a fixed-size tensor does not.
+        self._counts = torch.zeros(layout.experts_per_layer, dtype=torch.int64, device=device)
+        self._one = torch.ones(1, dtype=torch.int64, device=device)
 
     # -- 1. the router call ------------------------------------------------------------------------------------
     def on_router(self, layer: int, gate_input: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> None:
         """RouterTap listener, just before the layer's experts: one readback brings back the token counts,
         the router scores the policy wants and the predictor's summary; then ``route``."""
-        experts = self.layout.experts_per_layer
-        parts = [torch.bincount(chosen.reshape(-1), minlength=experts)]                 # [E]
+        parts = [self.count(chosen.reshape(-1))]                                          # [E]
         if self.cache.policy.wants_router_probs:
             parts.append(probs)                                                          # [T, E]
         summary = [] if self.prefetcher is None else self.prefetcher.summarize(layer, gate_input, probs, chosen)
@@ -178,12 +181,19 @@ class CallProtocol:
                     if not load.resident)
         return max(0.0, cpu_s - sum(self.costs.gpu_s(load.tokens) for load in loads if load.resident))
 
+    def count(self, ids: torch.Tensor) -> torch.Tensor:
+        """[E] tokens per expert of flat ids ``ids`` [T*k], on their device with no host sync (a fixed-size
+        result; the tensor is reused by the next call, after its readback)."""
+        if self._counts.device != ids.device:      # e.g. built for "cuda", called on "cuda:0": rebind once
+            self._counts, self._one = self._counts.to(ids.device), self._one.to(ids.device)
+        return self._counts.zero_().scatter_add_(0, ids.long(), self._one.expand(ids.numel()))
+
     def record(self, layer: int, ids: torch.Tensor) -> RouterRecord:
         """The router call's record for the experts call with flat ids ``ids`` [T*k]; read here when the
         router hook did not run for this call."""
         record = self._routed.pop(layer, None)
         if record is None or sum(record.counts) != ids.numel():
-            counts = self.readback.read([torch.bincount(ids, minlength=self.layout.experts_per_layer)])[0]
+            counts = self.readback.read([self.count(ids)])[0]
             return RouterRecord(counts.astype(np.int64).tolist(), None)
         return record
 
