@@ -54,7 +54,7 @@ def test_deferred_backend_lands_in_varying_orders_within_stream_order():
 def test_deferred_copy_lands_only_when_waited_for_or_at_random():
     store = make_store()
     copier = engine(store, seed=0)
-    copier.backend._land_probability = 0.0          # no random landing: only a wait lands it
+    copier.backend.land_probability = 0.0          # no random landing: only a wait lands it
     copier.copy(2, 0)
     assert torch.all(copier.buffers[0] == 0) and copier.backend.pending > 0
     copier.begin_read(0, 2)
@@ -76,11 +76,11 @@ def test_write_after_write_a_late_prefetch_never_lands_over_a_newer_copy(seed):
     store = make_store()
     numel = store.shape.numel
     copier = engine(store, seed=seed, chunk_elems=numel // 4, max_prefetch_inflight=2)
-    copier.backend._land_probability = 0.0
+    copier.backend.land_probability = 0.0
     copier.prefetch(1, 0)
     assert copier.is_queued(1)                     # 2 of 4 chunks started, none landed
     assert copier.cancel(1)                        # evicted: the rest never starts
-    copier.backend._land_probability = 0.5         # from here, landings in random order
+    copier.backend.land_probability = 0.5         # from here, landings in random order
     copier.copy(2, 0)                              # waits for the started chunks (write-after-write)
     copier.backend.drain()
     copier.begin_read(0, 2)
@@ -96,9 +96,9 @@ def test_write_after_read_and_chunked_prefetch_expedited(seed):
     copier.begin_read(0, 0)
     seen = copier.buffers[0].sum().item()
     copier.end_read(0)
-    copier.backend._land_probability = 0.0
+    copier.backend.land_probability = 0.0
     copier.prefetch(3, 0)                          # chunk 1 of 3 started, the rest queued
-    copier.backend._land_probability = 0.5
+    copier.backend.land_probability = 0.5
     assert copier.expedite(3) and not copier.is_queued(3)
     copier.begin_read(0, 3)
     assert torch.equal(copier.buffers[0], store.block(3))
@@ -109,7 +109,7 @@ def test_demand_waits_behind_at_most_the_inflight_chunks():
     store = make_store()
     numel, esize = store.shape.numel, 4
     copier = engine(store, slots=3, chunk_elems=numel // 4, max_prefetch_inflight=2)
-    copier.backend._land_probability = 0.0
+    copier.backend.land_probability = 0.0
     copier.prefetch(0, 0)
     copier.prefetch(1, 1)
     assert copier.backlog_bytes() == 2 * (numel // 4) * esize   # two chunks on the stream, the rest queued
@@ -245,7 +245,7 @@ def test_engine_plan_counts_the_link_backlog(tiny_deepseek, tmp_path):
     counts = [0] * engine.store.num_experts
     counts[3] = 1
     assert engine.protocol.plan({3: -1}, counts).placement == {3: COPY}
-    engine.copier.backend._land_probability = 0.0
+    engine.copier.backend.land_probability = 0.0
     for slot in range(4):
         engine.copier.copy(100 + slot, slot)
     assert engine.copier.backlog_bytes() == 4 * engine.store.bytes_per_expert

@@ -298,3 +298,84 @@ def test_reads_ahead_never_starve_a_demand(tmp_path):
     tier.ensure(3)                                       # a demand for a read ahead promotes it
     assert _bytes(tier.store, 3) == [3] * 12 and tier.prefetch_used == 1
     tier.close()
+
+
+def _tiers_over_a_real_copier(tmp_path):
+    """Three layers of two 12-byte experts (expert k's bytes all k), a host cache of one layer's experts (two
+    rows), four device slots, and the real CopyEngine on the deferred backend: a prefetch is split into
+    one-element chunks with one chunk on the stream at a time, so its other chunks stay queued."""
+    import numpy as np
+
+    from moe_offload.cache import ExpertCache, ExpertLayout, ExpertSlots, make_policy, slot_pools
+    from moe_offload.runtime.host_tier import HostTier
+    from moe_offload.runtime.residency import ExpertResidency
+    from moe_offload.runtime.stats import OffloadStats
+    from moe_offload.transfer import CopyEngine, ExpertShape, HostExpertStore
+    from moe_offload.transfer.disk import DiskReader, Run
+
+    layers, experts, rows, slots = 3, 2, 2, 4
+    keys = layers * experts
+    path = tmp_path / "experts.bin"
+    path.write_bytes(np.repeat(np.arange(keys, dtype=np.uint8), 12).tobytes())
+    layout = ExpertLayout(layers, experts, 1)
+    store = HostExpertStore(layers, experts, ExpertShape(1, 1), torch.float32, pin=False, capacity=rows)
+    copier = CopyEngine(store, torch.zeros(slots, 3), backend="deferred", seed=1, chunk_bytes=4,
+                        max_prefetch_inflight=1)
+    copier.backend.land_probability = 0.0       # prefetches held: a copy lands only when something waits for it
+    stats = OffloadStats(layers, experts)
+    device = ExpertCache(ExpertSlots.bookkeeping(slots, keys), make_policy("lru", layout),
+                         slot_pools("global", slots, layout))
+    residency = ExpertResidency(device, copier, stats, experts)
+    host = ExpertCache(ExpertSlots.bookkeeping(rows, keys), make_policy("lru", layout),
+                       slot_pools("global", rows, layout))
+    runs = {k: [Run(str(path), 12 * k, 0, 12)] for k in range(keys)}
+    residency.host = HostTier(store, host, DiskReader(2), runs, copier, stats)
+    return residency, copier, store
+
+
+def test_a_demand_never_takes_the_host_row_of_a_queued_prefetch(tmp_path):
+    """Every host row is busy (two device prefetches of layer 1 still have queued chunks) when layer 0 demands
+    expert 0: the retry after landing the copies on the streams must not hand it a row a queued chunk will
+    still read. The farthest-ahead queued prefetch gives its row back instead: its queued copy is cancelled
+    and its device slot freed through the residency, so nothing later reads a row that holds another expert."""
+    from moe_offload.runtime.residency import PREFETCH
+
+    residency, copier, store = _tiers_over_a_real_copier(tmp_path)
+    host = residency.host
+    residency.call_keys = set()
+    for key in (2, 3):                                   # layer 1's experts: read, then prefetched to the device
+        residency.copy_in(key, PREFETCH)
+    assert copier.is_queued(2) and copier.is_queued(3) and host.resident(2) and host.resident(3)
+    residency.call_keys = {0}
+    slot0 = residency.copy_in(0, locked={0})             # the demand: no free host row
+    assert host.resident(0) and host.resident(2) and not host.resident(3)
+    assert not copier.is_queued(3) and residency.cache.lookup(3) < 0
+    assert residency.stats.prefetch_cancelled[1] == 1
+    for _ in range(3):                                   # the rest of expert 2's prefetch lands from its own row
+        copier.synchronize()
+        copier.pump()
+    assert not copier.is_queued(2)
+    copier.synchronize()
+    slot2 = residency.cache.lookup(2)
+    copier.begin_read(slot2, key=2)                      # deferred backend: raises unless the slot holds expert 2
+    copier.begin_read(slot0, key=0)
+    assert copier.buffers[slot2].view(torch.uint8).tolist() == [2] * 12
+    assert copier.buffers[slot0].view(torch.uint8).tolist() == [0] * 12
+    assert store.block(0).view(torch.uint8).tolist() == [0] * 12
+    host.close()
+
+
+def test_a_demand_fails_clearly_when_only_locked_experts_hold_rows(tmp_path):
+    """Rows held by the call's own experts and a queued prefetch the call also uses: nothing can give a row
+    back, so the demand fails with the project's error instead of evicting under a copy."""
+    from moe_offload.runtime.residency import PREFETCH
+
+    residency, copier, _ = _tiers_over_a_real_copier(tmp_path)
+    residency.call_keys = set()
+    residency.copy_in(2, PREFETCH)
+    residency.host.ensure(1)
+    residency.call_keys = {1, 2, 0}
+    with pytest.raises(MoEOffloadError, match="host-cache row"):
+        residency.copy_in(0, locked={0, 1, 2})
+    assert copier.is_queued(2) and residency.host.resident(2)
+    residency.host.close()

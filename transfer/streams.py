@@ -117,7 +117,7 @@ class SimBackend:
         self.lands_at_once = not deferred
         self.tracks_contents = deferred
         self._rng = random.Random(seed)
-        self._land_probability = land_probability
+        self.land_probability = land_probability
         self._pending: list[_Op] = []
         self._compute = SimComputeStream(self)
 
@@ -147,7 +147,7 @@ class SimBackend:
 
     def tick(self) -> None:
         """At random points, land a random number of operations whose dependencies have landed."""
-        if not self._pending or self._rng.random() >= self._land_probability:
+        if not self._pending or self._rng.random() >= self.land_probability:
             return
         for _ in range(self._rng.randint(1, len(self._pending))):
             ready = [op for op in self._pending if all(d.done for d in op.deps)]

@@ -6,6 +6,8 @@ Three tiers: device slots <- host cache (``host_memory``) <- disk. Each expert's
 
 - a row is never reused while a device copy may still read it (the copier's busy keys: queued or in
   flight), while a read into it is in flight, or while the current call uses its expert (``locked``);
+  when a demand finds every row so held, the copies on the streams land, reads ahead give their rows
+  back, and then queued device prefetches do (farthest ahead first: cancelled, device slot freed);
 - a demand read waits; a prefetch read runs in the background, and a demand for it promotes it ahead of
   the other queued reads and waits for it; a stale prefetch read is cancelled before it starts;
 - every copy to the device and every CPU-run expert first ``ensure``s its expert is in host memory.
@@ -14,7 +16,7 @@ Three tiers: device slots <- host cache (``host_memory``) <- disk. Each expert's
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -42,6 +44,8 @@ class HostTier:
         self.prefetch_used = 0                  # prefetch reads a call then needed
         self.wait_s = 0.0                       # seconds calls waited for reads (demand, or prefetch still landing)
         self.hidden_s = 0.0                     # seconds of used prefetch reads that no call waited for
+        # key -> True if its queued device prefetch was cancelled and its slot freed (set by the residency)
+        self.drop_prefetch: Callable[[int], bool] | None = None
 
     def reset_counters(self) -> None:
         self.prefetch_used, self.wait_s, self.hidden_s = 0, 0.0, 0.0
@@ -122,7 +126,7 @@ class HostTier:
         if got is None and must:             # every row is in use: land the copies and the reads ahead, retry
             self.copier.synchronize()
             self._settle_pending()
-            got = self.cache.place(key, set(locked))
+            got = self._place_after_settling(key, set(locked))
         if got is None:
             if not must:
                 return None
@@ -135,6 +139,22 @@ class HostTier:
         self.stats.disk_reads[key // self.store.num_experts] += 1
         out = self.store.blocks[row].view(torch.uint8).numpy()
         return self.reader.submit(self.runs[key], out, priority)
+
+    def _place_after_settling(self, key: int, locked: set[int]) -> tuple[int, int] | None:
+        """A row for ``key`` once the copies on the streams have landed: never one a queued device copy
+        still reads. When only such rows are left, the farthest-ahead queued prefetch not in ``locked``
+        gives its row back: its queued chunks are cancelled and its device slot freed (``drop_prefetch``,
+        the residency's own undo of a prefetch), until a row is free."""
+        while True:
+            busy = self.copier.busy_keys()
+            got = self.cache.place(key, locked | busy)
+            givers = sorted((k for k in busy - locked if self.cache.lookup(k) >= 0), reverse=True)
+            if got is not None or not givers or self.drop_prefetch is None:
+                return got
+            if self.drop_prefetch(givers[0]):
+                self.stats.prefetch_cancelled[givers[0] // self.store.num_experts] += 1
+            elif givers[0] in self.copier.busy_keys():    # could not be cancelled: never evict under it
+                return None
 
     def _settle_pending(self) -> None:
         """Reads ahead give their rows back: a queued one is cancelled, one under way is waited for (its

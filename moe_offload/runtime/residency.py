@@ -27,8 +27,20 @@ class ExpertResidency:
         self.copier = copier
         self.stats = stats
         self.num_experts = num_experts
-        self.host = None              # a HostTier when the experts live on disk (three tiers), else None
+        self._host = None             # a HostTier when the experts live on disk (three tiers), else None
         self.call_keys: set[int] = set()   # the running call's experts: never evicted from the host cache
+
+    @property
+    def host(self):
+        return self._host
+
+    @host.setter
+    def host(self, tier) -> None:
+        """Attach a HostTier: a demand that finds every host row read by queued prefetches undoes one of
+        them through ``drop`` (the one undo of a prefetch), never by evicting under its copy."""
+        self._host = tier
+        if tier is not None:
+            tier.drop_prefetch = self.drop
 
     def ensure_host(self, key: int) -> None:
         """With a disk tier: ``key``'s bytes in host memory before it is copied or run on the CPU."""
