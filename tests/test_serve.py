@@ -213,6 +213,48 @@ def test_stop_strings_seed_and_unknown_fields(server, reference):
     assert sampled[0] == sampled[1]  # the seed is per request, whatever else runs in the batch
 
 
+def test_logit_bias_top_k_and_usage_chunk(server, tokenizer, reference):
+    """The sampling fields change what is generated (none is silently ignored); include_usage adds a last
+    chunk with no choices and the request's usage."""
+    prompt = PROMPTS[0]
+    forced = tokenizer("x")["input_ids"][-1]
+    biased = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                                              logit_bias={str(forced): 100})
+    assert biased.choices[0].text == tokenizer.decode([forced] * 4)
+    top1 = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=NEW_TOKENS, temperature=2.0,
+                                            seed=3, extra_body={"top_k": 1})
+    assert top1.choices[0].text == reference[prompt]            # top-1 sampling at any temperature is greedy
+    chunks = list(server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+    assert all(c.choices for c in chunks[:-1])
+
+
+def test_request_fields_reach_the_sampler(tokenizer):
+    from moe_offload.serve.openai_api import ServedModel, sampling_params
+
+    served = ServedModel(MODEL, tokenizer, 1024, 0)
+    params = sampling_params({"max_tokens": 3, "top_k": 5, "frequency_penalty": 0.5, "presence_penalty": -1,
+                              "logit_bias": {"7": -100}, "logprobs": None, "top_logprobs": None}, served, 4, None)
+    assert (params.top_k, params.frequency_penalty, params.presence_penalty) == (5, 0.5, -1.0)
+    assert params.logit_bias == ((7, -100.0),) and not params.greedy
+
+
+def test_sampling_adjustments_in_process():
+    """``sample``'s logit bias, penalties and top-k on hand-made logits."""
+    from moe_offload.serve.engine import SamplingParams, sample
+
+    logits = torch.tensor([0.0, 3.0, 2.0, 1.0])
+    gen = torch.Generator().manual_seed(0)
+    assert sample(logits, SamplingParams(4), gen) == 1
+    assert sample(logits, SamplingParams(4, logit_bias=((3, 5.0),)), gen) == 3
+    assert sample(logits, SamplingParams(4, presence_penalty=1.5), gen, [1]) == 2    # 3 - 1.5 < 2
+    assert sample(logits, SamplingParams(4, frequency_penalty=0.4), gen, [1, 1]) == 1  # 3 - 2 * 0.4 = 2.2 > 2
+    assert sample(logits, SamplingParams(4, frequency_penalty=0.6), gen, [1, 1]) == 2  # 3 - 2 * 0.6 = 1.8 < 2
+    assert {sample(logits, SamplingParams(4, temperature=2.0, top_k=1), gen) for _ in range(20)} == {1}
+    assert SamplingParams(4).greedy and not SamplingParams(4, presence_penalty=0.1).greedy
+
+
 def test_models_health_and_metrics(server):
     assert [m.id for m in server.client.models.list().data] == [MODEL]
     assert httpx.get(server.url + "/health").json()["status"] == "ok"  # open without the key
@@ -250,6 +292,16 @@ BAD_INPUTS = [  # id, path, body (bytes: sent as is), status, error param
     ("stop-number", "/v1/completions", GOOD | {"stop": 5}, 400, "stop"),
     ("seed-float", "/v1/completions", GOOD | {"seed": 1.5}, 400, "seed"),
     ("stream-string", "/v1/completions", GOOD | {"stream": "yes"}, 400, "stream"),
+    ("logprobs", "/v1/completions", GOOD | {"logprobs": 2}, 400, "logprobs"),
+    ("chat-logprobs", "/v1/chat/completions", CHAT | {"logprobs": True}, 400, "logprobs"),
+    ("chat-top-logprobs", "/v1/chat/completions", CHAT | {"top_logprobs": 3}, 400, "top_logprobs"),
+    ("frequency-penalty-too-high", "/v1/completions", GOOD | {"frequency_penalty": 3}, 400, "frequency_penalty"),
+    ("presence-penalty-string", "/v1/completions", GOOD | {"presence_penalty": "x"}, 400, "presence_penalty"),
+    ("top-k-negative", "/v1/completions", GOOD | {"top_k": -1}, 400, "top_k"),
+    ("logit-bias-not-a-token", "/v1/completions", GOOD | {"logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("logit-bias-too-big", "/v1/completions", GOOD | {"logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("stream-options-without-stream", "/v1/completions", GOOD | {"stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
     ("unknown-model", "/v1/completions", GOOD | {"model": "gpt-4"}, 404, "model"),
     ("unknown-model-chat", "/v1/chat/completions", CHAT | {"model": "gpt-4"}, 404, "model"),
     ("unknown-route", "/v1/embeddings", GOOD, 404, None),

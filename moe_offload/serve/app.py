@@ -32,6 +32,7 @@ from .openai_api import (
     chat_prompt,
     check_model,
     completion_prompt,
+    include_usage,
     sampling_params,
 )
 
@@ -70,6 +71,7 @@ async def _generate(request: Request, chat: bool):
     prompt = chat_prompt(body, state.served) if chat else completion_prompt(body, state.served)
     default_max = None if chat else DEFAULT_COMPLETION_TOKENS  # chat: the context left
     params = sampling_params(body, state.served, len(prompt), default_max)
+    with_usage = include_usage(body)
     loop, updates = asyncio.get_running_loop(), asyncio.Queue()
     job = GenerationRequest(prompt, params, state.served.tokenizer,
                             lambda update: loop.call_soon_threadsafe(updates.put_nowait, update))
@@ -80,12 +82,14 @@ async def _generate(request: Request, chat: bool):
                        type="rate_limit_error") from None
     shape = ResponseShape(chat, state.served.name)
     if body.get("stream"):
-        return EventSourceResponse(_stream(state.engine, job, updates, shape), ping=15)
+        return EventSourceResponse(_stream(state.engine, job, updates, shape, with_usage), ping=15)
     return await _whole(request, state.engine, job, updates, shape)
 
 
-async def _stream(engine: BatchEngine, job: GenerationRequest, updates: asyncio.Queue, shape: ResponseShape):
-    """The SSE events of one request; cancelled (client gone) -> the request leaves the engine."""
+async def _stream(engine: BatchEngine, job: GenerationRequest, updates: asyncio.Queue, shape: ResponseShape,
+                  with_usage: bool = False):
+    """The SSE events of one request (with ``with_usage``, a usage chunk before ``[DONE]``); cancelled (client
+    gone) -> the request leaves the engine."""
     try:
         while True:
             update: Update = await updates.get()
@@ -96,6 +100,8 @@ async def _stream(engine: BatchEngine, job: GenerationRequest, updates: asyncio.
             if update.text or update.finish_reason:
                 yield {"data": json.dumps(shape.chunk(update))}
             if update.finish_reason:
+                if with_usage:
+                    yield {"data": json.dumps(shape.usage_chunk(update))}
                 break
         yield {"data": "[DONE]"}
     finally:

@@ -36,13 +36,29 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What one request asked for: ``temperature`` 0 is greedy; ``stop`` strings end the text."""
+    """What one request asked for: ``temperature`` 0 is greedy; ``stop`` strings end the text.
+    ``logit_bias`` ((token, bias) pairs) and the penalties adjust the logits before either greedy or sampled
+    choice; the penalties count the tokens generated so far (not the prompt's), as OpenAI describes them:
+    ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``. ``top_k`` 0 keeps every token."""
 
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or self.frequency_penalty != 0 or self.presence_penalty != 0
+
+    @property
+    def greedy(self) -> bool:
+        """The row's token is the argmax of its raw logits (the batch's shared fast path)."""
+        return self.temperature == 0 and not self.adjusts_logits
 
 
 @dataclass(frozen=True)
@@ -78,11 +94,30 @@ class GenerationRequest:
         return len(self.text.tokens)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from ``logits`` [V]: argmax at temperature 0, else temperature then top-p sampling."""
+def adjusted(logits: torch.Tensor, params: SamplingParams, generated: list[int]) -> torch.Tensor:
+    """``logits`` [V] with the request's logit bias and penalties applied (a float32 copy), or as they are."""
+    if not params.adjusts_logits:
+        return logits
+    logits = logits.float().clone()                                                  # [V]
+    for token, bias in params.logit_bias:
+        logits[token] += bias
+    if generated and (params.frequency_penalty or params.presence_penalty):
+        counts = torch.bincount(torch.tensor(generated), minlength=logits.numel())[: logits.numel()].float()  # [V]
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+           generated: list[int] = ()) -> int:
+    """One token from ``logits`` [V] after ``generated`` tokens: the logits adjusted (bias, penalties), then
+    argmax at temperature 0, else temperature, top-k and top-p sampling."""
+    logits = adjusted(logits, params, list(generated))
     if params.temperature == 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # [V]
+    if 0 < params.top_k < probs.numel():
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(0, probs.topk(params.top_k).indices, True)
+        probs = probs.masked_fill(~keep, 0.0)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(0) - sorted_probs >= params.top_p  # mass before it already reaches top_p
@@ -200,7 +235,7 @@ class BatchEngine:
         logits = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}).logits
         self.counters.prefills += 1
         self.counters.prompt_tokens += len(request.prompt_ids)
-        token = sample(logits[0, -1].cpu(), request.params, request.generator)
+        token = sample(logits[0, -1].cpu(), request.params, request.generator, request.text.tokens)
         if not self._emit(request, token):
             self._batch.add(cache, token)
             self._running.append(request)
@@ -217,8 +252,8 @@ class BatchEngine:
         self.counters.decode_rows += len(self._running)
         tokens = logits.argmax(dim=-1)  # [B] the greedy rows' tokens
         for row, request in enumerate(self._running):
-            if request.params.temperature > 0:
-                tokens[row] = sample(logits[row], request.params, request.generator)
+            if not request.params.greedy:
+                tokens[row] = sample(logits[row], request.params, request.generator, request.text.tokens)
         self._batch.last_tokens = tokens
         self._keep([r for r, t in zip(self._running, tokens.tolist()) if not self._emit(r, t)])
 

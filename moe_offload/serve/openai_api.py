@@ -2,7 +2,10 @@
 and the JSON of responses, stream chunks and errors.
 
 Bad input raises ApiError, which the server sends as ``{"error": {"message", "type", "param",
-"code"}}`` with its HTTP status. Fields this server does not know are ignored, as OpenAI's do.
+"code"}}`` with its HTTP status. The sampling fields are honoured (``temperature``, ``top_p``, ``top_k``,
+``seed``, ``stop``, ``frequency_penalty``, ``presence_penalty``, ``logit_bias``,
+``stream_options.include_usage``); ``logprobs`` / ``top_logprobs`` are refused with a 400 that names them.
+Fields outside the API this server does not know are ignored, as OpenAI's are.
 """
 
 from __future__ import annotations
@@ -81,11 +84,52 @@ def sampling_params(body: dict, served: ServedModel, prompt_tokens: int, default
     _check_range(0 <= temperature <= 2, "temperature", f"must be between 0 and 2, got {temperature}")
     top_p = float(_field(body, "top_p", (int, float), 1.0, "a number"))
     _check_range(0 < top_p <= 1, "top_p", f"must be in (0, 1], got {top_p}")
+    top_k = _field(body, "top_k", (int,), 0, "an integer")
+    _check_range(top_k >= 0, "top_k", f"must be 0 (off) or more, got {top_k}")
+    penalties = {}
+    for name in ("frequency_penalty", "presence_penalty"):
+        penalties[name] = float(_field(body, name, (int, float), 0.0, "a number"))
+        _check_range(-2 <= penalties[name] <= 2, name, f"must be between -2 and 2, got {penalties[name]}")
     n = _field(body, "n", (int,), 1, "an integer")
     _check_range(n == 1, "n", f"must be 1 on this server (one choice per request), got {n}")
     _field(body, "stream", (bool,), False, "a boolean")
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                          seed=_field(body, "seed", (int,), None, "an integer"), stop=_stop_strings(body))
+    _refuse_logprobs(body)
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                          seed=_field(body, "seed", (int,), None, "an integer"), stop=_stop_strings(body),
+                          logit_bias=_logit_bias(body, len(served.tokenizer)), **penalties)
+
+
+def _refuse_logprobs(body: dict) -> None:
+    """Log probabilities are not computed by this server: asking for them is a 400, never a silent null."""
+    for name in ("logprobs", "top_logprobs"):
+        value = body.get(name)
+        if value is not None and value is not False:
+            raise ApiError(400, f"'{name}' is not supported by this server; leave it unset", name,
+                           "unsupported_parameter")
+
+
+def _logit_bias(body: dict, vocab: int) -> tuple[tuple[int, float], ...]:
+    """``logit_bias``: {"token id": bias in [-100, 100]} as (token, bias) pairs."""
+    bias = _field(body, "logit_bias", (dict,), {}, "an object mapping token ids to numbers")
+    pairs = []
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.lstrip("-").isdigit() and 0 <= int(key) < vocab):
+            raise ApiError(400, f"'logit_bias' keys must be token ids in [0, {vocab}), got {key!r}", "logit_bias",
+                           "invalid_value")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise ApiError(400, f"'logit_bias' values must be numbers between -100 and 100, got {value!r}",
+                           "logit_bias", "invalid_value")
+        pairs.append((int(key), float(value)))
+    return tuple(pairs)
+
+
+def include_usage(body: dict) -> bool:
+    """``stream_options.include_usage``: a last stream chunk with the usage and no choices."""
+    options = _field(body, "stream_options", (dict,), {}, "an object")
+    if options and not body.get("stream"):
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "stream_options",
+                       "invalid_value")
+    return bool(_field(options, "include_usage", (bool,), False, "a boolean"))
 
 
 def _stop_strings(body: dict) -> tuple[str, ...]:
@@ -168,6 +212,11 @@ class ResponseShape:
         if self.chat:
             return self._envelope("chat.completion", {"message": {"role": "assistant", "content": text}}, last)
         return self._envelope("text_completion", {"text": text}, last)
+
+    def usage_chunk(self, last: Update) -> dict:
+        """The extra last chunk ``stream_options.include_usage`` asks for: no choices, the request's usage."""
+        return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": [], "usage": usage(last)}
 
     def chunk(self, update: Update) -> dict:
         """A stream chunk; usage rides on the last one (the one with a finish_reason)."""
