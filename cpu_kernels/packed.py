@@ -187,6 +187,21 @@ class ExpertFormat:
         views[matrix][rows] = q.view(torch.uint8)
         views[f"{matrix}_scale"][self._block_rows(role)] = scale.float()
 
+    def write_int4(self, row: torch.Tensor, role: str, q: torch.Tensor, scale: torch.Tensor,
+                   zero: torch.Tensor) -> None:
+        """Store already-int4 weights as they are (an int4 checkpoint's codes, scales and zeros in this
+        format's groups): q uint8 [R, K/2], scale and zero float16 [R, ceil(K/G)]."""
+        if not self.group:
+            raise ValueError(f"write_int4 stores int4 experts; this format is {self.name}")
+        matrix, rows = self._rows(role) if role != "gate_up" else ("gate_up", slice(0, 2 * self.inter))
+        views = self.views(row)
+        for name, value in ((matrix, q), (f"{matrix}_scale", scale), (f"{matrix}_zero", zero)):
+            target = views[name][rows]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"int4 {name} of shape {list(value.shape)} for a {role} projection of "
+                                 f"{list(target.shape)}")
+            target.copy_(value)
+
     def _rows(self, role: str) -> tuple[str, slice]:
         i = self.inter
         return {"gate": ("gate_up", slice(0, i)), "up": ("gate_up", slice(i, 2 * i)),
