@@ -58,8 +58,8 @@ class Reference:
         self.family = family
         source = make_checkpoint(family, root / "source", **int4_overrides(family))
         self.path = make_int4_checkpoint(source, root / "int4", method, **fields)
-        self.model = AutoModelForCausalLM.from_pretrained(dequantized_int4_checkpoint(self.path, root / "plain"),
-                                                          dtype=torch.float32).eval()
+        self.plain = dequantized_int4_checkpoint(self.path, root / "plain")
+        self.model = AutoModelForCausalLM.from_pretrained(self.plain, dtype=torch.float32).eval()
         with torch.no_grad():
             self.logits = self.model(TOKENS).logits
 
@@ -73,7 +73,7 @@ def case(request, tmp_path_factory) -> Reference:
 
 
 def load(path, **fields):
-    return moe_offload.from_pretrained(path, device="cpu", dtype=torch.float32, progress=False, **fields)
+    return moe_offload.from_pretrained(path, **({"device": "cpu", "dtype": torch.float32, "progress": False} | fields))
 
 
 def budgets(family: str) -> list:
@@ -166,6 +166,7 @@ def test_info_shows_format_and_expert_bytes(case, capsys):
     method = "gptq" if "gptq" in str(case.path.parent) else "compressed-tensors"
     assert f"{method} int4" in out
     assert case.expert_format in out and "bytes per expert" in out
+    assert "int4 weights repacked, not re-quantized" in out
 
 
 def test_expert_dtype_explicit_dequantizes(tmp_path):
@@ -255,3 +256,13 @@ def test_scales_not_float16_refused_by_name(gptq, tmp_path):
     _edit_tensors(path, lambda t: t.__setitem__(f"{EXPERT}.scales", t[f"{EXPERT}.scales"].float() * (1 + 2**-20)))
     with pytest.raises(MoEOffloadError, match=rf"{EXPERT}.weight: .*not all exactly float16"):
         load(path)
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe/awq-g128"], indirect=True)
+def test_bfloat16_compute(case):
+    """In bfloat16 every weight is the exact dequantized value rounded once, as transformers rounds the
+    reference's float32 weights."""
+    model = load(case.path, dtype=torch.bfloat16, expert_slots=3)
+    reference = AutoModelForCausalLM.from_pretrained(case.plain, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        assert_close(model(TOKENS).logits, reference(TOKENS).logits, "awq in bfloat16")
