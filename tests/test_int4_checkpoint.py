@@ -205,6 +205,7 @@ BAD_CONFIG = {
     "3 bits": (dict(bits=3), r"quantization_config bits = 3 is not read"),
     "8 bits": (dict(bits=8), r"quantization_config bits = 8 is not read"),
     "desc_act": (dict(desc_act=True), r"desc_act = true .*not read"),
+    "dynamic": (dict(dynamic={r"+:.*down_proj": {"bits": 8}}), r"quantization_config dynamic is set"),
     "group 48": (dict(group_size=48), r"group_size = 48 is not read"),
     "marlin": (dict(checkpoint_format="marlin"), r"checkpoint_format = 'marlin' is not read"),
     "awq gemv": (dict(quant_method="awq", version="gemv"), r"version = 'gemv' is not read"),

@@ -143,6 +143,8 @@ def int4_checkpoint_format(qc: dict, where) -> Int4Checkpoint:
         if qc.get("zero_point", True) is not True:
             raise refuse("zero_point", f"= {qc.get('zero_point')!r} is not read (AWQ GEMM checkpoints carry zeros)")
         return Int4Checkpoint("awq", group)
+    if qc.get("dynamic"):
+        raise refuse("dynamic", "is set (per-module bits or group sizes) and is not read")
     if qc.get("desc_act"):
         raise refuse("desc_act", "= true (act-order: a column permutation, g_idx) is not read; use a desc_act "
                                  "false release")
