@@ -212,6 +212,9 @@ BAD_CONFIG = {
     "ct float": (dict(quant_method="compressed-tensors", format="float-quantized",
                       config_groups={"g": {"weights": {"num_bits": 8, "type": "float"}}}),
                  r"config_groups.g.format = 'float-quantized' is not read"),
+    "ct 8 bits": (dict(quant_method="compressed-tensors", format="pack-quantized",
+                       config_groups={"g": {"weights": {"num_bits": 8, "type": "int", "strategy": "channel"}}}),
+                  r"config_groups.g.weights.num_bits = 8 is not read"),
     "ct w4a8": (dict(quant_method="compressed-tensors", format="pack-quantized",
                      config_groups={"g": {"weights": {"num_bits": 4, "type": "int", "strategy": "group",
                                                       "group_size": 32}, "input_activations": {"num_bits": 8}}}),
@@ -267,3 +270,17 @@ def test_bfloat16_compute(case):
     reference = AutoModelForCausalLM.from_pretrained(case.plain, dtype=torch.bfloat16).eval()
     with torch.no_grad():
         assert_close(model(TOKENS).logits, reference(TOKENS).logits, "awq in bfloat16")
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe/ct-g32-asym"], indirect=True)
+def test_bfloat16_scales_kept_exactly(case, tmp_path):
+    """compressed-tensors releases of bf16 models carry bfloat16 scales: float16 holds them exactly (in its
+    normal range), so the experts stay int4 and equal the reference."""
+    path = shutil.copytree(case.path, tmp_path / "bf16")
+    _edit_tensors(path, lambda t: t.update({n: v.bfloat16() for n, v in t.items() if n.endswith("weight_scale")}))
+    reference = AutoModelForCausalLM.from_pretrained(dequantized_int4_checkpoint(path, tmp_path / "plain"),
+                                                     dtype=torch.float32).eval()
+    model = load(path, expert_slots=3)
+    assert model.offload.store.format.name == "int4-g32"
+    with torch.no_grad():
+        assert_close(model(TOKENS).logits, reference(TOKENS).logits, "bf16 scales")
