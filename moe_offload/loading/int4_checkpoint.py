@@ -39,7 +39,6 @@ from ..errors import MoEOffloadError
 
 METHODS = ("gptq", "awq", "compressed-tensors")
 STORE_GROUPS = sorted(INT4_GROUP.values(), reverse=True)      # the project's int4 groups, largest first
-_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int64)           # the nibbles of an int32 word
 _AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]                  # AWQ's packed slot of each of 8 columns
 _GPTQ_V1_OFFSET = 0x11111111                                   # v1 qzeros: z - 1 per nibble, borrows included
 _SCALE_DTYPES = ("F16", "BF16", "F32")
@@ -304,13 +303,13 @@ def _checked(fmt: Int4Checkpoint, prefix: str, parts: dict, read, where) -> Int4
 
 # -- decoding (exact integer repacking) ---------------------------------------------------------------------------
 def _nibbles(words: torch.Tensor) -> torch.Tensor:
-    """int32 words [R, C] -> their eight nibbles [R, C, 8], nibble j = bits 4j..4j+3 (int64)."""
-    return (words.long()[..., None] >> _SHIFTS) & 15
+    """int32 (or int64) words [R, C] -> their eight nibbles [R, C, 8] as uint8, nibble j = bits 4j..4j+3."""
+    shifts = torch.arange(0, 32, 4, dtype=words.dtype)
+    return ((words[..., None] >> shifts) & 15).to(torch.uint8)
 
 
 def _pack_pairs(codes: torch.Tensor) -> torch.Tensor:
-    """codes [N, K] (0..15, K even) -> uint8 [N, K/2], byte j = codes[2j] | codes[2j+1] << 4."""
-    codes = codes.to(torch.uint8)
+    """uint8 codes [N, K] (0..15, K even) -> uint8 [N, K/2], byte j = codes[2j] | codes[2j+1] << 4."""
     return codes[:, 0::2] | (codes[:, 1::2] << 4)
 
 
@@ -325,7 +324,7 @@ def read_int4(fmt: Int4Checkpoint, weight: Int4Tensors, read: Callable[[str], to
             zero = torch.full(scale.shape, 8, dtype=torch.uint8)
         else:
             words = read(f"{prefix}.weight_zero_point")                                        # [N/8, ceil(K/G)]
-            zero = _nibbles(words).permute(0, 2, 1).reshape(-1, words.shape[1])[:n].to(torch.uint8)
+            zero = _nibbles(words).permute(0, 2, 1).reshape(-1, words.shape[1])[:n]
         return Int4Weight(q.contiguous(), scale, zero, group)
     scale = read(f"{prefix}.scales").t()                                                       # [N, ceil(K/G)]
     words = read(f"{prefix}.qzeros")
@@ -339,5 +338,4 @@ def read_int4(fmt: Int4Checkpoint, weight: Int4Tensors, read: Callable[[str], to
         codes = _nibbles(codes)[..., order].reshape(k, n)                                      # [K, N]
     else:
         codes = _nibbles(codes).permute(0, 2, 1).reshape(-1, n)[:k]                            # [K, N]
-    return Int4Weight(_pack_pairs(codes.t()), scale.contiguous(), zero[:, :n].t().to(torch.uint8).contiguous(),
-                      group)
+    return Int4Weight(_pack_pairs(codes.t()), scale.contiguous(), zero[:, :n].t().contiguous(), group)
