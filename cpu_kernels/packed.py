@@ -8,7 +8,7 @@
     ([gate_up | down], as a native block), each array of scales starts 16-byte aligned:
       int8        q int8 [2I, H] | q int8 [H, I] | scales float32 [2I + H]
                   per output row, symmetric: W[r] ~= scales[r] * q[r]
-      int4 (G=64), int4-g128
+      int4 (G=64), int4-g32, int4-g128
                   q uint8 [2I, H/2] | q uint8 [H, I/2]              two weights per byte along the input:
                                                                     byte j = q[2j] | q[2j+1] << 4, q in 0..15
                   scale, zero float16 [2I, ceil(H/G)] each | scale, zero float16 [H, ceil(I/G)] each
@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 NATIVE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PACKED = ("int8", "int4", "int4-g128", "fp8")
+PACKED = ("int8", "int4", "int4-g32", "int4-g128", "fp8")
 FORMAT_NAMES = (*NATIVE, *PACKED)
 ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "int4-g64": "int4",
            "float8": "fp8", "float8_e4m3fn": "fp8"}
-INT4_GROUP = {"int4": 64, "int4-g128": 128}
+INT4_GROUP = {"int4-g32": 32, "int4": 64, "int4-g128": 128}
 FP8_BLOCK = 128
 FP8_MAX = 448.0          # largest finite float8_e4m3fn
 HQQ_ITERS = 20           # at most this many proximal steps of the int4 zero-point fit
@@ -186,6 +186,21 @@ class ExpertFormat:
         views = self.views(row)
         views[matrix][rows] = q.view(torch.uint8)
         views[f"{matrix}_scale"][self._block_rows(role)] = scale.float()
+
+    def write_int4(self, row: torch.Tensor, role: str, q: torch.Tensor, scale: torch.Tensor,
+                   zero: torch.Tensor) -> None:
+        """Store already-int4 weights as they are (an int4 checkpoint's codes, scales and zeros in this
+        format's groups): q uint8 [R, K/2], scale and zero float16 [R, ceil(K/G)]."""
+        if not self.group:
+            raise ValueError(f"write_int4 stores int4 experts; this format is {self.name}")
+        matrix, rows = self._rows(role) if role != "gate_up" else ("gate_up", slice(0, 2 * self.inter))
+        views = self.views(row)
+        for name, value in ((matrix, q), (f"{matrix}_scale", scale), (f"{matrix}_zero", zero)):
+            target = views[name][rows]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"int4 {name} of shape {list(value.shape)} for a {role} projection of "
+                                 f"{list(target.shape)}")
+            target.copy_(value)
 
     def _rows(self, role: str) -> tuple[str, slice]:
         i = self.inter

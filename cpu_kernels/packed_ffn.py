@@ -1,7 +1,7 @@
 """Packed (quantized) experts on the Numba kernels: one gated expert FFN read from an ExpertFormat row.
 
     # T = tokens, H = hidden, I = intermediate
-    row  uint8 [fmt.nbytes]   one expert in ExpertFormat's layout (int8, int4, int4-g128, fp8)
+    row  uint8 [fmt.nbytes]   one expert in ExpertFormat's layout (int8, int4, int4-g32, int4-g128, fp8)
     x    float32 [T, H] ; out float32 [T, H] written
     scratch float32 >= T * (2I + H)      h [T, I], and x and h in the kernels' column order (int4)
     rows float32 [C, >= 2 * max(H, I)]   C = row chunks (threads), each one's decoded row pair
@@ -19,13 +19,13 @@ import numpy as np
 from .ffn import _check_tokens, check_act
 from .kernels import ffn_decode, ffn_prefill
 from .packed import ExpertFormat
-from .packed_kernels import INT4_CHUNK, packed_decode, packed_prefill
+from .packed_kernels import INT4_SMALL_CHUNK, packed_decode, packed_prefill
 
 
 def check_packed(row: np.ndarray, fmt: ExpertFormat, hidden: int) -> int:
     """Validate a packed row against its format; returns I."""
     if not isinstance(fmt, ExpertFormat) or not fmt.packed:
-        raise ValueError(f"a packed expert needs a packed ExpertFormat (int8, int4, int4-g128, fp8), got {fmt!r}")
+        raise ValueError(f"a packed expert needs a packed ExpertFormat (int8, int4, int4-g32, int4-g128, fp8), got {fmt!r}")
     if not isinstance(row, np.ndarray) or row.dtype != np.uint8 or row.ndim != 1:
         raise ValueError(f"a packed {fmt.name} expert is a 1-D uint8 numpy row, got {getattr(row, 'dtype', row)}")
     if row.size != fmt.nbytes or fmt.hidden != hidden:
@@ -43,8 +43,8 @@ def packed_matrices(fmt: ExpertFormat, row: np.ndarray) -> tuple:
     float16 arrays as int16 bits; fp8: two (q, scale, split) matrices (split: I for gate_up, H for down).
     """
     views = fmt.numpy_views(row)
-    if fmt.group % (2 * INT4_CHUNK):
-        raise ValueError(f"int4 kernels need groups of a multiple of {2 * INT4_CHUNK} columns, got {fmt.group}")
+    if fmt.group % (2 * INT4_SMALL_CHUNK):
+        raise ValueError(f"int4 kernels need groups of a multiple of {2 * INT4_SMALL_CHUNK} columns, got {fmt.group}")
     if fmt.name == "int8":
         return row[: 3 * fmt.hidden * fmt.inter].view(np.int8), views["scales"]
     if fmt.group:

@@ -43,8 +43,10 @@ from .formats import _bf16_bits_to_f32, _f16_bits_to_f32
 from .kernels import _OPTS, TOKEN_BLOCK, _dot1, _dot2x1, _dot2x4
 from .packed import FP8_BLOCK
 
-# Bytes (2 * INT4_CHUNK weights) per vectorized int4 decode step; every int4 group size is a multiple of it.
+# Bytes (2 * INT4_CHUNK weights) per vectorized int4 decode step; groups of 64 or more columns are a multiple of it.
 INT4_CHUNK = 32
+# ... and the step of groups of 32 columns (16 bytes); every int4 group size is a multiple of 2 * INT4_SMALL_CHUNK.
+INT4_SMALL_CHUNK = 16
 # float8_e4m3fn bit pattern -> float32 value (the two NaN codes stay NaN): the decode's definition and test oracle.
 FP8_LUT = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 # fp8 decode: the high 16 bits of a normal value's float32 are (magnitude bits << 4) + FP8_BIAS (exponent 7 -> 127);
@@ -63,24 +65,36 @@ def _int4_decode_bytes(q, r, j0, j1, zero, scale, low, high):
         high[j] = np.float32(b >> 4) * scale + offset
 
 
+@njit(inline="always", **_OPTS)
+def _int4_decode_chunks(q, scale, zero, r, low, high, chunk, per_group):
+    """low/high[:K/2] = row r's even and odd columns, ``chunk`` bytes at a time (a chunk never straddles two
+    groups; ``per_group`` chunks per group), then the bytes left in a short last group. Inlined with a
+    constant ``chunk``: one flat loop of constant-trip chunks, which LLVM vectorizes."""
+    width = q.shape[1]
+    full = width // chunk
+    for k in range(full):
+        g = k // per_group
+        j = k * chunk
+        _int4_decode_bytes(q, r, j, j + chunk, _f16_bits_to_f32(zero[r, g]), _f16_bits_to_f32(scale[r, g]),
+                           low, high)
+    g = full // per_group
+    if full * chunk < width:
+        _int4_decode_bytes(q, r, full * chunk, width, _f16_bits_to_f32(zero[r, g]),
+                           _f16_bits_to_f32(scale[r, g]), low, high)
+
+
 @njit(**_OPTS)
 def _int4_decode_row(q, scale, zero, group, r, w):
     """w[:K] = row r of an int4 matrix in deinterleaved column order (even columns, then odd ones: see
-    kernel_input), one INT4_CHUNK at a time (a chunk never straddles two groups), then the bytes left in
-    a short last group. One flat loop of constant-trip chunks: LLVM vectorizes these, but not the same
-    chunks nested in a loop over groups of run-time size; two separate outputs, not interleaved stores."""
-    per_group, width = group // (2 * INT4_CHUNK), q.shape[1]
+    kernel_input), INT4_CHUNK bytes at a time (INT4_SMALL_CHUNK for groups of 32 columns). Constant-trip
+    chunks in one flat loop: LLVM vectorizes these, but not the same chunks nested in a loop over groups of
+    run-time size; two separate outputs, not interleaved stores."""
+    width = q.shape[1]
     low, high = w[:width], w[width:2 * width]
-    full = width // INT4_CHUNK
-    for k in range(full):
-        g = k // per_group
-        j = k * INT4_CHUNK
-        _int4_decode_bytes(q, r, j, j + INT4_CHUNK, _f16_bits_to_f32(zero[r, g]), _f16_bits_to_f32(scale[r, g]),
-                           low, high)
-    g = full // per_group
-    if full * INT4_CHUNK < width:
-        _int4_decode_bytes(q, r, full * INT4_CHUNK, width, _f16_bits_to_f32(zero[r, g]),
-                           _f16_bits_to_f32(scale[r, g]), low, high)
+    if group % (2 * INT4_CHUNK):
+        _int4_decode_chunks(q, scale, zero, r, low, high, INT4_SMALL_CHUNK, group // (2 * INT4_SMALL_CHUNK))
+    else:
+        _int4_decode_chunks(q, scale, zero, r, low, high, INT4_CHUNK, group // (2 * INT4_CHUNK))
 
 
 @njit(inline="always", **_OPTS)

@@ -244,7 +244,7 @@ class CpuRunner:
         """Compile (or load from numba's cache) every kernel variant now, in the worker thread.
 
         dtypes: weight formats to prepare ("bf16", "bfloat16", torch.bfloat16, "int8", ...);
-        packed: packed expert formats to prepare ("int8", "int4", "int4-g128", "fp8"); int8=True
+        packed: packed expert formats to prepare ("int8", "int4", "int4-g32", "int4-g128", "fp8"); int8=True
         also prepares the int8 kernels. Runs the decode (T = 1) and prefill (T > 1) paths for each
         format and activation, so no compilation happens at the first token.
         """

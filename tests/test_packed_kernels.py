@@ -1,4 +1,4 @@
-"""Numba kernels on packed expert rows (int8, int4, int4-g128, fp8) vs the torch backend, and the backend choice."""
+"""Numba kernels on packed expert rows (int8, int4, int4-g32, int4-g128, fp8) vs the torch backend, and the backend choice."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from moe_offload.transfer import ExpertShape
 SHAPES = {
     "int8": [(33, 7), (130, 257)],
     "int4": [(130, 200), (66, 34)],
+    "int4-g32": [(130, 200), (66, 18)],
     "int4-g128": [(66, 258), (300, 130)],
     "fp8": [(129, 257), (10, 6), (256, 131)],
 }

@@ -129,6 +129,13 @@ class HostExpertStore:
         self.format.write_fp8(self.blocks[key], role, q, scale_inv)
         self.filled[key, [PARTS.index(p) for p in _ROLE_PARTS[role]]] = True
 
+    def write_int4(self, key: int, role: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Store one projection given as int4 codes (uint8 [R, K/2], two per byte) with float16 scale and
+        zero [R, ceil(K/G)] in the store's groups, as they are (an int4 store only)."""
+        self._check(key, role, torch.empty(q.shape[0], 2 * q.shape[1], device="meta"))   # the weights' [R, K]
+        self.format.write_int4(self.blocks[key], role, q, scale, zero)
+        self.filled[key, [PARTS.index(p) for p in _ROLE_PARTS[role]]] = True
+
     def _check(self, key: int, role: str, tensor: torch.Tensor) -> None:
         h, i = self.shape.hidden, self.shape.intermediate
         expected = {"gate": (i, h), "up": (i, h), "gate_up": (2 * i, h), "down": (h, i)}[role]

@@ -27,8 +27,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"checkpoint directory or shipped model name (default {DEFAULT_MODEL})")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--dtype", help="float32, float16, bfloat16 (default: the checkpoint's)")
-    p.add_argument("--expert-dtype", help="stored format of the routed experts: int8, int4 (groups of 64), int4-g128, "
-                                          "fp8 or a float dtype (default: --dtype); quantized once, then cached")
+    p.add_argument("--expert-dtype", help="stored format of the routed experts: int8, int4 (groups of 64), int4-g32, "
+                                          "int4-g128, fp8 or a float dtype (default: --dtype, or the int4 "
+                                          "checkpoint's own groups); quantized once, then cached")
     p.add_argument("--config", help="OffloadConfig YAML; flags override it")
     add_budget_args(p)
 

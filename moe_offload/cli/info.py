@@ -58,5 +58,10 @@ def _expert_format(parts) -> str:
     fmt = parts.format
     if not fmt.packed:
         return fmt.name
+    from ..loading.int4_checkpoint import Int4Checkpoint
+
     plain = parts.shape.numel * parts.dtype.itemsize
-    return f"{fmt.name} ({fmt.nbytes / plain:.1%} of {str(parts.dtype).removeprefix('torch.')}; computed in it)"
+    quantization = parts.quantization
+    kept = isinstance(quantization, Int4Checkpoint) and fmt.group and quantization.fits(fmt.group)
+    origin = "; the checkpoint's int4 weights repacked, not re-quantized" if kept else ""
+    return f"{fmt.name} ({fmt.nbytes / plain:.1%} of {str(parts.dtype).removeprefix('torch.')}; computed in it{origin})"

@@ -88,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated per prompt")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--dtype", help="float32, float16, bfloat16 (default: the checkpoint's)")
-    p.add_argument("--expert-dtype", help="stored format of the routed experts: int8, int4, int4-g128, fp8 or a "
+    p.add_argument("--expert-dtype", help="stored format of the routed experts: int8, int4, int4-g32, int4-g128, fp8 or a "
                                           "float dtype (default: --dtype); sizes slots, copies and CPU reads")
     p.add_argument("--host-memory", help="with --simulate: host memory budgets for experts, e.g. 64GiB,128GiB,all "
                                          "(below the experts: the disk tier); one set of rows each (default: all)")

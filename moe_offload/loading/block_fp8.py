@@ -1,4 +1,5 @@
-"""The checkpoint formats moe-offload reads: unquantized safetensors, or fine-grained (block) FP8.
+"""The checkpoint formats moe-offload reads: unquantized safetensors, fine-grained (block) FP8, or int4
+(GPTQ, AWQ, compressed-tensors: int4_checkpoint.py).
 
 Block FP8 is how DeepSeek-V3/R1 and many Qwen3 releases ship: config.json carries
 ``"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
@@ -6,7 +7,7 @@ Block FP8 is how DeepSeek-V3/R1 and many Qwen3 releases ship: config.json carrie
 ``float8_e4m3fn`` [O, I] (fused experts: [E, O, I]) beside ``X.weight_scale_inv`` float32
 [ceil(O/BO), ceil(I/BI)] (fused: [E, ...]), and the real weight is
 ``W[i, j] = float(q[i, j]) * scale_inv[i // BO, j // BI]``. Embeddings, norms, routers and biases stay
-in the checkpoint's dtype. Every other ``quantization_config`` is refused by name: reading its tensors as
+in the checkpoint's dtype. Every other ``quantization_config`` (but the int4 ones) is refused by name: reading its tensors as
 floats would compute garbage.
 """
 
@@ -21,11 +22,15 @@ import torch
 
 from ..cpu_kernels.packed import dequantize_fp8
 from ..errors import MoEOffloadError
+from .int4_checkpoint import METHODS as INT4_METHODS
+from .int4_checkpoint import SUPPORTED as INT4_SUPPORTED
+from .int4_checkpoint import Int4Checkpoint, int4_checkpoint_format
 
 SCALE_SUFFIX = "_scale_inv"      # "X.weight" -> "X.weight_scale_inv"; fused "X.down_proj" -> "X.down_proj_scale_inv"
 FP8_DTYPE = "F8_E4M3"            # safetensors' name of torch.float8_e4m3fn
-_SUPPORTED = ("an unquantized safetensors checkpoint, or block-FP8 (quant_method 'fp8', fmt 'e4m3', "
-              "activation_scheme 'dynamic', weight_block_size [BO, BI], float32 weight_scale_inv)")
+_SUPPORTED = ("an unquantized safetensors checkpoint, block-FP8 (quant_method 'fp8', fmt 'e4m3', "
+              "activation_scheme 'dynamic', weight_block_size [BO, BI], float32 weight_scale_inv), or int4: "
+              + INT4_SUPPORTED)
 
 
 @dataclass(frozen=True)
@@ -62,9 +67,9 @@ class FP8Weight(NamedTuple):
         return dequantize_fp8(self.q, self.scale_inv, self.block)
 
 
-def checkpoint_format(quantization_config: dict | None, where) -> BlockFP8 | None:
-    """The format config.json's ``quantization_config`` declares: None (unquantized) or BlockFP8.
-    Raise MoEOffloadError naming the quant_method for anything else."""
+def checkpoint_format(quantization_config: dict | None, where) -> BlockFP8 | Int4Checkpoint | None:
+    """The format config.json's ``quantization_config`` declares: None (unquantized), BlockFP8 or an
+    Int4Checkpoint. Raise MoEOffloadError naming the quant_method (or the field) for anything else."""
     if quantization_config is None:
         return None
     if not isinstance(quantization_config, dict):
@@ -77,6 +82,8 @@ def checkpoint_format(quantization_config: dict | None, where) -> BlockFP8 | Non
         return MoEOffloadError(f"{where}: quantization_config quant_method {method!r} {why}; moe-offload reads "
                                f"{_SUPPORTED}; use an unquantized (bf16/fp16/fp32) release of the model")
 
+    if str(method).lower() in INT4_METHODS:
+        return int4_checkpoint_format(qc, where)
     if str(method).lower() != "fp8":
         raise refuse("is not supported")
     if str(qc.get("fmt", "e4m3")).lower() != "e4m3":

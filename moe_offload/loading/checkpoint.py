@@ -1,5 +1,5 @@
-"""A local HF checkpoint directory: config, safetensors shards (unquantized or block FP8), validated before any
-load."""
+"""A local HF checkpoint directory: config, safetensors shards (unquantized, block FP8 or int4), validated before
+any load."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from ..errors import MoEOffloadError
 from .block_fp8 import SCALE_SUFFIX, BlockFP8, FP8Weight, checkpoint_format, split_scales
+from .int4_checkpoint import Int4Checkpoint, Int4Tensors, Int4Weight, read_int4, split_int4
 
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -82,7 +83,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def read_format(directory: Path) -> BlockFP8 | None:
+def read_format(directory: Path) -> BlockFP8 | Int4Checkpoint | None:
     """The weight format config.json declares (None: unquantized); MoEOffloadError for one not read."""
     path = directory / "config.json"
     try:
@@ -95,24 +96,40 @@ def read_format(directory: Path) -> BlockFP8 | None:
 class Checkpoint:
     """Tensor names -> shards of one checkpoint directory, with open readers reused.
 
-    ``quantization`` is the format config.json declares: None (tensors are read as stored) or BlockFP8,
+    ``quantization`` is the format config.json declares: None (tensors are read as stored), BlockFP8,
     whose float8 weights ``get`` and ``get_slice`` return dequantized to float32 with their
     ``*_scale_inv`` (kept in ``scales``, keyed by the weight's name, not in ``tensors``: they are no model
-    tensors). ``fp8_weight`` and ``fp8_weight_slice`` give the stored bytes and scales, for a store that
-    keeps experts in fp8."""
+    tensors), or an Int4Checkpoint, whose packed weights appear in ``tensors`` as ``P.weight`` [N, K] and
+    in ``int4`` (their stored parts), and ``get`` returns dequantized to float32. ``fp8_weight`` and
+    ``fp8_weight_slice`` give the stored bytes and scales, for a store that keeps experts in fp8;
+    ``int4_weight`` the codes, scales and zeros, for one that keeps them in int4."""
 
     def __init__(self, directory: Path):
         self.directory = directory
         if not (directory / "config.json").is_file():
             raise MoEOffloadError(f"{directory} has no config.json; is it a transformers checkpoint directory?")
-        self.quantization: BlockFP8 | None = read_format(directory)
+        self.quantization: BlockFP8 | Int4Checkpoint | None = read_format(directory)
         stored: dict[str, TensorInfo] = {}
         for shard in self._shards():
             stored.update(read_safetensors_header(shard))
-        self.tensors: dict[str, TensorInfo]      # model tensors; an fp8 weight keeps its stored dtype F8_E4M3
-        self.scales: dict[str, TensorInfo]       # fp8 weight name -> its scale_inv
-        self.tensors, self.scales = split_scales(self.quantization, stored, directory)
         self._readers: dict[Path, object] = {}
+        self._stored = stored
+        self.tensors: dict[str, TensorInfo]      # model tensors; an fp8 weight keeps its stored dtype F8_E4M3
+        self.scales: dict[str, TensorInfo] = {}  # fp8 weight name -> its scale_inv
+        self.int4: dict[str, Int4Tensors] = {}   # int4 weight name (P.weight) -> its stored parts
+        if isinstance(self.quantization, Int4Checkpoint):
+            self.tensors, self.int4 = split_int4(self.quantization, stored, self._read_stored, directory)
+        else:
+            self.tensors, self.scales = split_scales(self.quantization, stored, directory)
+
+    @property
+    def reads_as_stored(self) -> bool:
+        """Whether every tensor's bytes are its values (no fp8 scales, no int4 packing)."""
+        return not self.scales and not self.int4
+
+    def _read_stored(self, name: str) -> torch.Tensor:
+        """A stored tensor by its name in the shards (an int4 weight's parts included)."""
+        return self._reader(self._stored[name]).get_tensor(name)
 
     def _shards(self) -> list[Path]:
         index = self.directory / _INDEX
@@ -149,11 +166,15 @@ class Checkpoint:
         """Read one tensor (only that tensor's bytes) from its shard; an fp8 weight dequantized to float32."""
         if name in self.scales:
             return self.fp8_weight(name).dequantize()
+        if name in self.int4:
+            return self.int4_weight(name).dequantize()
         return self._reader(self.tensors[name]).get_tensor(name)
 
     def get_slice(self, name: str, index: int) -> torch.Tensor:
         """Row ``index`` of a tensor's first dimension (a fused [E, O, I] tensor's expert ``index``), without
         reading the rest; a fused fp8 weight's expert dequantized to float32 with its own scales."""
+        if name in self.int4:
+            return self.get(name)[index]
         if name not in self.scales:
             return self._reader(self.tensors[name]).get_slice(name)[index]
         if len(self.tensors[name].shape) == 2:   # a matrix row: dequantized whole (fused experts are 3-D)
@@ -168,6 +189,11 @@ class Checkpoint:
         q = self._reader(self.tensors[name]).get_tensor(name)
         scale = self._reader(self.scales[name]).get_tensor(name + SCALE_SUFFIX)
         return FP8Weight(q, scale, self.quantization.block)
+
+    def int4_weight(self, name: str) -> Int4Weight:
+        """An int4 weight (``name in int4``) as the checkpoint defines it: codes in the project's byte order,
+        its scales and integer zeros (see int4_checkpoint.py)."""
+        return read_int4(self.quantization, self.int4[name], self._read_stored)
 
     def fp8_weight_slice(self, name: str, index: int) -> FP8Weight:
         """Expert ``index`` of a fused fp8 weight [E, O, I] as stored, reading only its bytes: (q [O, I],

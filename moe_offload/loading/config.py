@@ -164,7 +164,7 @@ class OffloadConfig:
                                               # order their dependencies allow: tests); None: cuda or immediate
     copy_seed: int = 0                        # deferred backend: seed of the landing order
     expert_dtype: str | None = None           # routed experts' stored format: None (the compute dtype), "int8",
-                                              # "int4" (groups of 64), "int4-g128", "fp8", or a float dtype
+                                              # "int4" (groups of 64), "int4-g32", "int4-g128", "fp8", or a float dtype
     quant_cache: str | None = None            # folder of the quantized-experts cache files; None: the user's
                                               # cache folder ($XDG_CACHE_HOME/moe-offload/experts)
     host_memory: int | None = None            # bytes of page-locked host memory for experts; fewer than all of

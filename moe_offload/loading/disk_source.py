@@ -47,7 +47,7 @@ def expert_tensors(parts: ModelParts) -> dict[int, list[tuple[str, str, int | No
 def checkpoint_runs(parts: ModelParts, fmt) -> dict[int, list[Run]] | None:
     """Runs into native rows straight from the shards; None when the rows are not the stored bytes."""
     checkpoint = parts.checkpoint
-    if fmt.packed or checkpoint.scales:
+    if fmt.packed or not checkpoint.reads_as_stored:
         return None
     item = torch.empty((), dtype=fmt.row_dtype).element_size()
     h, i = fmt.hidden, fmt.inter

@@ -30,7 +30,7 @@ from ..runtime.router_tap import RouterTap
 from ..runtime.stats import OffloadStats
 from ..transfer import CopyEngine, HostExpertStore
 from .config import OffloadConfig
-from .expert_writes import fp8_as_stored, write_expert
+from .expert_writes import fp8_as_stored, int4_as_stored, write_expert
 from .parts import ModelParts, load_dense
 
 
@@ -62,8 +62,8 @@ def fill_experts(parts: ModelParts, store: HostExpertStore, cfg: OffloadConfig) 
     """The store's experts: rows that are the checkpoint's bytes unchanged are read straight into the store;
     a packed format is read from its quantize-once cache file when one matches the checkpoint, else
     quantized now and the file written for the next load. (A block-FP8 checkpoint's 128x128 experts go
-    into an fp8 store as they are: nothing to cache.)"""
-    if not store.format.packed or fp8_as_stored(parts, store):
+    into an fp8 store as they are, an int4 checkpoint's repacked into an int4 store: nothing to cache.)"""
+    if not store.format.packed or fp8_as_stored(parts, store) or int4_as_stored(parts, store):
         if not read_stored_rows(parts, store, cfg):
             fill_store(parts, store, cfg.progress, cfg.torch_device)
         return

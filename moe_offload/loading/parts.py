@@ -16,6 +16,7 @@ from .adapters import ModelAdapter, adapter_for
 from .budget import MemoryPlan, plan_memory
 from .checkpoint import Checkpoint, read_format, resolve_model_dir
 from .config import OffloadConfig
+from .int4_checkpoint import Int4Checkpoint
 from .skeleton import ExpertsSite, build_skeleton, find_experts
 from .validate import check_config, check_tensors
 
@@ -83,9 +84,15 @@ class ModelParts:
 
 def expert_format(cfg: OffloadConfig, shape: ExpertShape, dtype: torch.dtype, quantization=None) -> ExpertFormat:
     """The routed experts' stored format: ``cfg.expert_dtype``; unset, fp8 for a block-FP8 checkpoint whose
-    blocks are the format's 128x128 (its bytes are kept as they are), else the compute dtype."""
-    keep_fp8 = quantization is not None and tuple(quantization.block) == (FP8_BLOCK, FP8_BLOCK)
-    name = cfg.expert_dtype or ("fp8" if keep_fp8 else str(dtype).removeprefix("torch."))
+    blocks are the format's 128x128 (its bytes are kept as they are), the int4 format that holds an int4
+    checkpoint's weights exactly (repacked, not re-quantized), else the compute dtype."""
+    if isinstance(quantization, Int4Checkpoint):
+        default = quantization.expert_format
+    elif quantization is not None and tuple(quantization.block) == (FP8_BLOCK, FP8_BLOCK):
+        default = "fp8"
+    else:
+        default = str(dtype).removeprefix("torch.")
+    name = cfg.expert_dtype or default
     try:
         return ExpertFormat(name, shape.hidden, shape.intermediate, dtype)
     except ValueError as err:
