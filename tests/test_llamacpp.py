@@ -1,0 +1,150 @@
+"""bench/llamacpp.py: finding a llama.cpp build, the expert-only quantization flags, llama-bench's JSON,
+the tokenizer staging; with a build ($LLAMA_CPP_DIR), a real conversion and quantization."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import llamacpp  # noqa: E402
+from llamacpp import LlamaCpp, dense_kept_flags, parse_bench_json, with_tokenizer  # noqa: E402
+
+from moe_offload.errors import MoEOffloadError  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures" / "gguf"
+
+
+def fake_build(root: Path) -> Path:
+    """A folder laid out like a llama.cpp source tree with a CPU build (empty files)."""
+    (root / "build" / "bin").mkdir(parents=True)
+    (root / "convert_hf_to_gguf.py").touch()
+    for tool in llamacpp.TOOLS:
+        (root / "build" / "bin" / tool).touch()
+    return root
+
+
+def test_locate_finds_nothing_when_nothing_is_named(monkeypatch):
+    monkeypatch.delenv(llamacpp.ENV_VAR, raising=False)
+    assert LlamaCpp.locate(None) is None
+
+
+@pytest.mark.parametrize("named", ["", "build", "build/bin"], ids=["source", "build", "bin"])
+def test_locate_accepts_source_build_and_bin_folders(tmp_path, named):
+    root = fake_build(tmp_path / "llama.cpp")
+    build = LlamaCpp.locate(root / named if named else root)
+    assert build == LlamaCpp(root.resolve(), (root / "build" / "bin").resolve())
+
+
+def test_locate_reads_the_environment(tmp_path, monkeypatch):
+    root = fake_build(tmp_path / "llama.cpp")
+    monkeypatch.setenv(llamacpp.ENV_VAR, str(root / "build"))
+    assert LlamaCpp.locate(None).source == root.resolve()
+
+
+def test_locate_rejects_a_folder_without_tools(tmp_path):
+    root = fake_build(tmp_path / "llama.cpp")
+    (root / "build" / "bin" / "llama-bench").unlink()
+    with pytest.raises(MoEOffloadError, match="not a llama.cpp build"):
+        LlamaCpp.locate(root)
+
+
+@pytest.mark.parametrize("name, dense", [
+    ("token_embd.weight", True), ("output.weight", True), ("blk.0.attn_q.weight", True),
+    ("blk.3.ffn_gate_shexp.weight", True), ("blk.0.ffn_down.weight", True), ("blk.1.attn_kv_a_mqa.weight", True),
+    ("blk.0.ffn_gate_exps.weight", False), ("blk.12.ffn_up_exps.weight", False), ("blk.2.ffn_down_exps.weight", False),
+])
+def test_expert_only_flags_name_every_weight_but_the_routed_experts(name, dense):
+    """llama-quantize lowercases the pattern and applies it with std::regex_search (ECMAScript, as re here)."""
+    flags = dense_kept_flags()
+    pattern, kept = flags[flags.index("--tensor-type") + 1].rsplit("=", 1)
+    assert kept == llamacpp.DENSE_TYPE
+    assert (re.search(pattern.lower(), name) is not None) == dense
+
+
+BENCH_OUTPUT = """load_backend: loaded CPU backend
+[
+  {"build_commit": "0c1e570", "build_number": 1, "cpu_info": "AMD EPYC", "model_type": "llama 8x7B BF16",
+   "model_size": 1000000, "model_n_params": 500000, "n_threads": 2, "n_prompt": 64, "n_gen": 0,
+   "avg_ts": 42.5, "stddev_ts": 0.5},
+  {"build_commit": "0c1e570", "build_number": 1, "cpu_info": "AMD EPYC", "model_type": "llama 8x7B BF16",
+   "model_size": 1000000, "model_n_params": 500000, "n_threads": 2, "n_prompt": 0, "n_gen": 32,
+   "avg_ts": 10.25, "stddev_ts": 0.1}
+]
+"""
+
+
+def test_bench_rows_from_llama_bench_json():
+    rows = [llamacpp.BenchRow.from_json(r) for r in parse_bench_json(BENCH_OUTPUT)]
+    assert [(r.test, r.tokens_per_s, r.threads) for r in rows] == [("pp64", 42.5, 2), ("tg32", 10.25, 2)]
+    assert rows[0].build == "1 (0c1e570)" and rows[1].model_bytes == 1000000
+
+
+@pytest.mark.parametrize("text", ["", "error: failed to load model", '[{"n_prompt": 64}]', "[1, 2"])
+def test_bench_output_without_records_is_an_error(text):
+    with pytest.raises(MoEOffloadError, match="llama-bench"):
+        parse_bench_json(text)
+
+
+def test_checkpoint_with_a_tokenizer_is_converted_in_place(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "tokenizer.json").write_text("{}")
+    assert with_tokenizer(tmp_path / "ckpt", tmp_path / "staging") == tmp_path / "ckpt"
+
+
+def test_checkpoint_without_a_tokenizer_borrows_the_shipped_one(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"vocab_size": 32000}))
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "staging").mkdir()
+    staged = with_tokenizer(ckpt, tmp_path / "staging")
+    assert (staged / "model.safetensors").resolve() == (ckpt / "model.safetensors").resolve()
+    assert json.loads((staged / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    assert not (ckpt / "tokenizer.json").exists()
+
+
+def test_checkpoint_without_a_tokenizer_and_a_small_vocabulary_is_refused(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"vocab_size": 100}))
+    with pytest.raises(MoEOffloadError, match="add a tokenizer.json"):
+        with_tokenizer(tmp_path / "ckpt", tmp_path / "staging")
+
+
+def _tensor_types(path: Path) -> dict[str, str]:
+    gguf = pytest.importorskip("gguf")
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("name", ["mixtral-Q4_0-experts.gguf", "mixtral-Q8_0-experts.gguf"])
+def test_committed_expert_only_fixtures_keep_dense_weights_in_bf16(name):
+    types = _tensor_types(FIXTURES / name)
+    quant = name.split("-")[1]
+    for tensor, kind in types.items():
+        if "_exps." in tensor:
+            assert kind == quant, tensor
+        elif tensor.endswith("_norm.weight") or "ffn_gate_inp" in tensor:
+            assert kind == "F32", tensor
+        else:
+            assert kind == "BF16", tensor
+
+
+@pytest.mark.slow
+def test_convert_and_quantize_with_a_real_build(tmp_path):
+    """Needs $LLAMA_CPP_DIR: the shipped tiny-mixtral converted (unknown pre-tokenizer) and its experts quantized."""
+    build = LlamaCpp.locate(None)
+    if build is None:
+        pytest.skip(f"no llama.cpp build (set {llamacpp.ENV_VAR})")
+    from moe_offload.models import shipped_model_dir
+
+    bf16 = build.convert(shipped_model_dir("tiny-mixtral"), tmp_path / "bf16.gguf", outtype="bf16")
+    q4 = build.quantize(bf16, tmp_path / "q4.gguf", "Q4_0", experts_only=True)
+    assert q4.is_file() and q4.stat().st_size < bf16.stat().st_size
+    assert not list(tmp_path.glob(".*")), "no partial files left behind"
+    types = _tensor_types(q4)
+    assert {k for n, k in types.items() if "_exps." in n} == {"Q4_0"}
+    assert types["blk.0.attn_q.weight"] == "BF16"
