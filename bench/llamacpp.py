@@ -21,7 +21,8 @@ BPE pre-tokenizer by hashing how the tokenizer splits a fixed text; a tokenizer 
 GPT-2 pre-tokenizer (tokenization is no part of what these files are used for: their weights are),
 and says so in its log. A checkpoint without any tokenizer (bench/full_size.py's random ones) is
 converted from a staging folder that links its files and adds the shipped tiny-mixtral's tokenizer
-(4096 entries; the converter pads the vocabulary to the model's vocab_size).
+(4096 entries; the converter pads the vocabulary to the model's vocab_size), and config.json's
+`architectures` where it is missing.
 
 Expert-only quantization (`experts_only=True`) quantizes the routed experts
 (`blk.N.ffn_{gate,up,down}_exps`) to the named type, with llama.cpp's own per-tensor choices for
@@ -57,6 +58,7 @@ DENSE_TYPE = "bf16"                       # what expert-only quantization writes
 EXPERT_TENSORS = r"ffn_(gate|up|down)_exps"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tekken.json")
 FALLBACK_PRE_TOKENIZER = "gpt-2"
+IN_PROCESS = "convert-in-process"          # the child's subcommand: llama.cpp's converter in that process
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,10 @@ class LlamaCpp:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".convert-") as staging:
-            source = with_tokenizer(checkpoint, Path(staging))
+            source = converter_view(checkpoint, Path(staging))
             partial = Path(staging) / out.name
             self._run([sys.executable, str(Path(__file__).resolve()), "--llama-cpp", str(self.source),
-                       "convert", str(source), str(partial), "--outtype", outtype], what=f"converting {checkpoint}")
+                       IN_PROCESS, str(source), str(partial), "--outtype", outtype], what=f"converting {checkpoint}")
             partial.replace(out)           # nobody sees a half-written file
         return out
 
@@ -121,9 +123,12 @@ class LlamaCpp:
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_name(f".{out.name}.partial")
         flags = dense_kept_flags() if experts_only else []
-        self._run([str(self.tool("llama-quantize")), *flags, str(source), str(partial), qtype.upper(),
-                   *([str(threads)] if threads else [])], what=f"quantizing {source} to {qtype}")
-        partial.replace(out)
+        try:
+            self._run([str(self.tool("llama-quantize")), *flags, str(source), str(partial), qtype.upper(),
+                       *([str(threads)] if threads else [])], what=f"quantizing {source} to {qtype}")
+            partial.replace(out)           # nobody sees a half-written file
+        finally:
+            partial.unlink(missing_ok=True)
         return out
 
     def bench(self, model: Path, prompt_tokens: int = 64, gen_tokens: int = 32, threads: int = 2,
@@ -184,24 +189,45 @@ def dense_kept_flags() -> list[str]:
             "--tensor-type", f"^(?!.*{EXPERT_TENSORS}).*={DENSE_TYPE}"]
 
 
-def with_tokenizer(checkpoint: Path, staging: Path) -> Path:
-    """``checkpoint`` itself if it has a tokenizer, else ``staging`` holding links to its files and the
-    shipped tiny-mixtral's tokenizer (which fits any vocab_size of at least its 4096 entries)."""
-    if any((checkpoint / f).is_file() for f in TOKENIZER_FILES):
+def converter_view(checkpoint: Path, staging: Path) -> Path:
+    """``checkpoint`` itself when llama.cpp's converter can read it as it is, else a folder in ``staging``
+    with links to its files plus what the converter needs and random checkpoints (bench/full_size.py's)
+    lack: config.json's ``architectures`` (transformers' causal-LM class of its model_type) and a tokenizer
+    (the shipped tiny-mixtral's, which fits any vocab_size of at least its 4096 entries)."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    has_tokenizer = any((checkpoint / f).is_file() for f in TOKENIZER_FILES)
+    if has_tokenizer and config.get("architectures"):
         return checkpoint
-    donor = shipped_model_dir("tiny-mixtral")
-    vocab_size = json.loads((checkpoint / "config.json").read_text()).get("vocab_size", 0)
-    donor_size = len(json.loads((donor / "tokenizer.json").read_text())["model"]["vocab"]) if donor else None
-    if donor is None or vocab_size < donor_size:
-        raise MoEOffloadError(f"{checkpoint} has no tokenizer and its vocab_size {vocab_size} is below the "
-                              f"shipped tokenizer's {donor_size}: add a tokenizer.json to the checkpoint")
     folder = staging / checkpoint.name
     folder.mkdir()
     for f in checkpoint.iterdir():
         (folder / f.name).symlink_to(f.resolve())
+    if not config.get("architectures"):
+        (folder / "config.json").unlink()
+        (folder / "config.json").write_text(json.dumps(config | {"architectures": [causal_lm_class(config)]}))
+    if not has_tokenizer:
+        add_shipped_tokenizer(folder, config.get("vocab_size", 0))
+    return folder
+
+
+def causal_lm_class(config: dict) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+    if name is None:
+        raise MoEOffloadError(f"config.json names no architectures and transformers knows no causal LM for "
+                              f"model_type {config.get('model_type')!r}: add \"architectures\" to config.json")
+    return name
+
+
+def add_shipped_tokenizer(folder: Path, vocab_size: int) -> None:
+    donor = shipped_model_dir("tiny-mixtral")
+    donor_size = len(json.loads((donor / "tokenizer.json").read_text())["model"]["vocab"]) if donor else None
+    if donor is None or vocab_size < donor_size:
+        raise MoEOffloadError(f"{folder.name} has no tokenizer and its vocab_size {vocab_size} is below the "
+                              f"shipped tokenizer's {donor_size}: add a tokenizer.json to the checkpoint")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(donor / name, folder / name)
-    return folder
 
 
 def convert_in_this_process(source: Path, checkpoint: Path, out: Path, outtype: str) -> None:
@@ -249,9 +275,11 @@ def build_or_exit(directory: str | None) -> LlamaCpp:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.command == "convert":
+    if args.command == IN_PROCESS:
         build = build_or_exit(args.llama_cpp)
         convert_in_this_process(build.source, Path(args.checkpoint), Path(args.out), args.outtype)
+    elif args.command == "convert":
+        build_or_exit(args.llama_cpp).convert(Path(args.checkpoint), Path(args.out), args.outtype)
     elif args.command == "quantize":
         build_or_exit(args.llama_cpp).quantize(Path(args.source), Path(args.out), args.type, args.experts_only)
     else:
@@ -264,11 +292,13 @@ def main(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-cpp", help=f"llama.cpp source or build folder (default: ${ENV_VAR})")
-    sub = parser.add_subparsers(dest="command", required=True)
-    convert = sub.add_parser("convert", help="HF checkpoint -> GGUF with llama.cpp's converter (in this process)")
-    convert.add_argument("checkpoint")
-    convert.add_argument("out")
-    convert.add_argument("--outtype", choices=OUTTYPES, default="bf16")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{convert,quantize,bench}")
+    for name in ("convert", IN_PROCESS):
+        shown = {"help": "HF checkpoint -> GGUF with llama.cpp's converter"} if name == "convert" else {}
+        convert = sub.add_parser(name, **shown)
+        convert.add_argument("checkpoint")
+        convert.add_argument("out")
+        convert.add_argument("--outtype", choices=OUTTYPES, default="bf16")
     quantize = sub.add_parser("quantize", help="GGUF -> quantized GGUF with llama-quantize")
     quantize.add_argument("source")
     quantize.add_argument("out")

@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import llamacpp  # noqa: E402
-from llamacpp import LlamaCpp, dense_kept_flags, parse_bench_json, with_tokenizer  # noqa: E402
+from llamacpp import LlamaCpp, dense_kept_flags, parse_bench_json, converter_view  # noqa: E402
 
 from moe_offload.errors import MoEOffloadError  # noqa: E402
 
@@ -93,26 +93,29 @@ def test_bench_output_without_records_is_an_error(text):
 def test_checkpoint_with_a_tokenizer_is_converted_in_place(tmp_path):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "tokenizer.json").write_text("{}")
-    assert with_tokenizer(tmp_path / "ckpt", tmp_path / "staging") == tmp_path / "ckpt"
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"architectures": ["MixtralForCausalLM"]}))
+    assert converter_view(tmp_path / "ckpt", tmp_path / "staging") == tmp_path / "ckpt"
 
 
 def test_checkpoint_without_a_tokenizer_borrows_the_shipped_one(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps({"vocab_size": 32000}))
+    (ckpt / "config.json").write_text(json.dumps({"vocab_size": 32000, "model_type": "mixtral"}))
     (ckpt / "model.safetensors").write_bytes(b"weights")
     (tmp_path / "staging").mkdir()
-    staged = with_tokenizer(ckpt, tmp_path / "staging")
+    staged = converter_view(ckpt, tmp_path / "staging")
     assert (staged / "model.safetensors").resolve() == (ckpt / "model.safetensors").resolve()
     assert json.loads((staged / "tokenizer.json").read_text())["model"]["type"] == "BPE"
-    assert not (ckpt / "tokenizer.json").exists()
+    assert json.loads((staged / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    assert not (ckpt / "tokenizer.json").exists() and "architectures" not in (ckpt / "config.json").read_text()
 
 
 def test_checkpoint_without_a_tokenizer_and_a_small_vocabulary_is_refused(tmp_path):
     (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"vocab_size": 100}))
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"vocab_size": 100, "architectures": ["X"]}))
+    (tmp_path / "staging").mkdir()
     with pytest.raises(MoEOffloadError, match="add a tokenizer.json"):
-        with_tokenizer(tmp_path / "ckpt", tmp_path / "staging")
+        converter_view(tmp_path / "ckpt", tmp_path / "staging")
 
 
 def _tensor_types(path: Path) -> dict[str, str]:
