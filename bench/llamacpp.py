@@ -70,30 +70,46 @@ class LlamaCpp:
 
     @classmethod
     def locate(cls, directory: str | Path | None = None) -> LlamaCpp | None:
-        """The build at ``directory`` (else $LLAMA_CPP_DIR), or None when neither names one.
+        """The llama.cpp at ``directory`` (else $LLAMA_CPP_DIR), or None when neither names one.
 
         ``directory`` may be the source folder, its build/ folder or build/bin/. A named folder
-        that holds no complete build is an error, not None."""
+        without the converter is an error, not None; the tools are looked for when used (``tool``),
+        so a source folder whose build is not done yet still converts."""
         named = directory or os.environ.get(ENV_VAR)
         if not named:
             return None
         path = Path(named).expanduser().resolve()
         for source, bin_dir in ((path, path / "build" / "bin"), (path.parent, path / "bin"),
                                 (path.parent.parent, path)):
-            if (source / CONVERTER).is_file() and all((bin_dir / t).is_file() for t in TOOLS):
+            if (source / CONVERTER).is_file():
                 return cls(source, bin_dir)
         raise MoEOffloadError(
-            f"{path} is not a llama.cpp build: expected {CONVERTER} and build/bin/{{{','.join(TOOLS)}}} there "
-            f"(build one with cmake as `python bench/llamacpp.py --help` shows)")
+            f"{path} is not a llama.cpp folder: expected {CONVERTER} in it or above its build/ folder "
+            f"(make one as `python bench/llamacpp.py --help` shows)")
+
+    def has_tool(self, name: str) -> bool:
+        return (self.bin_dir / name).is_file()
 
     def tool(self, name: str) -> Path:
+        if not self.has_tool(name):
+            raise MoEOffloadError(f"{self.bin_dir} holds no {name}: build it in {self.source} with "
+                                  f"`cmake --build build --target {name}`")
         return self.bin_dir / name
 
+    def built(self) -> bool:
+        """Whether llama-quantize and llama-bench are built."""
+        return all(self.has_tool(t) for t in TOOLS)
+
     def version(self) -> str:
-        """`llama-bench --version`'s first line, e.g. 'version: 1 (0c1e570)'."""
-        done = subprocess.run([self.tool("llama-bench"), "--version"], capture_output=True, text=True)
-        lines = (done.stdout + done.stderr).strip().splitlines()
-        return lines[0] if lines else "unknown"
+        """`llama-bench --version`'s first line, e.g. 'version: 1 (0c1e570)'; without a built llama-bench,
+        the source's git commit."""
+        if self.has_tool("llama-bench"):
+            done = subprocess.run([self.tool("llama-bench"), "--version"], capture_output=True, text=True)
+            text = (done.stdout + done.stderr).strip()
+            return text.splitlines()[0] if text else "unknown"
+        done = subprocess.run(["git", "-C", str(self.source), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True)
+        return f"source commit {done.stdout.strip() or 'unknown'}"
 
     def convert(self, checkpoint: Path, out: Path, outtype: str = "bf16") -> Path:
         """``checkpoint`` (a transformers checkpoint folder) to ``out`` (.gguf) with llama.cpp's converter."""

@@ -43,7 +43,7 @@ from moe_offload.loading.checkpoint import resolve_model_dir  # noqa: E402
 from common import RESULTS, close_offloaded, machine, print_table, write_json  # noqa: E402
 from cpu_kernels import memory_gbps  # noqa: E402
 from e2e import time_decode, time_prefill  # noqa: E402
-from llamacpp import ENV_VAR, LlamaCpp  # noqa: E402
+from llamacpp import ENV_VAR, TOOLS, LlamaCpp  # noqa: E402
 
 NO_BUILD_EXIT = 2
 DEFAULT_MODEL = "/work/data/mixtral-8x7b-l2"
@@ -187,9 +187,10 @@ def run_pairs(args, checkpoint: Path, build: LlamaCpp | None, gguf_dir: Path,
 
 def main(args: argparse.Namespace) -> int:
     build = LlamaCpp.locate(args.llama_cpp)
-    if build is None:
-        print(f"no llama.cpp build: pass --llama-cpp DIR or set {ENV_VAR} "
-              "(`python bench/llamacpp.py --help` says how to build one)")
+    if build is None or not build.built():
+        where = f"{build.bin_dir} lacks {' or '.join(TOOLS)}" if build else f"pass --llama-cpp DIR or set {ENV_VAR}"
+        print(f"no llama.cpp build: {where} (`python bench/llamacpp.py --help` says how to build one)")
+        build = None
         if not args.smoke:
             return NO_BUILD_EXIT
         print("--smoke: running moe-offload's half only")
