@@ -20,7 +20,7 @@ The first load of a quantized format quantizes the experts once into the user's 
 
 Prints one table and writes vs_llamacpp.json and vs_llamacpp.png (CPU model and flags, read
 bandwidth, llama.cpp version) under --out. Without a llama.cpp build it says so and exits 2; with
---smoke it then runs our half alone (and says so).
+--smoke it then runs our half alone (and says so); --ours-only asks for that on purpose.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moe_offload  # noqa: E402
+from moe_offload.errors import MoEOffloadError  # noqa: E402
 from moe_offload.loading.checkpoint import resolve_model_dir  # noqa: E402
 
 from common import RESULTS, close_offloaded, machine, print_table, write_json  # noqa: E402
@@ -186,8 +187,12 @@ def run_pairs(args, checkpoint: Path, build: LlamaCpp | None, gguf_dir: Path,
 
 
 def main(args: argparse.Namespace) -> int:
-    build = LlamaCpp.locate(args.llama_cpp)
-    if build is None or not build.built():
+    try:
+        build = None if args.ours_only else LlamaCpp.locate(args.llama_cpp)
+    except MoEOffloadError as e:
+        print(e)
+        return NO_BUILD_EXIT
+    if not args.ours_only and (build is None or not build.built()):
         where = f"{build.bin_dir} lacks {' or '.join(TOOLS)}" if build else f"pass --llama-cpp DIR or set {ENV_VAR}"
         print(f"no llama.cpp build: {where} (`python bench/llamacpp.py --help` says how to build one)")
         build = None
@@ -237,6 +242,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--decode-prompt", type=int, default=4, help="prompt tokens before our decode is timed")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ours-only", action="store_true", help="moe-offload's half alone (no llama.cpp needed)")
     p.add_argument("--smoke", action="store_true", help="shipped tiny-mixtral, a few tokens, nothing kept")
     p.add_argument("--out", help="folder of the JSON and PNG (default bench/results; with --smoke a new temporary one)")
     args = p.parse_args(argv)

@@ -144,6 +144,20 @@ def test_committed_expert_only_fixture_keeps_dense_weights_in_bf16():
             assert kind == "BF16", tensor
 
 
+@pytest.mark.parametrize("folder", [None, "not-llama", "source-only"])
+def test_side_by_side_without_a_build_says_so_and_exits_2(tmp_path, monkeypatch, capsys, folder):
+    import vs_llamacpp
+
+    monkeypatch.delenv(llamacpp.ENV_VAR, raising=False)
+    if folder == "source-only":
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / llamacpp.CONVERTER).touch()
+    argv = ["--out", str(tmp_path / "out")] + (["--llama-cpp", str(tmp_path / folder)] if folder else [])
+    assert vs_llamacpp.main(vs_llamacpp.parse_args(argv)) == vs_llamacpp.NO_BUILD_EXIT
+    assert "llama.cpp" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_convert_and_quantize_with_a_real_build(tmp_path):
     """Needs $LLAMA_CPP_DIR: the shipped tiny-mixtral converted (unknown pre-tokenizer) and its experts quantized."""
