@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numba
 import torch
 from tqdm import tqdm
 
@@ -214,7 +215,7 @@ def main(args: argparse.Namespace) -> int:
 def report(args, checkpoint: Path, build: LlamaCpp | None, bandwidth: float, rows: list[dict], files_info: dict,
            out: Path, seconds: float) -> None:
     version = build.version() if build else None
-    info = machine()
+    info = machine() | {"numba": numba.__version__}
     flags = " ".join(info.get("cpu_flags", []))
     print(f"{checkpoint} on {info.get('cpu_model', '?')} ({flags}), {args.threads} threads, read bandwidth "
           f"{bandwidth:.1f} GB/s, llama.cpp {version or 'not run'}; prefill {args.prompt_tokens} tokens, decode "
@@ -223,7 +224,8 @@ def report(args, checkpoint: Path, build: LlamaCpp | None, bandwidth: float, row
     payload = {"model": str(checkpoint), "threads": args.threads, "prompt_tokens": args.prompt_tokens,
                "new_tokens": args.new_tokens, "repeats": args.repeats, "read_gbps": bandwidth,
                "llamacpp_version": version, "llamacpp_files": files_info,
-               "pairs": [asdict(PAIRS[f]) for f in args.formats], "seconds": seconds, "machine": info,
+               "pairs": [asdict(PAIRS[f]) for f in args.formats], "smoke": args.smoke, "ours_only": build is None,
+               "seconds": seconds, "machine": info,
                "command": " ".join(sys.argv), "results": rows}
     json_path = write_json(out / "vs_llamacpp.json", payload)
     plot(rows, out / "vs_llamacpp.png", f"{checkpoint.name}: {info.get('cpu_model', '')}, {args.threads} threads, "
