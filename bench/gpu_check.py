@@ -1,41 +1,41 @@
 """One command that checks moe-offload on a fresh GPU machine and measures what its design relies on.
 
-    pip install --no-deps -e . && python bench/gpu_check.py        # about 6 minutes: the caps below, 375 s in all
+    pip install --no-deps -e . && python bench/gpu_check.py        # about 6 minutes (the caps: --help)
     python bench/gpu_check.py --dry-run                              # every section on the CPU, small shapes
     python bench/gpu_check.py --smoke --out /tmp/gpu-check           # the same, JSON into /tmp/gpu-check
 
-Sections, in this order, each with a cap in seconds (their sum stays under --budget-s, 420 s by default,
-with a margin). A section checks its time between steps and stops at its cap with what it has measured
-('partial'); one that fails is recorded (error and traceback) and the rest still run.
+Sections, in this order, each with a cap in seconds (listed by --help; their sum stays under --budget-s,
+420 s by default, with a margin). A section checks its time between steps and stops at its cap with what
+it has measured ('partial'); one that fails is recorded (error and traceback) and the rest still run.
 
-  environment  15  torch / CUDA / driver versions, device name and memory, stream priority range, the pinning
+  environment      torch / CUDA / driver versions, device name and memory, stream priority range, the pinning
                    path the host store took, Numba's threading layer, CPU model
-  micro        25  expert-sized blocks (Mixtral-8x7B expert: 3 x 4096 x 14336 bf16 = 336 MiB): a non_blocking copy
+  micro            expert-sized blocks (Mixtral-8x7B expert: 3 x 4096 x 14336 bf16 = 336 MiB): a non_blocking copy
                    from pinned memory returns to the host at once; write-after-write and write-after-read on ONE
                    slot under load give the host's checksums (raw torch streams, then the CopyEngine; raw-stream
                    controls without the waits show whether the test can see a race at all); tearing down with
                    prefetches in flight leaves no CUDA error
-  calibrate    25  the hardware profile of this machine for the full-size expert shape (moe_offload's own
+  calibrate        the hardware profile of this machine for the full-size expert shape (moe_offload's own
                    measure_profile: copy, device and CPU expert times), written beside the JSON; the sections
                    below that need costs use it
-  cuda_tests   60  pytest -m cuda on the test files that hold CUDA tests, in a subprocess. The full-size
+  cuda_tests       pytest -m cuda on the test files that hold CUDA tests, in a subprocess. The full-size
                    checkpoint (a 2-layer Mixtral-8x7B-shaped one, random weights drawn on the GPU) is written by
                    a background thread from here on, capped at 150 s; sections that time or count things
                    wait for it first (within their caps)
-  parity       50  tiny-mixtral and tiny-deepseek in bf16 at 1 / half / all expert slots, cpu_experts auto /
+  parity           tiny-mixtral and tiny-deepseek in bf16 at 1 / half / all expert slots, cpu_experts auto /
                    never / always (costs from a shipped hardware profile), vs plain transformers: max abs and
                    relative logit error, 16 greedy tokens; once in fp32 for exactness
-  host_syncs   15  synchronizing CUDA calls and packed readbacks per MoE layer call in decode
-  chunk_size   20  a demand copy's wait behind queued prefetches for prefetch chunks of 8/16/32/64 MiB vs the
+  host_syncs       synchronizing CUDA calls and packed readbacks per MoE layer call in decode
+  chunk_size       a demand copy's wait behind queued prefetches for prefetch chunks of 8/16/32/64 MiB vs the
                    same copy on an idle link, and the prefetch train's throughput pumped back to back
-  full_size    50  the full-size checkpoint: copy GB/s (bytes over the link's busy time) vs the pinned peak, ms
+  full_size        the full-size checkpoint: copy GB/s (bytes over the link's busy time) vs the pinned peak, ms
                    per decode token, hit rate, share of copy time hidden by compute
-  host_wait    30  ms per decode step with CPU experts when the host spins on its readback events vs blocks
+  host_wait        ms per decode step with CPU experts when the host spins on its readback events vs blocks
                    (OffloadConfig.host_wait), alternating; which is faster
-  planner      35  the full-size checkpoint once for real (hybrid scheduler, cross-layer prefetch, costs from
+  planner          the full-size checkpoint once for real (hybrid scheduler, cross-layer prefetch, costs from
                    this run's profile) and its routing once through the simulator with the same settings:
                    measured vs projected decode tokens/s, the planner's error
-  e2e          50  bench/e2e_gpu.py on the full-size checkpoint with its own routing (no trace), three designs,
+  e2e              bench/e2e_gpu.py on the full-size checkpoint with its own routing (no trace), three designs,
                    in a subprocess
 
 Writes gpu-check-<device>.json (and hardware-<device>.yaml) into --out (default bench/results/) after
@@ -107,12 +107,14 @@ BUDGET_S = 420.0
 class CheckpointBuild:
     """The full-size checkpoint, written by a background thread (weights drawn on the GPU) while other
     sections run, into a temporary folder renamed when complete; stopped at ``cap_s`` after its start.
-    A dry run writes tiny-mixtral's widths with the full-size depth. ``given``: an existing checkpoint."""
+    A dry run writes tiny-mixtral's widths with the full-size depth. ``given``: an existing checkpoint
+    (else one left in --scratch by an earlier run is used)."""
 
     def __init__(self, check: "Check", given: str | None):
         self.check = check
-        self.path = Path(given) if given else check.scratch / f"{FULL_PRESET}-l{FULL_LAYERS}"
-        self.ready = bool(given) and (self.path / "config.json").is_file()
+        name = f"{'tiny-mixtral' if check.dry else FULL_PRESET}-l{FULL_LAYERS}"
+        self.path = Path(given) if given else check.scratch / name
+        self.ready = self.path.is_dir()      # only a complete build is renamed to this name
         self.error: str | None = None
         self.seconds: float | None = None
         self.stop = threading.Event()
@@ -132,9 +134,9 @@ class CheckpointBuild:
 
         check, start = self.check, time.monotonic()
         partial = self.path.with_name(self.path.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)   # an earlier run's, stopped part-way
         try:
             if check.cuda:   # its own stream: no wait on the sections' work, and theirs none on it
-                torch.cuda.set_device(check.device)
                 with torch.cuda.stream(torch.cuda.Stream(device=check.device)):
                     write_random(full_config(check), partial, 4.0, str(check.device), self.stop, "full-size")
             else:
@@ -207,6 +209,7 @@ class Check:
         left; else tiny-mixtral, with a note saying why."""
         from moe_offload.loading.checkpoint import resolve_model_dir
 
+        self.build.start()   # a no-op once started (by cuda_tests, unless only some sections run)
         if self.build.wait(self.left() - reserve_s):
             return self.build.path, None
         why = self.build.error or ("still being written" if self.build.running() else "not built")
@@ -1130,7 +1133,8 @@ def projected_decode(run: dict, slots: int) -> tuple[float, float]:
 
 
 def planner(check: Check) -> dict:
-    """Measured vs projected decode tokens/s. The simulator projects the routed experts' time only; the rest
+    """Measured vs projected decode tokens/s; planner_error = projected / measured - 1 (above 0: the planner
+    is optimistic). The simulator projects the routed experts' time only; the rest
     (attention, norms, lm_head, the host's work) is estimated as the all-resident run's measured time minus
     its projection (from full_size), added to give the dense-inclusive projection."""
     path, fallback = check.full_checkpoint(reserve_s=25 if check.cuda else 8)
@@ -1180,7 +1184,7 @@ def host_syncs(check: Check) -> dict:
     path = resolve_model_dir("tiny-mixtral")
     model = moe_offload.from_pretrained(path, device=str(check.device), dtype=torch.bfloat16, expert_slots=12,
                                         cpu_experts="auto", predictor="cross_layer", prefetch_depth=2,
-                                        hardware="rtx4090-pcie4", progress=False)
+                                        hardware=SHIPPED_PROFILE, progress=False)
     ids = prompt_ids(path, check.device)
     try:
         with torch.inference_mode():
@@ -1262,14 +1266,14 @@ SECTIONS = (
     Section("environment", environment, cap_s=15, min_s=5),
     Section("micro", micro, cap_s=25, min_s=15, quiet=True),
     Section("calibrate", calibrate, cap_s=25, min_s=10, quiet=True),
-    Section("cuda_tests", cuda_tests, cap_s=60, min_s=20),
-    Section("parity", parity, cap_s=50, min_s=20),
+    Section("cuda_tests", cuda_tests, cap_s=70, min_s=20),
+    Section("parity", parity, cap_s=45, min_s=20),
     Section("host_syncs", host_syncs, cap_s=15, min_s=8, quiet=True),
     Section("chunk_size", chunk_size, cap_s=20, min_s=10, quiet=True),
     Section("full_size", full_size, cap_s=50, min_s=25, quiet=True),
     Section("host_wait", host_wait, cap_s=30, min_s=12, quiet=True),
     Section("planner", planner, cap_s=35, min_s=15, quiet=True),
-    Section("e2e", e2e, cap_s=50, min_s=20),
+    Section("e2e", e2e, cap_s=45, min_s=20),
 )
 MARGIN_S = 30.0   # the caps' sum stays this far below the default budget (start-up, teardown, a slow section)
 
@@ -1343,7 +1347,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    caps = ", ".join(f"{s.name} {s.cap_s:.0f}" for s in SECTIONS)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"caps in seconds: {caps}; {sum(s.cap_s for s in SECTIONS):.0f} in all")
     p.add_argument("--device", default="cuda", help="cuda or cuda:N; cpu means --dry-run")
     p.add_argument("--dry-run", "--smoke", dest="dry_run", action="store_true",
                    help="every section on the CPU with small shapes (--smoke: the same)")
@@ -1351,12 +1357,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"seconds for all sections (default {BUDGET_S:.0f}); a section past it is skipped")
     p.add_argument("--grace-s", type=float, default=20.0, help="after budget + grace a watchdog writes and exits")
     p.add_argument("--sections", help=f"comma list of sections to run (default all: {','.join(s.name for s in SECTIONS)})")
-    p.add_argument("--checkpoint", help="an existing full-size checkpoint to use instead of writing one")
+    p.add_argument("--checkpoint", help=f"an existing {FULL_LAYERS}-layer {FULL_PRESET}-shaped checkpoint "
+                                        "(bench/full_size.py) to use instead of writing one")
     p.add_argument("--scratch", help="folder for the full-size checkpoint (default a temporary one, removed)")
     p.add_argument("--keep-scratch", action="store_true", help="keep the temporary folder")
     p.add_argument("--out", help="folder for gpu-check-<device>.json and the calibrated hardware profile "
                                  "(default bench/results; a dry run: a temporary folder)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.checkpoint and not (Path(args.checkpoint) / "config.json").is_file():
+        p.error(f"--checkpoint {args.checkpoint}: no config.json there; give a checkpoint folder")
+    return args
 
 
 if __name__ == "__main__":
