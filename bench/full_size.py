@@ -1,13 +1,17 @@
 """Random-weight checkpoints with the shapes of real MoE models, streamed to disk in shards.
 
     python bench/full_size.py --preset mixtral-8x7b --layers 8 --out /data/mixtral-8x7b-l8
+    python bench/full_size.py --preset mixtral-8x7b --layers 2 --device cuda --out /data/mixtral-8x7b-l2  # seconds
+    python bench/full_size.py --smoke          # the shipped tiny-mixtral's shapes, into a temporary folder
 
 Written one layer at a time with per-expert tensor names as hub checkpoints use
 them, so loading goes through the same safetensors path as a real model and no
 full model is ever in memory. ``--layers`` keeps the first N decoder layers
 (full width), for disks smaller than the model; tokens/s then covers N layers.
 Random weights route almost uniformly: benchmarks pair these models with
-routing replay (bench/routing_replay.py).
+routing replay (bench/routing_replay.py). ``--device cuda`` draws the weights on
+the GPU (Mixtral-8x7B's 2.8 G expert weights of two layers take about 36 s of
+CPU ``randn``), then writes them from host memory as before.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -55,22 +61,37 @@ def disk_tensors(name: str, shape: torch.Size, model_type: str) -> list[tuple[st
 
 
 def random_tensor(name: str, shape: tuple, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """A host tensor of ``name``'s kind: norms ones, DeepSeek's score bias zeros, the rest N(0, 0.02) drawn on
+    the generator's device."""
     if "norm" in name or name.endswith("e_score_correction_bias"):
         return torch.ones(shape, dtype=dtype) if "norm" in name else torch.zeros(shape, dtype=torch.float32)
-    return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+    return (torch.randn(shape, generator=gen, device=gen.device) * 0.02).to(dtype).cpu()
 
 
-def write_checkpoint(preset: str, out: Path, layers: int | None, dtype: torch.dtype, shard_gb: float) -> Path:
-    config = preset_config(preset, layers, dtype)
+class BuildStopped(RuntimeError):
+    """The write was asked to stop before it finished (the folder holds part of a checkpoint)."""
+
+
+def write_checkpoint(preset: str, out: Path, layers: int | None, dtype: torch.dtype, shard_gb: float,
+                     device: str = "cpu", stop: threading.Event | None = None) -> Path:
+    return write_random(preset_config(preset, layers, dtype), out, shard_gb, device, stop, preset)
+
+
+def write_random(config, out: Path, shard_gb: float, device: str = "cpu", stop: threading.Event | None = None,
+                 desc: str = "") -> Path:
+    """``config``'s model with random weights drawn on ``device``, in shards of ``shard_gb``. ``stop``: checked
+    between tensors; once set, the write ends with BuildStopped."""
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     names = [t for n, p in skeleton.named_parameters() for t in disk_tensors(n, p.shape, config.model_type)]
     weight_map, shard, shard_bytes, index = {}, {}, 0, 0
-    for name, shape, _ in tqdm(names, desc=f"writing {preset}", unit="tensor"):
-        tensor = random_tensor(name, shape, dtype, gen)
+    for name, shape, _ in tqdm(names, desc=f"writing {desc or config.model_type}", unit="tensor"):
+        if stop is not None and stop.is_set():
+            raise BuildStopped(f"stopped after {len(weight_map) + len(shard)} of {len(names)} tensors")
+        tensor = random_tensor(name, shape, config.dtype, gen)
         shard[name] = tensor
         shard_bytes += tensor.numel() * tensor.element_size()
         if shard_bytes >= shard_gb * 1e9:
@@ -92,21 +113,39 @@ def _flush(out: Path, shard: dict, index: int, weight_map: dict) -> int:
     return index + 1
 
 
+def smoke_config(dtype: torch.dtype):
+    """The shipped tiny-mixtral's config (a smoke run writes its shapes: every code path, in seconds)."""
+    from moe_offload.loading.checkpoint import resolve_model_dir
+
+    config = AutoConfig.from_pretrained(resolve_model_dir("tiny-mixtral"))
+    config.dtype = dtype
+    return config
+
+
 def main(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
-    path = write_checkpoint(args.preset, Path(args.out), args.layers, dtype, args.shard_gb)
+    if args.smoke:
+        out = Path(args.out or tempfile.mkdtemp(prefix="full-size-smoke-"))
+        path = write_random(smoke_config(dtype), out, shard_gb=1e-3, device=args.device, desc="smoke")
+    else:
+        path = write_checkpoint(args.preset, Path(args.out), args.layers, dtype, args.shard_gb, args.device)
     print(f"wrote {path}")
     return 0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=SHAPE_PRESETS, required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--preset", choices=SHAPE_PRESETS)
+    p.add_argument("--out", help="checkpoint folder to write (with --smoke, default a temporary one)")
     p.add_argument("--layers", type=int, help="keep the first N decoder layers")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--shard-gb", type=float, default=4.0)
-    return p.parse_args(argv)
+    p.add_argument("--device", default="cpu", help="where the random weights are drawn: cpu, or cuda (faster)")
+    p.add_argument("--smoke", action="store_true", help="tiny-mixtral's shapes in seconds (--preset not needed)")
+    args = p.parse_args(argv)
+    if not args.smoke and (args.preset is None or args.out is None):
+        p.error("--preset and --out are required (or --smoke)")
+    return args
 
 
 if __name__ == "__main__":

@@ -223,11 +223,16 @@ class CopyEngine:
         return event
 
     def copy_seconds(self) -> float:
-        """Total device time of the timed copies so far (synchronizes); resets the record."""
+        """Seconds the link was busy with the timed copies so far (synchronizes); resets the record. Copies
+        on the demand and prefetch streams overlap, so this is the union of their device intervals (their
+        sum would count the shared time twice and understate the link's rate)."""
         self.synchronize()
-        total = sum(start.elapsed_time(end) for start, end in self._timed) / 1e3
+        if not self._timed:
+            return 0.0
+        origin = self._timed[0][0]
+        intervals = [(origin.elapsed_time(start), origin.elapsed_time(end)) for start, end in self._timed]   # ms
         self._timed.clear()
-        return total
+        return covered_length(intervals) / 1e3
 
     # -- consuming --------------------------------------------------------------------------
     def landed(self, slot: int) -> bool:
@@ -266,3 +271,13 @@ class CopyEngine:
         self.queued.clear()
         self.synchronize()
         self.closed = True
+
+
+def covered_length(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end] intervals (overlaps counted once)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total

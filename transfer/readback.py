@@ -5,6 +5,12 @@ synchronization. The engine instead packs what the host needs from a layer
 (expert token counts, router scores, the predictor's rankings) into one float32
 device tensor, copies it with one non-blocking copy into a page-locked buffer
 and waits on one event. On CPU the packed tensor is already host memory.
+
+How a host thread waits on such an event is one setting, ``host_wait``: 'spin'
+(CUDA's default event: the thread polls, the lowest latency, one core busy while
+it waits) or 'block' (the driver puts the thread to sleep until the event
+completes, leaving the core to the CPU experts' threads). ``host_event`` makes
+every event the host waits on.
 """
 
 from __future__ import annotations
@@ -12,15 +18,26 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+HOST_WAITS = ("spin", "block")
+
+
+def host_event(device: torch.device, host_wait: str = "spin") -> torch.cuda.Event | None:
+    """An event the host thread waits on for device work, waited on as ``host_wait`` says (one of
+    HOST_WAITS); None off CUDA, where the work is done when it returns."""
+    if host_wait not in HOST_WAITS:
+        raise ValueError(f"host_wait must be one of {HOST_WAITS}, got {host_wait!r}")
+    return torch.cuda.Event(blocking=host_wait == "block") if device.type == "cuda" else None
+
 
 class HostReadback:
-    """A growing page-locked buffer and an event; ``read`` returns host copies of the parts."""
+    """A growing page-locked buffer and an event (waited on as ``host_wait`` says); ``read`` returns host
+    copies of the parts."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, host_wait: str = "spin"):
         self.device = device
         self.cuda = device.type == "cuda"
         self._buffer: torch.Tensor | None = None   # [N] float32, page-locked
-        self._event = torch.cuda.Event() if self.cuda else None
+        self._event = host_event(device, host_wait)
         self.reads = 0
 
     def _staging(self, numel: int) -> torch.Tensor:

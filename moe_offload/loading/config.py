@@ -16,6 +16,7 @@ from ..cpu_kernels.packed import FORMAT_NAMES, canonical_expert_format
 from ..errors import MoEOffloadError
 from ..predictor.registry import PREDICTORS, RUNTIME_PREDICTORS
 from ..runtime.scheduler import CPU_EXPERTS
+from ..transfer.readback import HOST_WAITS
 from ..transfer.streams import BACKENDS as COPY_BACKENDS
 
 _UNITS = {
@@ -154,6 +155,9 @@ class OffloadConfig:
                                               # "never": copy every miss; "always": every miss on the CPU;
                                               # None: "auto" on CUDA, "never" on CPU
     cpu_threads: int | None = None            # CPU kernel threads (default: all cores)
+    host_wait: str = "spin"                   # how the host waits for the device's readbacks: "spin" (polls: the
+                                              # lowest latency, a core busy) or "block" (sleeps: the core is left
+                                              # to the CPU experts' threads)
     hardware: str | None = None               # hardware profile (YAML path, or name of a calibrated or shipped one);
                                               # None: measured at load when the scheduler needs costs
     predictor: str | None = None              # "none", "cross_layer", "learned", ...; None: cross_layer on CUDA
@@ -202,6 +206,8 @@ class OffloadConfig:
         check_slot_allocation(self.slot_allocation)
         if self.cpu_experts is not None and self.cpu_experts not in CPU_EXPERTS:
             raise MoEOffloadError(f"cpu_experts must be one of {', '.join(CPU_EXPERTS)}, got {self.cpu_experts!r}")
+        if self.host_wait not in HOST_WAITS:
+            raise MoEOffloadError(f"host_wait must be one of {', '.join(HOST_WAITS)}, got {self.host_wait!r}")
         check_predictor(self.predictor)
         if self.prefetch_depth < 0 or (self.prefetch_width is not None and self.prefetch_width < 1):
             raise MoEOffloadError("prefetch_depth must be >= 0 and prefetch_width >= 1")

@@ -225,7 +225,7 @@ def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
     runner = make_cpu_runner(cfg, parts)
     costs = cost_model(cfg, parts, store, slots, runner) if cfg.resolved_cpu_experts == "auto" else None
     engine = Engine(store, layout, cache, copier, stats, cfg.resolved_cpu_experts, costs, runner,
-                    parts.hf_config.hidden_act)
+                    parts.hf_config.hidden_act, cfg.host_wait)
     if disk:
         engine.protocol.residency.host = host_tier(cfg, layout, store, runs, source, copier, stats)
     for i, site in enumerate(parts.sites):

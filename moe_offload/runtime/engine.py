@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..cache import ExpertCache, ExpertLayout
 from ..transfer import CopyEngine, HostExpertStore
-from ..transfer.readback import HostReadback, grown
+from ..transfer.readback import HostReadback, grown, host_event
 from .protocol import CallProtocol
 from .stats import OffloadStats
 
@@ -23,7 +23,8 @@ class Engine:
     device experts from their slots, CPU experts on the Numba runner, then combined."""
 
     def __init__(self, store: HostExpertStore, layout: ExpertLayout, cache: ExpertCache, copier: CopyEngine,
-                 stats: OffloadStats, cpu_experts: str = "never", costs=None, cpu_runner=None, act: str = "silu"):
+                 stats: OffloadStats, cpu_experts: str = "never", costs=None, cpu_runner=None, act: str = "silu",
+                 host_wait: str = "spin"):
         self.store = store
         self.cache = cache
         self.copier = copier
@@ -33,9 +34,9 @@ class Engine:
         self.cpu_runner = cpu_runner
         self.act = act
         device = cache.slots.buffers.device
-        self._cpu_inputs = HostReadback(device)       # CPU experts' token rows, one copy per layer that has them
         self._cpu_out: torch.Tensor | None = None     # [>= T*H] float32 page-locked: CPU experts' weighted sum
-        self._cpu_out_copied = torch.cuda.Event() if device.type == "cuda" else None
+        self._cpu_out_copied = None
+        self.set_host_wait(host_wait)
         self.format = store.format
         # a packed (or cast) expert is dequantized into this one buffer before its matmuls
         self._scratch = (torch.empty(store.shape.numel, dtype=self.format.compute_dtype, device=device)
@@ -48,6 +49,17 @@ class Engine:
             self._cpu_view = (lambda row: row.numpy()) if self.format.packed else as_numpy_block
             if store.slot_of is None:     # rows never move: views made once
                 self._cpu_blocks = [self._cpu_view(store.block(key)) for key in range(store.num_keys)]
+
+    def set_host_wait(self, host_wait: str) -> None:
+        """How the host waits for the device (transfer.readback.HOST_WAITS): the events of the router call's
+        readback, the CPU experts' input readback and their output buffer's copy, all made here."""
+        device = self.cache.slots.buffers.device
+        if self._cpu_out_copied is not None:
+            self._cpu_out_copied.synchronize()      # the new event is unrecorded: the buffer's last copy lands first
+        self.protocol.readback = HostReadback(device, host_wait)   # the router call's numbers
+        self._cpu_inputs = HostReadback(device, host_wait)         # CPU experts' token rows, per layer that has them
+        self._cpu_out_copied = host_event(device, host_wait)       # the CPU experts' output has been copied
+        self.host_wait = host_wait
 
     @property
     def prefetcher(self):
