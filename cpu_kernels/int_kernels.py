@@ -66,19 +66,23 @@ def _q4_row(q, scale, zero, group, r, xe, xo, xs, xsum):
     full = half // HALF_BLOCK
     per_group = group // ACT_BLOCK
     acc = np.float32(0.0)
+    g, in_group = 0, 0                          # the block's group, counted (a division per block is slow)
     for b in range(full):
         j0 = b * HALF_BLOCK
         s = np.int32(0)
         for j in range(HALF_BLOCK):
             byte = np.int32(q[r, j0 + j])
             s = np.int32(s + (byte & 15) * np.int32(xe[j0 + j]) + (byte >> 4) * np.int32(xo[j0 + j]))
-        acc += _q4_block_value(scale, zero, r, b // per_group, s, xs[b], xsum[b])
+        acc += _q4_block_value(scale, zero, r, g, s, xs[b], xsum[b])
+        in_group += 1
+        if in_group == per_group:
+            g, in_group = g + 1, 0
     if full < xs.size:
         s = np.int32(0)
         for j in range(full * HALF_BLOCK, half):
             byte = np.int32(q[r, j])
             s = np.int32(s + (byte & 15) * np.int32(xe[j]) + (byte >> 4) * np.int32(xo[j]))
-        acc += _q4_block_value(scale, zero, r, full // per_group, s, xs[full], xsum[full])
+        acc += _q4_block_value(scale, zero, r, g, s, xs[full], xsum[full])
     return acc
 
 
