@@ -1,21 +1,23 @@
 """Integer-dot kernels of the activation-quantized packed formats (int8-a8, int4-a8, int4-g128-a8).
 
     # T = tokens, H = hidden, I = intermediate, K = a projection's input width, B = ACT_BLOCK (64)
-    x [T, H] float32 -> xq int8 [T, H], xs [T, H/B]       (act_quant.quantize_rows, per token and block)
+    x [T, H] float32 -> xq [T, H] (int8 codes held as int16), xs [T, H/B]   (act_quant.quantize_rows)
     h [t, j] = act(gate_j . x[t]) * (up_j . x[t])          # [T, I]
     h -> hq, hs ; out[t, r] = down_r . h[t]                # [T, H]
     row . x over one block b = xs[b] * (int32 sum over the block)   (int8 rows: times the row's scale)
       int8 rows   sum_k q[k] * xq[k]
       int4 rows   scale[g] * (sum_k code[k] * xq[k] - zero[g] * sum_k xq[k])   (g: the block's group)
 
-Hot loop: one int32 reduction per block of B inputs (``np.int32(acc + ...)`` keeps it 32-bit, so LLVM's
-loop vectorizer widens it). Numba 0.68 (LLVM 22), checked with ``inspect_asm``:
-  AVX-512 (VNNI, BW): int8 rows ``vpmovsxbw`` + ``vpmaddwd`` (int16 pairs -> int32) + ``vpaddd`` on zmm;
-    int4 rows ``vpand``/``vpsrlw`` to split the nibbles, ``vpmovzxbw``/``vpmovsxbw``, ``vpmaddwd``.
-  AVX2 (NUMBA_CPU_NAME=haswell): the same sequence on ymm registers (``vpmovsxbw``, ``vpmaddwd``).
-LLVM does not form ``vpdpbusd``/``vpmaddubsw`` from these loops (it cannot prove the uint8 x int8
-pair sums stay within int16); ``vpmaddwd`` already does two multiply-adds per int32 lane, so the
-loop reads its bytes faster than DRAM delivers them on both machines measured (bench/cpu_kernels.py).
+Hot loop: one int32 reduction per block of B inputs, over a constant trip count (a run-time count of
+64 would run LLVM's scalar remainder loop), with the activation codes stored as int16 so that only the
+weights are widened; ``np.int32(acc + ...)`` keeps the sum 32-bit. Numba 0.68 (LLVM 22), ``inspect_asm``:
+  AVX-512 VNNI host (znver4): int8 rows ``vpmovsxbw`` + ``vpmaddwd`` and ``vpdpwssd`` (int16 pairs
+    multiplied and added into int32 lanes) on ymm; int4 rows ``vpmovzxbw``/``vpand`` (low nibbles) and
+    ``vpsrld`` + ``vpmovdw`` (high nibbles), then ``vpmaddwd`` + ``vpdpwssd``.
+  AVX2 (NUMBA_CPU_NAME=haswell): int8 rows ``vpmovsxbw`` + ``vpmaddwd`` + ``vpaddd`` on ymm; int4 rows
+    ``vpand``/``vpsrld`` for the nibbles, ``vpmovzxbw``, ``vpmaddwd``.
+LLVM forms neither ``vpdpbusd`` nor ``vpmaddubsw`` here (it cannot prove the uint8 x int8 pair sums stay
+within int16); the int16 forms do two multiply-adds per int32 lane.
 Rows are split over threads (prange); each row serves every token while it is in L1, so the weights
 are read from memory once per call at any T. Nothing is allocated.
 """
@@ -126,7 +128,7 @@ def _deinterleaves_overload(mat):
 
 @njit(parallel=True, **_OPTS)
 def int_ffn(x, gate_up, down, act, out, h, xq, hq):
-    """T tokens: x [T, H] float32, out [T, H]; scratch h [T, I] float32, xq = (q int8 [T, H], scale [T, NBH],
+    """T tokens: x [T, H] float32, out [T, H]; scratch h [T, I] float32, xq = (codes int16 [T, H], scale [T, NBH],
     qsum int32 [T, NBH]) and hq the same for h ([T, I], [T, NBI])."""
     tokens, hidden, inter = x.shape[0], out.shape[1], h.shape[1]
     xcodes, xscale, xsum = xq
