@@ -1,8 +1,8 @@
 """Numba CPU expert kernels vs torch on CPU, and weight streaming vs the machine's read bandwidth.
 
-    python bench/cpu_kernels.py [--json bench/results/cpu_kernels.json] [--hidden 1024 --inter 3584]
+    python bench/cpu_kernels.py [--out bench/results] [--smoke] [--hidden 1024 --inter 3584]
                                 [--threads N] [--tokens 1 4 16 64]
-                                [--dtypes fp32 fp16 bf16 int8 int4 int4-g128 fp8]
+                                [--dtypes fp32 fp16 bf16 int8 int4 int4-g128 fp8 int8-a8 int4-a8 int4-g128-a8]
 
 For every expert format and token count it times one expert FFN (T = tokens, H = hidden,
 I = intermediate) on the CPU runner's two backends, with the same thread count: the Numba
@@ -13,7 +13,9 @@ DRAM, not the last-level cache. memory_gbps is a parallel numba reduction over a
 array measured in the same run. `picked` is the backend CpuRunner.measure_backends chooses for
 that format and T on this machine (its own short measurement), and `picked/best` how its time
 here compares with the faster of the two. The JSON records the CPU model and SIMD flags.
-Prints one table, writes JSON and a PNG plot next to it.
+Prints one table and the checks at T = 1 (every packed format's weight GB/s as % of the read
+bandwidth, int4 vs bf16), writes cpu_kernels.json and .png under --out. --smoke: tiny shapes, every
+format and path once, seconds; nothing is written unless --out is given.
 
 OpenMP threads (numba's and torch's share one libgomp) spin at barriers by default; on shared
 cores a preempted thread then stalls a kernel for a scheduler time slice. This script therefore
@@ -39,13 +41,15 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_offload.cpu_kernels import CpuRunner, expert_ffn  # noqa: E402
 from moe_offload.cpu_kernels.backends import sample_expert  # noqa: E402
-from moe_offload.cpu_kernels.packed import canonical_expert_format  # noqa: E402
+from moe_offload.cpu_kernels.packed import PACKED, canonical_expert_format  # noqa: E402
 from moe_offload.cpu_kernels.packed_ffn import packed_ffn  # noqa: E402
 from moe_offload.cpu_kernels.torch_backend import TorchExperts  # noqa: E402
 
 from common import RESULTS, machine, median, print_table, write_json  # noqa: E402
 
-FORMATS = ["fp32", "fp16", "bf16", "int8", "int4", "int4-g128", "fp8"]
+FORMATS = ["fp32", "fp16", "bf16", "int8", "int4", "int4-g128", "fp8", "int8-a8", "int4-a8", "int4-g128-a8"]
+SMOKE = dict(hidden=128, inter=192, tokens=[1, 16], repeats=3, budget=0.05, working_set=4, pick_budget=0.2,
+             bandwidth_bytes=16 << 20)
 BANDWIDTH_BYTES = 1 << 30
 # Environment that changes thread behaviour; recorded with the results.
 ENV_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "OMP_NUM_THREADS")
@@ -66,9 +70,9 @@ def _parallel_sum(values):
     return total
 
 
-def memory_gbps(repeats: int) -> float:
+def memory_gbps(repeats: int, nbytes: int = BANDWIDTH_BYTES) -> float:
     """Read bandwidth (GB/s): median time of a parallel reduction over a 1 GiB float32 array."""
-    values = np.ones(BANDWIDTH_BYTES // 4, dtype=np.float32)
+    values = np.ones(nbytes // 4, dtype=np.float32)
     _parallel_sum(values[:1024])
     times = []
     for _ in range(repeats):
@@ -184,7 +188,7 @@ def main(args: argparse.Namespace) -> int:
     numba.set_num_threads(threads)
     torch.set_num_threads(threads)
     load_start = os.getloadavg()
-    mem = memory_gbps(args.repeats)
+    mem = memory_gbps(args.repeats, args.bandwidth_bytes)
     picks = runner_picks([canonical_expert_format(d) for d in args.dtypes], args, threads)
     results = []
     for dtype in args.dtypes:
@@ -194,10 +198,11 @@ def main(args: argparse.Namespace) -> int:
             picked = picks[canonical_expert_format(dtype)][tokens]
             results.append(bench_case(dtype, tokens, blocks, args, mem, picked))
         del blocks, one
-    mem_end = memory_gbps(args.repeats)
+    mem_end = memory_gbps(args.repeats, args.bandwidth_bytes)
     for r in results:
         best = min(r["numba_ms"], r["torch_ms"])
         r["picked_vs_best"] = round(r[f"{r['picked']}_ms"] / best, 3)
+        r["tokens_per_s"] = round(r["tokens"] / (best * 1e-3), 1)
         r["shape_str"] = f"{r['shape'][0]} x {r['shape'][1]}"
         r["speedup"] = r["torch_ms"] / r["numba_ms"]
         r["mem_pct"] = 100 * r["weight_gbps"] / r["memory_gbps"]
@@ -209,21 +214,45 @@ def main(args: argparse.Namespace) -> int:
     print(f"memory read bandwidth: {mem:.1f} GB/s at start, {mem_end:.1f} GB/s at end; "
           f"load average {load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end")
     print(f"CPU: {info.get('cpu_model', '?')}, flags {' '.join(info.get('cpu_flags', []))}, {threads} threads")
+    checks = decode_checks(results)
+    for line in checks["lines"]:
+        print(line)
     for r in results:
         for key in ("shape_str", "speedup", "mem_pct"):
             r.pop(key)
-    out = Path(args.json)
+    if args.out is None:
+        return 0
+    out = Path(args.out) / "cpu_kernels.json"
     write_json(out, {"machine": info, "threads": threads, "command": " ".join(sys.argv), "runner_picks": picks,
-                     "results": results})
+                     "smoke": args.smoke, "checks": checks, "results": results})
     plot(results, out.with_suffix(".png"), threads)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 
+def decode_checks(results: list[dict]) -> dict:
+    """At T = 1: each packed format's weight GB/s as % of the read bandwidth (best backend), int4 (and
+    int4-a8) speedup over bf16, and the worst picked/best over every row."""
+    one = {r["dtype"]: r for r in results if r["tokens"] == 1}
+    best_ms = {name: min(r["numba_ms"], r["torch_ms"]) for name, r in one.items()}
+    pct = {name: round(100 * r["bytes_per_expert"] / (best_ms[name] * 1e-3) / 1e9 / r["memory_gbps"], 1)
+           for name, r in one.items() if canonical_expert_format(name) in PACKED}
+    speedup = {name: round(best_ms["bf16"] / best_ms[name], 2) for name in ("int4", "int4-a8", "int8-a8", "int8")
+               if name in best_ms and "bf16" in best_ms}
+    worst = max((r["picked_vs_best"] for r in results), default=1.0)
+    lines = [f"T=1 % of read bandwidth: " + ", ".join(f"{k} {v:.0f}%" for k, v in pct.items()),
+             "T=1 speedup over bf16: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items()),
+             f"worst picked/best: {worst:.2f}"]
+    return {"pct_of_bandwidth_t1": pct, "speedup_over_bf16_t1": speedup, "worst_picked_vs_best": worst,
+            "lines": lines}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", default=str(RESULTS / "cpu_kernels.json"), help="output JSON (PNG goes next to it)")
+    p.add_argument("--out", default=None, help="folder for cpu_kernels.json and .png (default bench/results; "
+                   "with --smoke nothing is written unless given)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, every format and path once (seconds)")
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--inter", type=int, default=3584)
     p.add_argument("--threads", type=int, default=0, help="numba and torch threads (0: all)")
@@ -233,7 +262,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=1.2, help="seconds per timing (fewer passes when slow)")
     p.add_argument("--working-set", type=int, default=256, help="MiB of distinct expert weights per pass")
     p.add_argument("--pick-budget", type=float, default=2.0, help="seconds CpuRunner.measure_backends spends")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.bandwidth_bytes = BANDWIDTH_BYTES
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+    elif args.out is None:
+        args.out = str(RESULTS)
+    return args
 
 
 if __name__ == "__main__":

@@ -2,19 +2,22 @@
 
     python bench/quantized_experts.py                       # ~3 minutes on a 2-core machine
     python bench/quantized_experts.py --tokens 2048 --budget 24GiB --hardware rtx4090-pcie4
+    python bench/quantized_experts.py --smoke [--out DIR]   # seconds: one model, few tokens; writes only with --out
 
 Three parts, one run:
 
 1. Accuracy on the shipped trained models (real weights, float32 compute, held-out standard-library
    text): per expert format, the relative error of the expert weights, of the logits against the
-   unquantized model, the held-out next-token loss and how often the greedy next token agrees.
+   unquantized model, the held-out next-token loss and how often the greedy next token agrees. Each
+   integer format is scored weight-only (float activations) and with its "-a8" twin (activations
+   rounded to int8 per block of 64, the arithmetic of the integer CPU kernels).
 2. Loading: the first load quantizes (and writes the quantize-once cache file); the second reads
    the cache file. Seconds of each, side by side.
 3. Projection for Mixtral-8x7B shapes (config only) on a hardware profile with one GPU memory
    budget: bytes per expert, expert slots that fit, and simulated decode tokens/s (synthetic trace
    with the shipped models' locality, score policy, CPU experts auto, no prefetch).
 
-Writes bench/results/quantized_experts.json and .png.
+Writes quantized_experts.json and .png under --out (default bench/results).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import moe_offload  # noqa: E402
 from moe_offload.corpus import stdlib_prompts  # noqa: E402
-from moe_offload.cpu_kernels.packed import PACKED  # noqa: E402
+from moe_offload.cpu_kernels.packed import PACKED, WEIGHT_ONLY, ExpertFormat  # noqa: E402
 from moe_offload.loading.config import OffloadConfig  # noqa: E402
 from moe_offload.loading.parts import ModelParts  # noqa: E402
 from moe_offload.predictor.synthetic import SyntheticTraceConfig, synthetic_trace  # noqa: E402
@@ -104,7 +107,7 @@ def projection_rows(budget: str, hardware: str, tokens: int) -> list[dict]:
     rows = []
     profile = HardwareProfile.from_yaml(hardware)
     trace = None
-    for name in ("bfloat16", *PACKED):
+    for name in ("bfloat16", *WEIGHT_ONLY):       # "-a8" twins store the same bytes
         parts = ModelParts("mixtral-8x7b", OffloadConfig(device="cpu", gpu_memory=budget, expert_dtype=name),
                            weights=False)
         if trace is None:
@@ -155,7 +158,10 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as cache:
         for name in args.models:
             accuracy += accuracy_rows(name, held_out_ids(name, args.tokens), Path(cache))
-    print_table(accuracy, [("model", "model", ""), ("format", "format", ""), ("bytes_per_expert", "bytes/expert", "d"),
+    for row in accuracy:
+        row["activations"] = activation_rounding(row["format"])
+    print_table(accuracy, [("model", "model", ""), ("format", "format", ""), ("activations", "activations", ""),
+                           ("bytes_per_expert", "bytes/expert", "d"),
                            ("weight_rel_err", "weight err", ".4f"), ("logits_rel_err", "logits err", ".4f"),
                            ("loss_delta", "loss delta", "+.4f"), ("loss_change_pct", "loss change %", "+.2f"),
                            ("top1_agree", "top-1 agree", ".3f"),
@@ -165,14 +171,23 @@ def main(args: argparse.Namespace) -> int:
                              ("slots", "slots", "d"), ("slot_fraction", "of experts", ".1%"),
                              ("hit_rate", "hit rate", ".1%"), ("tokens_per_s", "tokens/s", ".2f"),
                              ("speedup", "x bf16", ".2f")])
-    RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / "quantized_experts.json", {
+    if args.out is None:
+        return 0
+    out = Path(args.out)
+    write_json(out / "quantized_experts.json", {
         "command": "python bench/quantized_experts.py " + " ".join(sys.argv[1:]), "machine": machine(),
         "tokens": args.tokens, "budget": args.budget, "hardware": args.hardware, "sim_tokens": args.sim_tokens,
-        "seconds": time.perf_counter() - start, "accuracy": accuracy, "projection": projection})
-    plot(accuracy, projection, RESULTS / "quantized_experts.png")
-    print(f"wrote {RESULTS / 'quantized_experts.json'} and .png")
+        "smoke": args.smoke, "seconds": time.perf_counter() - start, "accuracy": accuracy, "projection": projection})
+    plot(accuracy, projection, out / "quantized_experts.png")
+    print(f"wrote {out / 'quantized_experts.json'} and .png")
     return 0
+
+
+def activation_rounding(name: str) -> str:
+    """How a format computes with its activations (the -a8 twins round them per block)."""
+    if name in PACKED and ExpertFormat(name, 2, 2, torch.float32).act_quant:
+        return "int8 per 64"
+    return "float"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -182,7 +197,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", default="24GiB", help="GPU memory of the Mixtral-8x7B projection")
     p.add_argument("--hardware", default="rtx4090-pcie4")
     p.add_argument("--sim-tokens", type=int, default=200, help="decode tokens of the projection's trace")
-    return p.parse_args(argv)
+    p.add_argument("--out", default=None, help="folder for the JSON and PNG (default bench/results; with --smoke "
+                   "nothing is written unless given)")
+    p.add_argument("--smoke", action="store_true", help="one model, 64 tokens, a short trace (seconds)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.models, args.tokens, args.sim_tokens = args.models[:1], 64, 20
+    elif args.out is None:
+        args.out = str(RESULTS)
+    return args
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@
                   W[r, c] ~= fp8(q[r, c]) * scale[block_row(r), c // B]; gate and up are blocked
                   separately (block_row(r) = (r // I) * ceil(I/B) + (r % I) // B), as FP8 checkpoints store them
 
+"-a8" formats (int8-a8, int4-a8, int4-g128-a8) store the same bytes as their weight-only twins and
+also round each matmul's input to int8 per block of 64 (act_quant.py): the CPU then multiplies integers
+(int_kernels.py), and a device expert fake-quantizes its activations the same way (``forward``).
+
 Every quantizer works row by row (FP8: B rows of gate, up or down), so each projection can be
 written on its own as the checkpoint yields it. The same ``unpack`` runs on the CPU and on CUDA:
 the engine dequantizes into one reused scratch and runs transformers' own ops, and the parity
@@ -30,12 +34,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from .act_quant import fake_quantize
 
 NATIVE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PACKED = ("int8", "int4", "int4-g32", "int4-g128", "fp8")
+WEIGHT_ONLY = ("int8", "int4", "int4-g32", "int4-g128", "fp8")
+# "-a8": the same stored bytes, with the activations rounded to int8 per block (act_quant.py), so that
+# the CPU runs integer dot products; weight-only formats keep float activations (more accurate). fp8 has
+# no integer form, and groups of 32 are narrower than an activation block.
+ACT_QUANT_SUFFIX = "-a8"
+ACT_QUANT = tuple(f"{name}{ACT_QUANT_SUFFIX}" for name in WEIGHT_ONLY if name not in ("fp8", "int4-g32"))
+PACKED = (*WEIGHT_ONLY, *ACT_QUANT)
 FORMAT_NAMES = (*NATIVE, *PACKED)
 ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "int4-g64": "int4",
-           "float8": "fp8", "float8_e4m3fn": "fp8"}
+           "float8": "fp8", "float8_e4m3fn": "fp8", "int4-g64-a8": "int4-a8", "w8a8": "int8-a8", "w4a8": "int4-a8"}
 INT4_GROUP = {"int4-g32": 32, "int4": 64, "int4-g128": 128}
 FP8_BLOCK = 128
 FP8_MAX = 448.0          # largest finite float8_e4m3fn
@@ -78,7 +91,8 @@ def _aligned(n: int) -> int:
 class ExpertFormat:
     """The stored form of every routed expert of one model (see the module docstring).
 
-    ``name``: a FORMAT_NAMES entry; ``compute_dtype``: what the device dequantizes into (the model's
+    ``name``: a FORMAT_NAMES entry; ``storage``: the weight-only format whose bytes it stores (``name`` less
+    "-a8"); ``act_quant``: activations rounded per act_quant.py before each matmul; ``compute_dtype``: what the device dequantizes into (the model's
     dtype). ``row_dtype`` / ``row_numel``: the host store's and the device slots' element type and
     elements per expert; ``nbytes``: bytes per expert, scales included.
     """
@@ -88,7 +102,9 @@ class ExpertFormat:
         self.hidden, self.inter = int(hidden), int(inter)
         self.compute_dtype = compute_dtype
         self.packed = self.name in PACKED
-        self.group = INT4_GROUP.get(self.name, 0)
+        self.act_quant = self.name in ACT_QUANT
+        self.storage = self.name.removesuffix(ACT_QUANT_SUFFIX) if self.act_quant else self.name
+        self.group = INT4_GROUP.get(self.storage, 0)
         if self.group and (hidden % 2 or inter % 2):
             raise ValueError(f"int4 experts need even hidden and intermediate sizes, got H={hidden}, I={inter}")
         self.segments = self._layout() if self.packed else {}
@@ -106,7 +122,7 @@ class ExpertFormat:
 
     def _layout(self) -> dict[str, Segment]:
         h, i = self.hidden, self.inter
-        if self.name == "int8":
+        if self.storage == "int8":
             arrays = [("gate_up", torch.int8, (2 * i, h)), ("down", torch.int8, (h, i)),
                       ("scales", torch.float32, (2 * i + h,))]
         elif self.group:
@@ -159,7 +175,7 @@ class ExpertFormat:
             views[matrix][rows].copy_(weight)
             return
         weight = weight.float()
-        if self.name == "int8":
+        if self.storage == "int8":
             q, scale = quantize_int8(weight)
             views[matrix][rows] = q
             views["scales"][self._scale_rows(matrix, rows)] = scale
@@ -175,7 +191,7 @@ class ExpertFormat:
     def write_fp8(self, row: torch.Tensor, role: str, q: torch.Tensor, scale: torch.Tensor) -> None:
         """Store already-FP8 weights as they are (an FP8 checkpoint's ``weight`` and ``weight_scale_inv``,
         128x128 blocks): 1 byte per weight, no second rounding."""
-        if self.name != "fp8":
+        if self.storage != "fp8":
             raise ValueError(f"write_fp8 stores fp8 experts; this format is {self.name}")
         if role == "gate_up":
             split = _ceil(self.inter, FP8_BLOCK)
@@ -236,7 +252,7 @@ class ExpertFormat:
         q = views[matrix]
         if not self.packed:
             out.copy_(q)
-        elif self.name == "int8":
+        elif self.storage == "int8":
             rows = self._scale_rows(matrix, slice(0, q.shape[0]))
             out.copy_(q.float() * views["scales"][rows, None])
         elif self.group:
@@ -248,6 +264,18 @@ class ExpertFormat:
             out[:i].copy_(dequantize_fp8(q[:i], scale[:half]))
             out[i:].copy_(dequantize_fp8(q[i:], scale[half:]))
 
+    # -- the arithmetic ------------------------------------------------------------------------------------------
+    def round_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """A projection's input as this format computes with it: rounded per act_quant.py for "-a8" formats,
+        else unchanged."""
+        return fake_quantize(x) if self.act_quant else x
+
+    def forward(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn) -> torch.Tensor:
+        """One expert on x [t, H] with (dequantized) gate_up [2I, H] and down [H, I]: transformers' ops, each
+        matmul's input rounded as the format rounds it (how a device expert runs; the CPU kernels compute the
+        same function)."""
+        return expert_forward(x, gate_up, down, act_fn, self.round_activations)
+
     def dequantized(self, weight: torch.Tensor, role: str) -> torch.Tensor:
         """What the engine computes with for a projection written as ``weight``: dequant(quant(weight)) in
         ``compute_dtype`` (the parity reference's weights)."""
@@ -256,6 +284,14 @@ class ExpertFormat:
         gate_up, down = self.unpack(row)
         matrix, rows = self._rows(role) if role != "gate_up" else ("gate_up", slice(0, 2 * self.inter))
         return (gate_up if matrix == "gate_up" else down)[rows].clone()
+
+
+def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn, rounding=None) -> torch.Tensor:
+    """x [t, H] -> [t, H] = down @ (act(gate @ x) * (up @ x)) with transformers' ops; ``rounding``
+    (e.g. ExpertFormat.round_activations) is applied to each matmul's input."""
+    rounding = rounding or (lambda v: v)
+    gate, up = F.linear(rounding(x), gate_up).chunk(2, dim=-1)                        # [t, I] each
+    return F.linear(rounding(act_fn(gate) * up), down)                                 # [t, H]
 
 
 # -- the quantizers (torch, any device) ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 
 int8 rows run on the int8 block kernels (kernels.py): the row's first 3IH bytes are exactly an
 int8 block and its scales segment the per-row scales. int4 and fp8 rows run on packed_kernels.py.
+"-a8" rows (int8-a8, int4-a8, int4-g128-a8) run on int_kernels.py (int8 activations, integer dots).
 The torch backend of the same computation is torch_backend.TorchExperts.
 """
 
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .act_quant import act_blocks
 from .ffn import _check_tokens, check_act
+from .int_kernels import int_ffn
 from .kernels import ffn_decode, ffn_prefill
 from .packed import ExpertFormat
 from .packed_kernels import INT4_SMALL_CHUNK, packed_decode, packed_prefill
@@ -39,12 +42,16 @@ def check_packed(row: np.ndarray, fmt: ExpertFormat, hidden: int) -> int:
 def packed_matrices(fmt: ExpertFormat, row: np.ndarray) -> tuple:
     """The kernels' view of a packed row, no copy.
 
-    int8: (q int8 [3IH] block, scales float32 [2I + H]); int4: two (q, scale, zero, G) matrices, the
+    int8: (q int8 [3IH] block, scales float32 [2I + H]); int8-a8: two (q int8 [R, K], scales [R]) matrices;
+    int4 (and int4-a8): two (q, scale, zero, G) matrices, the
     float16 arrays as int16 bits; fp8: two (q, scale, split) matrices (split: I for gate_up, H for down).
     """
     views = fmt.numpy_views(row)
     if fmt.group % (2 * INT4_SMALL_CHUNK):
         raise ValueError(f"int4 kernels need groups of a multiple of {2 * INT4_SMALL_CHUNK} columns, got {fmt.group}")
+    if fmt.name == "int8-a8":
+        scales = views["scales"]
+        return ((views["gate_up"], scales[: 2 * fmt.inter]), (views["down"], scales[2 * fmt.inter:]))
     if fmt.name == "int8":
         return row[: 3 * fmt.hidden * fmt.inter].view(np.int8), views["scales"]
     if fmt.group:
@@ -54,18 +61,51 @@ def packed_matrices(fmt: ExpertFormat, row: np.ndarray) -> tuple:
 
 
 def packed_scratch_size(fmt: ExpertFormat, tokens: int) -> int:
-    """Floats of the ``scratch`` packed_ffn needs for ``tokens`` tokens: h [T, I], hk [T, I], xk [T, H]."""
+    """Floats of the ``scratch`` packed_ffn needs for ``tokens`` tokens: h [T, I], hk [T, I], xk [T, H]; for
+    "-a8" formats h and the quantized x and h (_quantized_views)."""
+    if fmt.act_quant:
+        return sum(_quantized_sizes(fmt, tokens))
     return tokens * (2 * fmt.inter + fmt.hidden)
+
+
+def _quantized_sizes(fmt: ExpertFormat, tokens: int) -> list[int]:
+    """Floats (4-byte words) of h, then of x's and h's (codes, scales, code sums)."""
+    sizes = [tokens * fmt.inter]
+    for width in (fmt.hidden, fmt.inter):
+        sizes += [-(-tokens * width // 2), tokens * act_blocks(width), tokens * act_blocks(width)]
+    return sizes
+
+
+def _quantized_views(scratch: np.ndarray, fmt: ExpertFormat, tokens: int) -> tuple:
+    """(h float32 [T, I], (codes int16 [T, H], scales float32 [T, NBH], sums int32 [T, NBH]), the same for h)
+    views of a flat float32 scratch."""
+    flat, parts, start = _flat_scratch(scratch, packed_scratch_size(fmt, tokens)), [], 0
+    for size in _quantized_sizes(fmt, tokens):
+        parts.append(flat[start:start + size])
+        start += size
+    quantized = []
+    for i, width in enumerate((fmt.hidden, fmt.inter)):
+        codes, scales, sums = parts[1 + 3 * i: 4 + 3 * i]
+        blocks = act_blocks(width)
+        quantized.append((codes.view(np.int16)[: tokens * width].reshape(tokens, width),
+                          scales.reshape(tokens, blocks), sums.view(np.int32).reshape(tokens, blocks)))
+    return parts[0].reshape(tokens, fmt.inter), quantized[0], quantized[1]
+
+
+def _flat_scratch(scratch: np.ndarray, need: int) -> np.ndarray:
+    """The validated flat float32 scratch (>= need floats)."""
+    if not isinstance(scratch, np.ndarray) or scratch.dtype != np.float32 or not scratch.flags.c_contiguous:
+        raise ValueError("scratch must be a C-contiguous float32 numpy array")
+    if scratch.size < need:
+        raise ValueError(f"scratch holds {scratch.size} floats; this packed expert needs {need} "
+                         "(packed_scratch_size)")
+    return scratch.reshape(-1)
 
 
 def _scratch_views(scratch: np.ndarray, fmt: ExpertFormat, tokens: int) -> tuple:
     """(h [T, I], (xk [T, H], hk [T, I])) views of a flat float32 scratch of >= packed_scratch_size floats."""
     need, h_size = packed_scratch_size(fmt, tokens), tokens * fmt.inter
-    if not isinstance(scratch, np.ndarray) or scratch.dtype != np.float32 or not scratch.flags.c_contiguous:
-        raise ValueError("scratch must be a C-contiguous float32 numpy array")
-    if scratch.size < need:
-        raise ValueError(f"scratch holds {scratch.size} floats; a packed expert needs T * (2I + H) = {need}")
-    flat = scratch.reshape(-1)
+    flat = _flat_scratch(scratch, need)
     h = flat[:h_size].reshape(tokens, fmt.inter)
     hk = flat[h_size:2 * h_size].reshape(tokens, fmt.inter)
     return h, (flat[2 * h_size:need].reshape(tokens, fmt.hidden), hk)
@@ -90,8 +130,8 @@ def packed_ffn(x: np.ndarray, row: np.ndarray, fmt: ExpertFormat, act: str | int
     """out [T, H] = expert FFN of x [T, H] with the packed weights of ``row``; returns ``out``.
 
     scratch: float32, >= packed_scratch_size(fmt, T) floats. rows: float32 [C, >= row_buffer_width(fmt)],
-    where the C row chunks (run in parallel) decode their rows (unused by int8). T = 1 takes the decode
-    path (bytes streamed once), T > 1 the token-blocked path.
+    where the C row chunks (run in parallel) decode their rows (unused by int8 and "-a8" formats). T = 1 takes
+    the decode path (bytes streamed once), T > 1 the token-blocked path; "-a8" formats run int_ffn at any T.
     """
     hidden = fmt.hidden
     tokens = _check_tokens(x, hidden, "x")
@@ -99,9 +139,13 @@ def packed_ffn(x: np.ndarray, row: np.ndarray, fmt: ExpertFormat, act: str | int
         raise ValueError(f"out has {out.shape[0]} rows, x has {tokens}")
     inter = check_packed(row, fmt, hidden)
     code = check_act(act)
+    gate_up, down = packed_matrices(fmt, row)
+    if fmt.act_quant:
+        h, xq, hq = _quantized_views(scratch, fmt, tokens)   # h [T, I]
+        int_ffn(x, gate_up, down, code, out, h, xq, hq)
+        return out
     h, work = _scratch_views(scratch, fmt, tokens)  # h [T, I]
     _check_rows(rows, fmt)
-    gate_up, down = packed_matrices(fmt, row)
     if fmt.name == "int8":
         kernel = ffn_decode if tokens == 1 else ffn_prefill
         kernel(x, gate_up, down, hidden, inter, code, out, h)

@@ -3,7 +3,8 @@
     # T = tokens, H = hidden, I = intermediate
     native blocks (float32 / float16 / bf16): torch.from_numpy views, F.linear in the block's dtype
         (oneDNN's bf16 matmuls beat the Numba kernels for many tokens on CPUs with AVX-512 BF16 or AMX);
-    int8 blocks and packed rows: dequantized into one reused float32 scratch, then F.linear in float32.
+    int8 blocks and packed rows: dequantized into one reused float32 scratch, then F.linear in float32
+        ("-a8" formats: each matmul's input rounded as their Numba kernels round it, act_quant.py).
     out [T, H] float32 = down @ (act(gate @ x) * (up @ x))
 
 The runner chooses between this and the Numba kernels per format and token count (backends.py).
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from .activations import GELU, GELU_TANH, SILU
 from .blocks import as_torch_block
-from .packed import ExpertFormat
+from .packed import ExpertFormat, expert_forward
 
 _TORCH_ACTS = {SILU: F.silu, GELU: F.gelu, GELU_TANH: lambda v: F.gelu(v, approximate="tanh")}
 
@@ -59,6 +60,6 @@ class TorchExperts:
             fmt: ExpertFormat | None = None) -> None:
         """out [n, H] = expert(x [n, H]) (act: a kernel activation code)."""
         gate_up, down = self.matrices(block, x.shape[1], inter, scales, fmt)
-        xt = torch.from_numpy(x).to(gate_up.dtype)
-        gate, up = F.linear(xt, gate_up).chunk(2, dim=-1)                  # [n, I] each
-        torch.from_numpy(out).copy_(F.linear(_TORCH_ACTS[act](gate) * up, down))
+        xt = torch.from_numpy(x).to(gate_up.dtype)                          # [n, H]
+        rounding = fmt.round_activations if fmt is not None else None
+        torch.from_numpy(out).copy_(expert_forward(xt, gate_up, down, _TORCH_ACTS[act], rounding))

@@ -1,11 +1,14 @@
 """The law for quantized experts: logits equal transformers running the same dequantized weights.
 
 The reference is a plain transformers model whose every routed expert's weights are replaced by
-dequant(quant(w)) (``ExpertFormat.dequantized``); the offloaded model stores, copies and computes the
-packed bytes.
+dequant(quant(w)) (``ExpertFormat.dequantized``), and, for the "-a8" formats, whose experts' matmul
+inputs are rounded as those formats round them (``ExpertFormat.round_activations``); the offloaded model
+stores, copies and computes the packed bytes, on the device path or on the CPU kernels.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from conftest import assert_close, layer_budgets, rel_err
 from transformers import AutoModelForCausalLM
 
 import moe_offload
-from moe_offload.cpu_kernels.packed import PACKED, ExpertFormat
+from moe_offload.cpu_kernels.packed import ACT_QUANT, PACKED, ExpertFormat
 from moe_offload.errors import MoEOffloadError
 
 from tiny_checkpoints import FAMILIES
@@ -44,8 +47,36 @@ def quantized_reference(path, fmt_name: str, dtype: torch.dtype = torch.float32)
                 for e in range(module.gate_up_proj.shape[0]):
                     module.gate_up_proj[e] = fmt.dequantized(stored.gate_up_proj[e], "gate_up")
                     module.down_proj[e] = fmt.dequantized(stored.down_proj[e], "down")
+                if fmt.act_quant:
+                    round_matmul_inputs(module, fmt)
         _REFS[key] = model
     return _REFS[key]
+
+
+def round_matmul_inputs(module: torch.nn.Module, fmt: ExpertFormat) -> None:
+    """transformers' own experts forward, with every F.linear it calls fed the input rounded as ``fmt`` rounds
+    it (a pre-hook swaps torch.nn.functional.linear for the call's duration, the hook restores it)."""
+    linear = torch.nn.functional.linear
+    stack = contextlib.ExitStack()
+
+    def rounded(x, weight, bias=None):
+        return linear(fmt.round_activations(x), weight, bias)
+
+    def swap(*_):
+        stack.enter_context(_patched(torch.nn.functional, "linear", rounded))
+
+    module.register_forward_pre_hook(swap)
+    module.register_forward_hook(lambda *_: stack.close())
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, value):
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
 
 def load(path, fmt_name: str, dtype=torch.float32, **fields):
@@ -93,7 +124,7 @@ def test_quantized_greedy_generation_and_cpu_experts(checkpoints, fmt_name):
         model.offload.close()
 
 
-@pytest.mark.parametrize("fmt_name", ["int4", "fp8"])
+@pytest.mark.parametrize("fmt_name", ["int4", "fp8", "int4-a8", "int8-a8"])
 def test_quantized_under_late_copies(checkpoints, fmt_name):
     """Packed bytes copied late and out of order (the deferred backend) still give the reference's logits."""
     path = checkpoints["deepseek_v3"]
@@ -103,13 +134,53 @@ def test_quantized_under_late_copies(checkpoints, fmt_name):
                      f"deepseek_v3 {fmt_name} deferred copies")
 
 
-def test_quantized_bfloat16(checkpoints):
+@pytest.fixture(scope="module")
+def split_profile(tmp_path_factory):
+    """Costs under which 1-token misses run on the CPU and many-token misses are copied."""
+    from moe_offload.runtime.cost import HardwareProfile
+
+    profile = HardwareProfile(name="split", h2d_gbps=0.01, copy_latency_us=0.0, gpu_mem_gbps=1000.0,
+                              gpu_tflops=1000.0, gpu_launch_us=0.0, cpu_mem_gbps=1.0, cpu_gflops=0.02,
+                              cpu_start_us=0.0)
+    return profile.to_yaml(tmp_path_factory.mktemp("hw") / "split.yaml")
+
+
+@pytest.mark.parametrize("fmt_name", ACT_QUANT)
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("mode", ["never", "always", "auto"])
+@pytest.mark.parametrize("copy_backend", ["immediate", "deferred"])
+def test_activation_rounding_wherever_experts_run(checkpoints, family, fmt_name, mode, copy_backend, split_profile):
+    """An "-a8" expert computes the same function on the device path (fake-quantized activations, dequantized
+    weights) and on the CPU kernels (integer dot products): logits equal the reference in every mode."""
+    path = checkpoints[family]
+    model = load(path, fmt_name, expert_slots=2, cpu_experts=mode, hardware=str(split_profile),
+                 copy_backend=copy_backend, copy_seed=3)
+    with torch.no_grad():
+        assert_close(model(TOKENS).logits, quantized_reference(path, fmt_name)(TOKENS).logits,
+                     f"{family} {fmt_name} cpu_experts={mode} {copy_backend}")
+    cpu_runs = int(model.offload.stats.cpu_experts.sum())
+    assert (cpu_runs == 0) if mode == "never" else (cpu_runs > 0), mode
+    model.offload.close()
+
+
+def test_activation_rounding_matters(checkpoints):
+    """Control: an "-a8" model is measurably far from its weight-only twin's reference, so the parity above
+    checks the rounding."""
     path = checkpoints["mixtral"]
-    model = load(path, "int4", dtype=torch.bfloat16, expert_slots=3)
+    with torch.no_grad():
+        got = load(path, "int8-a8", expert_slots=3)(TOKENS).logits
+        rounded = rel_err(got, quantized_reference(path, "int8-a8")(TOKENS).logits)
+        assert rel_err(got, quantized_reference(path, "int8")(TOKENS).logits) > 100 * rounded
+
+
+@pytest.mark.parametrize("fmt_name", ["int4", "int4-a8"])
+def test_quantized_bfloat16(checkpoints, fmt_name):
+    path = checkpoints["mixtral"]
+    model = load(path, fmt_name, dtype=torch.bfloat16, expert_slots=3)
     with torch.no_grad():
         got = model(TOKENS).logits
-        expected = quantized_reference(path, "int4", torch.bfloat16)(TOKENS).logits
-    assert_close(got, expected, "mixtral int4 in bf16")
+        expected = quantized_reference(path, fmt_name, torch.bfloat16)(TOKENS).logits
+    assert_close(got, expected, f"mixtral {fmt_name} in bf16")
 
 
 def test_reference_swap_matters(checkpoints):

@@ -36,8 +36,7 @@ def median_seconds(fn, device: torch.device, repeats: int) -> float:
 
 def _device_expert(block: torch.Tensor, fmt: ExpertFormat, x: torch.Tensor, scratch) -> torch.Tensor:
     gate_up, down = fmt.unpack(block, scratch)                            # views, or dequantized into scratch
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)                      # [T, I] each
-    return F.linear(F.silu(gate) * up, down)                              # [T, H]
+    return fmt.forward(x, gate_up, down, F.silu)                          # [T, H]
 
 
 def measure_profile(host_block: torch.Tensor, slot: torch.Tensor, shape: ExpertShape, cpu_runner=None,

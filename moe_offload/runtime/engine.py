@@ -7,7 +7,6 @@ from itertools import accumulate
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..cache import ExpertCache, ExpertLayout
 from ..transfer import CopyEngine, HostExpertStore
@@ -126,10 +125,10 @@ class Engine:
 
     def expert(self, block, x, w, act_fn, out) -> None:
         """out = w * expert(x), the same ops transformers runs (x: [t, H] rows of this expert); a packed
-        block's weights are dequantized into the engine's scratch first."""
+        block's weights are dequantized into the engine's scratch first, and an "-a8" format's activations
+        rounded as its CPU kernels round them."""
         gate_up, down = self.format.unpack(block, self._scratch)            # [2I, H], [H, I]
-        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)                    # [t, I] each
-        y = F.linear(act_fn(gate) * up, down)                               # [t, H]
+        y = self.format.forward(x, gate_up, down, act_fn)                   # [t, H]
         out.copy_(y * w[:, None])
 
 
