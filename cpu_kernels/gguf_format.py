@@ -58,15 +58,17 @@ class GGUFExpertFormat(ExpertFormat):
         return f"GGUFExpertFormat({self.describe()}, H={self.hidden}, I={self.inter}, {self.nbytes} bytes per expert)"
 
     def describe(self) -> str:
-        """'Q4_K gate/up, Q6_K down (layers 1, 3), Q4_K down (layers 0, 2)'-style: the types and where."""
+        """The types, each combination's bytes per expert as stored and its MoE layers, e.g. 'GGUF Q4_K
+        gate/up, Q4_K down: 1,234 bytes (MoE layers 0, 2); Q4_K gate/up, Q6_K down: 1,456 bytes (MoE
+        layers 1, 3)'."""
         by_types: dict[tuple, list[int]] = {}
         for layer, types in enumerate(self.layer_types):
             by_types.setdefault(tuple(t.name for t in types), []).append(layer)
         parts = []
         for (gate, up, down), layers in by_types.items():
-            text = f"{gate} gate, {up} up, {down} down" if gate != up else f"{gate} gate/up, {down} down"
-            if gate == up == down:
-                text = gate
+            text = gate if gate == up == down else f"{gate} gate/up, {down} down" if gate == up else \
+                f"{gate} gate, {up} up, {down} down"
+            text += f": {self.layer_bytes(layers[0]):,} bytes"
             parts.append(text + (f" (MoE layers {', '.join(map(str, layers))})" if len(by_types) > 1 else ""))
         return "GGUF " + "; ".join(parts)
 

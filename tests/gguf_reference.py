@@ -35,7 +35,7 @@ def gguf_reference(path: Path, dtype: torch.dtype = torch.float32):
     from moe_offload.loading.gguf_config import gguf_config
 
     config = gguf_config(GGUFCheckpoint(Path(path)))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, experts_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation="eager").eval()
     reader = GGUFReader(path)
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     dense = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
@@ -49,8 +49,9 @@ def gguf_reference(path: Path, dtype: torch.dtype = torch.float32):
         if _KV_B_HALF.fullmatch(tensor.name):     # DeepSeek's kv_b_proj, split by llama.cpp: put together below
             halves[tensor.name] = torch.from_numpy(np.copy(weights))
             continue
-        if tensor.name not in dense_names and tensor.name.removesuffix(".bias") in dense_names:
-            dense_names[tensor.name] = dense_names[tensor.name.removesuffix(".bias")]   # V3's exp_probs_b.bias
+        if tensor.name.endswith(".exp_probs_b.bias"):   # DeepSeek-V3's router bias: no entry in the map
+            layer = tensor.name.split(".")[1]
+            dense_names[tensor.name] = f"model.layers.{layer}.mlp.gate.e_score_correction_bias"
         if _EXPERTS.fullmatch(tensor.name):
             experts.process(weights=weights, name=tensor.name, tensor_key_mapping=expert_names,
                             parsed_parameters=parsed)
@@ -66,11 +67,11 @@ def gguf_reference(path: Path, dtype: torch.dtype = torch.float32):
             parsed["tensors"][f"model.layers.{layer}.self_attn.kv_b_proj.weight"] = kv_b.reshape(-1, kv_b.shape[-1])
     state = model.state_dict()
     for name, value in parsed["tensors"].items():
-        state[name] = value.reshape(state[name].shape)
+        state[name] = value.reshape(state[name].shape).to(state[name].dtype)   # float32 values, cast once
     missing = set(model.state_dict()) - set(parsed["tensors"])
     if config.tie_word_embeddings:
         missing.discard("lm_head.weight")
     assert not missing, f"reference for {path} lacks {sorted(missing)}"
     model.load_state_dict(state)
     model.tie_weights()
-    return model.to(dtype)
+    return model

@@ -193,8 +193,9 @@ class GGUFCheckpoint:
         two halves llama.cpp splits it into (attn_k_b, attn_v_b); None if the file has none."""
         module, _, leaf = hf_name.rpartition(".")
         base = name_map.get_name(module)
-        whole = name_map.get_name(hf_name)     # tensors named whole, e.g. a router's e_score_correction_bias
-        for candidate in (f"{base}.{leaf}", f"{whole}.bias", f"{whole}.weight"):
+        # a router's e_score_correction_bias: llama.cpp names it as 'e_score_correction' with a .bias leaf
+        biased = name_map.get_name(hf_name.removesuffix("_bias"))
+        for candidate in (f"{base}.{leaf}", f"{biased}.bias"):
             if candidate in self.stored:
                 return [self.stored[candidate]]
         if base is not None and base.endswith(".attn_kv_b") and f"{base[:-5]}_k_b.{leaf}" in self.stored:
