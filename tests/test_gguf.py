@@ -243,6 +243,33 @@ def test_cli_exit_2_and_info(tmp_path):
     assert f"GGUF (" in done.stdout and fmt.describe() in done.stdout and f"{fmt.nbytes:,} bytes" in done.stdout
 
 
+def test_sweep_simulate_counts_gguf_bytes(tmp_path):
+    """sweep --simulate plans with the GGUF rows' bytes (scales included, padded to the longest layer's)."""
+    import json
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    path = fixture(QUANTIZED[0])
+    done = subprocess.run(["moe-offload", "sweep", "--model", str(path), "--simulate", "--budgets", "50%",
+                           "--policies", "lru", "--synthetic", "--synthetic-tokens", "64", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    row = json.loads((tmp_path / "sweep.json").read_text())["results"][0]
+    assert row["budget_bytes"] == row["slots"] * load(path).offload.store.format.nbytes > 0
+
+
+@pytest.mark.cuda
+def test_gguf_on_cuda():
+    """The device dequantization on a GPU: logits equal the reference's (run on the CPU)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    for name in QUANTIZED:
+        path = fixture(name)
+        model = moe_offload.from_pretrained(path, device="cuda", dtype=torch.float32, progress=False, expert_slots=1)
+        with torch.no_grad():
+            got = model(TOKENS.cuda()).logits.cpu()
+        assert_close(got, logits(reference(path)), f"{name} on cuda")
+
+
 def test_reference_swap_matters():
     """Control: the quantized file's logits are measurably far from the F32 file's (same weights before
     quantization), so parity checks the dequantized blocks, not a loose tolerance."""
