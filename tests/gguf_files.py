@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quantize
 
-FIXTURES = Path(__import__("os").environ.get("DEV_GGUF", Path(__file__).parent / "fixtures" / "gguf"))
+FIXTURES = Path(__file__).parent / "fixtures" / "gguf"
 _SKIP_FIELDS = ("GGUF.", "general.alignment", "split.")
 
 
@@ -92,6 +92,45 @@ def requantized_experts(src: Path, out: Path, kind: GGMLQuantizationType) -> Pat
             data, old = quantize(dequantize(data, old), kind), kind
         tensors.append((name, data, old))
     return rewrite(src, out, tensors)
+
+
+def random_blocks(kind: str, rows: int, cols: int, rng) -> np.ndarray:
+    """Random bytes of ``kind``'s blocks for [rows, cols] with finite float16 scales (the gguf package has
+    no quantizer for the K-quants)."""
+    from moe_offload.cpu_kernels.ggml_blocks import TYPE_BY_NAME
+
+    t = TYPE_BY_NAME[kind]
+    if t.block == 1:
+        values = rng.normal(size=rows * cols).astype(np.float32)
+        if kind == "BF16":
+            return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+        return values.astype({"F32": np.float32, "F16": np.float16}[kind]).view(np.uint8)
+    raw = rng.integers(0, 256, rows * t.row_bytes(cols), dtype=np.uint8)
+    blocks = raw.reshape(-1, t.nbytes)
+    for at in {"Q8_0": [0], "Q4_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}[kind]:
+        halves = (rng.normal(size=blocks.shape[0]) * 0.002).astype(np.float16)
+        blocks[:, at: at + 2] = halves.view(np.uint8).reshape(-1, 2)
+    return raw
+
+
+def random_expert_blocks(src: Path, out: Path, kinds: dict[str, str], seed: int = 0) -> Path:
+    """``src`` with random routed-expert blocks of ``kinds`` ({'gate': 'Q4_K', 'up': ..., 'down': ...})."""
+    rng = np.random.default_rng(seed)
+    tensors = []
+    for name, data, kind in stored(src):
+        m = re.search(r"ffn_(gate|up|down)_exps", name)
+        if m:
+            experts, rows = data.shape[:2]
+            cols = _columns(src, name)
+            kind = GGMLQuantizationType[kinds[m[1]]]
+            data = random_blocks(kinds[m[1]], experts * rows, cols, rng).reshape(experts, rows, -1)
+        tensors.append((name, data, kind))
+    return rewrite(src, out, tensors)
+
+
+def _columns(src: Path, name: str) -> int:
+    """A tensor's row length (its first GGUF dimension)."""
+    return int(next(t for t in GGUFReader(src).tensors if t.name == name).shape[0])
 
 
 def truncated(src: Path, out: Path, keep: float = 0.9) -> Path:

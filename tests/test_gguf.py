@@ -24,7 +24,8 @@ from moe_offload.errors import MoEOffloadError
 
 gguf = pytest.importorskip("gguf")
 
-from gguf_files import FIXTURES, dense_model, requantized_experts, rewrite, stack_layers, stored, truncated  # noqa: E402
+from gguf_files import (FIXTURES, dense_model, random_blocks, random_expert_blocks, requantized_experts,  # noqa: E402
+                        rewrite, stack_layers, stored, truncated)
 from gguf_reference import gguf_reference  # noqa: E402
 
 FILES = sorted(p.name for p in FIXTURES.glob("*.gguf"))
@@ -64,28 +65,12 @@ def _cache_dir(tmp_path, monkeypatch):
 
 
 # -- the formats' dequantization ---------------------------------------------------------------------------------
-def _random_blocks(kind: str, rows: int, cols: int, rng) -> np.ndarray:
-    """Random bytes of a kind's blocks, with finite float16 scales (K-quants have no numpy quantizer)."""
-    t = TYPE_BY_NAME[kind]
-    raw = rng.integers(0, 256, rows * t.row_bytes(cols), dtype=np.uint8)
-    if t.block == 1:
-        return rng.normal(size=rows * cols).astype({"F32": np.float32, "F16": np.float16}.get(kind, np.float32)) \
-            .view(np.uint8) if kind != "BF16" else (rng.normal(size=rows * cols).astype(np.float32).view(np.uint32)
-                                                    >> 16).astype(np.uint16).view(np.uint8)
-    blocks = raw.reshape(-1, t.nbytes)
-    where = {"Q8_0": [0], "Q4_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}[kind]
-    for at in where:
-        halves = (rng.normal(size=blocks.shape[0]) * 0.01).astype(np.float16)
-        blocks[:, at: at + 2] = halves.view(np.uint8).reshape(-1, 2)
-    return raw
-
-
 @pytest.mark.parametrize("kind", [t.name for t in GGML_TYPES.values()])
 def test_block_dequantization_equals_gguf(kind):
     """The torch dequantization (both paths run it) gives the gguf package's values bit for bit."""
     rng = np.random.default_rng(0)
     rows, cols = 5, 512
-    raw = _random_blocks(kind, rows, cols, rng)
+    raw = random_blocks(kind, rows, cols, rng)
     expected = gguf.quants.dequantize(raw.reshape(rows, -1), gguf.GGMLQuantizationType[kind])
     got = dequantize(torch.from_numpy(raw.copy()), TYPE_BY_NAME[kind], rows, cols)
     assert got.dtype == torch.float32 and np.array_equal(got.numpy(), expected.astype(np.float32)), kind
@@ -123,8 +108,10 @@ def test_gguf_greedy_generation(tmp_path):
 
 
 def _two_layers(tmp_path: Path) -> Path:
-    """Mixtral with two MoE layers whose experts differ in type (llama.cpp's bytes for both)."""
-    names = [n for n in ("mixtral-Q4_K_M.gguf", "mixtral-Q8_0.gguf", "mixtral-Q4_0.gguf") if (FIXTURES / n).is_file()]
+    """Mixtral with two MoE layers whose experts differ in type (llama.cpp's bytes for both; F16 experts
+    are kept as stored too)."""
+    names = [n for n in ("mixtral-Q4_K_M.gguf", "mixtral-Q8_0.gguf", "mixtral-Q4_0.gguf", "mixtral-F16.gguf")
+             if (FIXTURES / n).is_file()]
     if len(names) < 2:
         pytest.skip("needs two quantized Mixtral fixtures")
     return stack_layers(FIXTURES / names[0], FIXTURES / names[1], tmp_path / "two-layers.gguf")
@@ -143,6 +130,19 @@ def test_gguf_per_layer_types_and_disk_tier(tmp_path):
     assert disk.offload.plan.disk_tier
     assert_close(logits(disk), expected, "two layers from the disk tier")
     assert_close(logits(load(path, expert_slots=1, cpu_experts="always")), expected, "two layers on the CPU")
+
+
+@pytest.mark.parametrize("kinds", [("Q4_K", "Q4_K", "Q6_K"), ("Q5_K", "Q5_K", "Q6_K"), ("Q6_K", "Q4_0", "Q8_0")],
+                         ids=["Q4_K-Q6_K", "Q5_K-Q6_K", "Q6_K-Q4_0-Q8_0"])
+def test_kquant_rows_through_the_runtime(tmp_path, kinds):
+    """K-quant expert rows (random blocks with finite scales, written into the Mixtral fixture by the gguf
+    package's writer) through the store, the copies (deferred), the device dequantization and the CPU path."""
+    path = random_expert_blocks(fixture("mixtral-Q8_0.gguf"), tmp_path / "k.gguf", dict(zip(("gate", "up", "down"), kinds)))
+    expected = logits(gguf_reference(path))
+    for fields in (dict(expert_slots=1, copy_backend="deferred", copy_seed=1), dict(expert_slots=1, cpu_experts="always")):
+        model = load(path, **fields)
+        assert [t.name for t in model.offload.store.format.layer_types[0]] == list(kinds)
+        assert_close(logits(model), expected, f"{kinds} {fields}")
 
 
 def test_gguf_bytes_as_stored():
@@ -271,8 +271,8 @@ def test_gguf_on_cuda():
 
 
 def test_reference_swap_matters():
-    """Control: the quantized file's logits are measurably far from the F32 file's (same weights before
+    """Control: the Q8_0 file's logits are measurably far from the F16 file's (the same weights before
     quantization), so parity checks the dequantized blocks, not a loose tolerance."""
-    f32, q = fixture("mixtral-F32.gguf"), fixture(QUANTIZED[0])
+    f16, q = fixture("mixtral-F16.gguf"), fixture("mixtral-Q8_0.gguf")
     got = logits(load(q, expert_slots=2))
-    assert rel_err(got, logits(reference(f32))) > 100 * rel_err(got, logits(reference(q)))
+    assert rel_err(got, logits(reference(f16))) > 100 * rel_err(got, logits(reference(q)))

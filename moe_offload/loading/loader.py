@@ -62,7 +62,7 @@ def fill_experts(parts: ModelParts, store: HostExpertStore, cfg: OffloadConfig) 
     """The store's experts: rows that are the checkpoint's bytes unchanged are read straight into the store;
     a packed format is read from its quantize-once cache file when one matches the checkpoint, else
     quantized now and the file written for the next load. (A block-FP8 checkpoint's 128x128 experts go
-    into an fp8 store as they are: nothing to cache.)"""
+    into an fp8 store as they are, and a GGUF's experts into a GGUF-format store: nothing to cache.)"""
     if not store.format.packed or fp8_as_stored(parts, store) or store.format.name == "gguf":
         if not read_stored_rows(parts, store, cfg):
             fill_store(parts, store, cfg.progress, cfg.torch_device)
@@ -271,7 +271,8 @@ def host_tier(cfg: OffloadConfig, layout: ExpertLayout, store: HostExpertStore, 
 def from_pretrained(model: str | os.PathLike, config: OffloadConfig | None = None, **fields) -> PreTrainedModel:
     """Load a local HF MoE checkpoint with its routed experts offloaded.
 
-    ``model`` is a checkpoint directory or a shipped model name ('tiny-mixtral');
+    ``model`` is a checkpoint directory, a GGUF file (or the first file of a split set) or a shipped model
+    name ('tiny-mixtral');
     ``fields`` override ``config`` (an OffloadConfig). Returns the transformers
     model, with ``model.offload`` (an OffloadRuntime) for statistics.
     """
