@@ -302,8 +302,6 @@ class GGUFCheckpoint:
 
     def close(self) -> None:
         """Drop the readers' memory maps (pages read through them would stay resident)."""
-        for t in list(self.stored.values()):
-            del t
         self.stored.clear()
         self._experts.clear()
         self.readers.clear()
