@@ -145,6 +145,39 @@ def test_kquant_rows_through_the_runtime(tmp_path, kinds):
         assert_close(logits(model), expected, f"{kinds} {fields}")
 
 
+def test_f16_file_is_the_model_it_was_converted_from(tmp_path, monkeypatch):
+    """The config, names and llama's q/k un-permutation against the truth: every tensor read from the F16
+    fixture equals, float16-rounded, the one of the checkpoint llama.cpp converted it from (rebuilt here by
+    the fixture script's recipe), and the configs agree."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_offload.loading.config import OffloadConfig
+    from moe_offload.loading.parts import ModelParts
+    from tiny_checkpoints import make_checkpoint
+
+    path = fixture("mixtral-F16.gguf")
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    recipe = pytest.importorskip("make_fixtures")
+    source = make_checkpoint("mixtral", tmp_path / "src", seed=0, **(recipe.WIDE | recipe.FIXTURE_FAMILIES["mixtral"]))
+    original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).state_dict()
+    parts = ModelParts(path, OffloadConfig(device="cpu", dtype=torch.float32, progress=False))
+    if not torch.equal(parts.checkpoint.get("model.embed_tokens.weight"),
+                       original["model.embed_tokens.weight"].half().float()):
+        pytest.skip("this torch draws other random weights than the ones the fixture was converted from")
+    for name, info in parts.checkpoint.tensors.items():
+        if "experts" in name:
+            got = torch.stack([parts.checkpoint.get_slice(name, e) for e in range(info.shape[0])])
+        else:
+            got = parts.checkpoint.get(name)
+        want = original[name]
+        assert torch.equal(got, want.half().float() if info.ggml_type == "F16" else want), name
+    source_config = AutoModelForCausalLM.from_pretrained(source).config
+    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "vocab_size", "rms_norm_eps",
+                  "tie_word_embeddings"):
+        assert getattr(parts.hf_config, field) == pytest.approx(getattr(source_config, field)), field
+
+
 def test_gguf_bytes_as_stored():
     """The host rows hold the file's expert bytes unchanged."""
     path = fixture(QUANTIZED[0])
