@@ -117,6 +117,15 @@ class ExpertFormat:
         # computing from a row needs a dequantized (or cast) copy of its weights
         self.needs_scratch = self.packed or self.row_dtype != compute_dtype
 
+    numba = True     # the CPU runner has Numba kernels for the format (else it runs torch's matmuls)
+
+    def at(self, layer: int) -> "ExpertFormat":
+        """The format of MoE layer ``layer``'s experts: the same for every layer (GGUF files may differ)."""
+        return self
+
+    def describe(self) -> str:
+        return self.name
+
     def __repr__(self) -> str:
         return f"ExpertFormat({self.name!r}, H={self.hidden}, I={self.inter}, {self.nbytes} bytes per expert)"
 

@@ -158,7 +158,8 @@ class CpuRunner:
             ys = self._workspace.get("y", n, width)  # [n, H]
             hs = self._workspace.get("h", n, inter)  # [n, I]
             gather_rows(x, rows, xs)
-            backend = self.backend(job_format(job.block, job.fmt), n)
+            numba = job.fmt is None or job.fmt.numba
+            backend = self.backend(job_format(job.block, job.fmt), n) if numba else "torch"
             self._run_expert(job, xs, ys, hs, inter, code, backend)
             scatter_add_rows(acc, rows, weights, ys)
         return result

@@ -79,11 +79,11 @@ def prompt_source(args: argparse.Namespace) -> str:
 
 def load_tokenizer(model):
     """The tokenizer saved beside a loaded model's weights."""
-    from transformers import AutoTokenizer
+    from ..loading.tokenizer import load_tokenizer as checkpoint_tokenizer
 
     directory = model.config._name_or_path
     try:
-        return AutoTokenizer.from_pretrained(directory)
+        return checkpoint_tokenizer(directory)
     except (OSError, ValueError):
         raise MoEOffloadError(f"{directory} has no tokenizer files; tracing needs them (tokenizer.json etc.)") from None
 

@@ -28,8 +28,7 @@ def main(args: argparse.Namespace) -> int:
     rows = [
         ("model", f"{parts.directory} ({parts.hf_config.model_type}, {parts.dtype})"),
         ("weights", "checked" if parts.has_weights else "none: config.json only (sizes from the config)"),
-        ("checkpoint format", f"{parts.quantization.describe()} (dense weights dequantized to {parts.dtype} on "
-         "read)" if parts.quantization else "unquantized"),
+        ("checkpoint format", parts.describe_checkpoint()),
         ("expert format", _expert_format(parts)),
         ("dense bytes", gib(plan.dense_bytes)),
         ("expert bytes", gib(plan.expert_bytes)),
@@ -64,4 +63,4 @@ def _expert_format(parts) -> str:
     quantization = parts.quantization
     kept = isinstance(quantization, Int4Checkpoint) and fmt.group and quantization.fits(fmt.group)
     origin = "; the checkpoint's int4 weights repacked, not re-quantized" if kept else ""
-    return f"{fmt.name} ({fmt.nbytes / plain:.1%} of {str(parts.dtype).removeprefix('torch.')}; computed in it{origin})"
+    return f"{fmt.describe()} ({fmt.nbytes / plain:.1%} of {str(parts.dtype).removeprefix('torch.')}; computed in it{origin})"

@@ -25,16 +25,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from ..loading.loader import from_pretrained
+    from ..loading.tokenizer import load_tokenizer
     from .streaming import TimedStreamer
 
     cfg = offload_config(args, cache_policy=args.cache_policy)
     model = from_pretrained(args.model, cfg)
     directory = model.config._name_or_path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = load_tokenizer(directory)
     except (OSError, ValueError):
         raise MoEOffloadError(f"{directory} has no tokenizer files; `run` needs them (tokenizer.json etc.)") from None
     inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)

@@ -33,7 +33,8 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
     if shipped is not None:
         return shipped
     if path.exists():
-        raise MoEOffloadError(f"model path {path} is a file; give the checkpoint directory that holds config.json")
+        raise MoEOffloadError(f"model path {path} is a file; give the checkpoint directory that holds config.json, "
+                              "or a GGUF file (.gguf)")
     raise MoEOffloadError(
         f"model directory {path} does not exist; give a local HF checkpoint directory "
         "(config.json + *.safetensors), a shipped model name such as 'tiny-mixtral' or a shape preset such as "

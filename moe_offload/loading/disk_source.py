@@ -47,7 +47,9 @@ def expert_tensors(parts: ModelParts) -> dict[int, list[tuple[str, str, int | No
 def checkpoint_runs(parts: ModelParts, fmt) -> dict[int, list[Run]] | None:
     """Runs into native rows straight from the shards; None when the rows are not the stored bytes."""
     checkpoint = parts.checkpoint
-    if fmt.packed or not checkpoint.reads_as_stored:
+    if fmt.name == "gguf":
+        return gguf_runs(parts, fmt)
+    if fmt.packed or parts.is_gguf or not checkpoint.reads_as_stored:
         return None
     item = torch.empty((), dtype=fmt.row_dtype).element_size()
     h, i = fmt.hidden, fmt.inter
@@ -62,6 +64,19 @@ def checkpoint_runs(parts: ModelParts, fmt) -> dict[int, list[Run]] | None:
             size = info.nbytes // (info.shape[0] if index is not None else 1)
             offset = info.offset + (index or 0) * size
             runs[key].append(Run(str(info.shard), offset, where[role], size))
+    return runs
+
+
+def gguf_runs(parts: ModelParts, fmt) -> dict[int, list[Run]]:
+    """Runs into GGUF-format rows: each expert's gate, up and down bytes, one contiguous run each in the file."""
+    runs: dict[int, list[Run]] = {}
+    for ordinal, site in enumerate(parts.sites):
+        where = fmt.offsets(ordinal)
+        for e in range(parts.num_experts):
+            row = runs[ordinal * parts.num_experts + e] = []
+            for proj in ("gate", "up", "down"):
+                path, offset, nbytes = parts.checkpoint.expert_run(site.model_layer, proj, e)
+                row.append(Run(path, offset, where[proj], nbytes))
     return runs
 
 

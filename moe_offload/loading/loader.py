@@ -62,8 +62,10 @@ def fill_experts(parts: ModelParts, store: HostExpertStore, cfg: OffloadConfig) 
     """The store's experts: rows that are the checkpoint's bytes unchanged are read straight into the store;
     a packed format is read from its quantize-once cache file when one matches the checkpoint, else
     quantized now and the file written for the next load. (A block-FP8 checkpoint's 128x128 experts go
-    into an fp8 store as they are, an int4 checkpoint's repacked into an int4 store: nothing to cache.)"""
-    if not store.format.packed or fp8_as_stored(parts, store) or int4_as_stored(parts, store):
+    into an fp8 store as they are, an int4 checkpoint's repacked into an int4 store, and a GGUF's experts
+    into a GGUF-format store: nothing to cache.)"""
+    if (not store.format.packed or fp8_as_stored(parts, store) or int4_as_stored(parts, store)
+            or store.format.name == "gguf"):
         if not read_stored_rows(parts, store, cfg):
             fill_store(parts, store, cfg.progress, cfg.torch_device)
         return
@@ -102,7 +104,7 @@ def read_stored_rows(parts: ModelParts, store: HostExpertStore, cfg: OffloadConf
     finally:
         reader.close()
     for key in range(store.num_keys):
-        roles = {part for run in runs[key] for part in _parts_at(store, run.dest, run.nbytes)}
+        roles = {part for run in runs[key] for part in _parts_at(store, key, run.dest, run.nbytes)}
         store.filled[key, sorted(roles)] = True
     return True
 
@@ -122,11 +124,18 @@ def _fault_ahead(rows: torch.Tensor, order: list[int]) -> list[threading.Event]:
     return done
 
 
-def _parts_at(store: HostExpertStore, dest: int, nbytes: int) -> list[int]:
-    """The projections (PARTS indexes: gate 0, up 1, down 2) a run of ``nbytes`` at byte ``dest`` covers."""
-    item = store.blocks.element_size()
-    h, i = store.shape.hidden, store.shape.intermediate
-    bounds = [0, i * h * item, 2 * i * h * item, 3 * i * h * item]
+def _parts_at(store: HostExpertStore, key: int, dest: int, nbytes: int) -> list[int]:
+    """The projections (PARTS indexes: gate 0, up 1, down 2) a run of ``nbytes`` at byte ``dest`` of expert
+    ``key``'s row covers."""
+    fmt = store.format
+    if fmt.name == "gguf":    # per-layer projection sizes
+        layer = key // store.num_experts
+        where = fmt.offsets(layer)
+        bounds = [where["gate"], where["up"], where["down"], fmt.layer_bytes(layer)]
+    else:
+        item = store.blocks.element_size()
+        h, i = store.shape.hidden, store.shape.intermediate
+        bounds = [0, i * h * item, 2 * i * h * item, 3 * i * h * item]
     return [p for p in range(3) if dest < bounds[p + 1] and dest + nbytes > bounds[p]]
 
 
@@ -156,7 +165,7 @@ def make_cpu_runner(cfg: OffloadConfig, parts: ModelParts):
     runner = CpuRunner(num_threads=cfg.cpu_threads)
     fmt = parts.format
     runner.warmup(dtypes=[] if fmt.packed else [fmt.name], acts=[parts.hf_config.hidden_act],
-                  packed=[fmt.name] if fmt.packed else [])
+                  packed=[fmt.name] if fmt.packed and fmt.numba else [])
     return runner
 
 
@@ -168,7 +177,9 @@ def cost_model(cfg: OffloadConfig, parts: ModelParts, store: HostExpertStore, sl
         if runner is not None and profile.cpu_backend:
             runner.set_choices(profile.cpu_backend)
     else:
-        profile = measure_profile(store.blocks[0], slots.buffers[0], parts.shape, runner, repeats=3, fmt=store.format)
+        fmt = store.format.at(0)   # (the store's first row is an expert of MoE layer 0)
+        profile = measure_profile(store.blocks[0], slots.buffers[0], parts.shape, runner, repeats=3, fmt=fmt,
+                                  cpu_formats=None if fmt.numba else [])
     return CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize,
                                 parts.format.nbytes, parts.format.name)
 
@@ -262,7 +273,8 @@ def host_tier(cfg: OffloadConfig, layout: ExpertLayout, store: HostExpertStore, 
 def from_pretrained(model: str | os.PathLike, config: OffloadConfig | None = None, **fields) -> PreTrainedModel:
     """Load a local HF MoE checkpoint with its routed experts offloaded.
 
-    ``model`` is a checkpoint directory or a shipped model name ('tiny-mixtral');
+    ``model`` is a checkpoint directory, a GGUF file (or the first file of a split set) or a shipped model
+    name ('tiny-mixtral');
     ``fields`` override ``config`` (an OffloadConfig). Returns the transformers
     model, with ``model.offload`` (an OffloadRuntime) for statistics.
     """

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from ..cpu_kernels.ggml_blocks import GGML_TYPES
+from ..cpu_kernels.gguf_format import GGUFExpertFormat
 from ..cpu_kernels.packed import FP8_BLOCK, ExpertFormat
 from ..errors import MoEOffloadError
 from ..transfer import ExpertShape
@@ -17,8 +21,13 @@ from .budget import MemoryPlan, plan_memory
 from .checkpoint import Checkpoint, read_format, resolve_model_dir
 from .config import OffloadConfig
 from .int4_checkpoint import Int4Checkpoint
+from .gguf_checkpoint import GGUFCheckpoint, is_gguf
+from .gguf_config import gguf_config
 from .skeleton import ExpertsSite, build_skeleton, find_experts
 from .validate import check_config, check_tensors
+
+
+GGUF_DTYPE = torch.bfloat16    # a GGUF's dense weights are dequantized into this unless ``dtype`` says otherwise
 
 
 def load_config(directory: os.PathLike) -> PretrainedConfig:
@@ -43,22 +52,36 @@ class ModelParts:
     'mixtral-8x7b' is such a directory)."""
 
     def __init__(self, model_path: str | os.PathLike, cfg: OffloadConfig, weights: bool = True):
-        self.directory = resolve_model_dir(model_path)
-        self.checkpoint = Checkpoint(self.directory) if weights else None
+        gguf = is_gguf(model_path)
+        if gguf:   # one file (or the first of a split set): metadata, vocabulary and tensors together
+            self.directory = Path(model_path).expanduser()
+            if not self.directory.is_file():
+                raise MoEOffloadError(f"GGUF file {self.directory} does not exist")
+            self.checkpoint = GGUFCheckpoint(self.directory)
+            self.hf_config = gguf_config(self.checkpoint)
+            where = self.directory
+        else:
+            self.directory = resolve_model_dir(model_path)
+            self.checkpoint = Checkpoint(self.directory) if weights else None
+            self.hf_config = load_config(self.directory)
+            where = self.directory / "config.json"
         # the weight format (None: unquantized, or BlockFP8); any other quantization is refused here, by name
-        self.quantization = self.checkpoint.quantization if weights else read_format(self.directory)
-        self.hf_config = load_config(self.directory)
+        self.quantization = self.checkpoint.quantization if self.checkpoint else read_format(self.directory)
         self.adapter: ModelAdapter = adapter_for(self.hf_config)
-        check_config(self.hf_config, self.adapter, self.directory / "config.json")
-        self.dtype = cfg.dtype or checkpoint_dtype(self.hf_config)
+        check_config(self.hf_config, self.adapter, where)
+        self.dtype = cfg.dtype or (GGUF_DTYPE if gguf else checkpoint_dtype(self.hf_config))
         self.model = build_skeleton(self.hf_config, self.dtype)
         self.sites: list[ExpertsSite] = find_experts(self.model, self.adapter)
         first = self.sites[0].module
         num_experts, two_i, hidden = first.gate_up_proj.shape
         self.num_experts = num_experts
         self.shape = ExpertShape(hidden=hidden, intermediate=two_i // 2)
-        self.format = expert_format(cfg, self.shape, self.dtype, self.quantization)
-        if weights:
+        if gguf:
+            self.checkpoint.bind(self.model, [s.model_layer for s in self.sites], num_experts, hidden, two_i // 2)
+            self.format = gguf_expert_format(cfg, self)
+        else:
+            self.format = expert_format(cfg, self.shape, self.dtype, self.quantization)
+        if self.checkpoint is not None:
             check_tensors(self)  # every tensor present, shaped and typed as config.json implies
         self.plan: MemoryPlan = plan_memory(
             cfg,
@@ -76,6 +99,18 @@ class ModelParts:
     @property
     def has_weights(self) -> bool:
         return self.checkpoint is not None
+
+    @property
+    def is_gguf(self) -> bool:
+        return isinstance(self.checkpoint, GGUFCheckpoint)
+
+    def describe_checkpoint(self) -> str:
+        """The checkpoint's format, for `info`."""
+        if self.is_gguf:
+            return f"{self.checkpoint.describe()} (dense weights dequantized to {self.dtype} on read)"
+        if self.quantization:
+            return f"{self.quantization.describe()} (dense weights dequantized to {self.dtype} on read)"
+        return "unquantized"
 
     def routers(self) -> list[nn.Module]:
         """The router module beside each MoE layer's experts, in MoE-layer order."""
@@ -97,6 +132,35 @@ def expert_format(cfg: OffloadConfig, shape: ExpertShape, dtype: torch.dtype, qu
         return ExpertFormat(name, shape.hidden, shape.intermediate, dtype)
     except ValueError as err:
         raise MoEOffloadError(f"expert_dtype {name!r}: {err}") from None
+
+
+def gguf_expert_format(cfg: OffloadConfig, parts: "ModelParts") -> ExpertFormat:
+    """A GGUF file's routed experts: kept in the file's blocks (GGUFExpertFormat) unless ``cfg.expert_dtype``
+    names another format. A type the GGUF format does not keep is refused by name, or, with an explicit
+    ``expert_dtype``, dequantized into it with a warning that says the bytes it costs."""
+    ckpt = parts.checkpoint
+    unread = ckpt.unread_expert_types()
+    if cfg.expert_dtype is None:
+        if unread:
+            name, kind = next(iter(unread.items()))
+            raise MoEOffloadError(
+                f"{ckpt.path}: routed-expert tensor {name} is {kind}; moe-offload keeps GGUF experts of types "
+                f"{', '.join(sorted(t.name for t in GGML_TYPES.values()))} as stored. Pass expert_dtype "
+                "(--expert-dtype bfloat16, int8, int4, ...) to dequantize them into that format instead")
+        layers = [s.model_layer for s in parts.sites]
+        types = [tuple(ckpt.expert_type(layer, p) for p in ("gate", "up", "down")) for layer in layers]
+        try:
+            return GGUFExpertFormat(types, parts.shape.hidden, parts.shape.intermediate, parts.dtype)
+        except ValueError as err:
+            raise MoEOffloadError(f"{ckpt.path}: routed experts: {err}") from None
+    fmt = expert_format(cfg, parts.shape, parts.dtype)
+    if unread:
+        stored = sum(ckpt.stored[n].nbytes for n in unread) // (len(parts.sites) * parts.num_experts)
+        name, kind = next(iter(unread.items()))
+        warnings.warn(f"{ckpt.path}: routed experts such as {name} are {kind}, which moe-offload does not keep as "
+                      f"stored; they are dequantized into {fmt.name}: {fmt.nbytes:,} bytes per expert instead of "
+                      f"about {stored:,} in the file ({fmt.nbytes / max(stored, 1):.2f}x)", stacklevel=3)
+    return fmt
 
 
 def _keeps_fp32(model: PreTrainedModel, name: str) -> bool:
@@ -145,5 +209,5 @@ def load_dense(parts: ModelParts, device: torch.device) -> None:
 
 
 def has_weights(model_path: str | os.PathLike) -> bool:
-    """Whether the model directory holds safetensors weights (a config-only directory does not)."""
-    return any(resolve_model_dir(model_path).glob("*.safetensors"))
+    """Whether the model holds weights: a GGUF file, or a directory with safetensors (a config-only one does not)."""
+    return is_gguf(model_path) or any(resolve_model_dir(model_path).glob("*.safetensors"))

@@ -28,6 +28,7 @@ from ..cpu_kernels.packed import QUANTIZER_VERSION, ExpertFormat
 from ..transfer import HostExpertStore
 
 FILE_VERSION = 1
+GGUF_HEAD = 2**20
 
 
 def default_folder() -> Path:
@@ -46,6 +47,9 @@ def cache_key(shards: list[Path], fmt: ExpertFormat, num_keys: int) -> str:
         stat = shard.stat()
         digest.update(f"{shard.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         with shard.open("rb") as f:
+            if shard.suffix == ".gguf":    # GGUF: metadata and tensor table first (the first MiB holds them, or most)
+                digest.update(f.read(GGUF_HEAD))
+                continue
             (length,) = struct.unpack("<Q", f.read(8))
             digest.update(f.read(length))
     return digest.hexdigest()[:32]

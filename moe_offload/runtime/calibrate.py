@@ -83,7 +83,10 @@ def measure_profile(host_block: torch.Tensor, slot: torch.Tensor, shape: ExpertS
     )
     if cpu_runner is None:
         return profile
-    return dataclasses.replace(profile, **measure_cpu_experts(cpu_runner, shape, cpu_formats or [fmt.name]))
+    formats = [fmt.name] if cpu_formats is None else cpu_formats
+    if not formats:     # (a format without Numba kernels: the roofline above is its CPU cost)
+        return profile
+    return dataclasses.replace(profile, **measure_cpu_experts(cpu_runner, shape, formats))
 
 
 def measure_cpu_experts(cpu_runner, shape: ExpertShape, formats: Sequence[str], budget_s: float = 2.0) -> dict:

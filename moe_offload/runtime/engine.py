@@ -84,7 +84,7 @@ class Engine:
         flat = top_k_index.reshape(-1)                                  # [T*k]
         order = torch.argsort(flat, stable=True)                        # [T*k] assignments grouped by expert
         record = self.protocol.record(layer, flat)                      # [E] host counts, read back with the router's
-        call = _LayerCall(self, hidden, order // k, top_k_weights.reshape(-1)[order],
+        call = _LayerCall(self, layer, hidden, order // k, top_k_weights.reshape(-1)[order],
                           [0, *accumulate(record.counts)], act_fn)
         self.protocol.run(layer, hidden.shape[0], record, call)
         return call.combine(order, k)
@@ -97,7 +97,7 @@ class Engine:
         hidden_host, rows_host, weights_host = self._cpu_inputs.read([hidden.detach(), rows, weights])
         hidden_host = hidden_host.reshape(hidden.shape)                    # [T, H] float32
         rows_host = rows_host.astype(np.int64)                             # [T*k] exact: row ids < 2^24
-        fmt = self.format if self.format.packed else None
+        fmt = self.format.at(keys[0] // self.store.num_experts) if self.format.packed else None   # one layer's keys
         jobs = [CpuJob(self._cpu_block(key), rows_host[starts[e] : starts[e + 1]],
                        weights_host[starts[e] : starts[e + 1]], self.act, fmt=fmt) for e, key in zip(experts, keys)]
         out = self._cpu_output(hidden.shape)
@@ -123,12 +123,13 @@ class Engine:
         if self._cpu_out_copied is not None:
             self._cpu_out_copied.record(torch.cuda.current_stream(device))
 
-    def expert(self, block, x, w, act_fn, out) -> None:
-        """out = w * expert(x), the same ops transformers runs (x: [t, H] rows of this expert); a packed
-        block's weights are dequantized into the engine's scratch first, and an "-a8" format's activations
-        rounded as its CPU kernels round them."""
-        gate_up, down = self.format.unpack(block, self._scratch)            # [2I, H], [H, I]
-        y = self.format.forward(x, gate_up, down, act_fn)                   # [t, H]
+    def expert(self, layer: int, block, x, w, act_fn, out) -> None:
+        """out = w * expert(x), the same ops transformers runs (x: [t, H] rows of this expert of MoE layer
+        ``layer``); a packed block's weights are dequantized into the engine's scratch first, and an "-a8"
+        format's activations rounded as its CPU kernels round them."""
+        fmt = self.format.at(layer)
+        gate_up, down = fmt.unpack(block, self._scratch)                    # [2I, H], [H, I]
+        y = fmt.forward(x, gate_up, down, act_fn)                           # [t, H]
         out.copy_(y * w[:, None])
 
 
@@ -141,8 +142,9 @@ class _LayerCall:
     grouped_mm path uses, so bf16 results round the same way.
     """
 
-    def __init__(self, engine: Engine, hidden, rows, weights, starts: list[int], act_fn):
+    def __init__(self, engine: Engine, layer: int, hidden, rows, weights, starts: list[int], act_fn):
         self.engine = engine
+        self.layer = layer              # MoE-layer ordinal
         self.hidden = hidden            # [T, H]
         self.rows = rows                # [T*k] token row of each assignment, grouped by expert
         self.weights = weights          # [T*k] routing weight of each assignment
@@ -160,7 +162,7 @@ class _LayerCall:
     def device(self, expert: int, slot: int) -> None:
         lo, hi = self.starts[expert], self.starts[expert + 1]
         block = self.engine.cache.slots.buffers[slot]
-        self.engine.expert(block, self.x_sorted[lo:hi], self.weights[lo:hi], self.act_fn, self.ys[lo:hi])
+        self.engine.expert(self.layer, block, self.x_sorted[lo:hi], self.weights[lo:hi], self.act_fn, self.ys[lo:hi])
 
     def combine(self, order: torch.Tensor, k: int) -> torch.Tensor:
         """[T, H] the layer's output: device experts' rows un-permuted and summed over k, plus the CPU's."""

@@ -91,10 +91,10 @@ def parse_budgets(text: str, parts) -> list[Budget]:
 
 def sweep_prompts(parts, count: int, tokens: int) -> list[torch.Tensor]:
     """[1, tokens] ids each: held-out stdlib text when the model has a tokenizer, else random ids."""
-    from transformers import AutoTokenizer
+    from ..loading.tokenizer import load_tokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(parts.directory)
+        tokenizer = load_tokenizer(parts.directory)
     except (OSError, ValueError, TypeError):
         tokenizer = None
     if tokenizer is not None:
