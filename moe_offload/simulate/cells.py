@@ -64,19 +64,25 @@ def run_cells(replay: Replay, cells: list[Cell], workers: int | None = None, ray
               progress: bool = True, desc: str = "simulate") -> list[SimulationResult]:
     """Every cell's result, in order. ``ray_address`` None: a process pool of ``workers`` processes (default:
     the machine's cores; 1 or a single cell: inline); '' a local Ray; else the Ray cluster at that address."""
+    return run_jobs([(replay, cell) for cell in cells], workers, ray_address, progress, desc)
+
+
+def run_jobs(jobs: list[tuple[Replay, Cell]], workers: int | None = None, ray_address: str | None = None,
+             progress: bool = True, desc: str = "simulate") -> list[SimulationResult]:
+    """``run_cells`` for cells of several replays (e.g. one per expert format): (replay, cell) pairs."""
     if ray_address is not None:
-        return _on_ray(replay, cells, ray_address, progress, desc)
-    workers = min(workers or os.cpu_count() or 1, len(cells))
-    bar = tqdm(total=len(cells), desc=desc, unit="cell", disable=not progress)
+        return _on_ray(jobs, ray_address, progress, desc)
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    bar = tqdm(total=len(jobs), desc=desc, unit="cell", disable=not progress)
     if workers <= 1:
         results = []
-        for cell in cells:
+        for replay, cell in jobs:
             results.append(run_cell(replay, cell))
             bar.update()
         bar.close()
         return results
     with ProcessPoolExecutor(workers, mp_context=_context(), initializer=_one_thread) as pool:
-        futures = [pool.submit(run_cell, replay, cell) for cell in cells]
+        futures = [pool.submit(run_cell, replay, cell) for replay, cell in jobs]
         for future in futures:
             future.add_done_callback(lambda _: bar.update())
         results = [future.result() for future in futures]
@@ -95,7 +101,7 @@ def _one_thread() -> None:
     torch.set_num_threads(1)   # the pool already uses every core
 
 
-def _on_ray(replay: Replay, cells: list[Cell], address: str, progress: bool, desc: str) -> list[SimulationResult]:
+def _on_ray(jobs: list[tuple[Replay, Cell]], address: str, progress: bool, desc: str) -> list[SimulationResult]:
     try:
         import ray
     except ImportError:
@@ -105,8 +111,10 @@ def _on_ray(replay: Replay, cells: list[Cell], address: str, progress: bool, des
         ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
     try:
         remote = ray.remote(num_cpus=1)(run_cell)
-        shared = ray.put(replay)
-        refs = [remote.remote(shared, cell) for cell in cells]
+        shared = {}
+        for replay, _ in jobs:                      # each replay goes to the object store once
+            shared.setdefault(id(replay), ray.put(replay))
+        refs = [remote.remote(shared[id(replay)], cell) for replay, cell in jobs]
         bar = tqdm(total=len(refs), desc=f"{desc} (ray)", unit="cell", disable=not progress)
         pending = list(refs)
         while pending:
