@@ -114,8 +114,8 @@ def plan(request: PlanRequest) -> PlanResult:
             if shaped is not None:
                 formats[dtype, kv] = shaped
     if not formats:
-        raise MoEOffloadError(f"no expert format of {request.model} fits in {request.gpu_memory / 2**30:.1f} GiB "
-                              "of GPU memory with its dense weights; give more --gpu-memory")
+        raise MoEOffloadError(f"no expert format of {request.model} fits in {request.gpu_memory / 2**30:.2f} GiB "
+                              f"of GPU memory ({'; '.join(notes)}); give more --gpu-memory")
     coarse = [(replace(f, replay=f.coarse), Cell("score", f.slots, "global", predictor, depth, f.host_rows, "auto"))
               for (dtype, kv), f in formats.items() if kv == KV_RESERVES[0] for depth in COARSE_DEPTHS]
     best = _evaluate(request, coarse)[0]
