@@ -35,7 +35,8 @@ def run_sweep(python: str, tokens: int) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory() as out:
         command = [python, "-m", "moe_offload", *SWEEP, "--synthetic-tokens", str(tokens), "--out", out]
         start = time.perf_counter()
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        # run from the output folder: from a checkout's root, ``-m moe_offload`` would import that checkout's
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=out)
         seconds = time.perf_counter() - start
         row = json.loads((Path(out) / "sweep.json").read_text())["results"][0]
     return seconds, {key: row[key] for key in COMPARED}
