@@ -1,5 +1,5 @@
 """moe-offload command line: one module per command (run, info, calibrate, trace, fit-predictor, sweep,
-serve)."""
+plan, serve)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import argparse
 import sys
 
 from ..errors import MoEOffloadError
-from . import calibrate, fit_predictor, info, run, serve, sweep, trace
+from . import calibrate, fit_predictor, info, plan, run, serve, sweep, trace
 from .argtypes import Parser
 
-COMMANDS = (run, info, calibrate, trace, fit_predictor, sweep, serve)
+COMMANDS = (run, info, calibrate, trace, fit_predictor, sweep, plan, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,6 +93,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host-memory", help="with --simulate: host memory budgets for experts, e.g. 64GiB,128GiB,all "
                                          "(below the experts: the disk tier); one set of rows each (default: all)")
     p.add_argument("--disk-gbps", type=float, help="with --simulate: the disk's read GB/s (default: the profile's)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="with --simulate: run the grid's cells as Ray tasks, on a local Ray or the cluster at "
+                        "ADDRESS (pip install 'moe-offload[ray]'); default: a process pool over this machine's cores")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=main)
 
@@ -200,12 +203,12 @@ def parse_predictors(text: str | None, simulate: bool) -> list[str] | None:
     return names
 
 
-def simulate_all(parts, setup: SweepSetup, runs, notes: list[str], predictors: list[str] | None):
+def simulate_all(parts, setup: SweepSetup, runs, notes: list[str], predictors: list[str] | None,
+                 ray_address: str | None = None):
     """Rows of every predictor's runs over one trace; the predictors run (the default resolved)."""
     trace = sweep_trace(parts, setup)
     names = predictors or [default_predictor(parts, trace, notes)]
-    rows = [row for name in names for row in simulate_rows(parts, replace(setup, predictor=name), runs, notes, trace)]
-    return rows, names
+    return simulate_rows(parts, setup, runs, notes, trace, names, ray_address), names
 
 
 def main(args: argparse.Namespace) -> int:
@@ -216,6 +219,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = cfg.replace(expert_dtype=args.expert_dtype) if args.expert_dtype else cfg
     if ALLOCATIONS[args.allocation].needs_miss_curves and not args.simulate:
         raise MoEOffloadError(f"--allocation {args.allocation} needs miss curves from a trace; use it with --simulate")
+    if args.ray is not None and not args.simulate:
+        raise MoEOffloadError("--ray runs simulated cells; add --simulate")
     if (args.trace or args.synthetic) and not args.simulate:
         raise MoEOffloadError("--trace and --synthetic replay a trace; add --simulate")
     predictors = parse_predictors(args.predictor, args.simulate)
@@ -239,7 +244,7 @@ def main(args: argparse.Namespace) -> int:
                        host_budgets=parse_host_budgets(args.host_memory, args.simulate), disk_gbps=args.disk_gbps)
     runs = runnable(parts, setup, policies, budgets, notes)
     if args.simulate:
-        rows, predictors = simulate_all(parts, setup, runs, notes, predictors)
+        rows, predictors = simulate_all(parts, setup, runs, notes, predictors, args.ray)
         hardware = Path(args.hardware).stem
     else:
         rows = [row for name in predictors or [None] for row in engine_rows(parts, replace(setup, predictor=name),

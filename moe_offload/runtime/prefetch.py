@@ -34,6 +34,18 @@ class Prediction:
         return min(1.0, self.top_k * float(self.shares[distance - 1][expert]))
 
 
+def summary_parts(scores: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One call's prediction for one coming layer from its tokens' scores [..., T, E]: (top [..., T, w] each
+    token's ``width`` best experts, [..., E] each expert's predicted share (the mean over tokens of its share
+    of the token's scores), [..., E] its total score among the tokens' tops (-1: in no token's top)). The
+    leading dims hold calls side by side (the simulator summarizes a trace's one-token calls at once)."""
+    top = scores.topk(min(width, scores.shape[-1]), dim=-1).indices                 # [..., T, w]
+    member = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, top, True)
+    shares = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-30)              # [..., T, E] per token
+    weights = torch.where(member.any(dim=-2), scores.sum(dim=-2), -1.0)             # [..., E]
+    return top, shares.mean(dim=-2), weights
+
+
 class Prefetcher:
     """Asks a predictor at each router call and queues copies for layers l+1..l+depth.
 
@@ -74,14 +86,10 @@ class Prefetcher:
             if target >= self.layout.num_layers:
                 break
             scores = self.predictor.predict(layer, distance).float()                # [T, E]
-            top = scores.topk(min(self.width, scores.shape[-1]), dim=-1).indices    # [T, w]
+            top, shares, weights = summary_parts(scores, self.width)
             if distance == 1:
                 self._predicted[target] = top[:, : chosen.shape[1]]
-            shares = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-30)      # [T, E] per-token shares
-            parts.append(shares.mean(dim=0))                                         # [E]
-            member = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
-            member[top.reshape(-1)] = True                                           # [E] in some token's top
-            parts.append(torch.where(member, scores.sum(dim=0), -1.0))               # [E]
+            parts += [shares, weights]
         return parts
 
     def read(self, layer: int, host: list[np.ndarray]) -> Prediction:

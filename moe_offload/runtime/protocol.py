@@ -33,7 +33,7 @@ from ..errors import MoEOffloadError
 from ..transfer.readback import HostReadback
 from .prefetch import Prediction
 from .residency import DEMAND, PREFETCH, ExpertResidency
-from .scheduler import COPY, CPU, RESIDENT, ExpertLoad, Plan, plan_layer
+from .scheduler import COPY, CPU, RESIDENT, ExpertLoad, Plan, PlanMemo
 from .stats import OffloadStats
 from .worth import ExpectedUse, LinkBudget
 
@@ -91,6 +91,7 @@ class CallProtocol:
         self.cpu_experts = cpu_experts
         self.costs = costs
         self.promote = promote
+        self.plans = PlanMemo(costs, cpu_experts)
         self.residency = ExpertResidency(cache, copier, stats, layout.experts_per_layer)
         self.prefetcher = None
         self.readback = HostReadback(torch.device(device))     # the router call's numbers, one copy per layer
@@ -167,7 +168,7 @@ class CallProtocol:
         loads = self._predicted_loads(target, prediction, distance, tokens)
         if loads is None:
             return float(self.layer_s[target])
-        return plan_layer(loads, self.costs, self.cpu_experts).finish_s
+        return self.plans.plan(loads).finish_s
 
     def _slack_s(self, target: int, prediction: Prediction, distance: int, expert: int, tokens: int) -> float:
         """How late into layer ``target`` a copy of ``expert`` may land without delaying the layer: the CPU
@@ -251,7 +252,7 @@ class CallProtocol:
             ready = self.costs.link_s(self.copier.ready_bytes(slot)) if in_flight else 0.0
             loads.append(ExpertLoad(e, counts[e], resident=slot >= 0, ready_s=ready,
                                     disk_s=self._disk_s(layer, e) if slot < 0 else 0.0))
-        return plan_layer(loads, self.costs, self.cpu_experts, copy_backlog_s=backlog)
+        return self.plans.plan(loads, backlog)
 
     def _disk_s(self, layer: int | None, expert: int) -> float:
         host = self.residency.host

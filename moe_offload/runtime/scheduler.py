@@ -121,3 +121,24 @@ def plan_layer(loads: Sequence[ExpertLoad], costs: Costs | None, cpu_experts: st
     placement = {i.expert: (RESIDENT if i.resident else COPY) for i in device} | {i.expert: CPU for i in cpu}
     finish = float("nan") if costs is None else _makespan(device, cpu, costs, copy_backlog_s)
     return Plan(placement, finish)
+
+
+class PlanMemo:
+    """``plan_layer`` for one cost model and miss placement, remembered by its inputs: a layer call's plan
+    depends only on its loads and the link's backlog, which recur (decode calls of the same shape), so a
+    repeated one is looked up, not searched again. Holds at most ``size`` plans (then starts afresh)."""
+
+    def __init__(self, costs: Costs | None, cpu_experts: str, size: int = 1 << 16):
+        self.costs = costs
+        self.cpu_experts = cpu_experts
+        self.size = size
+        self._plans: dict[tuple, Plan] = {}
+
+    def plan(self, loads: Sequence[ExpertLoad], copy_backlog_s: float = 0.0) -> Plan:
+        key = (tuple(loads), copy_backlog_s)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= self.size:
+                self._plans.clear()
+            plan = self._plans[key] = plan_layer(loads, self.costs, self.cpu_experts, copy_backlog_s)
+        return plan

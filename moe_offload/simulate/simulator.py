@@ -23,7 +23,7 @@ link time they would leave to prefetch is not counted either).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -39,7 +39,7 @@ from ..cache import (
     slot_pools,
 )
 from ..runtime.host_tier import HostTier
-from ..runtime.prefetch import Prefetcher
+from ..runtime.prefetch import Prefetcher, summary_parts
 from ..runtime.protocol import CallProtocol, Costed, RouterRecord
 from ..runtime.stats import OffloadStats
 from ..transfer import ExpertShape, HostExpertStore
@@ -49,6 +49,17 @@ from .link import SimulatedLink
 from .miss_curves import lru_miss_curves
 
 _NO_COMPUTE = Costed()   # a replay runs no expert
+SUMMARY_CHUNK_TOKENS = 512   # tokens a row-independent predictor summarizes at once (bounds the memory)
+
+
+def _span_chunks(spans: np.ndarray, tokens: int) -> Iterator[np.ndarray]:
+    """[G, 2] call spans in consecutive chunks of about ``tokens`` tokens (a longer span is a chunk alone)."""
+    start = 0
+    while start < len(spans):
+        end = int(np.searchsorted(spans[:, 1], spans[start, 0] + tokens, side="right"))
+        end = max(end, start + 1)
+        yield spans[start:end]
+        start = end
 
 
 @dataclass(frozen=True)
@@ -194,10 +205,12 @@ class Simulator:
             protocol.prefetcher = Prefetcher(self.predictor(), protocol.residency, self.layout, stats,
                                              self.prefetch_depth, self.prefetch_width)
         disk = self._disk_tier(protocol, link, stats)
+        summaries = self._summaries(protocol.prefetcher)
         seconds = 0.0
         for calls in self.calls:
+            summary = None if summaries is None else next(summaries)
             for call in calls:
-                seconds += self._replay(protocol, link, call, disk)
+                seconds += self._replay(protocol, link, call, disk, None if summary is None else summary(call.layer))
         name = allocation if isinstance(allocation, str) else "custom"
         return SimulationResult(policy.name, name, num_slots, self.routing.num_tokens, int(stats.hits.sum()),
                                 int(stats.misses.sum()), link.demand, link.copies * self.bytes_per_expert, seconds,
@@ -220,10 +233,47 @@ class Simulator:
         protocol.residency.host = HostTier(store, cache, disk, runs, link, stats, "simulated disk")
         return disk
 
-    def _replay(self, protocol: CallProtocol, link: SimulatedLink, call: RouterCall, disk=None) -> float:
-        """One router call, as the engine makes it; returns its projected seconds and moves the link's clock."""
+    def _summaries(self, prefetcher: Prefetcher | None) -> Iterator[Callable[[int], list[np.ndarray]]] | None:
+        """Per call span, in order: layer -> the host summary its router call reads back (``summarize``'s
+        parts; the live recall, which no result reads, left out). For a predictor whose rows are independent
+        it observes and predicts a chunk of calls' tokens at once, and the summaries of the chunk's calls
+        come out together; None for other predictors (each router call then summarizes itself)."""
+        if prefetcher is None or not prefetcher.predictor.row_independent:
+            return None
+        return self._chunk_summaries(prefetcher)
+
+    def _chunk_summaries(self, prefetcher: Prefetcher) -> Iterator[Callable[[int], list[np.ndarray]]]:
+        gates, probs, ids = self._tensors
+        layers, spans = self.layout.num_layers, self.routing.spans()
+        no_recall = np.array([-1.0, 0.0], dtype=np.float32)
+        for chunk in _span_chunks(spans, SUMMARY_CHUNK_TOKENS):
+            rows, first = slice(int(chunk[0, 0]), int(chunk[-1, 1])), int(chunk[0, 0])
+            single = np.flatnonzero(chunk[:, 1] - chunk[:, 0] == 1)                    # one-token calls
+            parts = [[] for _ in range(layers)]                                         # [L][2D] of [G, E]
+            for layer in range(layers):
+                prefetcher.predictor.observe(layer, gates[rows, layer], ids[rows, layer], probs[rows, layer])
+                for distance in range(1, min(prefetcher.depth, layers - 1 - layer) + 1):
+                    scores = prefetcher.predictor.predict(layer, distance).float()   # [R, E] R = rows
+                    shares = np.empty((len(chunk), scores.shape[-1]), dtype=np.float32)  # [G, E]
+                    weights = np.empty_like(shares)
+                    _, one_s, one_w = summary_parts(scores[chunk[single, 0] - first].unsqueeze(1), prefetcher.width)
+                    shares[single], weights[single] = one_s.numpy(), one_w.numpy()
+                    for g in np.flatnonzero(chunk[:, 1] - chunk[:, 0] > 1).tolist():   # prompts: one call each
+                        _, shares[g], weights[g] = (x.numpy() for x in
+                                                    summary_parts(scores[chunk[g, 0] - first : chunk[g, 1] - first],
+                                                                  prefetcher.width))
+                    parts[layer] += [shares, weights]
+            for g in range(len(chunk)):
+                yield lambda layer, g=g: [no_recall] + [x[g] for x in parts[layer]]
+
+    def _replay(self, protocol: CallProtocol, link: SimulatedLink, call: RouterCall, disk=None,
+                summary: list[np.ndarray] | None = None) -> float:
+        """One router call, as the engine makes it; returns its projected seconds and moves the link's clock.
+        ``summary``: the call's prefetch summary, computed ahead (else the call computes it)."""
         layer, rows = call.layer, slice(call.start, call.end)
-        if self._tensors is not None:
+        if summary is not None:
+            protocol.route(layer, self._record(call), summary)
+        elif self._tensors is not None:
             gates, probs, ids = (x[rows, layer] for x in self._tensors)
             protocol.on_router(layer, gates, probs, ids)
         else:

@@ -20,8 +20,6 @@ from tqdm.auto import tqdm
 from ..errors import MoEOffloadError
 from ..loading.config import GPU_DEFAULTS, OffloadConfig, parse_bytes
 from ..predictor.registry import NO_PREDICTOR, PREDICTORS, predictor_entry
-from .calls import RoutingArrays
-from .simulator import Simulator
 
 # Locality of the synthetic traces, (skew, repeat, cross_layer) of predictor.synthetic, matched to the routing
 # the shipped trained models show on held-out text (bench/results/routing-*.json): usage entropy 0.995-0.998
@@ -179,11 +177,11 @@ def record_prompts(setup: SweepSetup):
 GATE_INPUT_PREDICTORS = tuple(name for name, entry in PREDICTORS.items() if entry.needs_gate_inputs)
 
 
-def predictor_maker(setup: SweepSetup, trace, parts, notes: list[str]):
-    """A maker of fresh predictors ``setup.predictor`` for the simulator's prefetcher, or None.
+def predictor_params(setup: SweepSetup, trace, parts, notes: list[str]):
+    """Check that ``setup.predictor`` can prefetch over ``trace`` for this model (else MoEOffloadError); its
+    router tensors (read from the checkpoint without the experts) when it needs them, else None.
 
-    ``parts``: the model's loader.ModelParts (its router tensors are read from the checkpoint when the
-    predictor needs them, without the experts)."""
+    ``parts``: the model's loader.ModelParts."""
     from ..loading.router_params import router_params
     from ..predictor import make_predictor
 
@@ -203,14 +201,11 @@ def predictor_maker(setup: SweepSetup, trace, parts, notes: list[str]):
     params = router_params(parts).to("cpu") if entry.needs_router_params else None
     if entry.needs_fit_trace:
         notes.append(f"predictor {name} is fitted on the replayed trace itself (in-sample)")
-
-    def make():
-        try:
-            return make_predictor(name, params, fit_trace=trace, replay_trace=trace, model_dir=parts.directory)
-        except (ValueError, FileNotFoundError) as err:
-            raise MoEOffloadError(f"predictor {name!r}: {err}") from None
-    make()   # fail before the runs start
-    return make
+    try:   # fail before the runs start
+        make_predictor(name, params, fit_trace=trace, replay_trace=trace, model_dir=parts.directory)
+    except (ValueError, FileNotFoundError) as err:
+        raise MoEOffloadError(f"predictor {name!r}: {err}") from None
+    return params
 
 
 def runnable(parts, setup: SweepSetup, policies: list[str], budgets: list[Budget],
@@ -239,34 +234,45 @@ def default_predictor(parts, trace, notes: list[str]) -> str:
     return NO_PREDICTOR
 
 
-def simulate_rows(parts, setup: SweepSetup, runs: list[tuple[str, Budget]], notes: list[str], trace) -> list[dict]:
-    """One row per run and host budget, ``trace`` replayed by the simulator and costed with ``setup.hardware``
-    (a host budget below the experts adds the disk tier)."""
+def sweep_cost(parts, setup: SweepSetup):
+    """The CostModel of the model's experts on ``setup.hardware`` (``setup.disk_gbps`` replacing its disk)."""
     from ..runtime.cost import CostModel, HardwareProfile
 
     profile = HardwareProfile.from_yaml(setup.hardware)
     if setup.disk_gbps is not None:
         profile = dataclasses.replace(profile, disk_gbps=setup.disk_gbps)
-    cost = CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize,
+    return CostModel.for_expert(profile, parts.shape.hidden, parts.shape.intermediate, parts.dtype.itemsize,
                                 parts.format.nbytes, parts.format.name)
-    rows = []
-    for label, host in setup.host_budgets:
-        host_rows = None if host is None else sweep_host_rows(parts.plan, host, label)
-        simulator = Simulator(RoutingArrays.of(trace), cost, parts.plan.bytes_per_expert, setup.cpu_experts,
-                              predictor=predictor_maker(setup, trace, parts, notes),
-                              prefetch_depth=setup.prefetch_depth, host_rows=host_rows)
-        for policy, budget in tqdm(runs, desc=f"sweep (simulated, {setup.predictor}, host {label})", unit="run",
-                                   disable=not setup.progress):
-            try:
-                result = simulator.run(policy, budget.slots, setup.allocation)
-            except ValueError as err:
-                raise MoEOffloadError(f"{policy} at {budget.label}: {err}") from None
-            rows.append(result_row(policy, budget, parts.plan, result.hit_rate, result.bytes_copied_per_token,
-                                   result.tokens_per_s) | {"predictor": setup.predictor or NO_PREDICTOR,
-                                                           "host_memory": label,
-                                                           "disk_bytes_per_token": result.disk_bytes_per_token,
-                                                           "demand_bytes_per_token": result.demand_bytes_per_token})
-    return rows
+
+
+def simulate_rows(parts, setup: SweepSetup, runs: list[tuple[str, Budget]], notes: list[str], trace,
+                  predictors: list[str], ray_address: str | None = None) -> list[dict]:
+    """One row per predictor, host budget and run, ``trace`` replayed by the simulator and costed with
+    ``setup.hardware`` (a host budget below the experts adds the disk tier); the cells run on a process pool,
+    or on Ray at ``ray_address`` ('' a local one)."""
+    from .cells import Cell, Replay, run_cells
+
+    params = [predictor_params(replace_predictor(setup, name), trace, parts, notes) for name in predictors]
+    router = next((p for p in params if p is not None), None)
+    replay = Replay(trace, sweep_cost(parts, setup), parts.plan.bytes_per_expert, router, str(parts.directory))
+    grid = [(name, label, policy, budget,
+             Cell(policy, budget.slots, setup.allocation, name or NO_PREDICTOR, setup.prefetch_depth,
+                  None if host is None else sweep_host_rows(parts.plan, host, label), setup.cpu_experts))
+            for name in predictors for label, host in setup.host_budgets for policy, budget in runs]
+    try:
+        results = run_cells(replay, [cell for *_, cell in grid], ray_address=ray_address, progress=setup.progress,
+                            desc="sweep (simulated)")
+    except ValueError as err:
+        raise MoEOffloadError(f"simulated sweep: {err}") from None
+    return [result_row(policy, budget, parts.plan, result.hit_rate, result.bytes_copied_per_token,
+                       result.tokens_per_s) | {"predictor": name or NO_PREDICTOR, "host_memory": label,
+                                               "disk_bytes_per_token": result.disk_bytes_per_token,
+                                               "demand_bytes_per_token": result.demand_bytes_per_token}
+            for (name, label, policy, budget, _), result in zip(grid, results)]
+
+
+def replace_predictor(setup: SweepSetup, name: str | None) -> SweepSetup:
+    return dataclasses.replace(setup, predictor=name)
 
 
 def sweep_host_rows(plan, host: int, label: str) -> int:
