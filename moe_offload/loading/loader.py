@@ -23,6 +23,7 @@ from ..cache import (
 from ..errors import MoEOffloadError
 from ..runtime.calibrate import measure_profile
 from ..runtime.cost import CostModel, HardwareProfile
+from ..runtime.dense_cpu import choose_dense_precision
 from ..runtime.engine import Engine
 from ..runtime.experts import OffloadedExperts
 from ..runtime.offload import OffloadRuntime
@@ -223,6 +224,8 @@ def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
     for site in parts.sites:  # drop the meta expert parameters before anything is loaded
         setattr(site.parent, site.attr, nn.Identity())
     load_dense(parts, device)
+    if device.type == "cpu":
+        choose_dense_precision(parts.model, parts.dtype, cfg.cpu_dense)
     if disk:
         from .disk_source import expert_runs
 
