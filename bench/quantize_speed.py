@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 
@@ -196,7 +197,8 @@ def main(args: argparse.Namespace) -> int:
                        ("err_vs_minmax", "x min-max", ".4f")])
     rule = rule_default(fits)
     print(f"rule (each step lowers the error >= {MIN_GAIN:.0%}): {rule}; library default: {INT4_FIT}")
-    payload = {"command": "python bench/quantize_speed.py " + " ".join(sys.argv[1:]), "machine": machine(),
+    payload = {"command": "python bench/quantize_speed.py " + " ".join(sys.argv[1:]),
+               "machine": machine() | {"numba": numba.__version__, "cores": os.cpu_count()},
                "fit": fits, "rule_default": vars(rule), "library_default": vars(INT4_FIT), "min_gain": MIN_GAIN}
     if args.checkpoint:
         with tempfile.TemporaryDirectory(dir=args.work) as folder:
