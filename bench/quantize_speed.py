@@ -190,12 +190,12 @@ def main(args: argparse.Namespace) -> int:
     if args.smoke and not args.checkpoint:
         args.checkpoint = "tiny-mixtral"
     torch.set_num_threads(os.cpu_count())
-    fits = fit_rows(args.smoke)
-    print_table(fits, [("matrix", "matrix", ""), ("group", "G", "d"), ("ls_steps", "LS steps", "d"),
+    fits = fit_rows(args.smoke) if args.fit else []
+    print_table(fits or [{}], [("matrix", "matrix", ""), ("group", "G", "d"), ("ls_steps", "LS steps", "d"),
                        ("hqq_steps", "HQQ steps", "d"), ("ns_per_weight", "ns/weight", ".2f"),
                        ("weight_rel_err", "weight err", ".5f"), ("output_rel_err", "output err", ".5f"),
                        ("err_vs_minmax", "x min-max", ".4f")])
-    rule = rule_default(fits)
+    rule = rule_default(fits) if fits else INT4_FIT
     print(f"rule (each step lowers the error >= {MIN_GAIN:.0%}): {rule}; library default: {INT4_FIT}")
     payload = {"command": "python bench/quantize_speed.py " + " ".join(sys.argv[1:]),
                "machine": machine() | {"numba": numba.__version__, "cores": os.cpu_count()},
@@ -222,6 +222,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gguf", help="the checkpoint as a BF16 GGUF (llama.cpp's convert_hf_to_gguf.py)")
     p.add_argument("--formats", nargs="+", default=list(LLAMA_TYPES), choices=list(LLAMA_TYPES))
     p.add_argument("--work", default=None, help="folder for the temporary outputs (default: the system's temp)")
+    p.add_argument("--no-fit", dest="fit", action="store_false", help="skip part 1 (the int4 fit table)")
     p.add_argument("--smoke", action="store_true", help="seconds: small matrices, three settings, tiny-mixtral")
     p.add_argument("--out", help="folder of the JSON (default bench/results)")
     return p.parse_args(argv)
