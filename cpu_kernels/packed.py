@@ -38,6 +38,8 @@ import torch.nn.functional as F
 
 from .act_quant import fake_quantize
 
+from .quantize_kernels import HQQ_BETA, HQQ_BETA_GROWTH, INT4_MIN_SCALE, int4_rows, int8_rows
+
 NATIVE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHT_ONLY = ("int8", "int4", "int4-g32", "int4-g128", "fp8")
 # "-a8": the same stored bytes, with the activations rounded to int8 per block (act_quant.py), so that
@@ -52,10 +54,24 @@ ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfl
 INT4_GROUP = {"int4-g32": 32, "int4": 64, "int4-g128": 128}
 FP8_BLOCK = 128
 FP8_MAX = 448.0          # largest finite float8_e4m3fn
-HQQ_ITERS = 20           # at most this many proximal steps of the int4 zero-point fit
-HQQ_TOL = 0.002          # ... stopping once a step lowers the squared error by less than this fraction
 _ALIGN = 16
-QUANTIZER_VERSION = 1    # bump when a quantizer's output changes: cached packed experts are then rebuilt
+# per format, bumped when its quantizer's output changes: cached packed experts of that format are then rebuilt
+# (version 2 of int4: least-squares refits; an "-a8" format stores its weight-only twin's bytes)
+QUANTIZER_VERSIONS = {name: 2 if INT4_GROUP.get(name.removesuffix(ACT_QUANT_SUFFIX)) else 1 for name in FORMAT_NAMES}
+
+
+@dataclass(frozen=True)
+class Int4Fit:
+    """How the int4 quantizer fits each group's (scale, zero) after min-max: ``ls_steps`` least-squares refits of
+    both to the group's codes, then ``hqq_steps`` half-quadratic steps of the zero point (HQQ's sparse l_p
+    fit), each step kept per group only where it lowers the squared error. The default is the setting that
+    bench/quantize_speed.py measured to lower the error most per second spent."""
+
+    ls_steps: int = 2
+    hqq_steps: int = 0
+
+
+INT4_FIT = Int4Fit()
 
 
 def canonical_expert_format(name: str | torch.dtype) -> str:
@@ -183,19 +199,36 @@ class ExpertFormat:
         if not self.packed:
             views[matrix][rows].copy_(weight)
             return
-        weight = weight.float()
         if self.storage == "int8":
-            q, scale = quantize_int8(weight)
-            views[matrix][rows] = q
-            views["scales"][self._scale_rows(matrix, rows)] = scale
+            self._write_int8(views[matrix][rows], views["scales"][self._scale_rows(matrix, rows)], weight)
         elif self.group:
-            q, scale, zero = quantize_int4(weight, self.group)
-            views[matrix][rows] = q
-            views[f"{matrix}_scale"][rows] = scale
-            views[f"{matrix}_zero"][rows] = zero
+            self._write_int4(views[matrix][rows], views[f"{matrix}_scale"][rows], views[f"{matrix}_zero"][rows],
+                             weight)
         else:
-            q, scale = quantize_fp8(weight)
+            q, scale = quantize_fp8(weight.float())
             self.write_fp8(row, role, q, scale)
+
+    @staticmethod
+    def _write_int8(q_out: torch.Tensor, scale_out: torch.Tensor, weight: torch.Tensor) -> None:
+        """q_out int8 [R, K], scale_out float32 [R] <- weight [R, K]: Numba on the CPU, torch elsewhere."""
+        if q_out.device.type == "cpu" and weight.device.type == "cpu":
+            int8_rows(_stored_bits(weight), q_out.numpy(), scale_out.numpy())
+            return
+        q, scale = quantize_int8(weight.float())
+        q_out.copy_(q)
+        scale_out.copy_(scale)
+
+    def _write_int4(self, q_out: torch.Tensor, scale_out: torch.Tensor, zero_out: torch.Tensor,
+                    weight: torch.Tensor) -> None:
+        """q_out uint8 [R, K/2], scale_out / zero_out float16 [R, ceil(K/G)] <- weight [R, K]."""
+        if q_out.device.type == "cpu" and weight.device.type == "cpu":
+            int4_rows(_stored_bits(weight), self.group, INT4_FIT.ls_steps, INT4_FIT.hqq_steps, q_out.numpy(),
+                      scale_out.view(torch.int16).numpy(), zero_out.view(torch.int16).numpy())
+            return
+        q, scale, zero = quantize_int4(weight.float(), self.group)
+        q_out.copy_(q)
+        scale_out.copy_(scale)
+        zero_out.copy_(zero)
 
     def write_fp8(self, row: torch.Tensor, role: str, q: torch.Tensor, scale: torch.Tensor) -> None:
         """Store already-FP8 weights as they are (an FP8 checkpoint's ``weight`` and ``weight_scale_inv``,
@@ -311,6 +344,17 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8), scale
 
 
+def _stored_bits(weight: torch.Tensor) -> np.ndarray:
+    """A CPU weight [R, K] as the Numba quantizers read it (no copy when contiguous): float32, bf16 bits as
+    uint16, fp16 bits as int16; any other dtype widened to float32."""
+    weight = weight.detach().contiguous()
+    if weight.dtype == torch.bfloat16:
+        return weight.view(torch.int16).numpy().view(np.uint16)
+    if weight.dtype == torch.float16:
+        return weight.view(torch.int16).numpy()
+    return weight.float().numpy()
+
+
 def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
     """[R, K] -> [R, ceil(K/G), G] (the last group padded by repeating its last column)."""
     rows, cols = w.shape
@@ -324,31 +368,54 @@ def _int4_codes(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> to
     return torch.round(wg / scale[..., None] + zero[..., None]).clamp_(0, 15)
 
 
-def _int4_fit(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group (scale, zero), both rounded to float16 as stored: min-max, then HQQ's half-quadratic
-    refinement of the zero point (sparse l_p error, p = 0.7; stops when an iteration gains under
-    HQQ_TOL), kept per group where it lowers the squared error. In units of the scale, with ws = w / scale:
-    codes q = round(ws + zero), error u = ws - q + zero."""
+def _int4_fit(wg: torch.Tensor, fit: Int4Fit) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group (scale, zero), both rounded to float16 as stored: min-max, then ``fit``'s steps (Int4Fit),
+    each kept per group where it lowers the squared error. (quantize_kernels.int4_rows is the same fit in
+    Numba.)"""
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-    scale = ((hi - lo) / 15.0).clamp_min(1e-8).half().float()
+    scale = ((hi - lo) / 15.0).clamp_min(INT4_MIN_SCALE).half().float()
     zero = (-lo / scale).half().float()
-    best_zero, best_err = zero, _int4_error(wg, scale, zero)
-    ws, s = wg / scale[..., None], scale[..., None]
-    beta, total = 10.0, best_err.sum()
-    for _ in range(HQQ_ITERS):
-        q = (ws + zero[..., None]).round_().clamp_(0, 15)
-        u = ws - q
-        u += zero[..., None]
-        mag = u.abs()
-        shrunk = torch.relu_(mag - (mag * s).clamp_min_(1e-8).pow_(-0.3) / (beta * s)).mul_(torch.sign(u))
-        zero = (q - ws + shrunk).mean(dim=-1).half().float()
-        err = _int4_error(wg, scale, zero)
-        better = err < best_err
-        best_zero, best_err = torch.where(better, zero, best_zero), torch.where(better, err, best_err)
-        if best_err.sum() > total * (1.0 - HQQ_TOL):
-            break
-        total, beta = best_err.sum(), beta * 1.01
-    return scale.half(), best_zero.half()
+    err = _int4_error(wg, scale, zero)
+    for _ in range(fit.ls_steps):
+        new_scale, new_zero = _least_squares(wg, scale, zero)
+        new_err = _int4_error(wg, new_scale, new_zero)
+        better = new_err < err
+        scale, zero = torch.where(better, new_scale, scale), torch.where(better, new_zero, zero)
+        err = torch.where(better, new_err, err)
+    beta = HQQ_BETA
+    for _ in range(fit.hqq_steps):
+        new_zero = _hqq_zero(wg / scale[..., None], scale, zero, beta)
+        new_err = _int4_error(wg, scale, new_zero)
+        better = new_err < err
+        zero, err = torch.where(better, new_zero, zero), torch.where(better, new_err, err)
+        beta *= HQQ_BETA_GROWTH
+    return scale.half(), zero.half()
+
+
+def _least_squares(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least-squares line w ~ scale * (code - zero) through each group's current codes, float16-rounded;
+    (scale, zero) unchanged where the codes are all equal or the slope is below the floor."""
+    q = _int4_codes(wg, scale, zero)                                        # [R, NG, G]
+    n = wg.shape[-1]
+    sq, sqq, sw, sqw = q.sum(-1), q.square().sum(-1), wg.sum(-1), (q * wg).sum(-1)
+    det = n * sqq - sq * sq
+    slope = (n * sqw - sq * sw) / torch.where(det > 0, det, torch.ones_like(det))
+    ok = (det > 0) & (slope >= INT4_MIN_SCALE)
+    new_scale = torch.where(ok, slope, scale).half().float()
+    new_zero = (-((sw - slope * sq) / n) / new_scale).half().float()
+    return new_scale, torch.where(ok, new_zero, zero)
+
+
+def _hqq_zero(ws: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, beta: float) -> torch.Tensor:
+    """One half-quadratic step of each group's zero point (sparse l_p error, p = 0.7), float16-rounded. In units
+    of the scale (ws = w / scale): codes q = round(ws + zero), error u = ws - q + zero."""
+    s = scale[..., None]
+    q = (ws + zero[..., None]).round_().clamp_(0, 15)
+    u = ws - q
+    u += zero[..., None]
+    mag = u.abs()
+    shrunk = torch.relu_(mag - (mag * s).clamp_min_(1e-8).pow_(-0.3) / (beta * s)).mul_(torch.sign(u))
+    return (q - ws + shrunk).mean(dim=-1).half().float()
 
 
 def _int4_error(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -356,11 +423,12 @@ def _int4_error(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> to
     return ((q - zero[..., None]) * scale[..., None] - wg).square().sum(dim=-1)
 
 
-def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4(w: torch.Tensor, group: int, fit: Int4Fit = INT4_FIT) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
     """[R, K] float32 (K even) -> (packed uint8 [R, K/2], scale float16 [R, ceil(K/G)], zero float16 [same])."""
     rows, cols = w.shape
     wg = _groups(w, group)
-    scale, zero = _int4_fit(wg)
+    scale, zero = _int4_fit(wg, fit)
     q = _int4_codes(wg, scale.float(), zero.float()).to(torch.uint8).view(rows, -1)[:, :cols]   # [R, K]
     return q[:, 0::2] | (q[:, 1::2] << 4), scale, zero
 

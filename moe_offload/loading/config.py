@@ -15,6 +15,7 @@ from ..cache import ALLOCATIONS, POLICIES, RUNTIME_ALLOCATIONS, SIMULATION_ONLY
 from ..cpu_kernels.packed import FORMAT_NAMES, canonical_expert_format
 from ..errors import MoEOffloadError
 from ..predictor.registry import PREDICTORS, RUNTIME_PREDICTORS
+from ..runtime.dense_cpu import CPU_DENSE
 from ..runtime.scheduler import CPU_EXPERTS
 from ..transfer.readback import HOST_WAITS
 from ..transfer.streams import BACKENDS as COPY_BACKENDS
@@ -175,6 +176,9 @@ class OffloadConfig:
                                               # them: the rest stay on disk and are read on demand and ahead
     host_policy: str = "lru"                  # the host cache's eviction policy (the device cache's names)
     disk_threads: int = 4                     # reads from disk kept in flight
+    cpu_dense: str = "auto"                   # dense nn.Linear layers on a CPU device: "auto" (the faster of the
+                                              # model's dtype and a float32 upcast, measured at load per shape),
+                                              # "native" or "float32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
@@ -188,6 +192,8 @@ class OffloadConfig:
             object.__setattr__(self, "gpu_memory", parse_bytes(self.gpu_memory))
         if self.host_memory is not None:
             object.__setattr__(self, "host_memory", parse_bytes(self.host_memory))
+        if self.cpu_dense not in CPU_DENSE:
+            raise MoEOffloadError(f"cpu_dense must be one of {', '.join(CPU_DENSE)}, got {self.cpu_dense!r}")
         if self.host_policy not in POLICIES:
             raise MoEOffloadError(f"unknown host_policy {self.host_policy!r}; choose one of {', '.join(POLICIES)}")
         if isinstance(self.disk_threads, bool) or not isinstance(self.disk_threads, int) or self.disk_threads < 1:

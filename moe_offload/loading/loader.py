@@ -23,6 +23,7 @@ from ..cache import (
 from ..errors import MoEOffloadError
 from ..runtime.calibrate import measure_profile
 from ..runtime.cost import CostModel, HardwareProfile
+from ..runtime.dense_cpu import choose_dense_precision
 from ..runtime.engine import Engine
 from ..runtime.experts import OffloadedExperts
 from ..runtime.offload import OffloadRuntime
@@ -36,26 +37,37 @@ from .parts import ModelParts, load_dense
 
 def fill_store(parts: ModelParts, store: HostExpertStore, progress: bool, device: torch.device | None = None) -> None:
     """Read routed experts tensor by tensor from safetensors into the host store, quantizing them into a
-    packed format on ``device`` (a GPU quantizes in milliseconds what takes the CPU seconds); a block-FP8
-    checkpoint's 128x128 fp8 weights go into an fp8 store as they are."""
+    packed format on ``device`` (a GPU quantizes in milliseconds what takes the CPU seconds; on the CPU the
+    Numba quantizers use every core); a block-FP8 checkpoint's 128x128 fp8 weights go into an fp8 store as
+    they are. The progress bar counts whole experts (experts/s, ETA)."""
     ordinal = {s.model_layer: i for i, s in enumerate(parts.sites)}
     names = [(n, parts.adapter.expert_tensor(n)) for n in parts.checkpoint.tensors]
     names = [(n, t) for n, t in names if t is not None and t.layer < parts.hf_config.num_hidden_layers]
     desc = f"experts -> host ({store.format.name})" if store.format.packed else "experts -> host"
-    for name, t in tqdm(names, desc=desc, unit="tensor", disable=not progress, leave=False):
-        if t.layer not in ordinal:
-            raise MoEOffloadError(
-                f"checkpoint has routed experts for layer {t.layer} ({name}) but config.json makes it dense"
-            )
-        layer = ordinal[t.layer]
-        if t.expert is not None:
-            if t.expert >= store.num_experts:
-                raise MoEOffloadError(f"{name}: expert {t.expert} >= num_experts {store.num_experts} in config.json")
-            write_expert(parts, store, store.key(layer, t.expert), t.role, name, (), device)
-            continue
-        role = "gate_up" if t.role == "gate_up" else "down"
-        for e in range(store.num_experts):
-            write_expert(parts, store, store.key(layer, e), role, name, (e,), device)
+    with tqdm(total=store.num_keys, desc=desc, unit="expert", disable=not progress, leave=False) as bar:
+        for name, t in names:
+            if t.layer not in ordinal:
+                raise MoEOffloadError(
+                    f"checkpoint has routed experts for layer {t.layer} ({name}) but config.json makes it dense"
+                )
+            layer = ordinal[t.layer]
+            if t.expert is not None:
+                if t.expert >= store.num_experts:
+                    raise MoEOffloadError(f"{name}: expert {t.expert} >= num_experts {store.num_experts} in "
+                                          "config.json")
+                _write_counted(parts, store, store.key(layer, t.expert), t.role, name, (), device, bar)
+                continue
+            role = "gate_up" if t.role == "gate_up" else "down"
+            for e in range(store.num_experts):
+                _write_counted(parts, store, store.key(layer, e), role, name, (e,), device, bar)
+
+
+def _write_counted(parts: ModelParts, store: HostExpertStore, key: int, role: str, name: str, index: tuple,
+                   device: torch.device | None, bar: tqdm) -> None:
+    """write_expert, then one tick of ``bar`` when that write completed the expert."""
+    write_expert(parts, store, key, role, name, index, device)
+    if store.filled[key].all():
+        bar.update(1)
 
 
 def fill_experts(parts: ModelParts, store: HostExpertStore, cfg: OffloadConfig) -> None:
@@ -223,6 +235,8 @@ def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:
     for site in parts.sites:  # drop the meta expert parameters before anything is loaded
         setattr(site.parent, site.attr, nn.Identity())
     load_dense(parts, device)
+    if device.type == "cpu":
+        choose_dense_precision(parts.model, parts.dtype, cfg.cpu_dense)
     if disk:
         from .disk_source import expert_runs
 

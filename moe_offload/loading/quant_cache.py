@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from ..cpu_kernels.packed import QUANTIZER_VERSION, ExpertFormat
+from ..cpu_kernels.packed import QUANTIZER_VERSIONS, ExpertFormat
 from ..transfer import HostExpertStore
 
 FILE_VERSION = 1
@@ -40,7 +40,7 @@ def default_folder() -> Path:
 def cache_key(shards: list[Path], fmt: ExpertFormat, num_keys: int) -> str:
     """Hex digest of everything the packed bytes depend on (see the module docstring)."""
     digest = hashlib.sha256(json.dumps({
-        "file": FILE_VERSION, "quantizer": QUANTIZER_VERSION, "format": fmt.name, "hidden": fmt.hidden,
+        "file": FILE_VERSION, "quantizer": QUANTIZER_VERSIONS[fmt.name], "format": fmt.name, "hidden": fmt.hidden,
         "inter": fmt.inter, "compute": str(fmt.compute_dtype), "keys": num_keys, "bytes": fmt.nbytes,
     }, sort_keys=True).encode())
     for shard in sorted(shards):
