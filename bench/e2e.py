@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moe_offload  # noqa: E402
 from moe_offload.loading.checkpoint import resolve_model_dir  # noqa: E402
 
-from common import RESULTS, device_name, machine, median, print_table, write_json  # noqa: E402
+from common import BenchRun, device_name, median, parse_bench_args, print_table  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -71,6 +71,7 @@ def quarter(path: Path, device: str, dtype: torch.dtype):
 
 
 def main(args: argparse.Namespace) -> int:
+    run = BenchRun.start(args)
     path = resolve_model_dir(args.model)
     dtype = moe_offload.loading.config.parse_dtype(args.dtype) or torch.float32
     torch.manual_seed(0)
@@ -101,12 +102,14 @@ def main(args: argparse.Namespace) -> int:
                        ("prefill_vs_transformers", "x plain", ".2f"), ("decode_tokens_per_s", "decode tok/s", ".1f"),
                        ("decode_vs_transformers", "x plain", ".2f"),
                        ("decode_overhead_us_per_layer", "us/layer", ".0f")])
-    out = Path(args.out) if args.out else RESULTS / f"e2e-{device_name(args.device)}.json"
-    write_json(out, {"model": args.model, "device": device_name(args.device), "dtype": str(dtype),
-                     "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                     "machine": machine(), "command": " ".join(sys.argv), "results": rows})
+    out = run.write_json(f"e2e-{device_name(args.device)}.json", {
+        "model": args.model, "device": device_name(args.device), "dtype": str(dtype), "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "results": rows})
     print(f"wrote {out}")
     return 0
+
+
+SMOKE = {"prompt_tokens": 8, "decode_prompt": 4, "new_tokens": 3, "repeats": 1}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -118,8 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-prompt", type=int, default=16, help="prompt tokens before decoding")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out")
-    return p.parse_args(argv)
+    return parse_bench_args(p, argv, SMOKE)
 
 
 if __name__ == "__main__":

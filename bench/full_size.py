@@ -1,6 +1,7 @@
 """Random-weight checkpoints with the shapes of real MoE models, streamed to disk in shards.
 
     python bench/full_size.py --preset mixtral-8x7b --layers 8 --out /data/mixtral-8x7b-l8
+    python bench/full_size.py --preset deepseek-v3 --smoke --out /tmp/tiny-v3   # same layout, tiny widths
 
 Written one layer at a time with per-expert tensor names as hub checkpoints use
 them, so loading goes through the same safetensors path as a real model and no
@@ -24,16 +25,31 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_offload.models import SHAPE_PRESETS, preset_dir
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import parse_bench_args  # noqa: E402
+
 _DISK_NAMES = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
 _DEFAULT_NAMES = ("mlp", "gate_proj", "up_proj", "down_proj")
 
 
-def preset_config(preset: str, layers: int | None, dtype: torch.dtype):
+# --smoke: the preset's layout (families, expert count, routing) at widths a test writes in a second.
+TINY_WIDTHS = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "vocab_size": 512,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "q_lora_rank": 32,
+               "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16}
+
+
+def preset_config(preset: str, layers: int | None, dtype: torch.dtype, tiny: bool = False):
     """The shape preset's config.json (the package's configs/presets/: the models' own configs), with
-    ``layers`` decoder layers and ``dtype``."""
+    ``layers`` decoder layers and ``dtype``; ``tiny``: TINY_WIDTHS for the widths the config has."""
     config = AutoConfig.from_pretrained(preset_dir(preset))
     if layers is not None:
         config.num_hidden_layers = layers
+    if tiny:
+        for name, value in TINY_WIDTHS.items():
+            if getattr(config, name, None) is not None:
+                setattr(config, name, value)
+        if getattr(config, "qk_head_dim", None) is not None:
+            config.qk_head_dim = config.qk_rope_head_dim + config.qk_nope_head_dim
     config.dtype = dtype
     return config
 
@@ -60,8 +76,9 @@ def random_tensor(name: str, shape: tuple, dtype: torch.dtype, gen: torch.Genera
     return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
 
 
-def write_checkpoint(preset: str, out: Path, layers: int | None, dtype: torch.dtype, shard_gb: float) -> Path:
-    config = preset_config(preset, layers, dtype)
+def write_checkpoint(preset: str, out: Path, layers: int | None, dtype: torch.dtype, shard_gb: float,
+                     tiny: bool = False) -> Path:
+    config = preset_config(preset, layers, dtype, tiny)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +111,7 @@ def _flush(out: Path, shard: dict, index: int, weight_map: dict) -> int:
 
 def main(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
-    path = write_checkpoint(args.preset, Path(args.out), args.layers, dtype, args.shard_gb)
+    path = write_checkpoint(args.preset, Path(args.out), args.layers, dtype, args.shard_gb, tiny=args.smoke)
     print(f"wrote {path}")
     return 0
 
@@ -106,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, help="keep the first N decoder layers")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--shard-gb", type=float, default=4.0)
-    return p.parse_args(argv)
+    return parse_bench_args(p, argv, {"layers": 2, "shard_gb": 0.0003}, out_flag=False)
 
 
 if __name__ == "__main__":

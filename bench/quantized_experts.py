@@ -39,7 +39,7 @@ from moe_offload.runtime.cost import CostModel, HardwareProfile  # noqa: E402
 from moe_offload.simulate import RoutingArrays, Simulator  # noqa: E402
 from moe_offload.simulate.sweep import SYNTHETIC_LOCALITY  # noqa: E402
 
-from common import RESULTS, machine, print_table, write_json  # noqa: E402
+from common import BenchRun, parse_bench_args, print_table  # noqa: E402
 
 FORMATS = ("float32", "bfloat16", *PACKED)
 
@@ -150,6 +150,7 @@ def plot(accuracy: list[dict], projection: list[dict], path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    run = BenchRun.start(args)
     start = time.perf_counter()
     accuracy = []
     with tempfile.TemporaryDirectory() as cache:
@@ -165,13 +166,11 @@ def main(args: argparse.Namespace) -> int:
                              ("slots", "slots", "d"), ("slot_fraction", "of experts", ".1%"),
                              ("hit_rate", "hit rate", ".1%"), ("tokens_per_s", "tokens/s", ".2f"),
                              ("speedup", "x bf16", ".2f")])
-    RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / "quantized_experts.json", {
-        "command": "python bench/quantized_experts.py " + " ".join(sys.argv[1:]), "machine": machine(),
+    out = run.write_json("quantized_experts.json", {
         "tokens": args.tokens, "budget": args.budget, "hardware": args.hardware, "sim_tokens": args.sim_tokens,
         "seconds": time.perf_counter() - start, "accuracy": accuracy, "projection": projection})
-    plot(accuracy, projection, RESULTS / "quantized_experts.png")
-    print(f"wrote {RESULTS / 'quantized_experts.json'} and .png")
+    plot(accuracy, projection, run.path("quantized_experts.png"))
+    print(f"wrote {out} and .png")
     return 0
 
 
@@ -182,7 +181,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", default="24GiB", help="GPU memory of the Mixtral-8x7B projection")
     p.add_argument("--hardware", default="rtx4090-pcie4")
     p.add_argument("--sim-tokens", type=int, default=200, help="decode tokens of the projection's trace")
-    return p.parse_args(argv)
+    return parse_bench_args(p, argv, {"models": ["tiny-mixtral"], "tokens": 16, "sim_tokens": 8})
 
 
 if __name__ == "__main__":

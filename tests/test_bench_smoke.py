@@ -1,0 +1,96 @@
+"""Every script in bench/ runs, in smoke mode, in CI.
+
+The convention: a bench script parses its flags with ``bench/common.py``'s ``parse_bench_args``, which adds
+``--smoke`` (the bench's tiny settings: every code path in seconds on the CPU) and ``--out DIR`` (where the
+JSON/PNG go; in smoke mode never under bench/results/), and writes through ``BenchRun.write_json`` (the same
+machine record in every JSON). To register a new bench, add ONE entry to ``SMOKE`` below: the script's file
+name -> ``Smoke(args, writes)``, the arguments after the script (``{out}`` is the test's scratch folder) and
+a glob of what it must write there (default: a JSON). A module of bench/ that is imported, not run, goes in
+``LIBRARIES``. ``test_every_bench_has_a_smoke_entry`` fails for a script in neither.
+
+Deselect locally with ``pytest -m "not bench_smoke"``; CI (`.ci/run`, plain ``pytest -q``) runs them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+RESULTS = BENCH / "results"
+
+
+@dataclass(frozen=True)
+class Smoke:
+    args: str = "--smoke --out {out}"
+    writes: str = "*.json"          # glob under {out} that must match a file after the run
+    timeout_s: float = 600.0
+
+
+SMOKE: dict[str, Smoke] = {
+    "cache_policies.py": Smoke(),
+    "cpu_kernels.py": Smoke(writes="cpu_kernels.json"),
+    "disk_tier.py": Smoke(writes="disk_tier.json"),
+    "e2e.py": Smoke(writes="e2e-cpu.json"),
+    "e2e_gpu.py": Smoke(writes="e2e-cpu.json"),
+    "engine_overhead.py": Smoke(writes="engine-overhead-cpu.json"),
+    "full_size.py": Smoke("--preset mixtral-8x7b --smoke --out {out}", writes="model.safetensors.index.json"),
+    # gpu_check.py's --out names the JSON file itself (not a folder); --dry-run is its smoke mode.
+    "gpu_check.py": Smoke("--dry-run --out {out}/gpu-check-cpu.json", writes="gpu-check-cpu.json"),
+    "int8_accuracy.py": Smoke(writes="int8_accuracy.json"),
+    "predictor_accuracy.py": Smoke(writes="predictor-accuracy-tiny-mixtral.json"),
+    "prefetch_budget.py": Smoke(writes="prefetch_budget.json"),
+    "quantized_experts.py": Smoke(writes="quantized_experts.json"),
+    "routing_stats.py": Smoke("--model tiny-mixtral --smoke --out {out}", writes="routing-tiny-mixtral.json"),
+    "run_all.py": Smoke(writes="run_all.json"),
+    "scheduler_quality.py": Smoke(writes="scheduler_quality.json"),
+    "serve_load.py": Smoke(writes="serve_load.json"),
+    "train_tiny_moe.py": Smoke("--arch deepseek --smoke --out {out}", writes="training.json"),
+    "transfer_bw.py": Smoke(writes="transfer-cpu.json"),
+}
+
+# Modules of bench/ that scripts import; they are not run on their own.
+LIBRARIES = {"common.py", "routing_replay.py"}
+
+
+def bench_env(tmp_path: Path) -> dict:
+    """The test's environment, with this interpreter's bin first on PATH (benches that start `moe-offload` or
+    `python` get this install) and the user caches redirected into ``tmp_path``."""
+    env = dict(os.environ, MPLBACKEND="Agg", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def newer_results(since: float) -> list[Path]:
+    return [p for p in RESULTS.rglob("*") if p.is_file() and p.stat().st_mtime >= since] if RESULTS.is_dir() else []
+
+
+@pytest.mark.bench_smoke
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_bench_smoke(script: str, tmp_path: Path) -> None:
+    smoke = SMOKE[script]
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, str(BENCH / script), *smoke.args.format(out=out).split()]
+    started = time.time()
+    proc = subprocess.run(cmd, cwd=BENCH.parent, env=bench_env(tmp_path), capture_output=True, text=True,
+                          timeout=smoke.timeout_s)
+    tail = (proc.stdout[-3000:] + "\n" + proc.stderr[-3000:]).strip()
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}"
+    assert list(out.glob(smoke.writes)), f"{script} --smoke wrote no {smoke.writes} into {out}:\n{tail}"
+    assert not newer_results(started), f"{script} in smoke mode wrote under bench/results: {newer_results(started)}"
+
+
+def test_every_bench_has_a_smoke_entry() -> None:
+    scripts = {p.name for p in BENCH.glob("*.py")}
+    missing = sorted(scripts - set(SMOKE) - LIBRARIES)
+    assert not missing, (f"bench scripts without a smoke entry: {missing}; add each to SMOKE in {__file__} "
+                         "(or to LIBRARIES if it is imported, not run)")
+    stale = sorted((set(SMOKE) | LIBRARIES) - scripts)
+    assert not stale, f"SMOKE/LIBRARIES name files that are not in bench/: {stale}"
