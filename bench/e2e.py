@@ -2,12 +2,14 @@
 
     python bench/e2e.py [--model tiny-mixtral] [--device cpu|cuda] [--prompt-tokens 128] [--new-tokens 32]
 
-Prints a table and writes bench/results/e2e-<device>.json.
+Prints a table and writes bench/results/e2e-<device>.json (with each row's spread: the interquartile range
+of its repeats over their median).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,8 +29,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_prefill(model, ids: torch.Tensor, device: str, repeats: int) -> float:
-    """Median seconds of one forward over the whole prompt."""
+def time_prefill(model, ids: torch.Tensor, device: str, repeats: int) -> list[float]:
+    """Seconds of one forward over the whole prompt, per repeat."""
     times = []
     with torch.inference_mode():
         for _ in range(repeats + 1):  # first is warm-up
@@ -37,11 +39,11 @@ def time_prefill(model, ids: torch.Tensor, device: str, repeats: int) -> float:
             model(ids)
             sync(device)
             times.append(time.perf_counter() - t0)
-    return median(times[1:])
+    return times[1:]
 
 
-def time_decode(model, ids: torch.Tensor, new_tokens: int, device: str, repeats: int) -> float:
-    """Median seconds per generated token after the first (greedy, KV cache)."""
+def time_decode(model, ids: torch.Tensor, new_tokens: int, device: str, repeats: int) -> list[float]:
+    """Seconds per generated token after the first (greedy, KV cache), per repeat."""
     from moe_offload.cli.streaming import TimedStreamer
 
     per_token = []
@@ -52,7 +54,15 @@ def time_decode(model, ids: torch.Tensor, new_tokens: int, device: str, repeats:
                            streamer=streamer, pad_token_id=0)
             t = streamer.timing()
             per_token.append(t.decode_s / max(t.new_tokens - 1, 1))
-    return median(per_token[1:])
+    return per_token[1:]
+
+
+def spread(times: list[float]) -> float:
+    """The repeats' noise: interquartile range over the median (0 with fewer than two repeats)."""
+    if len(times) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(times, method="inclusive")
+    return (q3 - q1) / median(times)
 
 
 def variants(path: Path, device: str, dtype: torch.dtype):
@@ -82,8 +92,9 @@ def main(args: argparse.Namespace) -> int:
         model = build()
         prefill = time_prefill(model, ids, args.device, args.repeats)
         decode = time_decode(model, ids[:, : args.decode_prompt], args.new_tokens, args.device, args.repeats)
-        row = {"variant": name, "what": what, "prefill_tokens_per_s": args.prompt_tokens / prefill,
-               "decode_tokens_per_s": 1 / decode}
+        row = {"variant": name, "what": what, "prefill_tokens_per_s": args.prompt_tokens / median(prefill),
+               "decode_tokens_per_s": 1 / median(decode), "prefill_spread": spread(prefill),
+               "decode_spread": spread(decode)}
         if hasattr(model, "offload"):
             row |= {"slots": model.offload.plan.slots, "experts": model.offload.plan.num_experts,
                     "moe_layers": len(model.offload.moe_layers), "hit_rate": model.offload.stats.hit_rate}
