@@ -68,7 +68,7 @@ def weight_error(model, reference) -> float:
     return sum(errors) / len(errors)
 
 
-def accuracy_rows(model_name: str, ids: torch.Tensor, cache: Path) -> list[dict]:
+def accuracy_rows(model_name: str, ids: torch.Tensor, cache: Path, formats=FORMATS) -> list[dict]:
     base = moe_offload.from_pretrained(model_name, device="cpu", dtype="float32", progress=False)
     store = base.offload.store
     reference = [[[t.clone() for t in store.format.unpack(store.block(store.key(layer, e)))]
@@ -76,7 +76,7 @@ def accuracy_rows(model_name: str, ids: torch.Tensor, cache: Path) -> list[dict]
     with torch.no_grad():
         logits = base(ids).logits[0]
     rows = []
-    for name in FORMATS:
+    for name in formats:
         start = time.perf_counter()
         model = moe_offload.from_pretrained(model_name, device="cpu", dtype="float32", expert_dtype=name,
                                             progress=False, quant_cache=str(cache))
@@ -155,7 +155,7 @@ def main(args: argparse.Namespace) -> int:
     accuracy = []
     with tempfile.TemporaryDirectory() as cache:
         for name in args.models:
-            accuracy += accuracy_rows(name, held_out_ids(name, args.tokens), Path(cache))
+            accuracy += accuracy_rows(name, held_out_ids(name, args.tokens), Path(cache), args.formats)
     print_table(accuracy, [("model", "model", ""), ("format", "format", ""), ("bytes_per_expert", "bytes/expert", "d"),
                            ("weight_rel_err", "weight err", ".4f"), ("logits_rel_err", "logits err", ".4f"),
                            ("loss_delta", "loss delta", "+.4f"), ("loss_change_pct", "loss change %", "+.2f"),
@@ -181,7 +181,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", default="24GiB", help="GPU memory of the Mixtral-8x7B projection")
     p.add_argument("--hardware", default="rtx4090-pcie4")
     p.add_argument("--sim-tokens", type=int, default=200, help="decode tokens of the projection's trace")
-    return parse_bench_args(p, argv, {"models": ["tiny-mixtral"], "tokens": 16, "sim_tokens": 8})
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS, help="formats of the accuracy part")
+    return parse_bench_args(p, argv, {"models": ["tiny-mixtral"], "tokens": 16, "sim_tokens": 8,
+                                      "formats": ["bfloat16", "int8", "int4", "fp8"]})
 
 
 if __name__ == "__main__":

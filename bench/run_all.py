@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH, REPO, RESULTS, BenchRun, parse_bench_args, print_table  # noqa: E402
+from common import REPO, RESULTS, BenchRun, parse_bench_args, print_table  # noqa: E402
 
 Reader = Callable[[dict], float]
 
@@ -287,7 +287,7 @@ def skip_reason(bench: Bench, args: argparse.Namespace) -> str | None:
 
 
 def command(bench: Bench, args: argparse.Namespace, out: Path) -> list[str]:
-    extra = bench.smoke if args.smoke else bench.quick if args.quick else ()
+    extra = (bench.smoke or ()) if args.smoke else bench.quick if args.quick else ()
     parts = [p.format(out=out, full_size=args.full_size) for p in bench.command]
     return [sys.executable, *parts, *extra]
 
