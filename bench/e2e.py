@@ -114,8 +114,8 @@ def main(args: argparse.Namespace) -> int:
                        ("decode_vs_transformers", "x plain", ".2f"),
                        ("decode_overhead_us_per_layer", "us/layer", ".0f")])
     out = run.write_json(f"e2e-{device_name(args.device)}.json", {
-        "model": args.model, "device": device_name(args.device), "dtype": str(dtype), "prompt_tokens": args.prompt_tokens,
-        "new_tokens": args.new_tokens, "repeats": args.repeats, "results": rows})
+        "model": args.model, "device": device_name(args.device), "dtype": str(dtype),
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats, "results": rows})
     print(f"wrote {out}")
     return 0
 

@@ -110,7 +110,8 @@ def predictor_accuracy(model: str, values: dict[str, float], at_2k: dict[str, fl
     numbers += [recall(model, p, v, "recall_at_2k") for p, v in at_2k.items()]
     numbers.append(Number(f"{model} random recall", chance, lambda d: d["random_recall"], rounding(3)))
     return Bench(f"predictor recall, {model}", ("bench/predictor_accuracy.py", "--model", model, "--out", "{out}"),
-                 f"predictor-accuracy-{model}.json", quick=("--fit-prompts", "24", "--heldout-prompts", "12"),
+                 f"predictor-accuracy-{model}.json",
+                 quick=("--fit-prompts", "24", "--heldout-prompts", "12", "--threads", "1"),
                  numbers=tuple(numbers))
 
 
@@ -153,7 +154,8 @@ def sweep_tiny_mixtral() -> Bench:
     return Bench("memory-budget sweep, tiny-mixtral (k tokens/s, hit %)",
                  ("-m", "moe_offload", "sweep", "--model", "tiny-mixtral", "--simulate", "--hardware", "rtx4090-pcie4",
                   "--predictor", "none,learned", "--budgets", "10%,25%,50%,75%,100%", "--policies",
-                  "lru,score,arc,belady", "--prompts", "8", "--new-tokens", "64", "--out", "{out}/sweep-tiny-mixtral-rtx4090"),
+                  "lru,score,arc,belady", "--prompts", "8", "--new-tokens", "64",
+                  "--out", "{out}/sweep-tiny-mixtral-rtx4090"),
                  "sweep-tiny-mixtral-rtx4090/sweep.json", quick=("--prompts", "2", "--new-tokens", "32"),
                  numbers=tuple(numbers))
 
@@ -332,7 +334,8 @@ def main(args: argparse.Namespace) -> int:
               and (not args.smoke or b.smoke is not None or b.needs)]
     outcomes = [run_bench(b, args, out) for b in chosen]
     values = [v for o in outcomes for v in o.values]
-    print(f"\nREADME numbers vs this run ({'quick settings' if args.quick else 'smoke' if args.smoke else 'the README commands'}; "
+    settings = "quick settings" if args.quick else "smoke" if args.smoke else "the README commands"
+    print(f"\nREADME numbers vs this run ({settings}; "
           "MOVED: further apart than the noise its JSON records)")
     if values:
         print_table(values, [("bench", "row", ""), ("number", "number", ""), ("readme", "README", "g"),

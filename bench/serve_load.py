@@ -175,9 +175,9 @@ def main(args: argparse.Namespace) -> int:
     for b in budgets:
         print(f"{b['budget']}: server RSS {b['rss_after_warmup_mb']:.0f} MiB after warm-up, "
               f"{b['rss_after_mb']:.0f} MiB after the load ({b['rss_change']:+.1%})")
-    out = run.write_json("serve_load.json", {"model": args.model, "device": args.device, "dtype": args.dtype, "requests_per_client":
-                     args.requests, "max_tokens": args.max_tokens, "prompt_lines": args.prompt_lines,
-                     "budgets": budgets})
+    out = run.write_json("serve_load.json", {
+        "model": args.model, "device": args.device, "dtype": args.dtype, "requests_per_client": args.requests,
+        "max_tokens": args.max_tokens, "prompt_lines": args.prompt_lines, "budgets": budgets})
     plot(run.path("serve_load.png"), budgets, f"moe-offload serve, {args.model} {args.dtype} on {args.device}, "
          f"{args.requests} requests x {args.max_tokens} tokens per client")
     print(f"wrote {out} and {out.with_suffix('.png').name}")

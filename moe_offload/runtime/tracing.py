@@ -117,8 +117,8 @@ def cached_trace(model, tokenizer, prompts: list[str], max_new_tokens: int, gate
                  progress: bool = True) -> tuple[Trace, Path, bool]:
     """(trace, its cache file, whether it was read from the cache). The trace of ``record_trace`` for these
     prompts and settings, read from ``folder`` (default ``default_trace_folder()``) when an earlier run
-    recorded it, else recorded (``meta`` added to its metadata) and saved there (written to a temporary name, then renamed, so a reader
-    never sees half a file). A file that does not load is recorded again."""
+    recorded it, else recorded (``meta`` added to its metadata) and saved there (written to a temporary name,
+    then renamed, so a reader never sees half a file). A file that does not load is recorded again."""
     key = trace_key(model, prompts, max_new_tokens, gate_inputs)
     path = Path(folder or default_trace_folder()) / f"{Path(model.config._name_or_path).name}-{label}-{key}.npz"
     if path.is_file():
