@@ -95,3 +95,45 @@ def test_every_bench_has_a_smoke_entry() -> None:
                          "(or to LIBRARIES if it is imported, not run)")
     stale = sorted((set(SMOKE) | LIBRARIES) - scripts)
     assert not stale, f"SMOKE/LIBRARIES name files that are not in bench/: {stale}"
+
+
+@pytest.fixture(scope="module")
+def common():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(BENCH))
+    return common
+
+
+def test_smoke_settings_replace_defaults_and_given_flags_win(common) -> None:
+    import argparse
+
+    def parse(*argv: str):
+        p = argparse.ArgumentParser()
+        p.add_argument("--tokens", type=int, default=64)
+        return common.parse_bench_args(p, list(argv), {"tokens": 2})
+
+    assert parse().tokens == 64 and not parse().smoke
+    assert parse("--smoke").tokens == 2
+    assert parse("--smoke", "--tokens", "5").tokens == 5
+    with pytest.raises(SystemExit):
+        parse("--smoke", "--out", str(RESULTS / "smoke"))       # smoke output never lands in bench/results
+
+
+def test_bench_run_writes_the_machine_record_where_out_says(common, tmp_path: Path) -> None:
+    import argparse
+    import json
+
+    run = common.BenchRun.start(argparse.Namespace(smoke=True, out=str(tmp_path / "a")))
+    assert run.path("x.png") == tmp_path / "a" / "x.png"
+    record = json.loads(run.write_json("x.json", {"value": 1}).read_text())
+    assert record["value"] == 1 and record["smoke"] is True
+    machine = record["machine"]
+    for key in ("cpu_model", "cpu_flags", "cpu_count", "torch", "numba", "read_gbps_start", "read_gbps_end",
+                "git_commit"):
+        assert key in machine, key
+    assert machine["read_gbps_start"] > 0 and machine["read_gbps_end"] > 0
+    named = common.BenchRun.start(argparse.Namespace(smoke=True, out=str(tmp_path / "b" / "r.json")))
+    assert named.path("other.json") == tmp_path / "b" / "r.json" and named.path("p.png") == tmp_path / "b" / "r.png"
