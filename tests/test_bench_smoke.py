@@ -68,8 +68,9 @@ def bench_env(tmp_path: Path) -> dict:
     return env
 
 
-def newer_results(since: float) -> list[Path]:
-    return [p for p in RESULTS.rglob("*") if p.is_file() and p.stat().st_mtime >= since] if RESULTS.is_dir() else []
+def written_to_results(pattern: str, since: float) -> list[Path]:
+    """Files named like a smoke run's output under bench/results/ that changed since ``since``."""
+    return [p for p in RESULTS.rglob(pattern) if p.is_file() and p.stat().st_mtime >= since]
 
 
 @pytest.mark.bench_smoke
@@ -85,7 +86,8 @@ def test_bench_smoke(script: str, tmp_path: Path) -> None:
     tail = (proc.stdout[-3000:] + "\n" + proc.stderr[-3000:]).strip()
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}"
     assert list(out.glob(smoke.writes)), f"{script} --smoke wrote no {smoke.writes} into {out}:\n{tail}"
-    assert not newer_results(started), f"{script} in smoke mode wrote under bench/results: {newer_results(started)}"
+    wrote = written_to_results(smoke.writes, started)
+    assert not wrote, f"{script} in smoke mode wrote under bench/results: {wrote}"
 
 
 def test_every_bench_has_a_smoke_entry() -> None:
