@@ -34,7 +34,7 @@ class Smoke:
 
 
 SMOKE: dict[str, Smoke] = {
-    "cache_policies.py": Smoke(),
+    "cache_policies.py": Smoke(writes="cache_policies.json"),
     "cpu_kernels.py": Smoke(writes="cpu_kernels.json"),
     "disk_tier.py": Smoke(writes="disk_tier.json"),
     "e2e.py": Smoke(writes="e2e-cpu.json"),
