@@ -267,6 +267,10 @@ BENCHES = (
 )
 
 
+COLUMNS = [("bench", "row", ""), ("number", "number", ""), ("readme", "README", "g"), ("new", "new", ".4g"),
+           ("noise", "+-", ".2g"), ("flag", "", "")]
+
+
 # -- running ---------------------------------------------------------------------------------------------
 @dataclass
 class Outcome:
@@ -306,7 +310,10 @@ def run_bench(bench: Bench, args: argparse.Namespace, out: Path) -> Outcome:
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         return Outcome(bench, "failed", seconds, f"exit {proc.returncode}")
-    return Outcome(bench, "ran", seconds, values=compare(bench, out / bench.json))
+    values = compare(bench, out / bench.json)
+    if values:                          # as each row finishes, so a long run shows what it has
+        print_table(values, COLUMNS)
+    return Outcome(bench, "ran", seconds, values=values)
 
 
 def compare(bench: Bench, path: Path) -> list[dict]:
@@ -338,8 +345,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"\nREADME numbers vs this run ({settings}; "
           "MOVED: further apart than the noise its JSON records)")
     if values:
-        print_table(values, [("bench", "row", ""), ("number", "number", ""), ("readme", "README", "g"),
-                             ("new", "new", ".4g"), ("noise", "+-", ".2g"), ("flag", "", "")])
+        print_table(values, COLUMNS)
     for o in outcomes:
         print(f"  {o.status:>7}  {o.bench.name}  {o.seconds:.0f} s  {o.note}")
     written = run.write_json("run_all.json", {
