@@ -38,7 +38,7 @@ from moe_offload.cache import (  # noqa: E402
 from moe_offload.predictor.synthetic import SyntheticTraceConfig, synthetic_trace  # noqa: E402
 from moe_offload.simulate import RoutingArrays, Simulator, lru_miss_curves  # noqa: E402
 
-from common import RESULTS, machine, write_json  # noqa: E402
+from common import BenchRun, parse_bench_args  # noqa: E402
 
 POLICIES = ("lru", "lfu", "arc", "score", "belady")
 ALLOCATIONS = ("global", "uniform")
@@ -193,6 +193,7 @@ def summarize(trace, rows: list[dict], budgets: list[int]) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    run = BenchRun.start(args)
     budgets = [int(b) for b in args.budgets.split(",")]
     sources, notes = {}, []
     for name in (m for m in args.models.split(",") if m):
@@ -208,12 +209,13 @@ def main(args: argparse.Namespace) -> int:
         rows = run_trace(trace, budgets, synthetic=name.startswith("synthetic"), predictor=predictor)
         traces[name] = summarize(trace, rows, budgets)
         print_tables(name, traces[name], rows, budgets)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / "cache_policies.json", {"machine": machine(), "command": " ".join(sys.argv),
-                                                 "budgets_percent": budgets, "notes": notes, "traces": traces})
-    plot(RESULTS / "cache_policies.png", traces, budgets)
-    print(f"\nwrote {RESULTS / 'cache_policies.json'} and .png")
+    out = run.write_json("cache_policies.json", {"budgets_percent": budgets, "notes": notes, "traces": traces})
+    plot(run.path("cache_policies.png"), traces, budgets)
+    print(f"\nwrote {out} and .png")
     return 0
+
+
+SMOKE = {"models": "tiny-mixtral", "prompts": 1, "new_tokens": 4, "synthetic_tokens": 64, "budgets": "25"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -223,7 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens generated per prompt")
     p.add_argument("--synthetic-tokens", type=int, default=4096)
     p.add_argument("--budgets", default="10,25,50,75", help="expert slots as %% of routed experts")
-    return p.parse_args(argv)
+    return parse_bench_args(p, argv, SMOKE)
 
 
 if __name__ == "__main__":

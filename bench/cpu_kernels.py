@@ -45,11 +45,9 @@ from moe_offload.cpu_kernels.packed import PACKED, canonical_expert_format  # no
 from moe_offload.cpu_kernels.packed_ffn import packed_ffn  # noqa: E402
 from moe_offload.cpu_kernels.torch_backend import TorchExperts  # noqa: E402
 
-from common import RESULTS, machine, median, print_table, write_json  # noqa: E402
+from common import BenchRun, median, parallel_sum, parse_bench_args, print_table  # noqa: E402
 
 FORMATS = ["fp32", "fp16", "bf16", "int8", "int4", "int4-g128", "fp8", "int8-a8", "int4-a8", "int4-g128-a8"]
-SMOKE = dict(hidden=128, inter=192, tokens=[1, 16], repeats=3, budget=0.05, working_set=4, pick_budget=0.2,
-             bandwidth_bytes=16 << 20)
 BANDWIDTH_BYTES = 1 << 30
 # Environment that changes thread behaviour; recorded with the results.
 ENV_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "OMP_NUM_THREADS")
@@ -61,23 +59,14 @@ TABLE = [
 ]
 
 
-@numba.njit(parallel=True, nogil=True, fastmath=True, cache=True)
-def _parallel_sum(values):
-    """Sum of a float32 array (a streaming read at full parallel bandwidth)."""
-    total = np.float32(0.0)
-    for i in numba.prange(values.size):
-        total += values[i]
-    return total
-
-
-def memory_gbps(repeats: int, nbytes: int = BANDWIDTH_BYTES) -> float:
+def memory_gbps(repeats: int, bandwidth_bytes: int = BANDWIDTH_BYTES) -> float:
     """Read bandwidth (GB/s): median time of a parallel reduction over a 1 GiB float32 array."""
-    values = np.ones(nbytes // 4, dtype=np.float32)
-    _parallel_sum(values[:1024])
+    values = np.ones(bandwidth_bytes // 4, dtype=np.float32)
+    parallel_sum(values[:1024])
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        _parallel_sum(values)
+        parallel_sum(values)
         times.append(time.perf_counter() - start)
     return values.nbytes / median(times) / 1e9
 
@@ -184,11 +173,13 @@ def plot(results: list[dict], path: Path, threads: int) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run every (format, T) case, print the table, write JSON and PNG."""
+    run = BenchRun.start(args)
+    bandwidth_bytes = BANDWIDTH_BYTES >> 6 if args.smoke else BANDWIDTH_BYTES
     threads = args.threads or numba.config.NUMBA_NUM_THREADS
     numba.set_num_threads(threads)
     torch.set_num_threads(threads)
     load_start = os.getloadavg()
-    mem = memory_gbps(args.repeats, args.bandwidth_bytes)
+    mem = memory_gbps(args.repeats, bandwidth_bytes)
     picks = runner_picks([canonical_expert_format(d) for d in args.dtypes], args, threads)
     results = []
     for dtype in args.dtypes:
@@ -198,7 +189,7 @@ def main(args: argparse.Namespace) -> int:
             picked = picks[canonical_expert_format(dtype)][tokens]
             results.append(bench_case(dtype, tokens, blocks, args, mem, picked))
         del blocks, one
-    mem_end = memory_gbps(args.repeats, args.bandwidth_bytes)
+    mem_end = memory_gbps(args.repeats, bandwidth_bytes)
     for r in results:
         best = min(r["numba_ms"], r["torch_ms"])
         r["picked_vs_best"] = round(r[f"{r['picked']}_ms"] / best, 3)
@@ -207,8 +198,7 @@ def main(args: argparse.Namespace) -> int:
         r["speedup"] = r["torch_ms"] / r["numba_ms"]
         r["mem_pct"] = 100 * r["weight_gbps"] / r["memory_gbps"]
     print_table(results, TABLE)
-    info = {**machine(), "cpu_count": os.cpu_count(), "numba": numba.__version__,
-            "threading_layer": numba.threading_layer(), "load_avg_start": load_start,
+    info = {**run.machine(), "threading_layer": numba.threading_layer(), "load_avg_start": load_start,
             "load_avg_end": os.getloadavg(), "memory_gbps_end": round(mem_end, 2),
             "env": {name: os.environ.get(name) for name in ENV_VARS}}
     print(f"memory read bandwidth: {mem:.1f} GB/s at start, {mem_end:.1f} GB/s at end; "
@@ -220,12 +210,9 @@ def main(args: argparse.Namespace) -> int:
     for r in results:
         for key in ("shape_str", "speedup", "mem_pct"):
             r.pop(key)
-    if args.out is None:
-        return 0
-    out = Path(args.out) / "cpu_kernels.json"
-    write_json(out, {"machine": info, "threads": threads, "command": " ".join(sys.argv), "runner_picks": picks,
-                     "smoke": args.smoke, "checks": checks, "results": results})
-    plot(results, out.with_suffix(".png"), threads)
+    out = run.write_json("cpu_kernels.json", {"threads": threads, "runner_picks": picks, "checks": checks,
+                                              "results": results}, machine=info)
+    plot(results, run.path("cpu_kernels.png"), threads)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
@@ -240,19 +227,20 @@ def decode_checks(results: list[dict]) -> dict:
     speedup = {name: round(best_ms["bf16"] / best_ms[name], 2) for name in ("int4", "int4-a8", "int8-a8", "int8")
                if name in best_ms and "bf16" in best_ms}
     worst = max((r["picked_vs_best"] for r in results), default=1.0)
-    lines = [f"T=1 % of read bandwidth: " + ", ".join(f"{k} {v:.0f}%" for k, v in pct.items()),
+    lines = ["T=1 % of read bandwidth: " + ", ".join(f"{k} {v:.0f}%" for k, v in pct.items()),
              "T=1 speedup over bf16: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items()),
              f"worst picked/best: {worst:.2f}"]
     return {"pct_of_bandwidth_t1": pct, "speedup_over_bf16_t1": speedup, "worst_picked_vs_best": worst,
             "lines": lines}
 
 
+SMOKE = {"hidden": 64, "inter": 128, "tokens": [1, 16], "repeats": 2, "budget": 0.05, "working_set": 1,
+         "pick_budget": 0.05}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="folder for cpu_kernels.json and .png (default bench/results; "
-                   "with --smoke nothing is written unless given)")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, every format and path once (seconds)")
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--inter", type=int, default=3584)
     p.add_argument("--threads", type=int, default=0, help="numba and torch threads (0: all)")
@@ -262,14 +250,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=1.2, help="seconds per timing (fewer passes when slow)")
     p.add_argument("--working-set", type=int, default=256, help="MiB of distinct expert weights per pass")
     p.add_argument("--pick-budget", type=float, default=2.0, help="seconds CpuRunner.measure_backends spends")
-    args = p.parse_args(argv)
-    args.bandwidth_bytes = BANDWIDTH_BYTES
-    if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, value)
-    elif args.out is None:
-        args.out = str(RESULTS)
-    return args
+    return parse_bench_args(p, argv, SMOKE)
 
 
 if __name__ == "__main__":

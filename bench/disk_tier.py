@@ -39,7 +39,7 @@ from moe_offload.loading.checkpoint import Checkpoint  # noqa: E402
 from moe_offload.loading.config import parse_bytes  # noqa: E402
 from moe_offload.transfer.disk import DiskReader  # noqa: E402
 
-from common import RESULTS, machine, print_table, write_json  # noqa: E402
+from common import BenchRun, parse_bench_args, print_table  # noqa: E402
 
 CHUNK = 8 * 2**20
 
@@ -233,7 +233,10 @@ def isolated(fn, *args) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    path = Path(args.model)
+    from moe_offload.loading.checkpoint import resolve_model_dir
+
+    run = BenchRun.start(args)
+    path = resolve_model_dir(args.model)
     files = shards(path)
     start = time.perf_counter()
     reads = measure_reads(path, files, args.rounds, args.in_flight)
@@ -256,20 +259,23 @@ def main(args: argparse.Namespace) -> int:
     print(f"RSS over {rss['tokens']} tokens of {rss['model']} at a quarter of the experts in host memory: "
           f"{rss['rss_before'] / 2**20:.0f} -> {rss['rss_after'] / 2**20:.0f} MiB ({rss['rss_change']:+.1%}), "
           f"{rss['disk_reads']} disk reads")
-    result = {"command": "python bench/disk_tier.py " + " ".join(sys.argv[1:]), "machine": machine(),
-              "model": str(path), "checkpoint_bytes": sum(f.stat().st_size for f in files),
+    result = {"model": str(path), "checkpoint_bytes": sum(f.stat().st_size for f in files),
               "host_memory_bytes": parse_bytes(args.host_memory), **reads, "decode": decoded, "rss": rss,
               "seconds": time.perf_counter() - start}
-    RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / "disk_tier.json", result)
-    plot(result, RESULTS / "disk_tier.png")
-    print(f"wrote {RESULTS / 'disk_tier.json'} and .png")
+    out = run.write_json("disk_tier.json", result)
+    plot(result, run.path("disk_tier.png"))
+    print(f"wrote {out} and .png")
     return 0
+
+
+# The shipped bf16 tiny-mixtral (48 experts of 240 KiB): host memory for about half of them.
+SMOKE = {"model": "tiny-mixtral", "host_memory": "6MiB", "tokens": 2, "in_flight": [1, 2], "rounds": 1,
+         "rss_tokens": 4}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a checkpoint from bench/full_size.py")
+    p.add_argument("--model", help="a checkpoint from bench/full_size.py (required but with --smoke)")
     p.add_argument("--host-memory", default="2GiB", help="host budget of the disk-tier rows")
     p.add_argument("--expert-slots", type=int, default=4)
     p.add_argument("--tokens", type=int, default=8, help="decode tokens per row")
@@ -277,7 +283,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the read and load measurements")
     p.add_argument("--rss-model", default="tiny-mixtral", help="model of the RSS-over-a-generation check")
     p.add_argument("--rss-tokens", type=int, default=256)
-    return p.parse_args(argv)
+    args = parse_bench_args(p, argv, SMOKE)
+    if args.model is None:
+        p.error("--model is required (a checkpoint from bench/full_size.py)")
+    return args
 
 
 if __name__ == "__main__":

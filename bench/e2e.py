@@ -2,12 +2,14 @@
 
     python bench/e2e.py [--model tiny-mixtral] [--device cpu|cuda] [--prompt-tokens 128] [--new-tokens 32]
 
-Prints a table and writes bench/results/e2e-<device>.json.
+Prints a table and writes bench/results/e2e-<device>.json (with each row's spread: the interquartile range
+of its repeats over their median).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moe_offload  # noqa: E402
 from moe_offload.loading.checkpoint import resolve_model_dir  # noqa: E402
 
-from common import RESULTS, device_name, machine, median, print_table, write_json  # noqa: E402
+from common import BenchRun, device_name, median, parse_bench_args, print_table  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -27,8 +29,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_prefill(model, ids: torch.Tensor, device: str, repeats: int) -> float:
-    """Median seconds of one forward over the whole prompt."""
+def time_prefill(model, ids: torch.Tensor, device: str, repeats: int) -> list[float]:
+    """Seconds of one forward over the whole prompt, per repeat."""
     times = []
     with torch.inference_mode():
         for _ in range(repeats + 1):  # first is warm-up
@@ -37,11 +39,11 @@ def time_prefill(model, ids: torch.Tensor, device: str, repeats: int) -> float:
             model(ids)
             sync(device)
             times.append(time.perf_counter() - t0)
-    return median(times[1:])
+    return times[1:]
 
 
-def time_decode(model, ids: torch.Tensor, new_tokens: int, device: str, repeats: int) -> float:
-    """Median seconds per generated token after the first (greedy, KV cache)."""
+def time_decode(model, ids: torch.Tensor, new_tokens: int, device: str, repeats: int) -> list[float]:
+    """Seconds per generated token after the first (greedy, KV cache), per repeat."""
     from moe_offload.cli.streaming import TimedStreamer
 
     per_token = []
@@ -52,7 +54,15 @@ def time_decode(model, ids: torch.Tensor, new_tokens: int, device: str, repeats:
                            streamer=streamer, pad_token_id=0)
             t = streamer.timing()
             per_token.append(t.decode_s / max(t.new_tokens - 1, 1))
-    return median(per_token[1:])
+    return per_token[1:]
+
+
+def spread(times: list[float]) -> float:
+    """The repeats' noise: interquartile range over the median (0 with fewer than two repeats)."""
+    if len(times) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(times, method="inclusive")
+    return (q3 - q1) / median(times)
 
 
 def variants(path: Path, device: str, dtype: torch.dtype):
@@ -71,6 +81,7 @@ def quarter(path: Path, device: str, dtype: torch.dtype):
 
 
 def main(args: argparse.Namespace) -> int:
+    run = BenchRun.start(args)
     path = resolve_model_dir(args.model)
     dtype = moe_offload.loading.config.parse_dtype(args.dtype) or torch.float32
     torch.manual_seed(0)
@@ -81,8 +92,9 @@ def main(args: argparse.Namespace) -> int:
         model = build()
         prefill = time_prefill(model, ids, args.device, args.repeats)
         decode = time_decode(model, ids[:, : args.decode_prompt], args.new_tokens, args.device, args.repeats)
-        row = {"variant": name, "what": what, "prefill_tokens_per_s": args.prompt_tokens / prefill,
-               "decode_tokens_per_s": 1 / decode}
+        row = {"variant": name, "what": what, "prefill_tokens_per_s": args.prompt_tokens / median(prefill),
+               "decode_tokens_per_s": 1 / median(decode), "prefill_spread": spread(prefill),
+               "decode_spread": spread(decode)}
         if hasattr(model, "offload"):
             row |= {"slots": model.offload.plan.slots, "experts": model.offload.plan.num_experts,
                     "moe_layers": len(model.offload.moe_layers), "hit_rate": model.offload.stats.hit_rate}
@@ -101,12 +113,14 @@ def main(args: argparse.Namespace) -> int:
                        ("prefill_vs_transformers", "x plain", ".2f"), ("decode_tokens_per_s", "decode tok/s", ".1f"),
                        ("decode_vs_transformers", "x plain", ".2f"),
                        ("decode_overhead_us_per_layer", "us/layer", ".0f")])
-    out = Path(args.out) if args.out else RESULTS / f"e2e-{device_name(args.device)}.json"
-    write_json(out, {"model": args.model, "device": device_name(args.device), "dtype": str(dtype),
-                     "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                     "machine": machine(), "command": " ".join(sys.argv), "results": rows})
+    out = run.write_json(f"e2e-{device_name(args.device)}.json", {
+        "model": args.model, "device": device_name(args.device), "dtype": str(dtype),
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats, "results": rows})
     print(f"wrote {out}")
     return 0
+
+
+SMOKE = {"prompt_tokens": 8, "decode_prompt": 4, "new_tokens": 3, "repeats": 1}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -118,8 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-prompt", type=int, default=16, help="prompt tokens before decoding")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out")
-    return p.parse_args(argv)
+    return parse_bench_args(p, argv, SMOKE)
 
 
 if __name__ == "__main__":

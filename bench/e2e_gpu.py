@@ -34,15 +34,7 @@ from moe_offload.loading.checkpoint import resolve_model_dir  # noqa: E402
 from moe_offload.loading.config import OffloadConfig  # noqa: E402
 from moe_offload.loading.parts import ModelParts  # noqa: E402
 
-from common import (  # noqa: E402
-    RESULTS,
-    close_offloaded,
-    device_name,
-    machine,
-    median,
-    print_table,
-    write_json,
-)
+from common import BenchRun, close_offloaded, device_name, median, parse_bench_args, print_table  # noqa: E402
 from routing_replay import RoutingReplay, model_trace  # noqa: E402
 
 ACCELERATE_MISSING = 'accelerate is not installed: pip install -e ".[bench]" for the accelerate row'
@@ -221,6 +213,7 @@ def designs_to_run(args) -> tuple[list[str], list[str]]:
 
 
 def main(args: argparse.Namespace) -> int:
+    run = BenchRun.start(args)
     path = resolve_model_dir(args.model)
     designs, notes = designs_to_run(args)
     for note in notes:
@@ -255,22 +248,25 @@ def main(args: argparse.Namespace) -> int:
     print_table(rows, [("design", "design", ""), ("budget_fraction", "budget", ".0%"),
                        ("prefill_tokens_per_s", "prefill tok/s", ".1f"), ("decode_tokens_per_s", "decode tok/s", ".2f")])
     name = device_name(args.device)
-    out = Path(args.out) if args.out else RESULTS / f"e2e-{name}.json"
-    write_json(out, {"model": str(args.model), "device": name, "h2d_peak_gbps": peak,
+    out = run.write_json(f"e2e-{name}.json", {"model": str(args.model), "device": name, "h2d_peak_gbps": peak,
                      "routing": "native" if args.native_routing else
                      f"replay: synthetic skew={args.skew} repeat={args.repeat} cross_layer={args.cross_layer}",
                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "notes": notes,
-                     "memory_plan": plan.describe(), "machine": machine(), "command": " ".join(sys.argv),
-                     "results": rows})
+                     "memory_plan": plan.describe(), "results": rows})
     if rows and not args.no_plot:
-        plot(rows, out.with_suffix(".png"))
+        plot(rows, run.path(f"e2e-{name}.png"))
     print(f"wrote {out}")
     return 0
 
 
+# Every design but accelerate (CUDA only) on the CPU, at one budget, with replayed routing.
+SMOKE = {"model": "tiny-mixtral", "device": "cpu", "budgets": "0.5", "designs": "lru-demand,cpu-moe,static-hot,full",
+         "prompt_tokens": 8, "new_tokens": 2, "repeats": 1, "trace_tokens": 256}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", help="checkpoint directory or shipped model (required but with --smoke)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--budgets", default="0.25,0.5")
     p.add_argument("--designs", default="accelerate,lru-demand,cpu-moe,static-hot,full")
@@ -284,8 +280,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cross-layer", type=float, default=0.5)
     p.add_argument("--host-memory", default="100GiB", help="accelerate's CPU max_memory")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.add_argument("--out")
-    return p.parse_args(argv)
+    args = parse_bench_args(p, argv, SMOKE)
+    if args.model is None:
+        p.error("--model is required")
+    return args
 
 
 if __name__ == "__main__":

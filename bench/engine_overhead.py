@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moe_offload  # noqa: E402
 
-from common import RESULTS, device_name, machine, print_table, write_json  # noqa: E402
+from common import BenchRun, device_name, parse_bench_args, print_table  # noqa: E402
 
 
 def seconds_per_token(model, ids: torch.Tensor, tokens: int) -> float:
@@ -39,6 +39,7 @@ def seconds_per_token(model, ids: torch.Tensor, tokens: int) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    run = BenchRun.start(args)
     torch.manual_seed(0)
     budget = {"expert_slots": args.expert_slots} if args.expert_slots else {}
     model = moe_offload.from_pretrained(args.model, device=args.device, dtype=torch.float32, progress=False, **budget)
@@ -59,18 +60,22 @@ def main(args: argparse.Namespace) -> int:
            "offloaded_ms_per_token": statistics.median(offloaded) * 1e3,
            "overhead_us_per_layer": statistics.median(extra), "overhead_q1_us": quartiles[0],
            "overhead_q3_us": quartiles[2]}
-    out = Path(args.out) if args.out else RESULTS / f"engine-overhead-{device_name(args.device)}.json"
-    report = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
-    report["runs"][args.label] = row | {"machine": machine(), "command": " ".join(sys.argv),
+    name = f"engine-overhead-{device_name(args.device)}.json"
+    previous = run.path(name)
+    report = json.loads(previous.read_text()) if previous.is_file() else {"runs": {}}
+    report["runs"][args.label] = row | {"machine": run.machine(), "command": run.command,
                                          "repeats": args.repeats, "tokens": args.tokens}
     rows = list(report["runs"].values())
     print_table(rows, [("label", "label", ""), ("slots", "slots", "d"), ("plain_ms_per_token", "plain ms/tok", ".2f"),
                        ("offloaded_ms_per_token", "offloaded ms/tok", ".2f"),
                        ("overhead_us_per_layer", "us/layer (median)", ".0f"), ("overhead_q1_us", "q1", ".0f"),
                        ("overhead_q3_us", "q3", ".0f")])
-    write_json(out, report)
+    out = run.write_json(name, report)
     print(f"wrote {out}")
     return 0
+
+
+SMOKE = {"repeats": 2, "tokens": 2, "expert_slots": 12}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,8 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--expert-slots", type=int, help="device expert slots (default: every expert resident)")
     p.add_argument("--label", default="current")
-    p.add_argument("--out")
-    return p.parse_args(argv)
+    return parse_bench_args(p, argv, SMOKE)
 
 
 if __name__ == "__main__":

@@ -30,16 +30,30 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_offload.models import SHAPE_PRESETS, preset_dir
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 _DISK_NAMES = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
 _DEFAULT_NAMES = ("mlp", "gate_proj", "up_proj", "down_proj")
 
 
-def preset_config(preset: str, layers: int | None, dtype: torch.dtype):
+# --smoke: the preset's layout (families, expert count, routing) at widths a test writes in a second.
+TINY_WIDTHS = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "vocab_size": 512,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "q_lora_rank": 32,
+               "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16}
+
+
+def preset_config(preset: str, layers: int | None, dtype: torch.dtype, tiny: bool = False):
     """The shape preset's config.json (the package's configs/presets/: the models' own configs), with
-    ``layers`` decoder layers and ``dtype``."""
+    ``layers`` decoder layers and ``dtype``; ``tiny``: TINY_WIDTHS for the widths the config has."""
     config = AutoConfig.from_pretrained(preset_dir(preset))
     if layers is not None:
         config.num_hidden_layers = layers
+    if tiny:
+        for name, value in TINY_WIDTHS.items():
+            if getattr(config, name, None) is not None:
+                setattr(config, name, value)
+        if getattr(config, "qk_head_dim", None) is not None:
+            config.qk_head_dim = config.qk_rope_head_dim + config.qk_nope_head_dim
     config.dtype = dtype
     return config
 

@@ -10,7 +10,7 @@ input distributions:
 Reports relative L2 error ||y_int8 - y_bf16|| / ||y_bf16|| and max |y_int8 - y_bf16| (also as a
 fraction of max |y_bf16|). The tested bound is on the relative L2 error of the gaussian case
 (per-row rounding error <= max|row| / 254, ~0.7% rms per matrix for Gaussian rows); exits 1 if
-any gaussian case exceeds --bound.
+any gaussian case exceeds --bound. Writes bench/results/int8_accuracy.json.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_offload.cpu_kernels import as_numpy_block, expert_ffn, quantize_block_int8  # noqa: E402
 
-from common import print_table  # noqa: E402
+from common import BenchRun, parse_bench_args, print_table  # noqa: E402
 
 TABLE = [
     ("dist", "weights", ""), ("shape", "H x I", ""), ("tokens", "T", "d"),
@@ -85,6 +85,7 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 def main(args: argparse.Namespace) -> int:
     """Measure every (distribution, shape, T) case, print the table, check the gaussian bound."""
+    run = BenchRun.start(args)
     rows = [
         measure(dist, hidden, inter, tokens, seed=args.seed)
         for dist in ("gaussian", "heavy-tailed")
@@ -95,6 +96,9 @@ def main(args: argparse.Namespace) -> int:
     worst = max(r["rel_l2"] for r in rows if r["dist"] == "gaussian")
     ok = worst <= args.bound
     print(f"gaussian worst relative L2 error {worst:.4f} {'<=' if ok else '>'} bound {args.bound}")
+    out = run.write_json("int8_accuracy.json", {"bound": args.bound, "seed": args.seed, "gaussian_worst_rel_l2": worst,
+                                                "within_bound": ok, "results": rows})
+    print(f"wrote {out}")
     return 0 if ok else 1
 
 
@@ -105,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
     p.add_argument("--bound", type=float, default=0.02, help="max relative L2 error, gaussian case")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return parse_bench_args(p, argv, {"shapes": [(64, 96), (130, 257)], "tokens": [1, 4]})
 
 
 if __name__ == "__main__":

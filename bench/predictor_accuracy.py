@@ -12,7 +12,11 @@ top 2k (recall_at_2k) scores.
     python bench/predictor_accuracy.py --model tiny-deepseek
     python bench/predictor_accuracy.py --model DIR --trace held.npz --fit-trace fit.npz --refit
 
-Writes bench/results/predictor-accuracy-<model>.json and .png (recall vs distance).
+Recording the traces is most of the work (tens of minutes on 2 cores for the defaults): each is
+recorded once into a trace cache (--trace-cache, default $XDG_CACHE_HOME/moe-offload/traces; with
+--smoke a folder inside --out), keyed by a hash of the model's config and weights, the prompts and
+the recipe (tokens generated, gate inputs, dtype, device), so a rerun loads them and measures in
+seconds. Writes bench/results/predictor-accuracy-<model>.json and .png (recall vs distance).
 """
 
 from __future__ import annotations
@@ -41,12 +45,7 @@ from moe_offload.predictor import (
     selection_scores,
 )
 
-from common import (  # bench/ is this script's directory
-    RESULTS,
-    machine,
-    print_table,
-    write_json,
-)
+from common import BenchRun, parse_bench_args, print_table  # bench/ is this script's directory
 
 DISTANCES = (1, 2, 3)
 
@@ -61,42 +60,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fit-prompts", type=int, default=240, help="training-split stdlib prompts to record")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per held-out prompt")
     p.add_argument("--fit-new-tokens", type=int, default=16, help="tokens generated per fit prompt")
-    p.add_argument("--save-traces", help="directory to write the recorded traces to")
+    p.add_argument("--trace-cache", help="folder of recorded traces (default $XDG_CACHE_HOME/moe-offload/traces)")
+    p.add_argument("--no-trace-cache", action="store_true", help="record the traces afresh and keep them nowhere")
     p.add_argument("--refit", action="store_true",
                    help="fit the learned correction on the fit trace instead of loading the model's saved one")
     p.add_argument("--features", default="layers", help="feature set when refitting (gate, gate+routing, layers)")
     p.add_argument("--predictors", default=",".join(PREDICTOR_NAMES))
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", help="output JSON (default bench/results/predictor-accuracy-<model>.json)")
-    p.add_argument("--png", help="output plot (default: the JSON path with .png)")
-    return p.parse_args(argv)
+    return parse_bench_args(p, argv, SMOKE)
+
+
+# Two prompts each way, a few tokens, the correction refitted: recording, caching, fitting and every predictor.
+SMOKE = {"heldout_prompts": 2, "fit_prompts": 2, "max_new_tokens": 4, "fit_new_tokens": 4, "refit": True}
 
 
 def load_model(args: argparse.Namespace):
-    from moe_offload.corpus import load_tokenizer
+    from moe_offload.cli.common import load_tokenizer
     from moe_offload.loading.loader import from_pretrained
 
     model = from_pretrained(args.model, device=args.device, progress=False)
     return model, load_tokenizer(model)
 
 
-def get_trace(path: str | None, model, tokenizer, prompts: int, held_out: bool, new_tokens: int,
-              save_dir: str | None) -> Trace:
-    """A trace with gate inputs: loaded from ``path`` or recorded from stdlib prompts."""
-    from moe_offload.corpus import PROMPT_LINES, stdlib_prompts
-    from moe_offload.runtime.tracing import record_trace
+def trace_folder(args: argparse.Namespace, run: BenchRun) -> Path | None:
+    """Where recorded traces are cached: --trace-cache, a folder of the run's output with --smoke, else the
+    user's cache; None with --no-trace-cache (a scratch folder then holds them for this run only)."""
+    if args.no_trace_cache:
+        return None
+    if args.trace_cache:
+        return Path(args.trace_cache)
+    return run.out / "trace-cache" if run.smoke else None
 
-    if path:
-        return Trace.load(path)
+
+def get_trace(path: str | None, model, tokenizer, prompts: int, held_out: bool, new_tokens: int,
+              folder: Path | None, use_cache: bool) -> tuple[Trace, dict]:
+    """A trace with gate inputs, loaded from ``path`` or the trace cache, or recorded from stdlib prompts;
+    and how it was obtained (source, seconds)."""
+    import tempfile
+
+    from moe_offload.corpus import PROMPT_LINES, stdlib_prompts
+    from moe_offload.runtime.tracing import cached_trace
+
     start = time.perf_counter()
-    trace = record_trace(model, tokenizer, stdlib_prompts(prompts, held_out=held_out), new_tokens, gate_inputs=True)
+    if path:
+        return Trace.load(path), {"source": str(path), "seconds": time.perf_counter() - start}
     label = "heldout" if held_out else "fit"
-    trace.meta |= {"prompts": f"stdlib-{'heldout' if held_out else 'train'} {prompts} x {PROMPT_LINES} lines",
-                   "max_new_tokens": new_tokens}
-    print(f"recorded {label} trace: {trace.num_tokens} tokens in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    if save_dir:
-        trace.save(Path(save_dir) / f"{Path(model.config._name_or_path).name}-{label}.npz")
-    return trace
+    meta = {"prompts": f"stdlib-{'heldout' if held_out else 'train'} {prompts} x {PROMPT_LINES} lines",
+            "max_new_tokens": new_tokens}
+    texts = stdlib_prompts(prompts, held_out=held_out)
+    with tempfile.TemporaryDirectory() as scratch:
+        trace, file, hit = cached_trace(model, tokenizer, texts, new_tokens, gate_inputs=True,
+                                        folder=folder if use_cache else scratch, label=label, meta=meta)
+    seconds = time.perf_counter() - start
+    how = "loaded from the trace cache" if hit else "recorded"
+    print(f"{label} trace {how}: {trace.num_tokens} tokens in {seconds:.1f} s"
+          f"{f' ({file})' if use_cache else ''}", file=sys.stderr)
+    return trace, {"source": str(file) if use_cache else "recorded, not kept", "cache_hit": hit, "seconds": seconds}
 
 
 def learned_predictor(args: argparse.Namespace, model_dir: Path, params: RouterParams, fit: Trace
@@ -178,12 +197,16 @@ def plot(rows: list[dict], chance: float, title: str, path: Path) -> None:
 def main(args: argparse.Namespace) -> int:
     from moe_offload.loading.router_params import router_params
 
+    run = BenchRun.start(args)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args)
     model_dir = Path(model.config._name_or_path)
     params = router_params(model).to("cpu")
-    fit = get_trace(args.fit_trace, model, tokenizer, args.fit_prompts, False, args.fit_new_tokens, args.save_traces)
-    held = get_trace(args.trace, model, tokenizer, args.heldout_prompts, True, args.max_new_tokens, args.save_traces)
+    folder, use_cache = trace_folder(args, run), not args.no_trace_cache
+    fit, fit_how = get_trace(args.fit_trace, model, tokenizer, args.fit_prompts, False, args.fit_new_tokens, folder,
+                             use_cache)
+    held, held_how = get_trace(args.trace, model, tokenizer, args.heldout_prompts, True, args.max_new_tokens, folder,
+                               use_cache)
     if held.gate_inputs is None or fit.gate_inputs is None:
         raise SystemExit("both traces need gate inputs (moe-offload trace --gate-inputs)")
     rows, learned_source = [], None
@@ -200,18 +223,18 @@ def main(args: argparse.Namespace) -> int:
     print_table(rows, [("predictor", "predictor", ""), ("distance", "d", "d"), ("recall", "recall", ".3f"),
                        ("recall_at_2k", "recall@2k", ".3f"), ("recall_decode", "recall(gen)", ".3f"),
                        ("recall_at_2k_decode", "recall@2k(gen)", ".3f")])
-    out = Path(args.json) if args.json else RESULTS / f"predictor-accuracy-{model_dir.name}.json"
     payload = {"model": model_dir.name, "model_type": model.config.model_type, "num_layers": held.num_layers,
                "num_experts": held.num_experts, "top_k": held.top_k, "distances": list(DISTANCES),
                "heldout_tokens": held.num_tokens, "heldout_generated_tokens": int(held.decode.sum()),
-               "fit_tokens": fit.num_tokens, "heldout_trace": trace_recipe(held), "fit_trace": trace_recipe(fit),
+               "fit_tokens": fit.num_tokens, "heldout_trace": trace_recipe(held) | held_how,
+               "fit_trace": trace_recipe(fit) | fit_how,
                "random_recall": chance,
                "random_recall_at_2k": chance_recall(held.num_experts, 2 * held.top_k),
                "routing_reproduced": routing_reproduced(held, params), "learned_correction": learned_source,
                "per_layer_recall_index": "target MoE layer t = l + d (null for t < d)",
-               "results": rows, "machine": machine()}
-    write_json(out, payload)
-    png = Path(args.png) if args.png else out.with_suffix(".png")
+               "results": rows}
+    out = run.write_json(f"predictor-accuracy-{model_dir.name}.json", payload)
+    png = run.path(f"predictor-accuracy-{model_dir.name}.png")
     plot(rows, chance, f"{model_dir.name}: expert prediction recall on held-out text", png)
     print(f"wrote {out} and {png}")
     return 0

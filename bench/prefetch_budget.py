@@ -42,7 +42,7 @@ from moe_offload.runtime.cost import CostModel, HardwareProfile  # noqa: E402
 from moe_offload.simulate import RoutingArrays, Simulator  # noqa: E402
 from moe_offload.simulate.sweep import SYNTHETIC_LOCALITY  # noqa: E402
 
-from common import RESULTS, machine, print_table, write_json  # noqa: E402
+from common import BenchRun, parse_bench_args, print_table  # noqa: E402
 
 BUDGETS = (0.10, 0.25, 0.50, 0.75)
 RUNS = [("score", p) for p in ("static", "none", "oracle@0.5", "oracle@0.8", "oracle")] + \
@@ -127,6 +127,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    run = BenchRun.start(args)
     start = time.perf_counter()
     rows = []
     total = len(args.shapes) * len(args.profiles) * len(RUNS) * len(BUDGETS)
@@ -139,13 +140,11 @@ def main(args: argparse.Namespace) -> int:
                         ("predictor", "predictor", ""), ("speedup", "x no prefetch", ".2f"),
                         ("over_static", "x static", ".2f"), ("link_bound", "bound", ".2f"),
                         ("freq_gain", "frequency", ".2f"), ("belady_gain", "belady", ".2f")])
-    RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / "prefetch_budget.json", {
-        "command": "python bench/prefetch_budget.py " + " ".join(sys.argv[1:]), "machine": machine(),
+    out = run.write_json("prefetch_budget.json", {
         "tokens": args.tokens, "prefetch_depth": DEPTH, "cpu_experts": "auto", "locality": SYNTHETIC_LOCALITY,
         "seconds": time.perf_counter() - start, "speedups": gains, "results": rows})
-    plot(rows, RESULTS / "prefetch_budget.png")
-    print(f"wrote {RESULTS / 'prefetch_budget.json'} and .png")
+    plot(rows, run.path("prefetch_budget.png"))
+    print(f"wrote {out} and .png")
     return 0
 
 
@@ -154,7 +153,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shapes", nargs="+", default=list(SHAPE_PRESETS), choices=SHAPE_PRESETS)
     p.add_argument("--profiles", nargs="+", default=["rtx4090-pcie4", "h100-pcie5"])
     p.add_argument("--tokens", type=int, default=300, help="decode tokens in each trace")
-    return p.parse_args(argv)
+    return parse_bench_args(p, argv, {"shapes": ["mixtral-8x7b"], "profiles": ["rtx4090-pcie4"], "tokens": 8})
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from moe_offload.runtime.cost import CostModel, HardwareProfile  # noqa: E402
 from moe_offload.simulate import RoutingArrays, Simulator  # noqa: E402
 from moe_offload.simulate.sweep import SYNTHETIC_LOCALITY  # noqa: E402
 
-from common import RESULTS, machine, print_table, write_json  # noqa: E402
+from common import BenchRun, parse_bench_args, print_table  # noqa: E402
 
 FORMATS = ("float32", "bfloat16", *PACKED)
 
@@ -71,7 +71,7 @@ def weight_error(model, reference) -> float:
     return sum(errors) / len(errors)
 
 
-def accuracy_rows(model_name: str, ids: torch.Tensor, cache: Path) -> list[dict]:
+def accuracy_rows(model_name: str, ids: torch.Tensor, cache: Path, formats=FORMATS) -> list[dict]:
     base = moe_offload.from_pretrained(model_name, device="cpu", dtype="float32", progress=False)
     store = base.offload.store
     reference = [[[t.clone() for t in store.format.unpack(store.block(store.key(layer, e)))]
@@ -79,7 +79,7 @@ def accuracy_rows(model_name: str, ids: torch.Tensor, cache: Path) -> list[dict]
     with torch.no_grad():
         logits = base(ids).logits[0]
     rows = []
-    for name in FORMATS:
+    for name in formats:
         start = time.perf_counter()
         model = moe_offload.from_pretrained(model_name, device="cpu", dtype="float32", expert_dtype=name,
                                             progress=False, quant_cache=str(cache))
@@ -153,11 +153,12 @@ def plot(accuracy: list[dict], projection: list[dict], path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    run = BenchRun.start(args)
     start = time.perf_counter()
     accuracy = []
     with tempfile.TemporaryDirectory() as cache:
         for name in args.models:
-            accuracy += accuracy_rows(name, held_out_ids(name, args.tokens), Path(cache))
+            accuracy += accuracy_rows(name, held_out_ids(name, args.tokens), Path(cache), args.formats)
     for row in accuracy:
         row["activations"] = activation_rounding(row["format"])
     print_table(accuracy, [("model", "model", ""), ("format", "format", ""), ("activations", "activations", ""),
@@ -171,15 +172,11 @@ def main(args: argparse.Namespace) -> int:
                              ("slots", "slots", "d"), ("slot_fraction", "of experts", ".1%"),
                              ("hit_rate", "hit rate", ".1%"), ("tokens_per_s", "tokens/s", ".2f"),
                              ("speedup", "x bf16", ".2f")])
-    if args.out is None:
-        return 0
-    out = Path(args.out)
-    write_json(out / "quantized_experts.json", {
-        "command": "python bench/quantized_experts.py " + " ".join(sys.argv[1:]), "machine": machine(),
+    out = run.write_json("quantized_experts.json", {
         "tokens": args.tokens, "budget": args.budget, "hardware": args.hardware, "sim_tokens": args.sim_tokens,
-        "smoke": args.smoke, "seconds": time.perf_counter() - start, "accuracy": accuracy, "projection": projection})
-    plot(accuracy, projection, out / "quantized_experts.png")
-    print(f"wrote {out / 'quantized_experts.json'} and .png")
+        "seconds": time.perf_counter() - start, "accuracy": accuracy, "projection": projection})
+    plot(accuracy, projection, run.path("quantized_experts.png"))
+    print(f"wrote {out} and .png")
     return 0
 
 
@@ -197,15 +194,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", default="24GiB", help="GPU memory of the Mixtral-8x7B projection")
     p.add_argument("--hardware", default="rtx4090-pcie4")
     p.add_argument("--sim-tokens", type=int, default=200, help="decode tokens of the projection's trace")
-    p.add_argument("--out", default=None, help="folder for the JSON and PNG (default bench/results; with --smoke "
-                   "nothing is written unless given)")
-    p.add_argument("--smoke", action="store_true", help="one model, 64 tokens, a short trace (seconds)")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.models, args.tokens, args.sim_tokens = args.models[:1], 64, 20
-    elif args.out is None:
-        args.out = str(RESULTS)
-    return args
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS, help="formats of the accuracy part")
+    return parse_bench_args(p, argv, {"models": ["tiny-mixtral"], "tokens": 16, "sim_tokens": 8,
+                                      "formats": ["bfloat16", "int8-a8", "int4", "fp8"]})
 
 
 if __name__ == "__main__":

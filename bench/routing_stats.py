@@ -15,13 +15,12 @@ Routing is captured with forward hooks on each layer's ``mlp.gate`` router,
 which returns ``(router_logits, top_k_weights, top_k_index)``.
 
     python bench/routing_stats.py --model tiny-mixtral
-    python bench/routing_stats.py --model path/to/checkpoint --json out.json
+    python bench/routing_stats.py --model path/to/checkpoint --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 from pathlib import Path
@@ -32,7 +31,8 @@ from tqdm import tqdm
 from moe_offload.corpus import read_text, stdlib_split
 from moe_offload.models import shipped_model_dir
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from common import BenchRun, parse_bench_args  # bench/ is this script's directory
+
 _GATE_NAME = re.compile(r"layers\.(\d+)\.mlp\.gate$")
 
 
@@ -202,19 +202,18 @@ def markdown_table(stats: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="shipped short name (tiny-mixtral, tiny-deepseek) or a directory")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="output JSON (default bench/results/routing-<model name>.json)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=32768)
     parser.add_argument("--dtype", default="float32",
                         help="compute dtype: float32 (default; bf16 weights upcast exactly), bfloat16 or auto")
     parser.add_argument("--threads", type=int, default=2)
-    return parser.parse_args(argv)
+    return parse_bench_args(parser, argv, {"seq_len": 64, "max_tokens": 256})
 
 
 def main(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    run = BenchRun.start(args)
     torch.set_num_threads(args.threads)
     model_dir = resolve_model(args.model)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -222,9 +221,7 @@ def main(args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     stats = routing_stats(model, tokenizer, args.seq_len, args.max_tokens)
     stats["model"] = model_dir.name
-    out = args.json or RESULTS_DIR / f"routing-{model_dir.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(stats, indent=2) + "\n")
+    out = run.write_json(f"routing-{model_dir.name}.json", stats)
     print(f"{model_dir.name}: {stats['text']}, {stats['layers'][next(iter(stats['layers']))]['tokens']} tokens")
     print(format_table(stats))
     print(f"wrote {out}")

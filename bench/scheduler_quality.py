@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_offload.runtime.cost import CostModel, HardwareProfile  # noqa: E402
 from moe_offload.runtime.scheduler import ExpertLoad, _makespan, plan_layer  # noqa: E402
 
-from common import RESULTS, print_table, write_json  # noqa: E402
+from common import BenchRun, parse_bench_args, print_table  # noqa: E402
 
 SHAPES = {"mixtral-8x7b": (4096, 14336, 8, 2), "deepseek-v2-lite": (2048, 1408, 64, 6),
           "qwen3-30b-a3b": (2048, 768, 128, 8)}
@@ -56,6 +56,7 @@ def random_layer(rng, experts: int, top_k: int, phase: str, hit: float) -> list[
 
 
 def main(args: argparse.Namespace) -> int:
+    run = BenchRun.start(args)
     rng = np.random.default_rng(0)
     rows = []
     for profile_name in ("rtx4090-pcie4", "h100-pcie5"):
@@ -82,8 +83,7 @@ def main(args: argparse.Namespace) -> int:
                        ("greedy_vs_best", "greedy/best", ".4f"), ("greedy_worst", "worst", ".3f"),
                        ("ours_vs_best", "ours/best", ".4f"), ("ours_worst", "worst", ".3f"),
                        ("ours_better_share", "ours better", ".1%")])
-    out = Path(args.out) if args.out else RESULTS / "scheduler_quality.json"
-    write_json(out, {"command": " ".join(sys.argv), "results": rows,
+    out = run.write_json("scheduler_quality.json", {"layers": args.layers, "results": rows,
                      "note": "finish time of one layer relative to the exact optimum (1.0 = optimal)"})
     print(f"wrote {out}")
     return 0
@@ -92,8 +92,7 @@ def main(args: argparse.Namespace) -> int:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=500)
-    p.add_argument("--out")
-    return p.parse_args(argv)
+    return parse_bench_args(p, argv, {"layers": 5})
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_offload.corpus import stdlib_prompts  # noqa: E402
 from moe_offload.serve.process import ServerProcess  # noqa: E402
 
-from common import RESULTS, machine, print_table, write_json  # noqa: E402
+from common import BenchRun, parse_bench_args, print_table  # noqa: E402
 
 
 def one_request(client: openai.OpenAI, model: str, prompt: str, max_tokens: int) -> dict:
@@ -154,6 +154,7 @@ def plot(path: Path, budgets: list[dict], title: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    run = BenchRun.start(args)
     prompts = stdlib_prompts(64, held_out=True, lines=args.prompt_lines)
     experts = routed_experts(args)
     budgets = []
@@ -174,11 +175,10 @@ def main(args: argparse.Namespace) -> int:
     for b in budgets:
         print(f"{b['budget']}: server RSS {b['rss_after_warmup_mb']:.0f} MiB after warm-up, "
               f"{b['rss_after_mb']:.0f} MiB after the load ({b['rss_change']:+.1%})")
-    out = Path(args.out) if args.out else RESULTS / "serve_load.json"
-    write_json(out, {"model": args.model, "device": args.device, "dtype": args.dtype, "requests_per_client":
-                     args.requests, "max_tokens": args.max_tokens, "prompt_lines": args.prompt_lines,
-                     "machine": machine(), "command": " ".join(sys.argv), "budgets": budgets})
-    plot(out.with_suffix(".png"), budgets, f"moe-offload serve, {args.model} {args.dtype} on {args.device}, "
+    out = run.write_json("serve_load.json", {
+        "model": args.model, "device": args.device, "dtype": args.dtype, "requests_per_client": args.requests,
+        "max_tokens": args.max_tokens, "prompt_lines": args.prompt_lines, "budgets": budgets})
+    plot(run.path("serve_load.png"), budgets, f"moe-offload serve, {args.model} {args.dtype} on {args.device}, "
          f"{args.requests} requests x {args.max_tokens} tokens per client")
     print(f"wrote {out} and {out.with_suffix('.png').name}")
     return 0 if all(lv["broken"] == 0 for lv in rows) else 1
@@ -193,8 +193,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=4, help="requests per client (M)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-lines", type=int, default=6, help="lines of a stdlib file per prompt")
-    p.add_argument("--out")
-    return p.parse_args(argv)
+    return parse_bench_args(p, argv, {"clients": [1, 2], "requests": 1, "max_tokens": 4, "prompt_lines": 2})
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ from tqdm import tqdm  # noqa: E402
 
 from moe_offload.corpus import read_text, stdlib_root, stdlib_split
 
-from routing_stats import (  # bench/ is this script's directory
+from common import BenchRun, parse_bench_args  # bench/ is this script's directory
+from routing_stats import (
     RouterCapture,
     markdown_table,
     routing_stats,
@@ -363,7 +364,7 @@ def model_card(name: str, config, info: dict, args: argparse.Namespace) -> str:
         f"cosine to {args.min_lr_ratio}x, grad clip {args.grad_clip}, seed {args.seed}",
         f"- load balancing: {balancing_line(args)}",
         f"- wall time: {run['train_seconds'] / 60:.1f} min training, {info['total_seconds'] / 60:.1f} min in all, "
-        f"on {info['machine']}",
+        f"on {info['machine'].get('cpu_model') or info['machine']['processor']}, {args.threads} threads, no GPU",
         "",
         "## Results",
         "",
@@ -395,6 +396,13 @@ def write_outputs(out: Path, model, info: dict, args: argparse.Namespace) -> Non
 
 # ----------------------------------------------------------------------------- main
 
+# A few steps of a 2-layer model on a slice of the corpus: every stage (tokenizer, training, balancing,
+# saving, evaluation, routing statistics, model card) in seconds.
+SMOKE = {"steps": 3, "minutes": 0.0, "batch": 2, "seq_len": 32, "warmup": 1, "vocab_size": 300,
+         "max_train_chars": 100_000, "eval_tokens": 128, "routing_tokens": 128, "layers": 2, "max_positions": 64,
+         "log_every": 1}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=("mixtral", "deepseek"), required=True)
@@ -413,6 +421,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--holdout-every", type=int, default=20)
     p.add_argument("--max-train-chars", type=int, default=None, help="cap on training text (default: all)")
     p.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens evaluated")
+    p.add_argument("--routing-tokens", type=int, default=32768, help="held-out tokens of the routing statistics")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--intermediate", type=int, default=320, help="Mixtral expert / DeepSeek dense MLP width")
@@ -433,7 +442,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bias-update-speed", type=float, default=1e-2, help="DeepSeek correction bias step")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
-    return p.parse_args(argv)
+    return parse_bench_args(p, argv, SMOKE, out_flag=False)
 
 
 def prepare_data(args: argparse.Namespace):
@@ -449,21 +458,11 @@ def prepare_data(args: argparse.Namespace):
     return tokenizer, train_windows, heldout_windows, corpus
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, else the platform's machine type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
 def main(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     started = time.monotonic()
+    bench_run = BenchRun.start(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer, train_windows, heldout_windows, corpus = prepare_data(args)
@@ -482,9 +481,8 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     print(f"held-out loss {ev['heldout_loss']:.3f}, shuffled {ev['heldout_shuffled_loss']:.3f}")
     info = {
         "arch": args.arch, "parameters": parameters, "corpus": corpus, "training": run, "eval": ev,
-        "routing": routing_stats(shipped, tokenizer),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "machine": f"{cpu_name()}, {args.threads} threads, no GPU",
+        "routing": routing_stats(shipped, tokenizer, max_tokens=args.routing_tokens),
+        "python": platform.python_version(), "torch": torch.__version__, "machine": bench_run.machine(),
         "argv": argv if argv is not None else [],
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }

@@ -19,7 +19,7 @@ from moe_offload.runtime.calibrate import median_seconds  # noqa: E402
 from moe_offload.transfer import CopyEngine, ExpertShape, HostExpertStore  # noqa: E402
 from moe_offload.transfer.pinning import pinned_empty  # noqa: E402
 
-from common import RESULTS, device_name, machine, print_table, write_json  # noqa: E402
+from common import BenchRun, device_name, parse_bench_args, print_table  # noqa: E402
 
 
 def timed_gbps(copy, nbytes: int, device: torch.device, repeats: int) -> float:
@@ -53,6 +53,7 @@ def engine_gbps(nbytes: int, device: torch.device, repeats: int) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    run = BenchRun.start(args)
     device = torch.device(args.device)
     rows = []
     for size_mb in [float(s) for s in args.sizes_mb.split(",")]:
@@ -67,10 +68,9 @@ def main(args: argparse.Namespace) -> int:
                                                    for k in rows[0] if k.endswith("_gbps")]
     print(f"host -> {device_name(args.device)} copy bandwidth, median of {args.repeats}")
     print_table(rows, columns)
-    out = Path(args.out) if args.out else RESULTS / f"transfer-{device_name(args.device)}.json"
-    write_json(out, {"device": device_name(args.device), "machine": machine(), "command": " ".join(sys.argv),
-                     "results": rows})
-    plot(rows, out.with_suffix(".png"))
+    name = f"transfer-{device_name(args.device)}"
+    out = run.write_json(f"{name}.json", {"device": device_name(args.device), "results": rows})
+    plot(rows, run.path(f"{name}.png"))
     print(f"wrote {out}")
     return 0
 
@@ -92,13 +92,15 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+SMOKE = {"sizes_mb": "1,4", "repeats": 2}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sizes-mb", default="1,4,16,64,256")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out")
-    return p.parse_args(argv)
+    return parse_bench_args(p, argv, SMOKE)
 
 
 if __name__ == "__main__":

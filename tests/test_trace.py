@@ -120,3 +120,30 @@ def test_stdlib_prompts_come_from_the_requested_split():
     held_heads = {"".join(read_file(p).splitlines(keepends=True)[:5]) for p in held}
     assert all(p in held_heads for p in prompts)
     assert all(len(p.splitlines()) <= 5 for p in stdlib_prompts(4, held_out=False, lines=5))
+
+
+def test_cached_trace_records_once_per_model_prompts_and_recipe(model_dir, recorded, tmp_path):
+    from transformers import AutoTokenizer
+
+    from moe_offload.loading.loader import from_pretrained
+    from moe_offload.runtime.tracing import cached_trace
+
+    model = from_pretrained(model_dir, device="cpu", progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def trace(prompts=PROMPTS, new_tokens=4):
+        return cached_trace(model, tokenizer, prompts, new_tokens, gate_inputs=True, folder=tmp_path, label="t",
+                            meta={"prompts": "test"}, progress=False)
+
+    first, path, hit = trace()
+    assert not hit and path.is_file() and path.parent == tmp_path
+    again, same_path, hit = trace()
+    assert hit and same_path == path and again.meta["prompts"] == "test"
+    for name in ("expert_ids", "router_probs", "sequence", "decode", "gate_inputs"):
+        assert np.array_equal(getattr(again, name), getattr(recorded, name)), name
+    assert trace(new_tokens=3)[1] != path                    # another recipe: another file
+    assert trace(prompts=PROMPTS[:2])[1] != path              # other prompts: another file
+    path.write_bytes(b"not a trace")                          # a corrupt file is recorded again, never used
+    rerecorded, _, hit = trace()
+    assert not hit and np.array_equal(rerecorded.expert_ids, recorded.expert_ids)
+    assert not list(tmp_path.glob("*.partial.npz"))

@@ -1,12 +1,19 @@
-"""Record routing traces from a running model."""
+"""Record routing traces from a running model, once: ``cached_trace`` keeps them in a cache folder."""
 
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..predictor import Trace
+from ..predictor.trace import TRACE_VERSION, TraceFormatError
 from .router_tap import RouterTap
 
 # N = tokens, L = MoE layers, k = experts per token, E = experts, H = hidden size
@@ -66,3 +73,62 @@ def record_trace(model, tokenizer, prompts: list, max_new_tokens: int, gate_inpu
     meta = {"model": str(model.config._name_or_path), "model_type": model.config.model_type,
             "moe_layers": off.moe_layers}
     return recorder.trace(meta)
+
+
+HASHED_FILE_BYTES = 256 * 2**20     # weight files up to this size are hashed in full; larger ones by header
+
+
+def default_trace_folder() -> Path:
+    """$XDG_CACHE_HOME/moe-offload/traces (~/.cache/... by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moe-offload" / "traces"
+
+
+def trace_key(model, prompts: list[str], max_new_tokens: int, gate_inputs: bool) -> str:
+    """Hex digest of what a recorded trace depends on: the trace format, the recipe (prompts, tokens generated,
+    gate inputs), the model's compute dtype and device type, its config.json and its weights (files up to
+    HASHED_FILE_BYTES by content; larger ones by name, size, modification time and safetensors header)."""
+    directory = Path(model.config._name_or_path)
+    digest = hashlib.sha256(json.dumps({
+        "trace_version": TRACE_VERSION, "prompts": prompts, "max_new_tokens": max_new_tokens,
+        "gate_inputs": gate_inputs, "dtype": str(model.dtype), "device": model.device.type,
+        "model_type": model.config.model_type,
+    }, sort_keys=True).encode())
+    for file in sorted(directory.glob("config.json")) + sorted(directory.glob("*.safetensors")):
+        digest.update(file.name.encode())
+        _hash_file(digest, file)
+    return digest.hexdigest()[:24]
+
+
+def _hash_file(digest, file: Path) -> None:
+    stat = file.stat()
+    with file.open("rb") as f:
+        if stat.st_size <= HASHED_FILE_BYTES:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+            return
+        digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+        (length,) = struct.unpack("<Q", f.read(8))
+        digest.update(f.read(length))
+
+
+def cached_trace(model, tokenizer, prompts: list[str], max_new_tokens: int, gate_inputs: bool,
+                 folder: str | os.PathLike | None = None, label: str = "trace", meta: dict | None = None,
+                 progress: bool = True) -> tuple[Trace, Path, bool]:
+    """(trace, its cache file, whether it was read from the cache). The trace of ``record_trace`` for these
+    prompts and settings, read from ``folder`` (default ``default_trace_folder()``) when an earlier run
+    recorded it, else recorded (``meta`` added to its metadata) and saved there (written to a temporary name,
+    then renamed, so a reader never sees half a file). A file that does not load is recorded again."""
+    key = trace_key(model, prompts, max_new_tokens, gate_inputs)
+    path = Path(folder or default_trace_folder()) / f"{Path(model.config._name_or_path).name}-{label}-{key}.npz"
+    if path.is_file():
+        try:
+            return Trace.load(path), path, True
+        except TraceFormatError:
+            pass
+    trace = record_trace(model, tokenizer, prompts, max_new_tokens, gate_inputs=gate_inputs, progress=progress)
+    trace.meta |= (meta or {}) | {"cache_key": key}
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
+    trace.save(partial)
+    partial.replace(path)
+    return trace, path, False
