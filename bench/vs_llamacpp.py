@@ -42,7 +42,7 @@ import moe_offload  # noqa: E402
 from moe_offload.errors import MoEOffloadError  # noqa: E402
 from moe_offload.loading.checkpoint import resolve_model_dir  # noqa: E402
 
-from common import RESULTS, close_offloaded, machine, print_table, write_json  # noqa: E402
+from common import RESULTS, close_offloaded, machine, median, print_table, write_json  # noqa: E402
 from cpu_kernels import memory_gbps  # noqa: E402
 from e2e import time_decode, time_prefill  # noqa: E402
 from llamacpp import ENV_VAR, TOOLS, LlamaCpp  # noqa: E402
@@ -57,7 +57,10 @@ class FormatPair:
     llamacpp: str             # llama-quantize's type for the same bytes per weight
 
 
-PAIRS = {p.ours: p for p in (FormatPair("bf16", "BF16"), FormatPair("int8", "Q8_0"), FormatPair("int4", "Q4_0"))}
+# the "-a8" formats compute as llama.cpp's quantized dot products do (int8 activations per block); the plain ones
+# keep float activations (weight-only)
+PAIRS = {p.ours: p for p in (FormatPair("bf16", "BF16"), FormatPair("int8", "Q8_0"), FormatPair("int8-a8", "Q8_0"),
+                             FormatPair("int4", "Q4_0"), FormatPair("int4-a8", "Q4_0"))}
 
 
 @dataclass(frozen=True)
@@ -117,8 +120,8 @@ def our_speed(checkpoint: Path, pair: FormatPair, args: argparse.Namespace, quan
     try:
         vocab = model.config.vocab_size
         ids = torch.randint(0, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-        prefill_s = time_prefill(model, ids, "cpu", args.repeats)
-        decode_s = time_decode(model, ids[:, : args.decode_prompt], args.new_tokens, "cpu", args.repeats)
+        prefill_s = median(time_prefill(model, ids, "cpu", args.repeats))
+        decode_s = median(time_decode(model, ids[:, : args.decode_prompt], args.new_tokens, "cpu", args.repeats))
     finally:
         close_offloaded(model)
         del model

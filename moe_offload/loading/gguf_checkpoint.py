@@ -124,7 +124,8 @@ class GGUFCheckpoint:
                                               tuple(int(d) for d in reversed(t.shape.tolist())),
                                               int(t.data_offset), int(t.n_bytes), t.data)
         self.quantization = None       # no quantization_config: the file's types are per tensor
-        self.scales: dict = {}
+        self.scales: dict = {}         # no block-FP8 scales
+        self.int4: dict = {}           # no GPTQ/AWQ int4 parts
         self.tensors: dict[str, GGUFTensorInfo] = {}
         self._names: dict[str, list[str]] = {}    # transformers name -> its GGUF tensor(s) (dense tensors)
         self._experts: dict[int, dict[str, _Stored]] = {}   # model layer -> {gate, up, down}
