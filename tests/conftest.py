@@ -82,3 +82,14 @@ def layer_budgets(families, everything: bool = False) -> list:
         if everything:
             params.append(pytest.param(family, None, id=f"{family}-all"))
     return params
+
+
+@pytest.fixture(scope="session")
+def split_profile(tmp_path_factory):
+    """A hardware profile under which 1-token misses run on the CPU and many-token misses are copied."""
+    from moe_offload.runtime.cost import HardwareProfile
+
+    profile = HardwareProfile(name="split", h2d_gbps=0.01, copy_latency_us=0.0, gpu_mem_gbps=1000.0,
+                              gpu_tflops=1000.0, gpu_launch_us=0.0, cpu_mem_gbps=1.0, cpu_gflops=0.02,
+                              cpu_start_us=0.0)
+    return profile.to_yaml(tmp_path_factory.mktemp("hw") / "split.yaml")

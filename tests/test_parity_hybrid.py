@@ -6,22 +6,11 @@ import pytest
 import torch
 from conftest import assert_close, layer_budgets
 
-from moe_offload.runtime.cost import HardwareProfile
-
 from copy_timing import COPY_TIMINGS, greedy, load, reference
 from tiny_checkpoints import num_experts
 
 TOKENS = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(3))  # [B, S]
 GENERATE = greedy(8)
-
-
-@pytest.fixture(scope="module")
-def split_profile(tmp_path_factory):
-    """Costs under which 1-token misses run on the CPU and many-token misses are copied."""
-    profile = HardwareProfile(name="split", h2d_gbps=0.01, copy_latency_us=0.0, gpu_mem_gbps=1000.0,
-                              gpu_tflops=1000.0, gpu_launch_us=0.0, cpu_mem_gbps=1.0, cpu_gflops=0.02,
-                              cpu_start_us=0.0)
-    return profile.to_yaml(tmp_path_factory.mktemp("hw") / "split.yaml")
 
 
 @pytest.mark.parametrize("timing", COPY_TIMINGS)

@@ -134,17 +134,6 @@ def test_quantized_under_late_copies(checkpoints, fmt_name):
                      f"deepseek_v3 {fmt_name} deferred copies")
 
 
-@pytest.fixture(scope="module")
-def split_profile(tmp_path_factory):
-    """Costs under which 1-token misses run on the CPU and many-token misses are copied."""
-    from moe_offload.runtime.cost import HardwareProfile
-
-    profile = HardwareProfile(name="split", h2d_gbps=0.01, copy_latency_us=0.0, gpu_mem_gbps=1000.0,
-                              gpu_tflops=1000.0, gpu_launch_us=0.0, cpu_mem_gbps=1.0, cpu_gflops=0.02,
-                              cpu_start_us=0.0)
-    return profile.to_yaml(tmp_path_factory.mktemp("hw") / "split.yaml")
-
-
 @pytest.mark.parametrize("fmt_name", ACT_QUANT)
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 @pytest.mark.parametrize("mode", ["never", "always", "auto"])
