@@ -88,10 +88,3 @@ def block_matrices(block: np.ndarray, hidden: int, inter: int) -> tuple[np.ndarr
     """Views (gate_up [2I, H], down [H, I]) of a block, no copy."""
     split = 2 * inter * hidden
     return block[:split].reshape(2 * inter, hidden), block[split:].reshape(hidden, inter)
-
-
-def widen_to_float32(values: np.ndarray) -> np.ndarray:
-    """Block elements (float32 / float16 / uint16 bf16 bits / int8) -> new float32 array."""
-    if values.dtype == np.uint16:
-        return (values.astype(np.uint32) << np.uint32(16)).view(np.float32)
-    return values.astype(np.float32)

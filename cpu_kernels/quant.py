@@ -11,22 +11,10 @@ Rounding error per weight is at most scales[r] / 2 = max|W[r]| / 254.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from .blocks import block_matrices, check_block, widen_to_float32
-from .packed import quantize_int8
-
-# Rows quantised per pass: bounds the float32 temporaries to CHUNK_ROWS rows.
-CHUNK_ROWS = 512
-
-
-def _quantize_rows(src: np.ndarray, q_out: np.ndarray, scale_out: np.ndarray) -> None:
-    """src [R, K] (any block format) -> q_out [R, K] int8 and scale_out [R] float32, in chunks (the packed
-    int8 format's quantizer, packed.quantize_int8)."""
-    for start in range(0, src.shape[0], CHUNK_ROWS):
-        q, scale = quantize_int8(torch.from_numpy(widen_to_float32(src[start:start + CHUNK_ROWS])))
-        q_out[start:start + q.shape[0]] = q.numpy()
-        scale_out[start:start + q.shape[0]] = scale.numpy()
+from .blocks import block_matrices, check_block
+from .formats import kernel_view
+from .quantize_kernels import int8_rows
 
 
 def quantize_block_int8(block: np.ndarray, hidden: int, inter: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,8 +26,9 @@ def quantize_block_int8(block: np.ndarray, hidden: int, inter: int) -> tuple[np.
     scales = np.empty(2 * inter + hidden, dtype=np.float32)
     gate_up, down = block_matrices(block, hidden, inter)
     q_gate_up, q_down = block_matrices(q, hidden, inter)
-    _quantize_rows(gate_up, q_gate_up, scales[:2 * inter])
-    _quantize_rows(down, q_down, scales[2 * inter:])
+    # the packed int8 format's own quantizer (bit-identical to packed.quantize_int8), reading the stored bits
+    int8_rows(kernel_view(gate_up), q_gate_up, scales[:2 * inter])
+    int8_rows(kernel_view(down), q_down, scales[2 * inter:])
     return q, scales
 
 
