@@ -49,6 +49,7 @@ class GGUFExpertFormat(ExpertFormat):
         self.nbytes = self.row_numel
         self.needs_scratch = True
         self.numba = False
+        self._layers: dict[int, GGUFExpertFormat] = {}     # MoE layer -> its format (``at``)
 
     def _sizes(self, types) -> tuple[int, int, int]:
         gate, up, down = types
@@ -83,11 +84,15 @@ class GGUFExpertFormat(ExpertFormat):
         return sum(self.sizes[layer])
 
     def at(self, layer: int) -> "GGUFExpertFormat":
-        """The format of MoE layer ``layer``'s experts (same row size)."""
+        """The format of MoE layer ``layer``'s experts (same row size); made once per layer (the engine asks
+        on every experts call)."""
         if len(self.layer_types) == 1:
             return self
-        return GGUFExpertFormat([self.layer_types[layer]], self.hidden, self.inter, self.compute_dtype,
-                                self.row_numel)
+        fmt = self._layers.get(layer)
+        if fmt is None:
+            fmt = self._layers[layer] = GGUFExpertFormat([self.layer_types[layer]], self.hidden, self.inter,
+                                                         self.compute_dtype, self.row_numel)
+        return fmt
 
     def offsets(self, layer: int = 0) -> dict[str, int]:
         """Byte offset of each projection in a row of MoE layer ``layer``."""

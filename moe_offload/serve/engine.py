@@ -22,7 +22,7 @@ import logging
 import random
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -94,7 +94,7 @@ class GenerationRequest:
         return len(self.text.tokens)
 
 
-def adjusted(logits: torch.Tensor, params: SamplingParams, generated: list[int]) -> torch.Tensor:
+def adjusted(logits: torch.Tensor, params: SamplingParams, generated: Sequence[int]) -> torch.Tensor:
     """``logits`` [V] with the request's logit bias and penalties applied (a float32 copy), or as they are."""
     if not params.adjusts_logits:
         return logits
@@ -108,10 +108,10 @@ def adjusted(logits: torch.Tensor, params: SamplingParams, generated: list[int])
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-           generated: list[int] = ()) -> int:
+           generated: Sequence[int] = ()) -> int:
     """One token from ``logits`` [V] after ``generated`` tokens: the logits adjusted (bias, penalties), then
     argmax at temperature 0, else temperature, top-k and top-p sampling."""
-    logits = adjusted(logits, params, list(generated))
+    logits = adjusted(logits, params, generated)
     if params.temperature == 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # [V]
