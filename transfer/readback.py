@@ -40,6 +40,10 @@ class HostReadback:
         self._event = host_event(device, host_wait)
         self.reads = 0
 
+    def set_wait(self, host_wait: str) -> None:
+        """Wait on later reads as ``host_wait`` says (each read records its event afresh)."""
+        self._event = host_event(self.device, host_wait)
+
     def _staging(self, numel: int) -> torch.Tensor:
         self._buffer = grown(self._buffer, numel, pin=True)
         return self._buffer[:numel]

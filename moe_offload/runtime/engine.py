@@ -28,14 +28,16 @@ class Engine:
         self.cache = cache
         self.copier = copier
         self.stats = stats
-        self.protocol = CallProtocol(layout, cache, copier, stats, cpu_experts, costs, cache.slots.buffers.device)
+        self.protocol = CallProtocol(layout, cache, copier, stats, cpu_experts, costs, cache.slots.buffers.device,
+                                     host_wait=host_wait)
         self.residency = self.protocol.residency
         self.cpu_runner = cpu_runner
         self.act = act
         device = cache.slots.buffers.device
         self._cpu_out: torch.Tensor | None = None     # [>= T*H] float32 page-locked: CPU experts' weighted sum
-        self._cpu_out_copied = None
-        self.set_host_wait(host_wait)
+        self._cpu_inputs = HostReadback(device, host_wait)         # CPU experts' token rows, per layer that has them
+        self._cpu_out_copied = host_event(device, host_wait)       # the CPU experts' output has been copied
+        self.host_wait = host_wait
         self.format = store.format
         # a packed (or cast) expert is dequantized into this one buffer before its matmuls
         self._scratch = (torch.empty(store.shape.numel, dtype=self.format.compute_dtype, device=device)
@@ -50,14 +52,13 @@ class Engine:
                 self._cpu_blocks = [self._cpu_view(store.block(key)) for key in range(store.num_keys)]
 
     def set_host_wait(self, host_wait: str) -> None:
-        """How the host waits for the device (transfer.readback.HOST_WAITS): the events of the router call's
-        readback, the CPU experts' input readback and their output buffer's copy, all made here."""
-        device = self.cache.slots.buffers.device
+        """Switch how the host waits for the device (transfer.readback.HOST_WAITS): the router call's readback,
+        the CPU experts' input readback and their output buffer's copy."""
         if self._cpu_out_copied is not None:
             self._cpu_out_copied.synchronize()      # the new event is unrecorded: the buffer's last copy lands first
-        self.protocol.readback = HostReadback(device, host_wait)   # the router call's numbers
-        self._cpu_inputs = HostReadback(device, host_wait)         # CPU experts' token rows, per layer that has them
-        self._cpu_out_copied = host_event(device, host_wait)       # the CPU experts' output has been copied
+        self.protocol.readback.set_wait(host_wait)
+        self._cpu_inputs.set_wait(host_wait)
+        self._cpu_out_copied = host_event(self.cache.slots.buffers.device, host_wait)
         self.host_wait = host_wait
 
     @property

@@ -77,11 +77,13 @@ class CallProtocol:
     copies every miss, 'always' runs every miss on the CPU, 'auto' lets the
     scheduler choose with ``costs``. ``prefetcher`` (set after construction):
     a Prefetcher built on ``residency``, or None. ``promote=False`` turns
-    promotion off (static placement after warm-up, for comparison).
+    promotion off (static placement after warm-up, for comparison). ``host_wait``:
+    how the host waits for the router call's readback (transfer.readback.HOST_WAITS).
     """
 
     def __init__(self, layout: ExpertLayout, cache: ExpertCache, copier, stats: OffloadStats,
-                 cpu_experts: str = "never", costs=None, device: torch.device | str = "cpu", promote: bool = True):
+                 cpu_experts: str = "never", costs=None, device: torch.device | str = "cpu", promote: bool = True,
+                 host_wait: str = "spin"):
         if cpu_experts == "auto" and costs is None:
             raise ValueError("cpu_experts='auto' needs a cost model")
         self.layout = layout
@@ -94,7 +96,7 @@ class CallProtocol:
         self.plans = PlanMemo(costs, cpu_experts)
         self.residency = ExpertResidency(cache, copier, stats, layout.experts_per_layer)
         self.prefetcher = None
-        self.readback = HostReadback(torch.device(device))     # the router call's numbers, one copy per layer
+        self.readback = HostReadback(torch.device(device), host_wait)   # the router call's numbers, one copy a layer
         self.expected_use = ExpectedUse(layout)
         self.layer_s = np.zeros(layout.num_layers)              # [L] each layer's last call duration (with costs)
         self._routed: dict[int, RouterRecord] = {}
