@@ -34,7 +34,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 import moe_offload  # noqa: E402
 from moe_offload.loading.gguf_checkpoint import split_files  # noqa: E402
 
-from common import RESULTS, machine, print_table, write_json  # noqa: E402
+from common import BenchRun, parse_bench_args, print_table  # noqa: E402
 from disk_tier import drop_cache  # noqa: E402
 
 SMOKE_FIXTURES = ("mixtral-Q4_K_M.gguf", "mixtral-Q8_0.gguf")
@@ -83,6 +83,7 @@ def smoke_inputs(work: Path) -> tuple[Path, Path]:
 
 
 def main(args: argparse.Namespace) -> None:
+    run = BenchRun.start(args)
     with tempfile.TemporaryDirectory(prefix="gguf-load-") as tmp:
         work = Path(tmp)
         gguf, safetensors = smoke_inputs(work) if args.smoke else (Path(args.gguf), Path(args.safetensors))
@@ -92,11 +93,7 @@ def main(args: argparse.Namespace) -> None:
     base = rows[0]["seconds"]
     for row in rows[1:]:
         print(f"{row['load']}: {row['seconds'] / base:.2f}x the GGUF's load time")
-    out = Path(args.out or RESULTS)
-    if args.smoke and out.resolve() == RESULTS.resolve():
-        return
-    path = write_json(out / "gguf_load.json", {"machine": machine(), "gguf": str(gguf),
-                                               "safetensors": str(safetensors), "smoke": args.smoke, "rows": rows})
+    path = run.write_json("gguf_load.json", {"gguf": str(gguf), "safetensors": str(safetensors), "rows": rows})
     print(f"wrote {path}")
 
 
@@ -104,10 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gguf", help="a GGUF of the model (Q4_K_M)")
     p.add_argument("--safetensors", help="the same model's bf16 safetensors checkpoint directory")
-    p.add_argument("--smoke", action="store_true", help="the committed tiny fixture, seconds")
-    p.add_argument("--out", help="folder for gguf_load.json (default bench/results; not written in smoke mode "
-                                 "unless given)")
-    args = p.parse_args(argv)
+    args = parse_bench_args(p, argv, {})   # --smoke loads the committed tiny fixture
     if not args.smoke and not (args.gguf and args.safetensors):
         p.error("give --gguf and --safetensors, or --smoke")
     return args

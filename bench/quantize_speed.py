@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numba
 import numpy as np
 import torch
 
@@ -45,7 +43,7 @@ from moe_offload.loading.loader import fill_experts  # noqa: E402
 from moe_offload.loading.parts import ModelParts  # noqa: E402
 from moe_offload.transfer import HostExpertStore  # noqa: E402
 
-from common import RESULTS, machine, median, print_table, write_json  # noqa: E402
+from common import BenchRun, median, parse_bench_args, print_table  # noqa: E402
 
 SETTINGS = (Int4Fit(0, 0), Int4Fit(1, 0), Int4Fit(2, 0), Int4Fit(3, 0), Int4Fit(4, 0), Int4Fit(6, 0),
             Int4Fit(0, 1), Int4Fit(0, 2), Int4Fit(0, 5), Int4Fit(0, 20), Int4Fit(2, 2))
@@ -184,11 +182,7 @@ def speed_rows(args: argparse.Namespace, folder: Path) -> tuple[list[dict], str 
 
 
 def main(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else RESULTS
-    if args.smoke and not args.out:
-        raise SystemExit("--smoke writes nothing under bench/results: give --out DIR")
-    if args.smoke and not args.checkpoint:
-        args.checkpoint = "tiny-mixtral"
+    run = BenchRun.start(args)
     torch.set_num_threads(os.cpu_count())
     fits = fit_rows(args.smoke) if args.fit else []
     print_table(fits or [{}], [("matrix", "matrix", ""), ("group", "G", "d"), ("ls_steps", "LS steps", "d"),
@@ -197,9 +191,7 @@ def main(args: argparse.Namespace) -> int:
                        ("err_vs_minmax", "x min-max", ".4f")])
     rule = rule_default(fits) if fits else INT4_FIT
     print(f"rule (each step lowers the error >= {MIN_GAIN:.0%}): {rule}; library default: {INT4_FIT}")
-    payload = {"command": "python bench/quantize_speed.py " + " ".join(sys.argv[1:]),
-               "machine": machine() | {"numba": numba.__version__, "cores": os.cpu_count()},
-               "fit": fits, "rule_default": vars(rule), "library_default": vars(INT4_FIT), "min_gain": MIN_GAIN}
+    payload = {"fit": fits, "rule_default": vars(rule), "library_default": vars(INT4_FIT), "min_gain": MIN_GAIN}
     if args.checkpoint:
         with tempfile.TemporaryDirectory(dir=args.work) as folder:
             speed, note = speed_rows(args, Path(folder))
@@ -209,7 +201,7 @@ def main(args: argparse.Namespace) -> int:
         if note:
             print(note)
         payload |= {"checkpoint": str(args.checkpoint), "gguf": args.gguf, "quantize_once": speed, "note": note}
-    path = write_json(out / "quantize_speed.json", payload)
+    path = run.write_json("quantize_speed.json", payload)
     print(f"wrote {path}")
     return 0
 
@@ -223,9 +215,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--formats", nargs="+", default=list(LLAMA_TYPES), choices=list(LLAMA_TYPES))
     p.add_argument("--work", default=None, help="folder for the temporary outputs (default: the system's temp)")
     p.add_argument("--no-fit", dest="fit", action="store_false", help="skip part 1 (the int4 fit table)")
-    p.add_argument("--smoke", action="store_true", help="seconds: small matrices, three settings, tiny-mixtral")
-    p.add_argument("--out", help="folder of the JSON (default bench/results)")
-    return p.parse_args(argv)
+    # --smoke: seconds (small matrices, three fit settings, tiny-mixtral's experts)
+    return parse_bench_args(p, argv, {"checkpoint": "tiny-mixtral"})
 
 
 if __name__ == "__main__":

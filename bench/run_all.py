@@ -10,13 +10,17 @@ spread of the repeats, the read-bandwidth drift over the run for timings without
 the rounding the README prints for numbers that do not depend on timing). Rows that need a GPU or a
 llama.cpp build, or a checkpoint that is not there, are skipped with a line saying so. Prints each
 README number next to its new value, flagged ``MOVED`` when they differ by more than that noise, and
-writes the JSONs (default bench/results; with --quick bench/results/quick) and run_all.json.
+writes the JSONs (default bench/results; with --quick bench/results/quick) and run_all.json. Where
+--quick measures a smaller recipe (fewer prompts or tokens: different numbers by design, not noise),
+a number that differs is flagged ``smaller recipe`` instead (as in every --smoke row); rows where
+--quick only repeats less keep ``MOVED``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,6 +30,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, RESULTS, BenchRun, parse_bench_args, print_table  # noqa: E402
+from llamacpp import ENV_VAR as LLAMA_ENV  # noqa: E402
 
 Reader = Callable[[dict], float]
 
@@ -49,8 +54,9 @@ class Bench:
     json: str
     quick: tuple[str, ...] = ()
     numbers: tuple[Number, ...] = ()
-    needs: str | None = None          # "gpu", "llama.cpp", "full-size": skipped without it
+    needs: tuple[str, ...] = ()       # "gpu", "llama.cpp", "full-size", or files ({full_size}...): skipped without
     smoke: tuple[str, ...] | None = None   # --smoke runs these rows with these arguments; None: not in smoke
+    quick_repeats_only: bool = False  # --quick only repeats less; otherwise it measures a smaller recipe
 
 
 def rounding(digits: int) -> Reader:
@@ -83,7 +89,7 @@ def engine_overhead(label: str, slots: list[str], readme_us: float) -> Bench:
         return d["runs"][label]
     return Bench(f"engine overhead ({label})",
                  ("bench/engine_overhead.py", "--label", label, *slots, "--repeats", "21", "--out", "{out}"),
-                 "engine-overhead-cpu.json", quick=("--repeats", "5"),
+                 "engine-overhead-cpu.json", quick=("--repeats", "5"), quick_repeats_only=True,
                  numbers=(Number(f"{label}: us per MoE layer call", readme_us,
                                  lambda d: run(d)["overhead_us_per_layer"],
                                  lambda d: run(d)["overhead_q3_us"] - run(d)["overhead_q1_us"]),))
@@ -220,12 +226,30 @@ def scheduler(phase: str, key: str, readme: float, digits: int) -> Number:
     return Number(f"{phase}: worst {key.removesuffix('_worst')} / optimum", readme, value, rounding(digits))
 
 
+def llamacpp_ratio(pair: str, phase: str, readme: float) -> Number:
+    def value(d: dict) -> float:
+        return find(d["results"], ours=pair)[f"{phase}_ratio"]
+    return Number(f"{pair} {phase} ours / llama.cpp", readme, value, drift(value))
+
+
+def quantize_ratio(fmt: str, readme: float) -> Number:
+    def value(d: dict) -> float:
+        return find(d["quantize_once"], format=fmt)["ratio_vs_llama"]
+    return Number(f"{fmt} quantize time / llama-quantize", readme, value, drift(value))
+
+
+def gguf_first_load(readme: float) -> Number:
+    def value(d: dict) -> float:
+        return d["rows"][1]["seconds"] / d["rows"][0]["seconds"]
+    return Number("bf16 -> int4 first load / GGUF load", readme, value, drift(value))
+
+
 BENCHES = (
-    Bench("GPU check", ("bench/gpu_check.py",), "gpu-check.json", needs="gpu"),
+    Bench("GPU check", ("bench/gpu_check.py",), "gpu-check.json", needs=("gpu",)),
     engine_overhead("after, all resident", [], 154),
     engine_overhead("after, 12 slots", ["--expert-slots", "12"], 273),
     Bench("end to end, CPU", ("bench/e2e.py", "--model", "tiny-mixtral", "--repeats", "7", "--out", "{out}"),
-          "e2e-cpu.json", quick=("--repeats", "3"),
+          "e2e-cpu.json", quick=("--repeats", "3"), quick_repeats_only=True,
           numbers=(e2e_ratio("offload-100%", "prefill", 0.88), e2e_ratio("offload-100%", "decode", 0.79),
                    e2e_ratio("offload-25%", "prefill", 1.10), e2e_ratio("offload-25%", "decode", 0.69))),
     predictor_accuracy("tiny-mixtral", {"learned": 0.882, "cross_layer": 0.774, "previous": 0.352,
@@ -238,16 +262,17 @@ BENCHES = (
     sweep_tiny_mixtral(),
     prefetch_budget(),
     Bench("CPU expert kernels", ("bench/cpu_kernels.py", "--out", "{out}"), "cpu_kernels.json",
-          quick=("--repeats", "5", "--budget", "0.4", "--pick-budget", "0.5"),
-          numbers=tuple(kernel_ms(d, v) for d, v in (("bf16", 0.58), ("int8", 0.41), ("int4", 1.09),
-                                                     ("int4-g128", 1.12), ("fp8", 1.37)))),
+          quick=("--repeats", "5", "--budget", "0.4", "--pick-budget", "0.5"), quick_repeats_only=True,
+          numbers=tuple(kernel_ms(d, v) for d, v in (("bf16", 0.56), ("int8", 0.51), ("int8-a8", 0.51),
+                                                     ("int4", 1.29), ("int4-a8", 0.65), ("int4-g128-a8", 0.75),
+                                                     ("fp8", 1.19)))),
     Bench("serve under load", ("bench/serve_load.py", "--requests", "4", "--max-tokens", "32", "--out", "{out}"),
           "serve_load.json", quick=("--requests", "1"),
           numbers=tuple(serve_tokens(b, c, v) for b, vs in (("25%", (105, 163, 292)), ("100%", (229, 335, 563)))
                         for c, v in zip((1, 4, 16), vs))),
     quantized_experts(),
     Bench("the disk tier", ("bench/disk_tier.py", "--model", "{full_size}", "--host-memory", "3GiB", "--out", "{out}"),
-          "disk_tier.json", quick=("--rounds", "2"), needs="full-size"),
+          "disk_tier.json", quick=("--rounds", "2"), quick_repeats_only=True, needs=("full-size",)),
     Bench("disk-tier projection, DeepSeek-V3 (tokens/s)",
           ("-m", "moe_offload", "sweep", "--model", "deepseek-v3", "--simulate", "--hardware", "h100-pcie5",
            "--budgets", "80GiB", "--host-memory", "64GiB,128GiB,256GiB", "--policies", "score", "--predictor",
@@ -258,6 +283,24 @@ BENCHES = (
                                                           ("oracle@0.8", (1.76, 1.96, 2.51)),
                                                           ("oracle", (1.90, 2.15, 2.76)))
                         for h, v in zip(("64GiB", "128GiB", "256GiB"), vs))),
+    Bench("moe-offload vs llama.cpp, CPU",
+          ("bench/vs_llamacpp.py", "--llama-cpp", "{llama_cpp}", "--model", "{full_size}", "--formats", "bf16",
+           "int8-a8", "int4-a8", "--repeats", "2", "--new-tokens", "16", "--out", "{out}"),
+          "vs_llamacpp.json", quick=("--repeats", "1"), quick_repeats_only=True, needs=("llama.cpp", "full-size"),
+          numbers=tuple(llamacpp_ratio(pair, phase, v) for phase, vs in (("decode", (0.53, 0.67, 0.40)),
+                                                                          ("prefill", (0.58, 0.56, 0.24)))
+                        for pair, v in zip(("bf16", "int8-a8", "int4-a8"), vs))),
+    Bench("quantize-once vs llama-quantize",
+          ("bench/quantize_speed.py", "--checkpoint", "{full_size}", "--llama-cpp", "{llama_cpp}",
+           "--gguf", "{full_size}.gguf/BF16.gguf", "--no-fit", "--out", "{out}"),
+          "quantize_speed.json", quick_repeats_only=True,
+          needs=("llama.cpp", "full-size", "{full_size}.gguf/BF16.gguf"),
+          numbers=(quantize_ratio("int8", 0.19), quantize_ratio("int4", 1.11))),
+    Bench("GGUF load vs quantizing bf16 safetensors",
+          ("bench/gguf_load.py", "--gguf", "{full_size}.gguf/Q4_K_M.gguf", "--safetensors", "{full_size}",
+           "--out", "{out}"),
+          "gguf_load.json", quick_repeats_only=True, needs=("full-size", "{full_size}.gguf/Q4_K_M.gguf"),
+          numbers=(gguf_first_load(4.6),)),
     Bench("scheduler vs exact optimum", ("bench/scheduler_quality.py", "--out", "{out}"), "scheduler_quality.json",
           quick=("--layers", "150"), smoke=("--smoke",),
           numbers=(scheduler("decode", "greedy_worst", 1.17, 2), scheduler("decode", "ours_worst", 1.0, 3),
@@ -282,19 +325,25 @@ class Outcome:
 
 
 def skip_reason(bench: Bench, args: argparse.Namespace) -> str | None:
-    if bench.needs == "gpu":
-        return "needs a CUDA GPU"
-    if bench.needs == "llama.cpp":
-        return "needs a llama.cpp build"
-    if bench.needs == "full-size" and not (args.full_size and Path(args.full_size, "config.json").is_file()):
-        return ("needs a full-size checkpoint: python bench/full_size.py --preset mixtral-8x7b --layers 2 --out DIR, "
-                "then --full-size DIR")
+    for need in bench.needs:
+        if need == "gpu":
+            return "needs a CUDA GPU"
+        if need == "llama.cpp" and not (args.llama_cpp and Path(args.llama_cpp).is_dir()):
+            return (f"needs a llama.cpp build: --llama-cpp DIR or ${LLAMA_ENV} (`python bench/llamacpp.py --help` "
+                    "says how to build one)")
+        if need == "full-size" and not (args.full_size and Path(args.full_size, "config.json").is_file()):
+            return ("needs a full-size checkpoint: python bench/full_size.py --preset mixtral-8x7b --layers 2 "
+                    "--out DIR, then --full-size DIR")
+        if "{" in need and not Path(need.format(full_size=args.full_size)).is_file():
+            return f"needs {need.format(full_size=args.full_size)} (bench/vs_llamacpp.py writes the GGUF files)"
+    if args.smoke and bench.smoke is None:
+        return "no smoke settings (it needs a checkpoint or tool the smoke run does not make)"
     return None
 
 
 def command(bench: Bench, args: argparse.Namespace, out: Path) -> list[str]:
     extra = (bench.smoke or ()) if args.smoke else bench.quick if args.quick else ()
-    parts = [p.format(out=out, full_size=args.full_size) for p in bench.command]
+    parts = [p.format(out=out, full_size=args.full_size, llama_cpp=args.llama_cpp) for p in bench.command]
     return [sys.executable, *parts, *extra]
 
 
@@ -310,14 +359,16 @@ def run_bench(bench: Bench, args: argparse.Namespace, out: Path) -> Outcome:
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         return Outcome(bench, "failed", seconds, f"exit {proc.returncode}")
-    values = compare(bench, out / bench.json)
+    smaller = args.smoke or (args.quick and not bench.quick_repeats_only)
+    values = compare(bench, out / bench.json, smaller_recipe=smaller)
     if values:                          # as each row finishes, so a long run shows what it has
         print_table(values, COLUMNS)
     return Outcome(bench, "ran", seconds, values=values)
 
 
-def compare(bench: Bench, path: Path) -> list[dict]:
-    """Each number: README value, new value, noise, and whether it moved by more than the noise."""
+def compare(bench: Bench, path: Path, smaller_recipe: bool = False) -> list[dict]:
+    """Each number: README value, new value, noise, and whether it moved by more than the noise (``smaller recipe``
+    instead of ``MOVED`` when the run measured a smaller recipe than the README's)."""
     data = json.loads(path.read_text())
     rows = []
     for number in bench.numbers:
@@ -329,7 +380,7 @@ def compare(bench: Bench, path: Path) -> list[dict]:
             continue
         moved = abs(new - number.readme) > noise + 1e-12
         rows.append({"bench": bench.name, "number": number.label, "readme": number.readme, "new": new,
-                     "noise": noise, "flag": "MOVED" if moved else ""})
+                     "noise": noise, "flag": ("smaller recipe" if smaller_recipe else "MOVED") if moved else ""})
     return rows
 
 
@@ -342,8 +393,9 @@ def main(args: argparse.Namespace) -> int:
     outcomes = [run_bench(b, args, out) for b in chosen]
     values = [v for o in outcomes for v in o.values]
     settings = "quick settings" if args.quick else "smoke" if args.smoke else "the README commands"
-    print(f"\nREADME numbers vs this run ({settings}; "
-          "MOVED: further apart than the noise its JSON records)")
+    print(f"\nREADME numbers vs this run ({settings}; MOVED: further apart than the noise its JSON records; "
+          "smaller recipe: this run measured fewer prompts, tokens or layers than the README's command, "
+          "so it differs by design)")
     if values:
         print_table(values, COLUMNS)
     for o in outcomes:
@@ -361,6 +413,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="shorter settings for the slow benchmarks")
     p.add_argument("--only", help="comma list: run the rows whose name contains one of these")
     p.add_argument("--full-size", help="a 2-layer Mixtral-8x7B checkpoint from bench/full_size.py (the disk tier row)")
+    p.add_argument("--llama-cpp", default=os.environ.get(LLAMA_ENV),
+                   help=f"llama.cpp build folder for the rows that compare with it (default ${LLAMA_ENV})")
     p.add_argument("--quiet", action="store_true", help="hide the benchmarks' own output")
     args = parse_bench_args(p, argv, {"quiet": True})
     if args.quick and not args.out:

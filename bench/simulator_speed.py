@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine, median, print_table, write_json  # noqa: E402
+from common import BenchRun, median, parse_bench_args, print_table  # noqa: E402
 
 SWEEP = ["sweep", "--model", "mixtral-8x7b", "--simulate", "--synthetic", "--hardware", "rtx4090-pcie4",
          "--budgets", "25%", "--policies", "score", "--predictor", "oracle", "--prefetch-depth", "8"]
@@ -47,8 +47,8 @@ def same_to_4_digits(a: float, b: float) -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
-    tokens = 16 if args.smoke else args.tokens
-    repeats = 1 if args.smoke else args.repeats
+    run = BenchRun.start(args)
+    tokens, repeats = args.tokens, args.repeats
     pythons = {"this": sys.executable} | ({"baseline": args.baseline_python} if args.baseline_python else {})
     times: dict[str, list[float]] = {name: [] for name in pythons}
     rows: dict[str, dict] = {}
@@ -62,16 +62,14 @@ def main(args: argparse.Namespace) -> int:
     print_table(table, [("checkout", "checkout", "s"), ("seconds", "wall s (median)", ".2f"),
                         ("calls_per_s", "MoE calls/s", ".0f"), ("tokens_per_s", "tokens/s", ".6g"),
                         ("hit_rate", "hit rate", ".4f"), ("bytes_copied_per_token", "B/token", ".6g")])
-    payload = {"command": "python bench/simulator_speed.py " + " ".join(sys.argv[1:]),
-               "sweep": "moe-offload " + " ".join(SWEEP) + f" --synthetic-tokens {tokens}", "tokens": tokens,
-               "repeats": repeats, "machine": machine(), "runs": table, "seconds": times}
+    payload = {"sweep": "moe-offload " + " ".join(SWEEP) + f" --synthetic-tokens {tokens}", "tokens": tokens,
+               "repeats": repeats, "runs": table, "seconds": times}
     if "baseline" in rows:
         payload["speedup"] = median(times["baseline"]) / median(times["this"])
         payload["same_to_4_digits"] = all(same_to_4_digits(rows["this"][k], rows["baseline"][k]) for k in COMPARED)
         print(f"speed-up {payload['speedup']:.2f}x, same numbers to 4 significant digits: "
               f"{payload['same_to_4_digits']}")
-    out = Path(args.out) if args.out else RESULTS
-    print(f"wrote {write_json(out / 'simulator_speed.json', payload)}")
+    print(f"wrote {run.write_json('simulator_speed.json', payload)}")
     return 0 if payload.get("same_to_4_digits", True) else 1
 
 
@@ -80,6 +78,4 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, default=4096, help="synthetic trace tokens (default 4096, the CLI's)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--baseline-python", help="a Python that imports the checkout to compare with")
-    parser.add_argument("--smoke", action="store_true", help="16 tokens, one run each (seconds)")
-    parser.add_argument("--out", help="directory for the JSON (default bench/results)")
-    sys.exit(main(parser.parse_args()))
+    sys.exit(main(parse_bench_args(parser, None, {"tokens": 16, "repeats": 1})))   # --smoke: seconds

@@ -29,11 +29,9 @@ import argparse
 import gc
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numba
 import torch
 from tqdm import tqdm
 
@@ -42,7 +40,7 @@ import moe_offload  # noqa: E402
 from moe_offload.errors import MoEOffloadError  # noqa: E402
 from moe_offload.loading.checkpoint import resolve_model_dir  # noqa: E402
 
-from common import RESULTS, close_offloaded, machine, median, print_table, write_json  # noqa: E402
+from common import BenchRun, close_offloaded, median, parse_bench_args, print_table  # noqa: E402
 from cpu_kernels import memory_gbps  # noqa: E402
 from e2e import time_decode, time_prefill  # noqa: E402
 from llamacpp import ENV_VAR, TOOLS, LlamaCpp  # noqa: E402
@@ -205,20 +203,19 @@ def main(args: argparse.Namespace) -> int:
         print("--smoke: running moe-offload's half only")
     torch.set_num_threads(args.threads)
     checkpoint = resolve_model_dir(args.model)
-    out = Path(args.out or (tempfile.mkdtemp(prefix="vs_llamacpp-") if args.smoke else RESULTS))
-    started = time.perf_counter()
+    run = BenchRun.start(args)
     bandwidth = memory_gbps(repeats=3)
     with tempfile.TemporaryDirectory() as scratch:     # smoke: GGUF files and quantized experts, dropped after
         gguf_dir = Path(scratch) if args.smoke else Path(args.gguf_dir or f"{checkpoint}.gguf")
         rows, files_info = run_pairs(args, checkpoint, build, gguf_dir, scratch if args.smoke else None)
-    report(args, checkpoint, build, bandwidth, rows, files_info, out, time.perf_counter() - started)
+    report(args, checkpoint, build, bandwidth, rows, files_info, run)
     return 0
 
 
 def report(args, checkpoint: Path, build: LlamaCpp | None, bandwidth: float, rows: list[dict], files_info: dict,
-           out: Path, seconds: float) -> None:
+           run: BenchRun) -> None:
     version = build.version() if build else None
-    info = machine() | {"numba": numba.__version__}
+    info = run.machine()
     flags = " ".join(info.get("cpu_flags", []))
     print(f"{checkpoint} on {info.get('cpu_model', '?')} ({flags}), {args.threads} threads, read bandwidth "
           f"{bandwidth:.1f} GB/s, llama.cpp {version or 'not run'}; prefill {args.prompt_tokens} tokens, decode "
@@ -227,11 +224,9 @@ def report(args, checkpoint: Path, build: LlamaCpp | None, bandwidth: float, row
     payload = {"model": str(checkpoint), "threads": args.threads, "prompt_tokens": args.prompt_tokens,
                "new_tokens": args.new_tokens, "repeats": args.repeats, "read_gbps": bandwidth,
                "llamacpp_version": version, "llamacpp_files": files_info,
-               "pairs": [asdict(PAIRS[f]) for f in args.formats], "smoke": args.smoke, "ours_only": build is None,
-               "seconds": seconds, "machine": info,
-               "command": " ".join(sys.argv), "results": rows}
-    json_path = write_json(out / "vs_llamacpp.json", payload)
-    plot(rows, out / "vs_llamacpp.png", f"{checkpoint.name}: {info.get('cpu_model', '')}, {args.threads} threads, "
+               "pairs": [asdict(PAIRS[f]) for f in args.formats], "ours_only": build is None, "results": rows}
+    json_path = run.write_json("vs_llamacpp.json", payload, machine=info)
+    plot(rows, run.path("vs_llamacpp.png"), f"{checkpoint.name}: {info.get('cpu_model', '')}, {args.threads} threads, "
          f"{bandwidth:.1f} GB/s read, {flags}; llama.cpp {version or 'not run'}")
     print(f"wrote {json_path} and vs_llamacpp.png")
 
@@ -248,12 +243,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-prompt", type=int, default=4, help="prompt tokens before our decode is timed")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ours-only", action="store_true", help="moe-offload's half alone (no llama.cpp needed)")
-    p.add_argument("--smoke", action="store_true", help="shipped tiny-mixtral, a few tokens, nothing kept")
-    p.add_argument("--out", help="folder of the JSON and PNG (default bench/results; with --smoke a new temporary one)")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.model, args.prompt_tokens, args.new_tokens, args.repeats = "tiny-mixtral", 8, 4, 1
-    return args
+    # --smoke: the shipped tiny-mixtral, a few tokens, nothing kept
+    return parse_bench_args(p, argv, {"model": "tiny-mixtral", "prompt_tokens": 8, "new_tokens": 4, "repeats": 1})
 
 
 if __name__ == "__main__":

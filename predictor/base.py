@@ -17,8 +17,12 @@ earlier steps. ``reset()`` starts a new sequence.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from torch import Tensor
+
+# f(layer, distance) -> [T, E]: one sequence's scores for all its tokens (see Predictor.whole_sequence).
+SequenceScores = Callable[[int, int], Tensor]
 
 
 class Predictor(ABC):
@@ -42,6 +46,16 @@ class Predictor(ABC):
     @abstractmethod
     def predict(self, layer: int, distance: int) -> Tensor:
         """[T, E] float scores for the experts of layer ``layer + distance``; higher = likelier."""
+
+    def whole_sequence(self, gates: Tensor, ids: Tensor, probs: Tensor) -> SequenceScores | None:
+        """The scores a token-by-token walk of one sequence gets, for all of its tokens at once.
+
+        ``gates`` [T, L, H], ``ids`` [T, L, k], ``probs`` [T, L, E] are the sequence's observations. The result
+        ``f(layer, distance)`` is [T, E]: row t equals what ``predict(layer, distance)`` returns right after
+        token t's layer ``layer`` was observed, starting from ``reset()``, one token per step. None (the
+        default) when the predictor has no such shortcut; evaluation then walks token by token.
+        """
+        return None
 
     def check_target(self, layer: int, distance: int) -> int:
         """The target layer ``layer + distance``, or ValueError when it does not exist."""

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Predictor
+from .base import Predictor, SequenceScores
 from .trace import Trace
 
 # Chosen experts get this added to their router score so they rank before every
@@ -53,6 +53,19 @@ class PreviousTokenPredictor(Predictor):
         if last is None:
             return torch.zeros(self._rows, self.num_experts)
         return last.expand(self._rows, -1).clone()                             # [T, E]
+
+    def whole_sequence(self, gates: Tensor, ids: Tensor, probs: Tensor) -> SequenceScores:
+        """Token t's scores for layer l+d are token t-1's routing there (none for the first token)."""
+        tokens = ids.shape[0]
+
+        def scores(layer: int, distance: int) -> Tensor:
+            target = self.check_target(layer, distance)
+            out = torch.zeros(tokens, self.num_experts)                        # [T, E]
+            if tokens > 1:
+                out[1:] = chosen_first(ids[:-1, target], probs[:-1, target])
+            return out
+
+        return scores
 
 
 class PopularityPredictor(Predictor):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Predictor
+from .base import Predictor, SequenceScores
 from .trace import Trace
 
 # Weight of the stored matrices' mean, added to break ties between experts the best match never used.
@@ -41,11 +41,14 @@ class ActivationMatrixPredictor(Predictor):
     def __init__(self, stored: Tensor):
         super().__init__(stored.shape[1], stored.shape[2])
         self.stored = stored.float()                                            # [S, L, E]
-        flat = self.stored.flatten(1)                                           # [S, L*E]
-        self._stored_unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        # Similarity in exact integer arithmetic (counts are integers): the dot products are exact
+        # whatever order they are summed in, so a whole-sequence replay picks the same match.
+        self._counts = stored.round().long()                                    # [S, L, E]
+        flat = self._counts.flatten(1).double()                                 # [S, L*E]
+        self._stored_norm = flat.norm(dim=1).clamp_min(1e-12)                   # [S]
         self._prior = self.stored.mean(0)                                       # [L, E]
         self._prior = self._prior / self._prior.sum(-1, keepdim=True).clamp_min(1e-12)
-        self._current = torch.zeros(self.num_layers, self.num_experts)          # [L, E]
+        self._current = torch.zeros(self.num_layers, self.num_experts, dtype=torch.long)  # [L, E]
         self._best: Tensor | None = None                                        # [L, E] best match's counts
         self._rows = 0
 
@@ -60,16 +63,34 @@ class ActivationMatrixPredictor(Predictor):
     def observe(self, layer: int, gate_input: Tensor, chosen: Tensor, probs: Tensor) -> None:
         self._rows = chosen.shape[0]
         ids = chosen.long().cpu().reshape(-1)                                   # [T*k]
-        self._current[layer].index_add_(0, ids, torch.ones(ids.shape[0]))
+        self._current[layer].index_add_(0, ids, torch.ones(ids.shape[0], dtype=torch.long))
         self._best = self.stored[self.best_match()]
 
     def best_match(self) -> int:
         """Index of the stored sequence whose matrix is most cosine-similar to the current one."""
-        similarity = self._stored_unit @ self._current.flatten()                # [S]
-        return int(torch.argmax(similarity))
+        dots = self._counts.flatten(1) @ self._current.flatten()                # [S] exact integers
+        return int(torch.argmax(dots.double() / self._stored_norm))
 
     def predict(self, layer: int, distance: int) -> Tensor:
         target = self.check_target(layer, distance)
         best = self._best[target] if self._best is not None else torch.zeros(self.num_experts)
-        counts = best / best.sum().clamp_min(1.0) + _TIE_BREAK * self._prior[target]  # [E]
-        return counts.expand(self._rows, -1).clone()                            # [T, E]
+        return self._scores(best, target).expand(self._rows, -1).clone()        # [T, E]
+
+    def _scores(self, best: Tensor, target: int) -> Tensor:
+        """Scores [..., E] from a best match's counts ``best`` [..., E] at layer ``target``."""
+        return best / best.sum(-1, keepdim=True).clamp_min(1.0) + _TIE_BREAK * self._prior[target]
+
+    def whole_sequence(self, gates: Tensor, ids: Tensor, probs: Tensor) -> SequenceScores:
+        """The best match after each (token, layer) observation, from running sums of the integer dot products."""
+        tokens, layers, _ = ids.shape
+        by_expert = self._counts.permute(1, 2, 0)                               # [L, E, S]
+        added = by_expert[torch.arange(layers)[None, :, None], ids.long()].sum(2)  # [T, L, S] one observation's dots
+        earlier = added.sum(1).cumsum(0) - added.sum(1)                         # [T, S] tokens before t, every layer
+        dots = earlier[:, None, :] + added.cumsum(1)                            # [T, L, S] after token t's layer l
+        best = torch.argmax(dots.double() / self._stored_norm, dim=2)           # [T, L]
+
+        def scores(layer: int, distance: int) -> Tensor:
+            target = self.check_target(layer, distance)
+            return self._scores(self.stored[best[:, layer], target], target)    # [T, E]
+
+        return scores

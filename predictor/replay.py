@@ -23,12 +23,14 @@ def sequence_slices(trace: Trace) -> list[slice]:
 
 
 def replay(predictor: Predictor, trace: Trace, distances: Iterable[int] = (1, 2, 3),
-           counted: np.ndarray | None = None) -> dict[int, RecallCounter]:
+           counted: np.ndarray | None = None, stepwise: bool = False) -> dict[int, RecallCounter]:
     """Feed ``trace`` token by token, as decode steps (or a whole sequence per step when the
-    predictor's rows are independent, which gives the same scores faster); count, for each
-    distance d, how well ``predict(l, d)`` finds the experts layer l+d truly picked.
+    predictor's rows are independent, or through ``Predictor.whole_sequence`` when it has that
+    shortcut: both give the same scores faster); count, for each distance d, how well
+    ``predict(l, d)`` finds the experts layer l+d truly picked.
 
-    ``counted`` [N] bool restricts the counting (not the feeding) to some tokens.
+    ``counted`` [N] bool restricts the counting (not the feeding) to some tokens. ``stepwise`` walks
+    token by token even where a shortcut exists (the reference the shortcuts are tested against).
     """
     if predictor.needs_gate_inputs and trace.gate_inputs is None:
         raise ValueError(f"predictor {predictor.name!r} needs gate inputs; record the trace with gate_inputs")
@@ -44,7 +46,15 @@ def replay(predictor: Predictor, trace: Trace, distances: Iterable[int] = (1, 2,
     keep = torch.ones(trace.num_tokens, dtype=torch.bool) if counted is None else torch.from_numpy(counted)
     for seq in sequence_slices(trace):
         predictor.reset()
-        for rows in _steps(seq, predictor.row_independent):
+        shortcut = not (predictor.row_independent or stepwise)
+        whole = predictor.whole_sequence(gates[seq], ids[seq], probs[seq]) if shortcut else None
+        if whole is not None:
+            for layer in range(layers):
+                for d in distances:
+                    if layer + d < layers:
+                        _count(counters[d], layer + d, whole(layer, d), ids[seq, layer + d], keep[seq])
+            continue
+        for rows in _steps(seq, predictor.row_independent and not stepwise):
             for layer in range(layers):
                 predictor.observe(layer, gates[rows, layer], ids[rows, layer], probs[rows, layer])
                 for d in distances:

@@ -228,6 +228,47 @@ def test_eam_predicts_from_the_most_similar_stored_sequence():
     assert p.best_match() == 0 and p.predict(0, 1)[0].topk(2).indices.sort().values.tolist() == [0, 1]
 
 
+def _scores_walked_token_by_token(predictor, trace: Trace, distances) -> dict[tuple[int, int], torch.Tensor]:
+    """Every (layer, distance)'s [N, E] scores from reset() and one token per step, the runtime's order."""
+    ids = torch.from_numpy(trace.expert_ids.astype(np.int64))
+    probs = torch.from_numpy(trace.router_probs.astype(np.float32))
+    layers = trace.num_layers
+    out = {(l, d): [] for l in range(layers) for d in distances if l + d < layers}
+    for t in range(trace.num_tokens):
+        if t == 0 or trace.sequence[t] != trace.sequence[t - 1]:
+            predictor.reset()
+        for layer in range(layers):
+            predictor.observe(layer, torch.zeros(1, 1), ids[t:t + 1, layer], probs[t:t + 1, layer])
+            for d in distances:
+                if layer + d < layers:
+                    out[layer, d].append(predictor.predict(layer, d))
+    return {key: torch.cat(rows) for key, rows in out.items()}
+
+
+@pytest.mark.parametrize("name", ["previous", "eam"])
+def test_whole_sequence_scores_equal_the_token_by_token_walk(name):
+    """The replay shortcut gives bit-identical scores, hence identical recall counts, to walking token by
+    token: on a synthetic trace with repeats, and sequences sharing stored matrices (EAM ties)."""
+    from moe_offload.predictor.synthetic import SyntheticTraceConfig, synthetic_trace
+
+    fit = synthetic_trace(SyntheticTraceConfig(tokens=240, layers=4, experts=8, top_k=2, repeat=0.5,
+                                               tokens_per_sequence=20, seed=1))
+    held = synthetic_trace(SyntheticTraceConfig(tokens=150, layers=4, experts=8, top_k=2, repeat=0.5,
+                                                tokens_per_sequence=30, seed=2))
+    make = {"previous": lambda: PreviousTokenPredictor(4, 8), "eam": lambda: ActivationMatrixPredictor.fit(fit)}[name]
+    walked = _scores_walked_token_by_token(make(), held, (1, 2, 3))
+    seq = slice(0, 30)
+    predictor = make()
+    whole = predictor.whole_sequence(torch.zeros(150, 4, 1)[seq], torch.from_numpy(held.expert_ids[seq].astype(np.int64)),
+                                     torch.from_numpy(held.router_probs[seq].astype(np.float32)))
+    for (layer, d), scores in walked.items():
+        assert torch.equal(whole(layer, d), scores[seq]), (layer, d)
+    fast, slow = replay(make(), held, (1, 2, 3)), replay(make(), held, (1, 2, 3), stepwise=True)
+    for d in (1, 2, 3):
+        assert np.array_equal(fast[d].hits, slow[d].hits) and np.array_equal(fast[d].hits_2k, slow[d].hits_2k)
+        assert fast[d].truths.sum() > 0
+
+
 def test_oracle_recall_is_one_and_it_refuses_another_trace():
     rng = np.random.default_rng(0)
     ids = np.stack([rng.permutation(8)[:2] for _ in range(40 * 4)]).reshape(40, 4, 2)
