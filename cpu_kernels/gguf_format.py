@@ -13,10 +13,10 @@ row size for the whole model, so host rows and device slots stay interchangeable
 Arithmetic (one per format, wherever the expert runs): weight-only. The weights are dequantized exactly
 as the ``gguf`` package's ``dequantize`` does (float32), then the expert runs on unquantized activations:
 on the device, dequantized into the engine's reused scratch in the model's dtype and run with
-transformers' own ops; on the CPU, dequantized into the runner's float32 scratch and run with torch's
-matmuls (the dequantize-then-matmul backend; no Numba kernel reads these rows). llama.cpp's own dot
-products also round the activations to 8 bits; this format does not, on either path, so it equals
-transformers running the file's dequantized weights.
+transformers' own ops; on the CPU, dequantized into the runner's float32 scratch by ``ggml_dequant``'s
+Numba kernels (bit for bit the torch ops the device runs) and run with torch's matmuls (the
+dequantize-then-matmul backend). llama.cpp's own dot products also round the activations to 8 bits;
+this format does not, on either path, so it equals transformers running the file's dequantized weights.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .ggml_blocks import GGMLType, dequantize
+from .ggml_dequant import dequantize_cpu
 from .packed import ExpertFormat, _aligned
 
 PROJECTIONS = ("gate", "up", "down")
@@ -137,6 +138,11 @@ class GGUFExpertFormat(ExpertFormat):
             scratch = torch.empty(3 * h * i, dtype=self.compute_dtype, device=row.device)
         gate_up = scratch[: 2 * i * h].view(2 * i, h)
         down = scratch[2 * i * h: 3 * i * h].view(h, i)
+        if row.device.type == "cpu" and scratch.dtype == torch.float32:
+            dequantize_cpu(views["gate"], gate_t, i, h, out=gate_up[:i])       # Numba, straight into the scratch
+            dequantize_cpu(views["up"], up_t, i, h, out=gate_up[i:])
+            dequantize_cpu(views["down"], down_t, h, i, out=down)
+            return gate_up, down
         gate_up[:i].copy_(dequantize(views["gate"], gate_t, i, h))
         gate_up[i:].copy_(dequantize(views["up"], up_t, i, h))
         down.copy_(dequantize(views["down"], down_t, h, i))

@@ -20,6 +20,7 @@ from conftest import assert_close, rel_err
 
 import moe_offload
 from moe_offload.cpu_kernels.ggml_blocks import GGML_TYPES, TYPE_BY_NAME, dequantize
+from moe_offload.cpu_kernels.ggml_dequant import dequantize_cpu
 from moe_offload.errors import MoEOffloadError
 
 gguf = pytest.importorskip("gguf")
@@ -74,6 +75,12 @@ def test_block_dequantization_equals_gguf(kind):
     expected = gguf.quants.dequantize(raw.reshape(rows, -1), gguf.GGMLQuantizationType[kind])
     got = dequantize(torch.from_numpy(raw.copy()), TYPE_BY_NAME[kind], rows, cols)
     assert got.dtype == torch.float32 and np.array_equal(got.numpy(), expected.astype(np.float32)), kind
+    # The CPU's Numba kernels (dense reads, the CPU runner's widening), also into a given buffer.
+    cpu = dequantize_cpu(raw, TYPE_BY_NAME[kind], rows, cols)
+    assert np.array_equal(cpu.numpy(), expected.astype(np.float32)), kind
+    into = torch.full((2 * rows, cols), 7.0)
+    dequantize_cpu(torch.from_numpy(raw.copy()), TYPE_BY_NAME[kind], rows, cols, out=into[rows:])
+    assert np.array_equal(into[rows:].numpy(), expected.astype(np.float32)) and bool((into[:rows] == 7).all())
 
 
 # -- parity ------------------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cpu_kernels.ggml_blocks import GGML_TYPES, GGMLType
+from ..cpu_kernels.ggml_blocks import GGML_TYPES, PLAIN, GGMLType
+from ..cpu_kernels.ggml_dequant import dequantize_cpu
 from ..errors import MoEOffloadError
 
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -236,8 +237,14 @@ class GGUFCheckpoint:
 
     # -- reads ---------------------------------------------------------------------------------------------------
     def _dequantized(self, t: _Stored) -> torch.Tensor:
+        """float32 values of a tensor: the Numba kernels for the block types the engine reads (bit for bit
+        the gguf package's values, on every core), the gguf package's own dequantization for the rest."""
         from gguf import GGMLQuantizationType, dequantize
 
+        ggml_type = GGML_TYPES.get(t.type_id)
+        if ggml_type is not None and ggml_type.name not in PLAIN:
+            columns = t.shape[-1]
+            return dequantize_cpu(t.data, ggml_type, int(np.prod(t.shape)) // columns, columns).reshape(t.shape)
         return torch.from_numpy(np.array(dequantize(t.data, GGMLQuantizationType(t.type_id)),
                                                      dtype=np.float32))
 
