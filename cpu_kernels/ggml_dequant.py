@@ -1,12 +1,19 @@
-"""GGML block dequantization on the CPU: Numba parallel kernels, bit for bit ``ggml_blocks.dequantize``.
+"""GGML blocks on the CPU: Numba block decoders, the parallel dequantization built on them, and a fused
+dequantize-and-multiply for GGUF experts.
 
-    # N = blocks, B = values per block (32 or 256), S = sub-blocks
+    # N = blocks, B = values per block (32 or 256), R = rows, K = columns, T = tokens
 
-The block layouts are ``ggml_blocks``' (its docstring draws them). The torch version there runs on any
-device (the engine's reused scratch on the GPU); these kernels are the CPU's: one pass over the blocks,
-split across the cores, with the same float32 operations in the same order (no fast-math, so nothing is
-fused or reordered), hence the same values. They are what a GGUF's dense tensors are read with, and
-what the CPU runner widens a GGUF expert with.
+The block layouts are ``ggml_blocks``' (its docstring draws them). ``_decode`` widens one block to B
+float32 values with the float32 operations of ``ggml_blocks.dequantize`` in the same order (compiled
+without fast-math, so nothing is fused or reordered): the same values, bit for bit, as the torch version
+the device runs and as the ``gguf`` package's. Two kernels use it:
+
+- ``dequantize_cpu``: a whole matrix to float32 on every core (a GGUF's dense tensors on read).
+- ``gguf_matmul``: out [T, R] = x [T, K] @ W.T with each block decoded into a small buffer and consumed
+  at once, so a decode step reads the file's bytes once and never writes the float32 matrix (the
+  dequantize-then-matmul path writes and re-reads 4 bytes per weight). The weights are the decoded
+  values above; only the summation order differs from a float32 matmul of the dequantized matrix
+  (the dot products may be reassociated to vectorize).
 """
 
 from __future__ import annotations
@@ -15,92 +22,146 @@ import numba
 import numpy as np
 import torch
 
+from .activations import activate
+from .formats import _f16_bits_to_f32
 from .ggml_blocks import QK_K, GGMLType, dequantize
 
-# Byte offsets of the float16 scale(s) in each block type.
-_SCALE_AT = {"Q8_0": (0,), "Q4_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
-
-
-def _halves(blocks: np.ndarray, at: int) -> np.ndarray:
-    """float32 [N]: the float16 stored at byte ``at`` of each block [N, nbytes]."""
-    return blocks[:, at:at + 2].copy().view(np.float16).astype(np.float32).reshape(-1)
-
-
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _q8_0(blocks, d, out):
-    for n in numba.prange(blocks.shape[0]):
-        for j in range(32):
-            out[n, j] = np.float32(np.int8(blocks[n, 2 + j])) * d[n]
-
-
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _q4_0(blocks, d, out):
-    for n in numba.prange(blocks.shape[0]):
-        for j in range(16):
-            byte = blocks[n, 2 + j]
-            out[n, j] = d[n] * np.float32(np.int8(byte & 15) - 8)
-            out[n, j + 16] = d[n] * np.float32(np.int8(byte >> 4) - 8)
+# Kernel codes of the block types, and values / bytes per block.
+KINDS = {"Q8_0": 0, "Q4_0": 1, "Q4_K": 2, "Q5_K": 3, "Q6_K": 4}
 
 
 @numba.njit(inline="always")
-def _scale_min_k4(blocks, n, s):
-    """Sub-block ``s``'s 6-bit scale and min of a Q4_K / Q5_K block (packed in bytes 4..15)."""
+def _f16(w, at):
+    """The little-endian float16 at byte ``at`` of ``w`` as float32."""
+    return _f16_bits_to_f32(np.int16(np.uint16(w[at]) | (np.uint16(w[at + 1]) << np.uint16(8))))
+
+
+@numba.njit(inline="always")
+def _scale_min_k4(w, base, s):
+    """Sub-block ``s``'s 6-bit scale and min of the Q4_K / Q5_K block at ``base`` (packed in bytes 4..15)."""
     if s < 4:
-        return blocks[n, 4 + s] & 0x3F, blocks[n, 8 + s] & 0x3F
-    sc = (blocks[n, 12 + s - 4] & 0x0F) | ((blocks[n, 4 + s - 4] >> 2) & 0x30)
-    mn = (blocks[n, 12 + s - 4] >> 4) | ((blocks[n, 8 + s - 4] >> 2) & 0x30)
+        return w[base + 4 + s] & 0x3F, w[base + 8 + s] & 0x3F
+    sc = (w[base + 8 + s] & 0x0F) | ((w[base + s] >> 2) & 0x30)
+    mn = (w[base + 8 + s] >> 4) | ((w[base + 4 + s] >> 2) & 0x30)
     return sc, mn
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _q45_k(blocks, d, dmin, fifth_bit, out):
-    """Q4_K (``fifth_bit`` False: codes at byte 16) and Q5_K (codes at byte 48, fifth bits at 16..47)."""
-    codes_at = 48 if fifth_bit else 16
-    for n in numba.prange(blocks.shape[0]):
+@numba.njit(nogil=True, cache=True)
+def _decode(kind, w, base, vals):
+    """vals[:B] = the float32 values of the block of type ``kind`` starting at byte ``base`` of ``w``."""
+    if kind == 0:                                           # Q8_0: d | q int8 [32]
+        d = _f16(w, base)
+        for j in range(32):
+            vals[j] = np.float32(np.int8(w[base + 2 + j])) * d
+    elif kind == 1:                                         # Q4_0: d | 16 bytes of two nibbles
+        d = _f16(w, base)
+        for j in range(16):
+            byte = w[base + 2 + j]
+            vals[j] = d * np.float32(np.int8(byte & 15) - 8)
+            vals[j + 16] = d * np.float32(np.int8(byte >> 4) - 8)
+    elif kind == 2 or kind == 3:                            # Q4_K / Q5_K
+        d, dmin = _f16(w, base), _f16(w, base + 2)
+        codes = base + (48 if kind == 3 else 16)
         for s in range(8):
-            sc, mn = _scale_min_k4(blocks, n, s)
-            scale = d[n] * np.float32(sc)
-            offset = dmin[n] * np.float32(mn)
+            sc, mn = _scale_min_k4(w, base, s)
+            scale = d * np.float32(sc)
+            offset = dmin * np.float32(mn)
             shift = 4 * (s & 1)
             for i in range(32):
-                q = (blocks[n, codes_at + (s >> 1) * 32 + i] >> shift) & 15
-                if fifth_bit:
-                    q |= ((blocks[n, 16 + i] >> s) & 1) << 4
-                out[n, s * 32 + i] = scale * np.float32(q) - offset
+                q = (w[codes + (s >> 1) * 32 + i] >> shift) & 15
+                if kind == 3:
+                    q |= ((w[base + 16 + i] >> s) & 1) << 4
+                vals[s * 32 + i] = scale * np.float32(q) - offset
+    else:                                                   # Q6_K: ql [128] | qh [64] | scales int8 [16] | d
+        d = _f16(w, base + 208)
+        for p in range(QK_K):
+            half, j, i = p // 128, (p % 128) // 32, p % 32
+            low = (w[base + half * 64 + (j % 2) * 32 + i] >> (4 * (j // 2))) & 15
+            high = (w[base + 128 + half * 32 + i] >> (2 * j)) & 3
+            q = np.int8(low | (high << 4)) - np.int8(32)
+            vals[p] = (d * np.float32(np.int8(w[base + 192 + p // 16]))) * np.float32(q)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _q6_k(blocks, d, out):
-    for n in numba.prange(blocks.shape[0]):
-        for p in range(QK_K):
-            half, j, i = p // 128, (p % 128) // 32, p % 32
-            low = (blocks[n, half * 64 + (j % 2) * 32 + i] >> (4 * (j // 2))) & 15
-            high = (blocks[n, 128 + half * 32 + i] >> (2 * j)) & 3
-            q = np.int8(low | (high << 4)) - np.int8(32)
-            out[n, p] = (d[n] * np.float32(np.int8(blocks[n, 192 + p // 16]))) * np.float32(q)
+def _dequantize(kind, w, nbytes, out):
+    """out [N, B] = every block of ``w`` (N blocks of ``nbytes``) widened."""
+    for n in numba.prange(out.shape[0]):
+        _decode(kind, w, n * nbytes, out[n])
+
+
+def _flat_bytes(data: torch.Tensor | np.ndarray) -> np.ndarray:
+    raw = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    return np.ascontiguousarray(raw.reshape(-1)).view(np.uint8)
 
 
 def dequantize_cpu(data: torch.Tensor | np.ndarray, ggml_type: GGMLType, rows: int, columns: int,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 [rows * row_bytes] (one matrix as the file stores it) -> float32 [rows, columns], on the CPU;
     written into ``out`` (a contiguous float32 CPU tensor of that shape) when given."""
-    raw = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
-    raw = raw.reshape(-1).view(np.uint8)
-    name = ggml_type.name
+    raw = _flat_bytes(data)
     if out is None:
         out = torch.empty(rows, columns, dtype=torch.float32)
-    if name in ("F32", "F16", "BF16"):
+    if ggml_type.name not in KINDS:
         return out.copy_(dequantize(torch.from_numpy(raw.copy()), ggml_type, rows, columns))
-    blocks = raw.reshape(-1, ggml_type.nbytes)                              # [N, nbytes]
-    result = out
-    out = out.numpy().reshape(blocks.shape[0], ggml_type.block)            # [N, B] the same memory
-    scales = [_halves(blocks, at) for at in _SCALE_AT[name]]
-    if name == "Q8_0":
-        _q8_0(blocks, scales[0], out)
-    elif name == "Q4_0":
-        _q4_0(blocks, scales[0], out)
-    elif name in ("Q4_K", "Q5_K"):
-        _q45_k(blocks, scales[0], scales[1], name == "Q5_K", out)
-    else:
-        _q6_k(blocks, scales[0], out)
-    return result
+    blocks = out.numpy().reshape(-1, ggml_type.block)                       # [N, B] the same memory
+    _dequantize(KINDS[ggml_type.name], raw, ggml_type.nbytes, blocks)
+    return out
+
+
+ROWS_PER_TASK = 8       # rows one parallel task multiplies (their blocks decoded one at a time)
+
+
+@numba.njit(parallel=True, nogil=True, fastmath={"reassoc", "nsz"}, cache=True)
+def _matmul(kind, w, rows, columns, block, nbytes, x, out):
+    tokens = x.shape[0]
+    per_row = columns // block
+    for task in numba.prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        vals = np.empty(block, np.float32)
+        acc = np.empty(tokens, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            acc[:] = 0.0
+            for b in range(per_row):
+                _decode(kind, w, (r * per_row + b) * nbytes, vals)
+                col = b * block
+                for t in range(tokens):
+                    s = np.float32(0.0)
+                    for j in range(block):
+                        s += vals[j] * x[t, col + j]
+                    acc[t] += s
+            for t in range(tokens):
+                out[t, r] = acc[t]
+
+
+def gguf_matmul(x: np.ndarray, data: np.ndarray, ggml_type: GGMLType, rows: int, out: np.ndarray) -> np.ndarray:
+    """out [T, rows] = x [T, K] @ W.T for W [rows, K] stored as ``data`` (uint8, the file's bytes of
+    type ``ggml_type``); x and out float32, C-contiguous."""
+    columns = x.shape[1]
+    if data.size != rows * ggml_type.row_bytes(columns):
+        raise ValueError(f"{ggml_type.name} matrix of {rows} x {columns} needs {rows * ggml_type.row_bytes(columns)} "
+                         f"bytes, got {data.size}")
+    _matmul(KINDS[ggml_type.name], data, rows, columns, ggml_type.block, ggml_type.nbytes, x, out)
+    return out
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _gate(g, u, code):
+    """g [T, I] = act(g) * u, in place."""
+    for t in range(g.shape[0]):
+        for i in numba.prange(g.shape[1]):
+            g[t, i] = activate(g[t, i], code) * u[t, i]
+
+
+def gguf_ffn(x: np.ndarray, gate: tuple, up: tuple, down: tuple, code: int, out: np.ndarray,
+             scratch: np.ndarray) -> np.ndarray:
+    """out [T, H] = down @ (act(gate @ x) * (up @ x)) for x [T, H]; ``gate``/``up``/``down``: (bytes uint8,
+    GGMLType, rows) of the file's matrices ([I, H], [I, H], [H, I]); scratch float32 >= 2 T I floats."""
+    tokens, inter = x.shape[0], gate[2]
+    flat = scratch.reshape(-1)
+    if flat.size < 2 * tokens * inter:
+        raise ValueError(f"scratch holds {flat.size} floats; a GGUF expert needs {2 * tokens * inter}")
+    g = flat[: tokens * inter].reshape(tokens, inter)                        # [T, I]
+    u = flat[tokens * inter: 2 * tokens * inter].reshape(tokens, inter)      # [T, I]
+    gguf_matmul(x, *gate, g)
+    gguf_matmul(x, *up, u)
+    _gate(g, u, code)
+    return gguf_matmul(g, *down, out)

@@ -21,10 +21,11 @@ this format does not, on either path, so it equals transformers running the file
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .ggml_blocks import GGMLType, dequantize
-from .ggml_dequant import dequantize_cpu
+from .ggml_dequant import dequantize_cpu, gguf_ffn
 from .packed import ExpertFormat, _aligned
 
 PROJECTIONS = ("gate", "up", "down")
@@ -111,8 +112,21 @@ class GGUFExpertFormat(ExpertFormat):
         where, sizes = self.offsets(), self.sizes[0]
         return {p: row[where[p]: where[p] + n] for p, n in zip(PROJECTIONS, sizes)}
 
+    @property
+    def kernel_key(self) -> str:
+        """What the CPU runner times this format's backends under: e.g. 'gguf Q4_K,Q4_K,Q6_K'."""
+        return "gguf " + ",".join(t.name for t in self._single())
+
     def numpy_views(self, row):
-        raise ValueError("GGUF expert rows run on the torch backend (no Numba kernel reads them)")
+        raise ValueError("GGUF expert rows run through ffn_numba (the fused kernels) or unpack (torch)")
+
+    def ffn_numba(self, x: np.ndarray, row: np.ndarray, code: int, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+        """out [T, H] = the expert of ``row`` (uint8 numpy, this format) on x [T, H], each block decoded as it is
+        multiplied (``ggml_dequant.gguf_ffn``); scratch float32 >= 2 T I floats."""
+        where, sizes = self.offsets(), self.sizes[0]
+        rows = {"gate": self.inter, "up": self.inter, "down": self.hidden}
+        mats = [(row[where[p]: where[p] + n], t, rows[p]) for p, n, t in zip(PROJECTIONS, sizes, self._single())]
+        return gguf_ffn(x, *mats, code, out, scratch)
 
     def write(self, row: torch.Tensor, role: str, weight: torch.Tensor) -> None:
         raise ValueError("a GGUF expert format stores the file's bytes (write_bytes); it does not quantize")

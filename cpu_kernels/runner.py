@@ -25,7 +25,8 @@ import numba
 import numpy as np
 import torch
 
-from .backends import BUCKETS, bucket_of, job_format, measured_shape, pick, sample_copies, sample_expert, time_buckets
+from .backends import (BUCKETS, bucket_of, job_format, measured_shape, median_time, pick, sample_copies, sample_expert,
+                       time_buckets)
 from .blocks import infer_inter
 from .ffn import check_act, check_weights, expert_ffn
 from .packed import ExpertFormat, canonical_expert_format
@@ -36,6 +37,7 @@ from .workspace import Workspace
 
 # Shapes used to compile every kernel variant at warmup (int4 needs even sizes; T = 5 runs every tail loop).
 _WARMUP_HIDDEN, _WARMUP_INTER, _WARMUP_TOKENS = 10, 6, 5
+FIRST_USE_S = 0.02      # seconds to time each backend of a GGUF expert the first time its token bucket is seen
 
 
 @dataclass(frozen=True)
@@ -158,8 +160,12 @@ class CpuRunner:
             ys = self._workspace.get("y", n, width)  # [n, H]
             hs = self._workspace.get("h", n, inter)  # [n, I]
             gather_rows(x, rows, xs)
-            numba = job.fmt is None or job.fmt.numba
-            backend = self.backend(job_format(job.block, job.fmt), n) if numba else "torch"
+            if job.fmt is None or job.fmt.numba:
+                backend = self.backend(job_format(job.block, job.fmt), n)
+            elif getattr(job.fmt, "storage", None) == "gguf":
+                backend = self._first_use_backend(job, xs, ys, hs, inter, code)
+            else:
+                backend = "torch"
             self._run_expert(job, xs, ys, hs, inter, code, backend)
             scatter_add_rows(acc, rows, weights, ys)
         return result
@@ -167,7 +173,10 @@ class CpuRunner:
     def _run_expert(self, job: CpuJob, xs, ys, hs, inter: int, code: int, backend: str) -> None:
         """ys [n, H] = the job's expert on xs [n, H] with ``backend`` (hs: the [n, I] kernel scratch)."""
         packed = job.fmt is not None and job.fmt.packed
-        if backend == "torch":
+        if backend == "numba" and getattr(job.fmt, "storage", None) == "gguf":
+            scratch = self._workspace.get("packed", 1, 2 * xs.shape[0] * inter)
+            job.fmt.ffn_numba(xs, job.block, code, ys, scratch)
+        elif backend == "torch":
             self._torch.run(xs, job.block, inter, code, ys, job.scales, job.fmt if packed else None)
         elif packed:
             rows = self._workspace.get("rows", self._num_threads, row_buffer_width(job.fmt))
@@ -177,6 +186,22 @@ class CpuRunner:
             expert_ffn(xs, job.block, xs.shape[1], inter, code, ys, hs, job.scales)
 
     # -- backend choice --------------------------------------------------------------------------------------------
+    def _first_use_backend(self, job: CpuJob, xs, ys, hs, inter: int, code: int) -> str:
+        """A GGUF expert's backend for this token bucket: timed on the job itself the first time a bucket of its
+        types is seen (the fused Numba kernel vs dequantize-then-matmul), then kept (in ``choices`` and
+        ``timings`` under the format's kernel_key). Worker thread only."""
+        key, bucket = job.fmt.kernel_key, bucket_of(xs.shape[0])
+        chosen = self._choices.setdefault(key, {})
+        if bucket not in chosen:
+            def run(backend: str) -> None:
+                self._run_expert(job, xs, ys, hs, inter, code, backend)
+
+            timings = {b: median_time(lambda b=b: run(b), FIRST_USE_S, min_runs=1) for b in ("numba", "torch")}
+            self.timings.setdefault(key, {})[bucket] = timings
+            chosen[bucket] = pick({bucket: timings})[bucket]
+        return chosen[bucket]
+
+
     def backend(self, fmt: str, tokens: int) -> str:
         """"numba" or "torch": the backend a job of ``tokens`` tokens in format ``fmt`` runs on (Numba
         until measure_backends() or set_choices() says otherwise). ``fmt``: a format name or alias ("bf16")."""

@@ -141,6 +141,39 @@ def test_gguf_per_layer_types_and_disk_tier(tmp_path):
 
 @pytest.mark.parametrize("kinds", [("Q4_K", "Q4_K", "Q6_K"), ("Q5_K", "Q5_K", "Q6_K"), ("Q6_K", "Q4_0", "Q8_0")],
                          ids=["Q4_K-Q6_K", "Q5_K-Q6_K", "Q6_K-Q4_0-Q8_0"])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_fused_cpu_kernel_equals_dequantize_then_matmul(kinds, tokens):
+    """The CPU runner's two GGUF backends (each block decoded as it is multiplied, and the dequantized matrix
+    through torch's matmul) agree to float32 rounding; the runner times both on first use and keeps one."""
+    from moe_offload.cpu_kernels import CpuJob, CpuRunner
+    from moe_offload.cpu_kernels.gguf_format import GGUFExpertFormat
+
+    rng = np.random.default_rng(1)
+    hidden, inter = 256, 512
+    fmt = GGUFExpertFormat([[TYPE_BY_NAME[k] for k in kinds]], hidden, inter, torch.float32)
+    row = torch.zeros(fmt.row_numel, dtype=torch.uint8)
+    for proj, kind, (r, c) in zip(("gate", "up", "down"), kinds, ((inter, hidden), (inter, hidden), (hidden, inter))):
+        fmt.write_bytes(row, proj, torch.from_numpy(random_blocks(kind, r, c, rng)))
+    x = torch.from_numpy(rng.normal(size=(tokens, hidden)).astype(np.float32))
+    gate_up, down = fmt.unpack(row)
+    h = torch.nn.functional.silu(x.double() @ gate_up[:inter].double().T) * (x.double() @ gate_up[inter:].double().T)
+    expected = (h @ down.double().T).float()
+    fused = np.empty((tokens, hidden), np.float32)
+    fmt.ffn_numba(x.numpy(), row.numpy(), 0, fused, np.empty(2 * tokens * inter, np.float32))
+    assert_close(torch.from_numpy(fused), expected, "fused kernel")
+    runner = CpuRunner()
+    try:
+        job = CpuJob(row.numpy(), np.arange(tokens), np.ones(tokens, np.float32), "silu", fmt=fmt)
+        got = runner.run(x.numpy(), [job])
+        assert_close(torch.from_numpy(np.array(got)), expected, "runner")
+        timed = runner.timings[fmt.kernel_key]
+        assert set(next(iter(timed.values()))) == {"numba", "torch"} and fmt.kernel_key in runner.choices
+    finally:
+        runner.close()
+
+
+@pytest.mark.parametrize("kinds", [("Q4_K", "Q4_K", "Q6_K"), ("Q5_K", "Q5_K", "Q6_K"), ("Q6_K", "Q4_0", "Q8_0")],
+                         ids=["Q4_K-Q6_K", "Q5_K-Q6_K", "Q6_K-Q4_0-Q8_0"])
 def test_kquant_rows_through_the_runtime(tmp_path, kinds):
     """K-quant expert rows (random blocks with finite scales, written into the Mixtral fixture by the gguf
     package's writer) through the store, the copies (deferred), the device dequantization and the CPU path."""
