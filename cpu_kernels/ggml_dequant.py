@@ -74,12 +74,15 @@ def _decode(kind, w, base, vals):
                 vals[s * 32 + i] = scale * np.float32(q) - offset
     else:                                                   # Q6_K: ql [128] | qh [64] | scales int8 [16] | d
         d = _f16(w, base + 208)
-        for p in range(QK_K):
-            half, j, i = p // 128, (p % 128) // 32, p % 32
-            low = (w[base + half * 64 + (j % 2) * 32 + i] >> (4 * (j // 2))) & 15
-            high = (w[base + 128 + half * 32 + i] >> (2 * j)) & 3
-            q = np.int8(low | (high << 4)) - np.int8(32)
-            vals[p] = (d * np.float32(np.int8(w[base + 192 + p // 16]))) * np.float32(q)
+        for half in range(2):
+            for j in range(4):                              # value p = 128 half + 32 j + i
+                low_at, low_shift = base + half * 64 + (j % 2) * 32, 4 * (j // 2)
+                high_at, at = base + 128 + half * 32, half * 128 + j * 32
+                for i in range(32):
+                    low = (w[low_at + i] >> low_shift) & 15
+                    high = (w[high_at + i] >> (2 * j)) & 3
+                    q = np.int8(low | (high << 4)) - np.int8(32)
+                    vals[at + i] = (d * np.float32(np.int8(w[base + 192 + (at + i) // 16]))) * np.float32(q)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
