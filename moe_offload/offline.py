@@ -15,6 +15,7 @@ A prompt is a string, a list of token ids, or an OpenAI-style request object (``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -30,6 +31,7 @@ from .loading.adapters import adapter_for
 from .loading.budget import format_bytes
 from .loading.tokenizer import load_tokenizer
 from .serve.engine import BatchEngine, GenerationRequest, SamplingParams, Update
+from .serve.microbatch import AttentionSplit, micro_batched_attention
 from .serve.openai_api import ApiError, ServedModel, chat_prompt, completion_prompt, sampling_params
 
 DEFAULT_MAX_TOKENS = 128
@@ -66,9 +68,11 @@ class BatchJob:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """How many sequences run together: each one's KV cache at its longest within the memory for KV."""
+    """How many sequences run together (each one's KV cache at its longest within the memory for KV), and
+    how many of them attend at once (None: the whole batch, KV where the model is)."""
 
     batch_size: int
+    attention_rows: int | None
     kv_bytes_per_token: int
     tokens_per_sequence: int  # the longest prompt + the most tokens a prompt may generate
     kv_budget_bytes: int
@@ -76,9 +80,11 @@ class BatchPlan:
 
     def describe(self) -> str:
         per_sequence = self.kv_bytes_per_token * self.tokens_per_sequence
+        split = ("" if self.attention_rows is None else
+                 f"; attention in micro-batches of {self.attention_rows} sequences, KV in page-locked host memory")
         return (f"batch of {self.batch_size} sequences: KV cache {format_bytes(per_sequence)} per sequence "
                 f"({self.tokens_per_sequence} tokens x {format_bytes(self.kv_bytes_per_token)}), "
-                f"{format_bytes(self.kv_budget_bytes)} of {self.kv_memory} for it")
+                f"{format_bytes(self.kv_budget_bytes)} of {self.kv_memory} for it{split}")
 
 
 def available_host_memory() -> int:
@@ -93,21 +99,30 @@ def available_host_memory() -> int:
 
 
 def plan_batch(model, jobs: Sequence[BatchJob], max_batch: int = MAX_BATCH) -> BatchPlan:
-    """The batch size for ``jobs`` on ``model``: as many sequences as the KV memory holds at their longest
-    (at most ``max_batch`` and the number of jobs). KV lives in the device's KV reserve on CUDA, in host
-    memory (half of what is available now) on the CPU."""
+    """The batch size for ``jobs`` on ``model``: as many sequences as the KV memory holds at their longest (at
+    most ``max_batch`` and the number of jobs). On the CPU the KV cache is in host memory (half of what is
+    available now). On CUDA it stays in the device's KV reserve when the whole batch fits there; otherwise it
+    lives in page-locked host memory and attention runs in micro-batches whose keys and values of one layer
+    fit in the KV reserve."""
     per_token = adapter_for(model.config).kv_bytes_per_token(model.config, model.dtype.itemsize)
     longest = max(len(j.prompt_ids) for j in jobs) + max(j.params.max_tokens for j in jobs)
+    wanted = min(max_batch, len(jobs))
+    per_sequence = max(1, per_token * longest)
+    rows = None  # the whole batch attends at once
     if model.device.type == "cuda":
-        budget, where = model.offload.plan.kv_reserve_bytes, "device KV reserve"
-    else:
-        budget, where = available_host_memory() // 2, "host memory"
-    fits = budget // max(1, per_token * longest)
+        reserve = model.offload.plan.kv_reserve_bytes
+        if reserve // per_sequence >= wanted:
+            return BatchPlan(wanted, None, per_token, longest, reserve, "device KV reserve")
+        per_layer = max(1, per_sequence // model.config.num_hidden_layers)
+        rows = max(1, reserve // (2 * per_layer))  # one layer's KV of the micro-batch, and its copy with the new
+    budget = available_host_memory() // 2
+    fits = budget // per_sequence
     if fits < 1:
-        raise MoEOffloadError(f"one sequence of {longest} tokens needs {format_bytes(per_token * longest)} of KV "
-                              f"cache, more than the {format_bytes(budget)} of {where}; lower max_tokens or "
-                              "shorten the prompts")
-    return BatchPlan(min(fits, max_batch, len(jobs)), per_token, longest, budget, where)
+        raise MoEOffloadError(f"one sequence of {longest} tokens needs {format_bytes(per_sequence)} of KV cache, "
+                              f"more than the {format_bytes(budget)} of host memory; lower max_tokens or shorten "
+                              "the prompts")
+    batch = min(fits, wanted)
+    return BatchPlan(batch, None if rows is None else min(rows, batch), per_token, longest, budget, "host memory")
 
 
 def model_tokenizer(model):
@@ -163,9 +178,18 @@ class _Collector:
 
 
 def run_jobs(model, tokenizer, jobs: Sequence[BatchJob], batch_size: int, prefill_chunk: int = 512,
-             progress: bool = True) -> Iterator[BatchResult]:
-    """Run ``jobs`` on the engine's step loop, ``batch_size`` sequences at a time; yield their results in
-    input order as soon as every earlier one is done. A progress bar shows sequences done, tokens/s, ETA."""
+             progress: bool = True, attention_rows: int | None = None) -> Iterator[BatchResult]:
+    """Run ``jobs`` on the engine's step loop, ``batch_size`` sequences at a time (attention in micro-batches of
+    ``attention_rows`` over host-resident KV when given); yield their results in input order as soon as every
+    earlier one is done. A progress bar shows sequences done, tokens/s, ETA."""
+    split = contextlib.nullcontext() if attention_rows is None else micro_batched_attention(
+        model, AttentionSplit.for_model(model, attention_rows))
+    with split:
+        yield from _step_loop(model, tokenizer, jobs, batch_size, prefill_chunk, progress)
+
+
+def _step_loop(model, tokenizer, jobs: Sequence[BatchJob], batch_size: int, prefill_chunk: int,
+               progress: bool) -> Iterator[BatchResult]:
     engine = BatchEngine(model, tokenizer, max_batch=batch_size, max_queue=batch_size,
                          prefill_chunk=prefill_chunk, prefill_tokens=max(4096, 8 * prefill_chunk))
     collectors = [_Collector(job) for job in jobs]
@@ -192,8 +216,8 @@ def run_jobs(model, tokenizer, jobs: Sequence[BatchJob], batch_size: int, prefil
 
 def iter_batch(model, prompts: Sequence, tokenizer=None, *, max_tokens: int = DEFAULT_MAX_TOKENS,
                temperature: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
-               batch_size: int | None = None, prefill_chunk: int = 512, progress: bool = True
-               ) -> Iterator[BatchResult]:
+               batch_size: int | None = None, prefill_chunk: int = 512, attention_rows: int | None = None,
+               progress: bool = True) -> Iterator[BatchResult]:
     """``generate_batch``'s results one by one, in input order, as soon as each is known."""
     tokenizer = tokenizer or model_tokenizer(model)
     served = served_model(model, tokenizer)
@@ -203,19 +227,21 @@ def iter_batch(model, prompts: Sequence, tokenizer=None, *, max_tokens: int = DE
         return iter(())
     if batch_size is None:
         plan = plan_batch(model, jobs)
-        batch_size = plan.batch_size
+        batch_size, attention_rows = plan.batch_size, attention_rows or plan.attention_rows
         if progress:
             print(f"[moe-offload] {plan.describe()}", file=sys.stderr, flush=True)
-    return run_jobs(model, tokenizer, jobs, batch_size, prefill_chunk, progress)
+    return run_jobs(model, tokenizer, jobs, batch_size, prefill_chunk, progress, attention_rows)
 
 
 def generate_batch(model, prompts: Sequence, tokenizer=None, *, max_tokens: int = DEFAULT_MAX_TOKENS,
                    temperature: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
-                   batch_size: int | None = None, prefill_chunk: int = 512, progress: bool = True
-                   ) -> list[BatchResult]:
+                   batch_size: int | None = None, prefill_chunk: int = 512, attention_rows: int | None = None,
+                   progress: bool = True) -> list[BatchResult]:
     """Every prompt of ``prompts`` (strings, token id lists or OpenAI-style request objects, whose own
     fields override the keyword defaults) generated with continuous batching; the results in input order.
     Greedy (temperature 0) answers equal ``model.generate`` on each prompt alone. ``batch_size`` None:
-    chosen by ``plan_batch`` and printed (with ``progress``)."""
+    chosen by ``plan_batch`` and printed (with ``progress``). ``attention_rows``: sequences per attention
+    micro-batch over a host-resident KV cache (None: the plan's; the whole batch where the KV fits)."""
     return list(iter_batch(model, prompts, tokenizer, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                           stop=stop, batch_size=batch_size, prefill_chunk=prefill_chunk, progress=progress))
+                           stop=stop, batch_size=batch_size, prefill_chunk=prefill_chunk,
+                           attention_rows=attention_rows, progress=progress))

@@ -234,3 +234,59 @@ def test_cli_batch_unreadable_input_and_foreign_output(tmp_path, capsys):
     _write(tmp_path / "out.jsonl", [{"id": "b", "text": "", "finish_reason": "stop", "usage": {}}])
     assert _batch(tmp_path) == 2
     assert "answers id 'b'" in capsys.readouterr().err
+
+
+SPLIT_CASES = ["mixtral", "deepseek_v2", "qwen2_moe"]
+
+
+@pytest.mark.parametrize("family", SPLIT_CASES)
+def test_micro_batched_attention_matches_generate_alone(checkpoints, char_tokenizer, family):
+    """Module-based batching: attention in micro-batches of two sequences over the host-resident KV cache
+    (chunked prefill, rows joining and leaving), every MoE layer once per step over all of them; the model's
+    own attention modules are back afterwards."""
+    from moe_offload.serve.microbatch import AttentionSplit, MicroBatchedAttention, micro_batched_attention
+
+    path = checkpoints[family]
+    prompts = prompt_ids(96)
+    expected = alone(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), prompts)
+    model = moe_offload.from_pretrained(path, device="cpu", dtype=torch.float32, progress=False,
+                                        expert_slots=num_experts(family) // 2, copy_backend="deferred", copy_seed=3)
+    try:
+        before = [layer.self_attn for layer in model.model.layers]
+        with micro_batched_attention(model, AttentionSplit.for_model(model, 2)):
+            assert all(isinstance(layer.self_attn, MicroBatchedAttention) for layer in model.model.layers)
+            got, engine = engine_ids(model, char_tokenizer, prompts, max_batch=5, prefill_chunk=CHUNK,
+                                     prefill_tokens=24)
+        assert [layer.self_attn for layer in model.model.layers] == before
+    finally:
+        model.offload.close()
+    assert got == expected
+    assert engine.counters.decode_rows > 2 * engine.counters.decode_steps  # micro-batches of 2 in bigger steps
+
+
+@pytest.mark.cuda
+def test_micro_batched_attention_on_cuda_keeps_the_kv_cache_in_host_memory(checkpoints, char_tokenizer):
+    """On the GPU: the same greedy tokens, and between steps every layer's KV cache is in host memory."""
+    from moe_offload.serve.microbatch import AttentionSplit, micro_batched_attention
+
+    path = checkpoints["mixtral"]
+    prompts = prompt_ids(96)
+    expected = alone(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), prompts)
+    model = moe_offload.from_pretrained(path, device="cuda", dtype=torch.float32, progress=False, expert_slots=4)
+    places = set()
+    try:
+        with micro_batched_attention(model, AttentionSplit.for_model(model, 2)):
+            engine = BatchEngine(model, char_tokenizer, max_batch=5, max_queue=len(prompts), prefill_chunk=CHUNK)
+            requests = [GenerationRequest(ids, SamplingParams(max_tokens=NEW_TOKENS), char_tokenizer, lambda u: None)
+                        for ids in prompts]
+            for request in requests:
+                engine.submit(request)
+            with torch.inference_mode():
+                while not engine.idle:
+                    engine.step()
+                    if engine._batch.cache is not None:
+                        places |= {layer.keys.device.type for layer in engine._batch.cache.layers}
+    finally:
+        model.offload.close()
+    assert [r.text.tokens for r in requests] == expected
+    assert places == {"cpu"}

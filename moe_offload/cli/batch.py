@@ -28,6 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="for lines without temperature (default 0: greedy)")
     p.add_argument("--max-batch", type=positive_int,
                    help="most sequences run together (default: what the KV memory plan allows, at most 256)")
+    p.add_argument("--attention-rows", type=positive_int,
+                   help="sequences per attention micro-batch, KV cache in host memory (default: the memory plan's; "
+                        "the whole batch when its KV fits on the device)")
     p.add_argument("--prefill-chunk", type=positive_int, default=512, help="prompt tokens of one sequence per step")
     p.add_argument("--cache-policy", help="expert cache policy")
     p.set_defaults(func=main)
@@ -105,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
         output.parent.mkdir(parents=True, exist_ok=True)
         with open(output, "a", encoding="utf-8") as out:
             for result in run_jobs(model, tokenizer, jobs, plan.batch_size, args.prefill_chunk,
-                                   progress=model.offload.config.progress):
+                                   model.offload.config.progress, args.attention_rows or plan.attention_rows):
                 out.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
                 out.flush()
     finally:
