@@ -4,8 +4,8 @@ of the experts in device slots (CPU).
     python bench/batch_throughput.py [--models tiny-mixtral,tiny-deepseek] [--batches 1,16,64,256]
                                      [--max-tokens 32] [--serve-load bench/results/serve_load.json]
 
-Per model and batch size B: B prompts (held-out stdlib files, at least 4 so B = 1 runs several one after
-another), each generating ``--max-tokens`` greedy tokens with at most B sequences at once; generated
+Per model and batch size B: B prompts (held-out stdlib files; at least ``--min-prompts``, so B = 1 runs
+several one after another), each generating ``--max-tokens`` greedy tokens with at most B sequences at once; generated
 tokens/s over the whole run (prefill included), decode steps, mean sequences per decode step, and the
 expert bytes copied into the slots per generated token. Every expert a step needs crosses once per
 forward, whatever the number of sequences that use it, so bytes per token should fall about as 1/B until
@@ -29,8 +29,6 @@ import moe_offload  # noqa: E402
 from moe_offload.corpus import stdlib_prompts  # noqa: E402
 
 from common import RESULTS, BenchRun, close_offloaded, parse_bench_args, print_table  # noqa: E402
-
-MIN_PROMPTS = 4
 
 
 def load(args: argparse.Namespace, name: str):
@@ -63,7 +61,7 @@ def run_model(args: argparse.Namespace, name: str) -> dict:
         moe_offload.generate_batch(model, warm, max_tokens=2, batch_size=2, progress=False)  # kernels, caches
         levels = []
         for batch in args.batches:
-            prompts = stdlib_prompts(max(batch, MIN_PROMPTS), held_out=True, lines=args.prompt_lines)
+            prompts = stdlib_prompts(max(batch, args.min_prompts), held_out=True, lines=args.prompt_lines)
             levels.append(measure(model, prompts, batch, args.max_tokens))
             print(f"  {name} B={batch}: {levels[-1]['tokens_per_s']:.1f} tok/s", flush=True)
         return {"model": name, "slots": plan.slots, "experts": plan.num_experts, "bytes_per_expert":
@@ -153,13 +151,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", type=lambda t: [int(x) for x in t.split(",")], default=[1, 16, 64, 256])
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-lines", type=int, default=6, help="lines of a stdlib file per prompt")
+    p.add_argument("--min-prompts", type=int, default=4, help="prompts per level at least (B = 1 runs them in turn)")
     p.add_argument("--fraction", type=float, default=0.25, help="share of routed experts in device slots")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     default_serve = RESULTS / "serve_load.json"
     p.add_argument("--serve-load", default=str(default_serve) if default_serve.exists() else None,
                    help="a serve_load.py JSON to compare with (default bench/results/serve_load.json if present)")
-    return parse_bench_args(p, argv, {"batches": [1, 4], "max_tokens": 3, "prompt_lines": 2, "serve_load": None})
+    return parse_bench_args(p, argv, {"batches": [1, 3], "max_tokens": 2, "prompt_lines": 2, "min_prompts": 2,
+                                            "serve_load": None})
 
 
 if __name__ == "__main__":

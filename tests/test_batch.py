@@ -16,6 +16,7 @@ import moe_offload
 from moe_offload.cli import main
 from moe_offload.errors import MoEOffloadError
 from moe_offload.serve.engine import BatchEngine, GenerationRequest, SamplingParams
+
 from tiny_checkpoints import FAMILIES, add_char_tokenizer, num_experts
 
 NEW_TOKENS = 5
@@ -40,8 +41,10 @@ def alone(model, prompts: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def engine_ids(model, tokenizer, prompts: list[list[int]], **limits) -> tuple[list[list[int]], BatchEngine]:
-    """Every prompt through the serving engine's step loop (all submitted at once): the generated ids."""
+def engine_ids(model, tokenizer, prompts: list[list[int]], after_step=None,
+               **limits) -> tuple[list[list[int]], BatchEngine]:
+    """Every prompt through the serving engine's step loop (all submitted at once): the generated ids.
+    ``after_step(engine)`` runs after each step."""
     engine = BatchEngine(model, tokenizer, max_queue=len(prompts), **limits)
     requests = [GenerationRequest(ids, SamplingParams(max_tokens=NEW_TOKENS), tokenizer, lambda update: None)
                 for ids in prompts]
@@ -50,6 +53,8 @@ def engine_ids(model, tokenizer, prompts: list[list[int]], **limits) -> tuple[li
     with torch.inference_mode():
         while not engine.idle:
             engine.step()
+            if after_step is not None:
+                after_step(engine)
     return [r.text.tokens for r in requests], engine
 
 
@@ -274,19 +279,15 @@ def test_micro_batched_attention_on_cuda_keeps_the_kv_cache_in_host_memory(check
     expected = alone(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), prompts)
     model = moe_offload.from_pretrained(path, device="cuda", dtype=torch.float32, progress=False, expert_slots=4)
     places = set()
+
+    def record(engine: BatchEngine) -> None:
+        if engine._batch.cache is not None:
+            places.update(layer.keys.device.type for layer in engine._batch.cache.layers)
+
     try:
         with micro_batched_attention(model, AttentionSplit.for_model(model, 2)):
-            engine = BatchEngine(model, char_tokenizer, max_batch=5, max_queue=len(prompts), prefill_chunk=CHUNK)
-            requests = [GenerationRequest(ids, SamplingParams(max_tokens=NEW_TOKENS), char_tokenizer, lambda u: None)
-                        for ids in prompts]
-            for request in requests:
-                engine.submit(request)
-            with torch.inference_mode():
-                while not engine.idle:
-                    engine.step()
-                    if engine._batch.cache is not None:
-                        places |= {layer.keys.device.type for layer in engine._batch.cache.layers}
+            got, _ = engine_ids(model, char_tokenizer, prompts, record, max_batch=5, prefill_chunk=CHUNK)
     finally:
         model.offload.close()
-    assert [r.text.tokens for r in requests] == expected
+    assert got == expected
     assert places == {"cpu"}

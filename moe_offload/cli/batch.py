@@ -49,7 +49,8 @@ def read_requests(path: Path) -> list[dict]:
         try:
             request = json.loads(line)
         except json.JSONDecodeError as err:
-            raise MoEOffloadError(f"{path} line {number}: not valid JSON ({err.msg}); fix or remove that line") from None
+            raise MoEOffloadError(f"{path} line {number}: not valid JSON ({err.msg}); "
+                                  "fix or remove that line") from None
         if not isinstance(request, dict) or not ("prompt" in request or "messages" in request):
             raise MoEOffloadError(f"{path} line {number}: each line must be an object with 'prompt' or 'messages'; "
                                   "fix or remove that line")
@@ -87,7 +88,7 @@ def answers_written(path: Path, requests: list[dict]) -> int:
 
 def main(args: argparse.Namespace) -> int:
     from ..loading.loader import from_pretrained
-    from ..offline import make_job, model_tokenizer, plan_batch, run_jobs, served_model
+    from ..offline import MAX_BATCH, make_job, model_tokenizer, plan_batch, run_jobs, served_model
 
     source, output = Path(args.input), Path(args.output)
     requests = read_requests(source)
@@ -102,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
         defaults = {"max_tokens": args.max_tokens, "temperature": args.temperature}
         jobs = [make_job({k: v for k, v in r.items() if k != "_line"}, served, f"{source} line {r['_line']}", defaults)
                 for r in requests[done:]]
-        plan = plan_batch(model, jobs, **({"max_batch": args.max_batch} if args.max_batch else {}))
+        plan = plan_batch(model, jobs, args.max_batch or MAX_BATCH)
         print(f"[moe-offload] {len(jobs)} requests ({done} already answered in {output}); {plan.describe()}",
               flush=True)
         output.parent.mkdir(parents=True, exist_ok=True)
