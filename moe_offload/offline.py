@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from .errors import MoEOffloadError
@@ -160,10 +160,11 @@ def make_job(prompt, served: ServedModel, source: str, defaults: dict) -> BatchJ
 
 
 class _Collector:
-    """The sink of one request: its text pieces, then its BatchResult (or the engine's error)."""
+    """The sink of one request: its text pieces, then its BatchResult (or the engine's error); tells
+    ``finished`` (a queue) its index when either is known."""
 
-    def __init__(self, job: BatchJob) -> None:
-        self.job = job
+    def __init__(self, index: int, job: BatchJob, finished: queue.SimpleQueue) -> None:
+        self.index, self.job, self.finished = index, job, finished
         self.pieces: list[str] = []
         self.result: BatchResult | None = None
         self.error: str | None = None
@@ -175,6 +176,9 @@ class _Collector:
         elif update.finish_reason is not None:
             self.result = BatchResult(self.job.id, "".join(self.pieces), update.finish_reason,
                                       update.prompt_tokens, update.completion_tokens)
+        else:
+            return
+        self.finished.put(self.index)
 
 
 def run_jobs(model, tokenizer, jobs: Sequence[BatchJob], batch_size: int, prefill_chunk: int = 512,
@@ -190,28 +194,30 @@ def run_jobs(model, tokenizer, jobs: Sequence[BatchJob], batch_size: int, prefil
 
 def _step_loop(model, tokenizer, jobs: Sequence[BatchJob], batch_size: int, prefill_chunk: int,
                progress: bool) -> Iterator[BatchResult]:
-    engine = BatchEngine(model, tokenizer, max_batch=batch_size, max_queue=batch_size,
+    """The engine's own thread runs the steps (as in the server: the model computes off the caller's thread,
+    which here only waits, writes and draws the bar)."""
+    engine = BatchEngine(model, tokenizer, max_batch=batch_size, max_queue=len(jobs),
                          prefill_chunk=prefill_chunk, prefill_tokens=max(4096, 8 * prefill_chunk))
-    collectors = [_Collector(job) for job in jobs]
-    submitted = flushed = 0
-    start = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=len(jobs), desc="batch", unit="seq", disable=not progress) as bar:
-        while flushed < len(jobs):
-            while submitted < len(jobs) and engine.queue_depth < engine.max_queue:
-                job = jobs[submitted]
-                engine.submit(GenerationRequest(job.prompt_ids, job.params, tokenizer, collectors[submitted]))
-                submitted += 1
-            engine.step()
-            done = sum(c.result is not None for c in collectors[flushed:submitted])
-            bar.update(flushed + done - bar.n)
-            bar.set_postfix_str(f"{engine.counters.completion_tokens / (time.perf_counter() - start):.1f} tok/s",
-                                refresh=False)
-            while flushed < submitted and collectors[flushed].result is not None:
-                yield collectors[flushed].result
-                flushed += 1
-            failed = next((c for c in collectors[flushed:submitted] if c.error is not None), None)
-            if failed is not None:
-                raise MoEOffloadError(f"{failed.job.source}: {failed.error}")
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    collectors = [_Collector(i, job, finished) for i, job in enumerate(jobs)]
+    for job, collector in zip(jobs, collectors):
+        engine.submit(GenerationRequest(job.prompt_ids, job.params, tokenizer, collector))
+    flushed, start = 0, time.perf_counter()
+    engine.start()
+    try:
+        with tqdm(total=len(jobs), desc="batch", unit="seq", disable=not progress) as bar:
+            while flushed < len(jobs):
+                done = collectors[finished.get()]
+                if done.error is not None:
+                    raise MoEOffloadError(f"{done.job.source}: {done.error}")
+                bar.update(1)
+                bar.set_postfix_str(f"{engine.counters.completion_tokens / (time.perf_counter() - start):.1f} tok/s",
+                                    refresh=False)
+                while flushed < len(jobs) and collectors[flushed].result is not None:
+                    yield collectors[flushed].result
+                    flushed += 1
+    finally:
+        engine.stop()
 
 
 def iter_batch(model, prompts: Sequence, tokenizer=None, *, max_tokens: int = DEFAULT_MAX_TOKENS,
