@@ -34,6 +34,7 @@ class Smoke:
 
 
 SMOKE: dict[str, Smoke] = {
+    "batch_throughput.py": Smoke(writes="batch_throughput.json"),
     "cache_policies.py": Smoke(writes="cache_policies.json"),
     "cpu_kernels.py": Smoke(writes="cpu_kernels.json"),
     "disk_tier.py": Smoke(writes="disk_tier.json"),

@@ -1,5 +1,5 @@
 """moe-offload command line: one module per command (run, info, calibrate, trace, fit-predictor, sweep,
-plan, serve)."""
+plan, serve, batch)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import argparse
 import sys
 
 from ..errors import MoEOffloadError
-from . import calibrate, fit_predictor, info, plan, run, serve, sweep, trace
+from . import batch, calibrate, fit_predictor, info, plan, run, serve, sweep, trace
 from .argtypes import Parser
 
-COMMANDS = (run, info, calibrate, trace, fit_predictor, sweep, plan, serve)
+COMMANDS = (run, info, calibrate, trace, fit_predictor, sweep, plan, serve, batch)
 
 
 def build_parser() -> argparse.ArgumentParser:

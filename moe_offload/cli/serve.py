@@ -25,6 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=positive_int, default=16, help="sequences decoded together (default 16)")
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests waiting to join the batch before new ones get 429 (default 64)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=512,
+                   help="prompt tokens of one request prefilled per step, so a long prompt does not stall the "
+                        "running requests (default 512); requests waiting at a step are prefilled together")
     p.add_argument("--served-model-name", help="the model name clients send (default: the --model name)")
     p.set_defaults(func=main)
 
@@ -65,9 +68,10 @@ def main(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(model)
     served = ServedModel(name=args.served_model_name or Path(args.model.rstrip("/")).name, tokenizer=tokenizer,
                          context_length=model.config.max_position_embeddings, created=int(time.time()))
-    engine = BatchEngine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue)
+    engine = BatchEngine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
+                         prefill_chunk=args.prefill_chunk)
     print(f"[moe-offload] serving {served.name} on http://{args.host}:{args.port}/v1 "
-          f"(batch {args.max_batch}, queue {args.max_queue})", flush=True)
+          f"(batch {args.max_batch}, queue {args.max_queue}, prefill chunk {args.prefill_chunk})", flush=True)
     try:
         # Open streams get 5 s after SIGTERM/Ctrl-C, then the engine stops and the model closes.
         uvicorn.run(create_app(engine, served, args.api_key), host=args.host, port=args.port, log_level="warning",

@@ -1,19 +1,23 @@
-"""BatchEngine: one thread that runs every request on one model with continuous batching.
+"""BatchEngine: runs every request on one model with continuous batching, in a thread (the server) or
+step by step (``generate_batch``).
 
 Requests wait in a bounded queue. At each step boundary the engine admits waiting requests (up to
-``max_batch`` running), prefills each one alone and merges its KV cache into the running batch, then
-runs one batched decode step for all running sequences. A sequence that finishes (EOS, a stop string,
-``max_tokens``) or whose client went away leaves the batch at that boundary and its KV memory is freed,
-so a long request never holds back short ones and the experts each MoE layer copies for one step serve
-every running sequence.
+``max_batch`` sequences prefilling or running) and runs one step: one left-padded forward that feeds every
+prefilling sequence its next chunk of prompt (at most ``prefill_chunk`` tokens each, so a long prompt is
+prefilled over several steps and never stalls the running decodes for long; at most ``prefill_tokens``
+padded tokens in that forward), then one batched decode forward for all running sequences. A sequence whose
+prompt is in samples its first token and joins the decoding batch. A sequence that finishes (EOS, a stop
+string, ``max_tokens``) or whose client went away leaves the batch at that boundary and its KV memory is
+freed, so a long request never holds back short ones, and each MoE layer runs once per forward over every
+token of it: the experts it copies serve every sequence of the step.
 
 Why not transformers' own continuous batching (``ContinuousBatchingManager``, what ``transformers
 serve`` uses)? It does run this offloaded model on the CPU and its greedy tokens match, but sampling
 is one setting for the whole manager (``do_sample`` and the random seed are global, temperature 0
 cannot be mixed with sampled requests) and there is no per-request seed, which an OpenAI server must
 honour per request. Its paged cache is also sized up front from free memory. The step loop here is
-small: prefill alone (exactly ``generate``'s prefill), a left-padded ``DynamicCache`` for the batch
-(``PaddedBatch``), per-row sampling with a per-request generator.
+small: left-padded ``DynamicCache`` batches (``PaddedBatch``) for the prefilling and the decoding
+sequences, per-row sampling with a per-request generator.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from .batch import PaddedBatch, cache_argument
 from .text import IncrementalText
@@ -88,6 +91,11 @@ class GenerationRequest:
         self.generator = torch.Generator().manual_seed(seed)
         self.cancelled = False  # set by the server when the client goes away
         self.finished = False  # set by the engine once the last update is sent
+        self.prefilled = 0  # prompt tokens already in the KV cache
+
+    def next_chunk(self, limit: int) -> list[int]:
+        """The next at most ``limit`` prompt tokens to prefill."""
+        return self.prompt_ids[self.prefilled:self.prefilled + limit]
 
     @property
     def completion_tokens(self) -> int:
@@ -125,6 +133,18 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+@dataclass(frozen=True)
+class StepLimits:
+    """How much one engine step may do: ``max_batch`` sequences prefilling or decoding, ``max_queue``
+    requests waiting, ``prefill_chunk`` prompt tokens of one sequence per step, ``prefill_tokens`` padded
+    tokens in one prefill forward (a sequence already prefilling always gets its next chunk)."""
+
+    max_batch: int = 16
+    max_queue: int = 64
+    prefill_chunk: int = 512
+    prefill_tokens: int = 4096
+
+
 @dataclass
 class EngineCounters:
     """Totals since the server started, for /metrics."""
@@ -133,29 +153,41 @@ class EngineCounters:
         ("completed", "cancelled", "failed", "rejected"), 0))
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    prefills: int = 0
+    prefills: int = 0  # sequences whose prompt is in
+    prefill_steps: int = 0  # prefill forwards (each feeds one chunk of every prefilling sequence)
     decode_steps: int = 0
     decode_rows: int = 0  # sum of the batch size over decode steps
 
 
 class BatchEngine:
-    """Runs requests on ``model`` in one background thread; ``submit`` and ``cancel`` are thread-safe."""
+    """Runs requests on ``model``: in a background thread after ``start`` (``submit`` and ``cancel`` are
+    thread-safe), or by calling ``step`` until ``idle`` (no thread)."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64) -> None:
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 512,
+                 prefill_tokens: int = 4096) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.max_batch = max_batch
-        self.max_queue = max_queue
+        self.limits = StepLimits(max_batch, max_queue, prefill_chunk, max(prefill_tokens, prefill_chunk))
         eos = model.generation_config.eos_token_id
         self._cache_arg = cache_argument(model)
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.counters = EngineCounters()
         self._waiting: deque[GenerationRequest] = deque()
         self._wake = threading.Condition()
+        self._prefilling: list[GenerationRequest] = []
+        self._filling = PaddedBatch()  # the prefilling sequences' KV cache, rows as in _prefilling
         self._running: list[GenerationRequest] = []
-        self._batch = PaddedBatch()
+        self._batch = PaddedBatch()  # the decoding sequences' KV cache, rows as in _running
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="moe-offload-engine", daemon=True)
+
+    @property
+    def max_batch(self) -> int:
+        return self.limits.max_batch
+
+    @property
+    def max_queue(self) -> int:
+        return self.limits.max_queue
 
     @property
     def queue_depth(self) -> int:
@@ -163,7 +195,12 @@ class BatchEngine:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return len(self._running) + len(self._prefilling)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits, prefills or decodes."""
+        return not self._waiting and not self._prefilling and not self._running
 
     def start(self) -> None:
         self._thread.start()
@@ -178,7 +215,7 @@ class BatchEngine:
     def submit(self, request: GenerationRequest) -> None:
         """Queue ``request``; raises QueueFull when ``max_queue`` requests already wait."""
         with self._wake:
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) >= self.limits.max_queue:
                 self.counters.requests["rejected"] += 1
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(request)
@@ -192,53 +229,85 @@ class BatchEngine:
                 self._waiting.remove(request)
                 self.counters.requests["cancelled"] += 1
 
+    def step(self) -> None:
+        """One step: admit waiting requests, feed the prefilling ones their next chunk, decode one token
+        for every running one. A failed forward fails the sequences it ran and the engine goes on."""
+        self._admit()
+        for phase, run in (("prefill", self._prefill_step), ("decode", self._decode_step)):
+            try:
+                run()
+            except Exception as err:  # fail those sequences, keep serving
+                log.exception("%s step failed", phase)
+                self._fail_rows(phase, f"generation failed: {err}")
+
     def _loop(self) -> None:
         with torch.inference_mode():
             while not self._stopping:
-                try:
-                    self._admit()
-                    if self._running:
-                        self._decode_step()
-                        continue
-                except Exception as err:  # fail the batch, keep serving
-                    log.exception("decode step failed")
-                    self._fail_running(f"generation failed: {err}")
+                self.step()
+                if self._prefilling or self._running:
                     continue
                 with self._wake:
                     if not self._waiting and not self._stopping:
                         self._wake.wait(timeout=1.0)
-        self._fail_running("the server is shutting down")
+        self._fail_rows("prefill", "the server is shutting down")
+        self._fail_rows("decode", "the server is shutting down")
         for request in list(self._waiting):
             self._fail(request, "the server is shutting down")
 
-    def _fail_running(self, message: str) -> None:
-        for request in self._running:
+    def _fail_rows(self, phase: str, message: str) -> None:
+        """Fail every sequence of one phase's batch ('prefill' or 'decode') and empty that batch."""
+        requests = self._prefilling if phase == "prefill" else self._running
+        for request in requests:
             self._fail(request, message)
-        self._running, self._batch = [], PaddedBatch()
+        if phase == "prefill":
+            self._prefilling, self._filling = [], PaddedBatch()
+        else:
+            self._running, self._batch = [], PaddedBatch()
 
     def _admit(self) -> None:
-        """Prefill waiting requests, each alone, until ``max_batch`` sequences run."""
-        while len(self._running) < self.max_batch:
+        """Move waiting requests into the prefilling batch while ``max_batch`` sequences are not all taken
+        and the prefill forward stays within ``prefill_tokens`` padded tokens (at least one sequence)."""
+        limits, admitted = self.limits, []
+        width = max((len(r.next_chunk(limits.prefill_chunk)) for r in self._prefilling), default=0)
+        while self.running + len(admitted) < limits.max_batch:
             with self._wake:
                 if not self._waiting:
-                    return
-                request = self._waiting.popleft()
-            try:
-                self._prefill(request)
-            except Exception as err:  # a failed request must not stop the server
-                log.exception("prefill failed")
-                self._fail(request, f"generation failed: {err}")
+                    break
+                chunk = len(self._waiting[0].next_chunk(limits.prefill_chunk))
+                rows = len(self._prefilling) + len(admitted) + 1
+                if rows > 1 and rows * max(width, chunk) > limits.prefill_tokens:
+                    break
+                admitted.append(self._waiting.popleft())
+            width = max(width, chunk)
+        if admitted:
+            self._prefilling += admitted
+            self._filling.merge(PaddedBatch(len(admitted)))
 
-    def _prefill(self, request: GenerationRequest) -> None:
-        cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([request.prompt_ids], device=self.model.device)  # [1, P]
-        logits = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}).logits
-        self.counters.prefills += 1
-        self.counters.prompt_tokens += len(request.prompt_ids)
-        token = sample(logits[0, -1].cpu(), request.params, request.generator, request.text.tokens)
-        if not self._emit(request, token):
-            self._batch.add(cache, token)
-            self._running.append(request)
+    def _prefill_step(self) -> None:
+        """Feed every prefilling sequence its next chunk in one forward; those whose prompt is now in
+        sample their first token and join the decoding batch."""
+        self._keep_prefilling([r for r in self._prefilling if not r.cancelled])
+        if not self._prefilling:
+            return
+        chunks = [r.next_chunk(self.limits.prefill_chunk) for r in self._prefilling]
+        inputs = {k: v.to(self.model.device) for k, v in self._filling.feed(chunks).items()}
+        inputs[self._cache_arg] = self._filling.cache_for(self.model.config)
+        logits = self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1].cpu()  # [B, V]
+        self.counters.prefill_steps += 1
+        for request, chunk in zip(self._prefilling, chunks):
+            request.prefilled += len(chunk)
+        done = [row for row, r in enumerate(self._prefilling) if r.prefilled == len(r.prompt_ids)]
+        if not done:
+            return
+        joined, requests = self._filling.take(done), [self._prefilling[row] for row in done]
+        self._prefilling = [r for row, r in enumerate(self._prefilling) if row not in set(done)]
+        self.counters.prefills += len(done)
+        self.counters.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
+        joined.last_tokens = self._choose(logits[done], requests)
+        kept = [row for row, (r, t) in enumerate(zip(requests, joined.last_tokens.tolist())) if not self._emit(r, t)]
+        joined.keep(kept)
+        self._batch.merge(joined)
+        self._running += [requests[row] for row in kept]
 
     def _decode_step(self) -> None:
         """One token for every running sequence; finished and cancelled ones leave the batch."""
@@ -250,12 +319,27 @@ class BatchEngine:
         logits = self.model(**inputs, use_cache=True).logits[:, -1].cpu()  # [B, V]
         self.counters.decode_steps += 1
         self.counters.decode_rows += len(self._running)
-        tokens = logits.argmax(dim=-1)  # [B] the greedy rows' tokens
-        for row, request in enumerate(self._running):
-            if not request.params.greedy:
-                tokens[row] = sample(logits[row], request.params, request.generator, request.text.tokens)
+        tokens = self._choose(logits, self._running)
         self._batch.last_tokens = tokens
         self._keep([r for r, t in zip(self._running, tokens.tolist()) if not self._emit(r, t)])
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, requests: list[GenerationRequest]) -> torch.Tensor:
+        """Each row's next token from ``logits`` [B, V]: the argmax for greedy rows, else the request's sampler."""
+        tokens = logits.argmax(dim=-1)  # [B] the greedy rows' tokens
+        for row, request in enumerate(requests):
+            if not request.params.greedy:
+                tokens[row] = sample(logits[row], request.params, request.generator, request.text.tokens)
+        return tokens
+
+    def _keep_prefilling(self, requests: list[GenerationRequest]) -> None:
+        """Keep only ``requests`` among the prefilling ones (cancelled ones are counted)."""
+        if len(requests) == len(self._prefilling):
+            return
+        self.counters.requests["cancelled"] += len(self._prefilling) - len(requests)
+        kept = {id(r) for r in requests}
+        self._filling.keep([i for i, r in enumerate(self._prefilling) if id(r) in kept])
+        self._prefilling = requests
 
     def _keep(self, requests: list[GenerationRequest]) -> None:
         """Keep only ``requests`` in the batch (a subsequence of the running ones)."""

@@ -28,8 +28,9 @@ class DeepseekAdapter(ModelAdapter):
         return num_groups, top_groups, self.group_rule
 
     def kv_bytes_per_token(self, config: PretrainedConfig, element_size: int) -> int:
-        key = config.qk_nope_head_dim + config.qk_rope_head_dim
-        per_layer = config.num_attention_heads * (key + config.v_head_dim)
+        """Multi-head latent attention: transformers caches each layer's compressed latent (``kv_lora_rank``)
+        and its rotary key part (``qk_rope_head_dim``) as one head, not the expanded keys and values."""
+        per_layer = config.kv_lora_rank + config.qk_rope_head_dim
         return config.num_hidden_layers * per_layer * element_size
 
 
