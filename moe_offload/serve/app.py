@@ -1,5 +1,5 @@
 """The ASGI app (Starlette, server-sent events through sse-starlette): the OpenAI routes, /health and
-/metrics over one BatchEngine.
+/metrics over one BatchEngine (in a child process, EngineProcess, or a thread of this one).
 
 Each generation request is checked, queued on the engine (a full queue answers 429 at once) and
 then either streamed as server-sent events ending in ``data: [DONE]`` or answered whole. The engine
@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from .engine import BatchEngine, GenerationRequest, QueueFull, Update
+from .engine_process import EngineProcess
 from .metrics import render_metrics
 from .openai_api import (
     DEFAULT_COMPLETION_TOKENS,
@@ -36,13 +37,14 @@ from .openai_api import (
     sampling_params,
 )
 
+Engine = BatchEngine | EngineProcess  # the same interface: submit, cancel, queue_depth, running, start, stop
 DISCONNECT_POLL_S = 0.5  # how often a whole-answer request checks that its client is still there
 
 
 class ServerState:
     """What the routes share: the engine, the served model and the optional API key."""
 
-    def __init__(self, engine: BatchEngine, served: ServedModel, api_key: str | None) -> None:
+    def __init__(self, engine: Engine, served: ServedModel, api_key: str | None) -> None:
         self.engine, self.served, self.api_key = engine, served, api_key
 
     def authorize(self, request: Request) -> None:
@@ -86,7 +88,7 @@ async def _generate(request: Request, chat: bool):
     return await _whole(request, state.engine, job, updates, shape)
 
 
-async def _stream(engine: BatchEngine, job: GenerationRequest, updates: asyncio.Queue, shape: ResponseShape,
+async def _stream(engine: Engine, job: GenerationRequest, updates: asyncio.Queue, shape: ResponseShape,
                   with_usage: bool = False):
     """The SSE events of one request (with ``with_usage``, a usage chunk before ``[DONE]``); cancelled (client
     gone) -> the request leaves the engine."""
@@ -109,7 +111,7 @@ async def _stream(engine: BatchEngine, job: GenerationRequest, updates: asyncio.
             engine.cancel(job)
 
 
-async def _whole(request: Request, engine: BatchEngine, job: GenerationRequest, updates: asyncio.Queue,
+async def _whole(request: Request, engine: Engine, job: GenerationRequest, updates: asyncio.Queue,
                  shape: ResponseShape) -> JSONResponse:
     """Wait for the whole answer, checking every DISCONNECT_POLL_S that the client is still there."""
     loop, pieces = asyncio.get_running_loop(), []
@@ -153,14 +155,20 @@ async def models(request: Request) -> JSONResponse:
 
 async def health(request: Request) -> JSONResponse:
     """Liveness, open without the API key so that probes need no secret."""
-    engine: BatchEngine = request.app.state.server.engine
+    engine: Engine = request.app.state.server.engine
     return JSONResponse({"status": "ok", "queue_depth": engine.queue_depth, "running": engine.running})
 
 
 async def metrics(request: Request) -> PlainTextResponse:
     state: ServerState = request.app.state.server
     state.authorize(request)
-    return PlainTextResponse(render_metrics(state.engine), media_type="text/plain; version=0.0.4")
+    text = await asyncio.to_thread(_metrics_text, state.engine)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+def _metrics_text(engine: Engine) -> str:
+    """An engine process renders its own metrics (its counters live there); an engine thread's are rendered here."""
+    return engine.metrics_text() if isinstance(engine, EngineProcess) else render_metrics(engine)
 
 
 async def _api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -178,7 +186,7 @@ async def _internal_error(request: Request, err: Exception) -> JSONResponse:
     return JSONResponse(ApiError(500, f"internal error: {err}", type="server_error").body(), status_code=500)
 
 
-def create_app(engine: BatchEngine, served: ServedModel, api_key: str | None = None) -> Starlette:
+def create_app(engine: Engine, served: ServedModel, api_key: str | None = None) -> Starlette:
     """The server's ASGI app; it starts ``engine`` on startup and stops it on shutdown."""
 
     @contextlib.asynccontextmanager
