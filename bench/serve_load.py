@@ -41,8 +41,8 @@ from common import BenchRun, median, parse_bench_args, print_table  # noqa: E402
 
 SYSTEMS = ("engine", "serve", "serve-thread", "transformers")
 CLIENT_TIMEOUT_S = 600  # one request's limit; a level's client loops are bounded by --requests
-TRANSFORMERS_SERVE = (sys.executable, "-c", "import sys; from transformers.cli.transformers import main; "
-                      "sys.exit(main())", "serve")
+TRANSFORMERS_SERVE = (sys.executable, "-c",
+                      ("import sys; from transformers.cli.transformers import main; sys.exit(main())"), "serve")
 
 
 def one_request(client: openai.OpenAI, model: str, prompt: str, max_tokens: int) -> dict:

@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from .engine import BatchEngine, GenerationRequest, QueueFull, Update
 from .engine_process import EngineProcess
+from .logprobs import LogprobsShape
 from .metrics import render_metrics
 from .openai_api import (
     DEFAULT_COMPLETION_TOKENS,
@@ -72,7 +73,7 @@ async def _generate(request: Request, chat: bool):
     check_model(body, state.served)
     prompt = chat_prompt(body, state.served) if chat else completion_prompt(body, state.served)
     default_max = None if chat else DEFAULT_COMPLETION_TOKENS  # chat: the context left
-    params = sampling_params(body, state.served, len(prompt), default_max)
+    params = sampling_params(body, state.served, len(prompt), default_max, chat)
     with_usage = include_usage(body)
     loop, updates = asyncio.get_running_loop(), asyncio.Queue()
     job = GenerationRequest(prompt, params, state.served.tokenizer,
@@ -82,7 +83,8 @@ async def _generate(request: Request, chat: bool):
     except QueueFull as err:
         raise ApiError(429, f"The server is busy ({err}); retry later", None, "queue_full",
                        type="rate_limit_error") from None
-    shape = ResponseShape(chat, state.served.name)
+    logprobs = None if params.logprobs is None else LogprobsShape(state.served.tokenizer, chat)
+    shape = ResponseShape(chat, state.served.name, logprobs)
     if body.get("stream"):
         return EventSourceResponse(_stream(state.engine, job, updates, shape, with_usage), ping=15)
     return await _whole(request, state.engine, job, updates, shape)
@@ -99,7 +101,7 @@ async def _stream(engine: Engine, job: GenerationRequest, updates: asyncio.Queue
                 yield {"data": json.dumps(ApiError(500, update.error, code="generation_failed",
                                                    type="server_error").body())}
                 break
-            if update.text or update.finish_reason:
+            if update.text or update.finish_reason or update.logprobs is not None:
                 yield {"data": json.dumps(shape.chunk(update))}
             if update.finish_reason:
                 if with_usage:
@@ -114,7 +116,7 @@ async def _stream(engine: Engine, job: GenerationRequest, updates: asyncio.Queue
 async def _whole(request: Request, engine: Engine, job: GenerationRequest, updates: asyncio.Queue,
                  shape: ResponseShape) -> JSONResponse:
     """Wait for the whole answer, checking every DISCONNECT_POLL_S that the client is still there."""
-    loop, pieces = asyncio.get_running_loop(), []
+    loop, pieces, tokens = asyncio.get_running_loop(), [], []
     next_check = loop.time() + DISCONNECT_POLL_S
     try:
         while True:
@@ -131,8 +133,10 @@ async def _whole(request: Request, engine: Engine, job: GenerationRequest, updat
             if update.error is not None:
                 raise ApiError(500, update.error, code="generation_failed", type="server_error")
             pieces.append(update.text)
+            if update.logprobs is not None:
+                tokens.append(update.logprobs)
             if update.finish_reason:
-                return JSONResponse(shape.full("".join(pieces), update))
+                return JSONResponse(shape.full("".join(pieces), update, tokens))
     finally:
         if not job.finished:
             engine.cancel(job)

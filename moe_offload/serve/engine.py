@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from .batch import PaddedBatch, cache_argument
+from .logprobs import TokenLogprobs, token_logprobs
 from .text import IncrementalText
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ class SamplingParams:
     """What one request asked for: ``temperature`` 0 is greedy; ``stop`` strings end the text.
     ``logit_bias`` ((token, bias) pairs) and the penalties adjust the logits before either greedy or sampled
     choice; the penalties count the tokens generated so far (not the prompt's), as OpenAI describes them:
-    ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``. ``top_k`` 0 keeps every token."""
+    ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``. ``top_k`` 0 keeps every token.
+    ``logprobs`` None computes no log probabilities; k >= 0 sends each token's and the k most likely."""
 
     max_tokens: int
     temperature: float = 0.0
@@ -50,6 +52,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
 
     @property
     def adjusts_logits(self) -> bool:
@@ -70,6 +73,7 @@ class Update:
     completion_tokens: int
     finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", or None while running
     error: str | None = None
+    logprobs: TokenLogprobs | None = None  # the token's, when the request asked for them
 
 
 class QueueFull(Exception):
@@ -236,7 +240,7 @@ class BatchEngine:
         self.counters.prefills += 1
         self.counters.prompt_tokens += len(request.prompt_ids)
         token = sample(logits[0, -1].cpu(), request.params, request.generator, request.text.tokens)
-        if not self._emit(request, token):
+        if not self._emit(request, token, logits[0, -1]):
             self._batch.add(cache, token)
             self._running.append(request)
 
@@ -255,7 +259,7 @@ class BatchEngine:
             if not request.params.greedy:
                 tokens[row] = sample(logits[row], request.params, request.generator, request.text.tokens)
         self._batch.last_tokens = tokens
-        self._keep([r for r, t in zip(self._running, tokens.tolist()) if not self._emit(r, t)])
+        self._keep([r for r, t, row in zip(self._running, tokens.tolist(), logits) if not self._emit(r, t, row)])
 
     def _keep(self, requests: list[GenerationRequest]) -> None:
         """Keep only ``requests`` in the batch (a subsequence of the running ones)."""
@@ -269,8 +273,13 @@ class BatchEngine:
         self._batch.keep(rows)
         self._running = requests
 
-    def _emit(self, request: GenerationRequest, token: int) -> bool:
-        """Hand ``token``'s text to the request's sink; True when the request is finished."""
+    def _emit(self, request: GenerationRequest, token: int, logits: torch.Tensor) -> bool:
+        """Hand ``token``'s text (and log probability, chosen from ``logits`` [V]) to the request's sink; True
+        when the request is finished."""
+        logprobs = None
+        if request.params.logprobs is not None:
+            used = adjusted(logits, request.params, request.text.tokens)  # [V] what the token was chosen from
+            logprobs = token_logprobs(used, token, request.params.logprobs)
         piece = request.text.add(token)
         self.counters.completion_tokens += 1
         if request.text.stopped or token in self.eos_ids:
@@ -283,7 +292,7 @@ class BatchEngine:
             piece += request.text.finish()
             request.finished = True
             self.counters.requests["completed"] += 1
-        self._send(request, Update(piece, len(request.prompt_ids), request.completion_tokens, reason))
+        self._send(request, Update(piece, len(request.prompt_ids), request.completion_tokens, reason, logprobs=logprobs))
         return reason is not None
 
     def _fail(self, request: GenerationRequest, message: str) -> None:
