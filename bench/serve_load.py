@@ -231,8 +231,8 @@ def start_systems(args: argparse.Namespace, slots: int, tmp: Path) -> list:
         directory = checkpoint_directory(args.model)
         # Its paged KV cache is otherwise sized from free memory (14 GiB on a 24 GiB CPU box); 16k tokens hold
         # every level's sequences.
-        flags = ["--continuous-batching", "--cb-block-size", "32", "--cb-num-blocks", "512", "--device", args.device, "--dtype", args.dtype, "--host", "127.0.0.1",
-                 "--log-level", "warning", directory]
+        flags = ["--continuous-batching", "--cb-block-size", "32", "--cb-num-blocks", "512", "--device", args.device,
+                 "--dtype", args.dtype, "--host", "127.0.0.1", "--log-level", "warning", directory]
         env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         servers.append(("transformers", ServerProcess(flags, tmp / f"transformers-{slots}.log",
                                                       command=TRANSFORMERS_SERVE, env=env), directory, False))

@@ -470,8 +470,102 @@ def test_full_queue_gets_429_then_serving_resumes(tmp_path_factory):
         assert busy.wait_metric("moe_offload_running_sequences", lambda v: v == 0) == 0
         assert busy.complete().choices[0].finish_reason == "length"
         assert busy.metrics()['moe_offload_requests_total{outcome="rejected"}'] == 1
+        engine = _engine_process_of(busy)
+        busy.proc.kill()  # the server dies without a word: its engine process sees its pipe end and exits
+        busy.proc.wait(timeout=20)
+        _wait_gone(engine, timeout=30)
     finally:
         busy.stop()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _engine_process_of(server: Server) -> int:
+    """The server's one child process: its engine, started with multiprocessing's spawn."""
+    children = [c for c in _children(server.proc.pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(children) == 1, children
+    return children[0]
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+        assert time.monotonic() < deadline, f"process {pid} is still running"
+        time.sleep(0.2)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_engine_runs_in_its_own_process_and_sigterm_ends_both(tmp_path_factory, reference):
+    """By default the model runs in a child process; streams through it give the greedy answers; SIGTERM ends the server and its engine process, with no traceback."""
+    server = _start(tmp_path_factory, "sigterm")
+    try:
+        engine = _engine_process_of(server)
+        texts = _in_threads(lambda p: _stream_text(server, p, max_tokens=NEW_TOKENS, temperature=0)[0], PROMPTS[:4])
+        assert texts == [reference[p] for p in PROMPTS[:4]]
+        server.proc.terminate()
+        server.proc.wait(timeout=30)
+        _wait_gone(engine, timeout=10)
+        assert "Traceback" not in server.log.read_text()
+    finally:
+        server.stop()
+
+
+def test_engine_thread_mode_serves_the_same_answers(tmp_path_factory, reference):
+    """``--engine thread`` (the engine in a thread of the HTTP process, no child): the same answers and metrics."""
+    server = _start(tmp_path_factory, "thread", "--engine", "thread")
+    try:
+        assert _children(server.proc.pid) == []
+        answers = _in_threads(lambda p: server.client.completions.create(
+            model=MODEL, prompt=p, max_tokens=NEW_TOKENS, temperature=0).choices[0].text, PROMPTS[:4])
+        assert answers == [reference[p] for p in PROMPTS[:4]]
+        assert server.metrics()['moe_offload_requests_total{outcome="completed"}'] == 4
+    finally:
+        server.stop()
+
+
+def test_engine_process_that_dies_fails_its_requests(tokenizer):
+    """EngineProcess in this process: a request that runs when the engine process is killed gets an error
+    update (no client hangs), so does one submitted later, and stop() still returns."""
+    import queue
+
+    from moe_offload.loading.config import OffloadConfig
+    from moe_offload.serve.engine import GenerationRequest, SamplingParams
+    from moe_offload.serve.engine_process import EngineProcess, EngineSpec
+
+    engine = EngineProcess(EngineSpec(MODEL, OffloadConfig(device="cpu", dtype=torch.float32)))
+    try:
+        ids = tokenizer(PROMPTS[0])["input_ids"]
+        running, later = queue.Queue(), queue.Queue()
+        job = GenerationRequest(ids, SamplingParams(max_tokens=900), tokenizer, running.put)
+        engine.submit(job)
+        assert running.get(timeout=60).error is None and engine.running == 1
+        assert "moe_offload_running_sequences 1" in engine.metrics_text()
+        engine.process.kill()
+        while (update := running.get(timeout=30)).error is None:
+            pass
+        assert update.error == "the engine process has ended" and job.finished and engine.running == 0
+        engine.submit(GenerationRequest(ids, SamplingParams(max_tokens=3), tokenizer, later.put))
+        assert later.get(timeout=10).error == "the engine process has ended"
+    finally:
+        engine.stop()
+    assert not engine.process.is_alive()
 
 
 @pytest.mark.parametrize("argv,message", [
