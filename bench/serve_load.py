@@ -104,7 +104,7 @@ class ServedSystem:
                     results.append(result)
             client.close()
 
-        before = self.metrics()
+        before, cpu = self.metrics(), self.cpu_seconds()
         start = time.perf_counter()
         threads = [threading.Thread(target=client_loop, args=(mine,))
                    for mine in client_prompts(prompts, clients, requests)]
@@ -112,7 +112,16 @@ class ServedSystem:
             t.start()
         for t in threads:
             t.join()
-        return summarize(results, time.perf_counter() - start, before, self.metrics())
+        wall = time.perf_counter() - start
+        used = {k: v - cpu[k] for k, v in self.cpu_seconds().items()}
+        return summarize(results, wall, before, self.metrics()) | {"cpu_s": used}
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds so far of the server's own process, of its children (our engine process; transformers'
+        model process), and of this process (the clients)."""
+        root = psutil.Process(self.server.proc.pid)
+        return {"server": _cpu(root), "children": sum(_cpu(p) for p in root.children(recursive=True)),
+                "clients": _cpu(psutil.Process())}
 
     def stop(self) -> None:
         self.server.stop()
@@ -171,17 +180,23 @@ class EngineAlone:
 
             self.engine.submit(GenerationRequest(mine[0], SamplingParams(max_tokens=max_tokens), self.tokenizer, sink))
 
-        before = self.metrics()
+        before, cpu = self.metrics(), _cpu(psutil.Process())
         start = time.perf_counter()
         for mine in queues:
             launch(mine)
         for _ in queues:
             done.acquire(timeout=CLIENT_TIMEOUT_S * requests)
-        return summarize(results, time.perf_counter() - start, before, self.metrics())
+        wall = time.perf_counter() - start
+        return summarize(results, wall, before, self.metrics()) | {"cpu_s": {"engine": _cpu(psutil.Process()) - cpu}}
 
     def stop(self) -> None:
         self.engine.stop()
         self.model.offload.close()
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 def summarize(results: list[dict], wall: float, before: dict, after: dict) -> dict:
@@ -211,7 +226,11 @@ def pooled(rounds: list[dict]) -> dict:
 
     copied = [r["gb_copied_per_token"] for r in rounds if r["gb_copied_per_token"] is not None]
     batch = [r["mean_batch"] for r in rounds if r["mean_batch"] is not None]
+    tokens = sum(r["generated_tokens"] for r in rounds)
+    cpu_ms = {k: sum(r["cpu_s"][k] for r in rounds) * 1e3 / tokens for k in rounds[0]["cpu_s"]} if tokens else {}
     return {"tokens_per_s": median([r["tokens_per_s"] for r in rounds]),
+            "cpu_ms_per_token": cpu_ms,
+            "cpu": " ".join(f"{k} {v:.2f}" for k, v in cpu_ms.items()),
             "tokens_per_s_rounds": [r["tokens_per_s"] for r in rounds],
             "ttft_p50_ms": pct("ttft_s", 50), "ttft_p99_ms": pct("ttft_s", 99),
             "per_token_p50_ms": pct("per_token_s", 50), "per_token_p99_ms": pct("per_token_s", 99),
@@ -333,7 +352,8 @@ def print_results(args: argparse.Namespace, budgets: list[dict]) -> list[dict]:
                        ("vs_transformers", "vs transformers", ".2f"), ("mean_batch", "batch", ".1f"),
                        ("ttft_p50_ms", "TTFT p50 ms", ".0f"), ("ttft_p99_ms", "p99", ".0f"),
                        ("per_token_p50_ms", "tok p50 ms", ".1f"), ("gb_copied_per_token", "GB/token", ".4f"),
-                       ("full", "full", "d"), ("clear_errors", "errors", "d"), ("broken", "broken", "d")])
+                       ("full", "full", "d"), ("clear_errors", "errors", "d"), ("broken", "broken", "d"),
+                       ("cpu", "CPU ms per token", "")])
     for b in budgets:
         print(f"{b['budget']}: RSS MiB after warm-up / after the load: " + ", ".join(
             f"{k} {b['rss_after_warmup_mb'][k]:.0f} / {b['rss_after_mb'][k]:.0f}" for k in b["rss_after_mb"]))
