@@ -240,7 +240,7 @@ class BatchEngine:
         self.counters.prefills += 1
         self.counters.prompt_tokens += len(request.prompt_ids)
         token = sample(logits[0, -1].cpu(), request.params, request.generator, request.text.tokens)
-        if not self._emit(request, token, logits[0, -1]):
+        if not self._emit(request, token, logits[0, -1].cpu()):
             self._batch.add(cache, token)
             self._running.append(request)
 
