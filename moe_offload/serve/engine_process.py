@@ -90,7 +90,9 @@ class EngineProcess:
         self._stopped = False
         try:
             self.info = self._wait_ready()
-        except BaseException:
+        except BaseException:  # a failed load, or Ctrl-C while loading (the child ignores SIGINT): end it now
+            if self.process.is_alive():
+                self.process.kill()
             self._end_process()
             raise
         self._receiver = threading.Thread(target=self._receive, name="moe-offload-engine-events", daemon=True)
