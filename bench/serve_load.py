@@ -358,7 +358,7 @@ def print_results(args: argparse.Namespace, budgets: list[dict]) -> list[dict]:
         print(f"{b['budget']}: RSS MiB after warm-up / after the load: " + ", ".join(
             f"{k} {b['rss_after_warmup_mb'][k]:.0f} / {b['rss_after_mb'][k]:.0f}" for k in b["rss_after_mb"]))
     if not args.transformers:
-        print(f"transformers serve: {args.transformers_skipped}")
+        print(f"transformers serve: skipped {args.transformers_skipped}")
     return rows
 
 
@@ -399,7 +399,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="leave out the `transformers serve --continuous-batching` row")
     args = parse_bench_args(p, argv, {"clients": [1, 2], "requests": 1, "max_tokens": 4, "prompt_lines": 2,
                                       "rounds": 1, "budgets": [1.0], "transformers": False})
-    args.transformers_skipped = ("skipped in --smoke: it takes tens of seconds to start here" if args.smoke
+    args.transformers_skipped = ("in --smoke (its server takes tens of seconds to start here)" if args.smoke
                                  else "left out by --no-transformers")
     return args
 
