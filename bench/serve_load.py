@@ -375,7 +375,7 @@ def main(args: argparse.Namespace) -> int:
     out = run.write_json("serve_load.json", {
         "model": args.model, "device": args.device, "dtype": args.dtype, "requests_per_client": args.requests,
         "max_tokens": args.max_tokens, "prompt_lines": args.prompt_lines, "rounds": args.rounds,
-        "transformers_row": "measured" if args.transformers else f"skipped: {args.transformers_skipped}",
+        "transformers_row": "measured" if args.transformers else f"skipped {args.transformers_skipped}",
         "budgets": budgets})
     plot(run.path("serve_load.png"), budgets, f"{args.model} {args.dtype} on {args.device}, "
          f"{args.requests} requests x {args.max_tokens} tokens per client, median of {args.rounds} rounds")
