@@ -192,8 +192,8 @@ def kernel_ms(dtype: str, readme: float) -> Number:
 def serve_tokens(budget: str, clients: int, readme: float) -> Number:
     def value(d: dict) -> float:
         levels = next(b["levels"] for b in d["budgets"] if b["budget"] == budget)
-        return find(levels, clients=clients)["tokens_per_s"]
-    return Number(f"{budget} slots, {clients} clients: tokens/s", readme, value, drift(value))
+        return find(levels, clients=clients, system="serve")["tokens_per_s"]
+    return Number(f"{budget} slots, {clients} clients: serve tokens/s", readme, value, drift(value))
 
 
 def quantized(model: str, fmt: str, readme: float) -> Number:
@@ -268,7 +268,7 @@ BENCHES = (
                                                      ("fp8", 1.19)))),
     Bench("serve under load", ("bench/serve_load.py", "--requests", "4", "--max-tokens", "32", "--out", "{out}"),
           "serve_load.json", quick=("--requests", "1"),
-          numbers=tuple(serve_tokens(b, c, v) for b, vs in (("25%", (105, 163, 292)), ("100%", (229, 335, 563)))
+          numbers=tuple(serve_tokens(b, c, v) for b, vs in (("25%", (101, 196, 211)), ("100%", (119, 156, 332)))
                         for c, v in zip((1, 4, 16), vs))),
     quantized_experts(),
     Bench("the disk tier", ("bench/disk_tier.py", "--model", "{full_size}", "--host-memory", "3GiB", "--out", "{out}"),

@@ -230,6 +230,84 @@ def test_logit_bias_top_k_and_usage_chunk(server, tokenizer, reference):
     assert all(c.choices for c in chunks[:-1])
 
 
+def _greedy_with_logprobs(model, ids: list[int], steps: int, bias: dict[int, float] | None = None):
+    """The reference for logprobs, straight from transformers' logits: ``steps`` greedy tokens after ``ids``
+    with ``bias`` added to the logits, and the log_softmax each token was chosen from, [steps, V]."""
+    generated, rows = [], []
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([ids + generated])).logits[0, -1].float()  # [V]
+            for token, value in (bias or {}).items():
+                logits[token] += value
+            rows.append(torch.log_softmax(logits, dim=-1))
+            generated.append(int(logits.argmax()))
+    return generated, torch.stack(rows)
+
+
+def test_completion_logprobs_equal_transformers_log_softmax(server, model, tokenizer):
+    """``logprobs: 3`` on /v1/completions, whole and streamed: each token's text and log probability, the
+    three most likely tokens (plus the chosen one) and text offsets, against log_softmax of the logits
+    transformers gives for the same prefix (1e-4: the server's incremental decode rounds differently)."""
+    prompt = PROMPTS[2]
+    generated, ref = _greedy_with_logprobs(model, tokenizer(prompt)["input_ids"], NEW_TOKENS)  # [N], [N, V]
+    answer = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0,
+                                              logprobs=3)
+    got = answer.choices[0].logprobs
+    texts = [tokenizer.decode([t]) for t in generated]
+    assert got.tokens == texts and "".join(texts) == answer.choices[0].text
+    torch.testing.assert_close(torch.tensor(got.token_logprobs), ref[range(NEW_TOKENS), generated], rtol=0, atol=1e-4)
+    for row, top in enumerate(got.top_logprobs):
+        values, best = ref[row].topk(3)
+        assert list(top) == [tokenizer.decode([t]) for t in best.tolist()]  # the chosen (greedy) one is first
+        torch.testing.assert_close(torch.tensor(list(top.values())), values, rtol=0, atol=1e-4)
+    assert got.text_offset == [sum(len(t) for t in texts[:i]) for i in range(NEW_TOKENS)]
+    chunks = [c for c in server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=NEW_TOKENS,
+                                                          temperature=0, logprobs=3, stream=True) if c.choices]
+    assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == texts
+    assert [o for c in chunks for o in c.choices[0].logprobs.text_offset] == got.text_offset
+    torch.testing.assert_close([lp for c in chunks for lp in c.choices[0].logprobs.token_logprobs],
+                               got.token_logprobs, rtol=0, atol=1e-5)
+
+
+def test_chat_logprobs_after_logit_bias(server, model, tokenizer):
+    """Chat ``logprobs`` + ``top_logprobs``, streamed and whole, with a ``logit_bias``: the log probabilities
+    are those of the logits the token was chosen from, the bias added (as OpenAI's are)."""
+    messages = [{"role": "user", "content": "a loop"}]
+    ids = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                    add_special_tokens=False)["input_ids"]
+    favoured = tokenizer("x")["input_ids"][-1]
+    generated, ref = _greedy_with_logprobs(model, ids, NEW_TOKENS, {favoured: 4.0})  # [N], [N, V]
+    fields = {"model": MODEL, "messages": messages, "max_tokens": NEW_TOKENS, "temperature": 0, "logprobs": True,
+              "top_logprobs": 2, "logit_bias": {str(favoured): 4.0}}
+    whole = server.client.chat.completions.create(**fields).choices[0].logprobs.content
+    streamed = [e for c in server.client.chat.completions.create(**fields, stream=True) if c.choices
+                for e in c.choices[0].logprobs.content]
+    for entries in (whole, streamed):
+        assert [e.token for e in entries] == [tokenizer.decode([t]) for t in generated]
+        assert all(e.bytes == list(e.token.encode()) for e in entries)
+        torch.testing.assert_close(torch.tensor([e.logprob for e in entries]), ref[range(NEW_TOKENS), generated],
+                                   rtol=0, atol=1e-4)
+        for row, entry in enumerate(entries):
+            values, best = ref[row].topk(2)
+            assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([t]) for t in best.tolist()]
+            torch.testing.assert_close(torch.tensor([t.logprob for t in entry.top_logprobs]), values, rtol=0,
+                                       atol=1e-4)
+    assert server.client.chat.completions.create(**fields | {"logprobs": False, "top_logprobs": None}
+                                                 ).choices[0].logprobs is None
+
+
+def test_token_logprobs_in_process():
+    """``token_logprobs`` on hand-made logits: the chosen token's log probability and the top ones, sorted."""
+    from moe_offload.serve.logprobs import token_logprobs
+
+    logits = torch.tensor([0.0, 3.0, 2.0, 1.0])
+    expected = torch.log_softmax(logits, dim=-1)
+    got = token_logprobs(logits, 2, top=2)
+    assert got.token == 2 and got.logprob == pytest.approx(float(expected[2]))
+    assert [t for t, _ in got.top] == [1, 2] and [v for _, v in got.top] == pytest.approx(expected[[1, 2]].tolist())
+    assert token_logprobs(logits, 0, top=0).top == ()
+
+
 def test_request_fields_reach_the_sampler(tokenizer):
     from moe_offload.serve.openai_api import ServedModel, sampling_params
 
@@ -237,7 +315,12 @@ def test_request_fields_reach_the_sampler(tokenizer):
     params = sampling_params({"max_tokens": 3, "top_k": 5, "frequency_penalty": 0.5, "presence_penalty": -1,
                               "logit_bias": {"7": -100}, "logprobs": None, "top_logprobs": None}, served, 4, None)
     assert (params.top_k, params.frequency_penalty, params.presence_penalty) == (5, 0.5, -1.0)
-    assert params.logit_bias == ((7, -100.0),) and not params.greedy
+    assert params.logit_bias == ((7, -100.0),) and not params.greedy and params.logprobs is None
+    assert sampling_params({"logprobs": 3}, served, 4, 5).logprobs == 3
+    assert sampling_params({"logprobs": 0}, served, 4, 5).logprobs == 0
+    assert sampling_params({"logprobs": True}, served, 4, 5, chat=True).logprobs == 0
+    assert sampling_params({"logprobs": True, "top_logprobs": 4}, served, 4, 5, chat=True).logprobs == 4
+    assert sampling_params({"logprobs": False}, served, 4, 5, chat=True).logprobs is None
 
 
 def test_sampling_adjustments_in_process():
@@ -292,9 +375,13 @@ BAD_INPUTS = [  # id, path, body (bytes: sent as is), status, error param
     ("stop-number", "/v1/completions", GOOD | {"stop": 5}, 400, "stop"),
     ("seed-float", "/v1/completions", GOOD | {"seed": 1.5}, 400, "seed"),
     ("stream-string", "/v1/completions", GOOD | {"stream": "yes"}, 400, "stream"),
-    ("logprobs", "/v1/completions", GOOD | {"logprobs": 2}, 400, "logprobs"),
-    ("chat-logprobs", "/v1/chat/completions", CHAT | {"logprobs": True}, 400, "logprobs"),
-    ("chat-top-logprobs", "/v1/chat/completions", CHAT | {"top_logprobs": 3}, 400, "top_logprobs"),
+    ("logprobs-too-many", "/v1/completions", GOOD | {"logprobs": 6}, 400, "logprobs"),
+    ("logprobs-boolean-on-completions", "/v1/completions", GOOD | {"logprobs": True}, 400, "logprobs"),
+    ("top-logprobs-on-completions", "/v1/completions", GOOD | {"top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat-logprobs-integer", "/v1/chat/completions", CHAT | {"logprobs": 2}, 400, "logprobs"),
+    ("chat-top-logprobs-without-logprobs", "/v1/chat/completions", CHAT | {"top_logprobs": 3}, 400, "top_logprobs"),
+    ("chat-top-logprobs-too-many", "/v1/chat/completions", CHAT | {"logprobs": True, "top_logprobs": 21}, 400,
+     "top_logprobs"),
     ("frequency-penalty-too-high", "/v1/completions", GOOD | {"frequency_penalty": 3}, 400, "frequency_penalty"),
     ("presence-penalty-string", "/v1/completions", GOOD | {"presence_penalty": "x"}, 400, "presence_penalty"),
     ("top-k-negative", "/v1/completions", GOOD | {"top_k": -1}, 400, "top_k"),
@@ -383,8 +470,102 @@ def test_full_queue_gets_429_then_serving_resumes(tmp_path_factory):
         assert busy.wait_metric("moe_offload_running_sequences", lambda v: v == 0) == 0
         assert busy.complete().choices[0].finish_reason == "length"
         assert busy.metrics()['moe_offload_requests_total{outcome="rejected"}'] == 1
+        engine = _engine_process_of(busy)
+        busy.proc.kill()  # the server dies without a word: its engine process sees its pipe end and exits
+        busy.proc.wait(timeout=20)
+        _wait_gone(engine, timeout=30)
     finally:
         busy.stop()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _engine_process_of(server: Server) -> int:
+    """The server's one child process: its engine, started with multiprocessing's spawn."""
+    children = [c for c in _children(server.proc.pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(children) == 1, children
+    return children[0]
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+        assert time.monotonic() < deadline, f"process {pid} is still running"
+        time.sleep(0.2)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_engine_runs_in_its_own_process_and_sigterm_ends_both(tmp_path_factory, reference):
+    """By default the model runs in a child process; streams through it give the greedy answers; SIGTERM ends the server and its engine process, with no traceback."""
+    server = _start(tmp_path_factory, "sigterm")
+    try:
+        engine = _engine_process_of(server)
+        texts = _in_threads(lambda p: _stream_text(server, p, max_tokens=NEW_TOKENS, temperature=0)[0], PROMPTS[:4])
+        assert texts == [reference[p] for p in PROMPTS[:4]]
+        server.proc.terminate()
+        server.proc.wait(timeout=30)
+        _wait_gone(engine, timeout=10)
+        assert "Traceback" not in server.log.read_text()
+    finally:
+        server.stop()
+
+
+def test_engine_thread_mode_serves_the_same_answers(tmp_path_factory, reference):
+    """``--engine thread`` (the engine in a thread of the HTTP process, no child): the same answers and metrics."""
+    server = _start(tmp_path_factory, "thread", "--engine", "thread")
+    try:
+        assert _children(server.proc.pid) == []
+        answers = _in_threads(lambda p: server.client.completions.create(
+            model=MODEL, prompt=p, max_tokens=NEW_TOKENS, temperature=0).choices[0].text, PROMPTS[:4])
+        assert answers == [reference[p] for p in PROMPTS[:4]]
+        assert server.metrics()['moe_offload_requests_total{outcome="completed"}'] == 4
+    finally:
+        server.stop()
+
+
+def test_engine_process_that_dies_fails_its_requests(tokenizer):
+    """EngineProcess in this process: a request that runs when the engine process is killed gets an error
+    update (no client hangs), so does one submitted later, and stop() still returns."""
+    import queue
+
+    from moe_offload.loading.config import OffloadConfig
+    from moe_offload.serve.engine import GenerationRequest, SamplingParams
+    from moe_offload.serve.engine_process import EngineProcess, EngineSpec
+
+    engine = EngineProcess(EngineSpec(MODEL, OffloadConfig(device="cpu", dtype=torch.float32)))
+    try:
+        ids = tokenizer(PROMPTS[0])["input_ids"]
+        running, later = queue.Queue(), queue.Queue()
+        job = GenerationRequest(ids, SamplingParams(max_tokens=900), tokenizer, running.put)
+        engine.submit(job)
+        assert running.get(timeout=60).error is None and engine.running == 1
+        assert "moe_offload_running_sequences 1" in engine.metrics_text()
+        engine.process.kill()
+        while (update := running.get(timeout=30)).error is None:
+            pass
+        assert update.error == "the engine process has ended" and job.finished and engine.running == 0
+        engine.submit(GenerationRequest(ids, SamplingParams(max_tokens=3), tokenizer, later.put))
+        assert later.get(timeout=10).error == "the engine process has ended"
+    finally:
+        engine.stop()
+    assert not engine.process.is_alive()
 
 
 @pytest.mark.parametrize("argv,message", [

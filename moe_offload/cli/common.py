@@ -79,9 +79,13 @@ def prompt_source(args: argparse.Namespace) -> str:
 
 def load_tokenizer(model):
     """The tokenizer saved beside a loaded model's weights."""
+    return tokenizer_at(model.config._name_or_path)
+
+
+def tokenizer_at(directory: str):
+    """The tokenizer of the checkpoint at ``directory`` (a loaded model's ``config._name_or_path``)."""
     from ..loading.tokenizer import load_tokenizer as checkpoint_tokenizer
 
-    directory = model.config._name_or_path
     try:
         return checkpoint_tokenizer(directory)
     except (OSError, ValueError):

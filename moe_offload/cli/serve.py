@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import MoEOffloadError
 from .argtypes import positive_int
-from .common import add_model_args, load_tokenizer, offload_config
+from .common import add_model_args, load_tokenizer, offload_config, tokenizer_at
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,6 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="prompt tokens of one request prefilled per step, so a long prompt does not stall the "
                         "running requests (default 512); requests waiting at a step are prefilled together")
     p.add_argument("--served-model-name", help="the model name clients send (default: the --model name)")
+    p.add_argument("--engine", choices=("process", "thread"), default="process",
+                   help="where the model runs: its own process, so HTTP and streaming never take its interpreter "
+                        "time (default), or a thread of the server process")
     p.set_defaults(func=main)
 
 
@@ -60,22 +63,38 @@ def main(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise MoEOffloadError(f"`serve` needs the serve extra ({err.name} is missing): "
                               "pip install 'moe-offload[serve]'") from None
-    from ..loading.loader import from_pretrained
-    from ..serve.engine import BatchEngine
-    from ..serve.openai_api import ServedModel
-
-    model = from_pretrained(args.model, offload_config(args, cache_policy=args.cache_policy))
-    tokenizer = load_tokenizer(model)
-    served = ServedModel(name=args.served_model_name or Path(args.model.rstrip("/")).name, tokenizer=tokenizer,
-                         context_length=model.config.max_position_embeddings, created=int(time.time()))
-    engine = BatchEngine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                         prefill_chunk=args.prefill_chunk)
+    served, engine, close = _load_engine(args)
     print(f"[moe-offload] serving {served.name} on http://{args.host}:{args.port}/v1 "
-          f"(batch {args.max_batch}, queue {args.max_queue}, prefill chunk {args.prefill_chunk})", flush=True)
+          f"(batch {args.max_batch}, queue {args.max_queue}, prefill chunk {args.prefill_chunk}, "
+          f"engine in its own {args.engine})", flush=True)
     try:
         # Open streams get 5 s after SIGTERM/Ctrl-C, then the engine stops and the model closes.
         uvicorn.run(create_app(engine, served, args.api_key), host=args.host, port=args.port, log_level="warning",
                     timeout_graceful_shutdown=5)
     finally:
-        model.offload.close()
+        close()
     return 0
+
+
+def _load_engine(args: argparse.Namespace):
+    """The served model, its engine (in a child process or a thread here) and what closes it."""
+    from ..serve.openai_api import ServedModel
+
+    config = offload_config(args, cache_policy=args.cache_policy)
+    if args.engine == "process":
+        from ..serve.engine_process import EngineProcess, EngineSpec
+
+        engine = EngineProcess(EngineSpec(args.model, config, args.max_batch, args.max_queue, args.prefill_chunk))
+        tokenizer, context_length, close = tokenizer_at(engine.info.directory), engine.info.context_length, engine.stop
+    else:
+        from ..loading.loader import from_pretrained
+        from ..serve.engine import BatchEngine
+
+        model = from_pretrained(args.model, config)
+        tokenizer, context_length = load_tokenizer(model), model.config.max_position_embeddings
+        close = model.offload.close
+        engine = BatchEngine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
+                             prefill_chunk=args.prefill_chunk)
+    served = ServedModel(name=args.served_model_name or Path(args.model.rstrip("/")).name, tokenizer=tokenizer,
+                         context_length=context_length, created=int(time.time()))
+    return served, engine, close

@@ -1,5 +1,5 @@
 """The ASGI app (Starlette, server-sent events through sse-starlette): the OpenAI routes, /health and
-/metrics over one BatchEngine.
+/metrics over one BatchEngine (in a child process, EngineProcess, or a thread of this one).
 
 Each generation request is checked, queued on the engine (a full queue answers 429 at once) and
 then either streamed as server-sent events ending in ``data: [DONE]`` or answered whole. The engine
@@ -23,6 +23,8 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from .engine import BatchEngine, GenerationRequest, QueueFull, Update
+from .engine_process import EngineProcess
+from .logprobs import LogprobsShape
 from .metrics import render_metrics
 from .openai_api import (
     DEFAULT_COMPLETION_TOKENS,
@@ -36,13 +38,14 @@ from .openai_api import (
     sampling_params,
 )
 
+Engine = BatchEngine | EngineProcess  # the same interface: submit, cancel, queue_depth, running, start, stop
 DISCONNECT_POLL_S = 0.5  # how often a whole-answer request checks that its client is still there
 
 
 class ServerState:
     """What the routes share: the engine, the served model and the optional API key."""
 
-    def __init__(self, engine: BatchEngine, served: ServedModel, api_key: str | None) -> None:
+    def __init__(self, engine: Engine, served: ServedModel, api_key: str | None) -> None:
         self.engine, self.served, self.api_key = engine, served, api_key
 
     def authorize(self, request: Request) -> None:
@@ -70,7 +73,7 @@ async def _generate(request: Request, chat: bool):
     check_model(body, state.served)
     prompt = chat_prompt(body, state.served) if chat else completion_prompt(body, state.served)
     default_max = None if chat else DEFAULT_COMPLETION_TOKENS  # chat: the context left
-    params = sampling_params(body, state.served, len(prompt), default_max)
+    params = sampling_params(body, state.served, len(prompt), default_max, chat)
     with_usage = include_usage(body)
     loop, updates = asyncio.get_running_loop(), asyncio.Queue()
     job = GenerationRequest(prompt, params, state.served.tokenizer,
@@ -80,13 +83,14 @@ async def _generate(request: Request, chat: bool):
     except QueueFull as err:
         raise ApiError(429, f"The server is busy ({err}); retry later", None, "queue_full",
                        type="rate_limit_error") from None
-    shape = ResponseShape(chat, state.served.name)
+    logprobs = None if params.logprobs is None else LogprobsShape(state.served.tokenizer, chat)
+    shape = ResponseShape(chat, state.served.name, logprobs)
     if body.get("stream"):
         return EventSourceResponse(_stream(state.engine, job, updates, shape, with_usage), ping=15)
     return await _whole(request, state.engine, job, updates, shape)
 
 
-async def _stream(engine: BatchEngine, job: GenerationRequest, updates: asyncio.Queue, shape: ResponseShape,
+async def _stream(engine: Engine, job: GenerationRequest, updates: asyncio.Queue, shape: ResponseShape,
                   with_usage: bool = False):
     """The SSE events of one request (with ``with_usage``, a usage chunk before ``[DONE]``); cancelled (client
     gone) -> the request leaves the engine."""
@@ -97,7 +101,7 @@ async def _stream(engine: BatchEngine, job: GenerationRequest, updates: asyncio.
                 yield {"data": json.dumps(ApiError(500, update.error, code="generation_failed",
                                                    type="server_error").body())}
                 break
-            if update.text or update.finish_reason:
+            if update.text or update.finish_reason or update.logprobs is not None:
                 yield {"data": json.dumps(shape.chunk(update))}
             if update.finish_reason:
                 if with_usage:
@@ -109,10 +113,10 @@ async def _stream(engine: BatchEngine, job: GenerationRequest, updates: asyncio.
             engine.cancel(job)
 
 
-async def _whole(request: Request, engine: BatchEngine, job: GenerationRequest, updates: asyncio.Queue,
+async def _whole(request: Request, engine: Engine, job: GenerationRequest, updates: asyncio.Queue,
                  shape: ResponseShape) -> JSONResponse:
     """Wait for the whole answer, checking every DISCONNECT_POLL_S that the client is still there."""
-    loop, pieces = asyncio.get_running_loop(), []
+    loop, pieces, tokens = asyncio.get_running_loop(), [], []
     next_check = loop.time() + DISCONNECT_POLL_S
     try:
         while True:
@@ -129,8 +133,10 @@ async def _whole(request: Request, engine: BatchEngine, job: GenerationRequest, 
             if update.error is not None:
                 raise ApiError(500, update.error, code="generation_failed", type="server_error")
             pieces.append(update.text)
+            if update.logprobs is not None:
+                tokens.append(update.logprobs)
             if update.finish_reason:
-                return JSONResponse(shape.full("".join(pieces), update))
+                return JSONResponse(shape.full("".join(pieces), update, tokens))
     finally:
         if not job.finished:
             engine.cancel(job)
@@ -153,14 +159,20 @@ async def models(request: Request) -> JSONResponse:
 
 async def health(request: Request) -> JSONResponse:
     """Liveness, open without the API key so that probes need no secret."""
-    engine: BatchEngine = request.app.state.server.engine
+    engine: Engine = request.app.state.server.engine
     return JSONResponse({"status": "ok", "queue_depth": engine.queue_depth, "running": engine.running})
 
 
 async def metrics(request: Request) -> PlainTextResponse:
     state: ServerState = request.app.state.server
     state.authorize(request)
-    return PlainTextResponse(render_metrics(state.engine), media_type="text/plain; version=0.0.4")
+    text = await asyncio.to_thread(_metrics_text, state.engine)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+def _metrics_text(engine: Engine) -> str:
+    """An engine process renders its own metrics (its counters live there); an engine thread's are rendered here."""
+    return engine.metrics_text() if isinstance(engine, EngineProcess) else render_metrics(engine)
 
 
 async def _api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -178,7 +190,7 @@ async def _internal_error(request: Request, err: Exception) -> JSONResponse:
     return JSONResponse(ApiError(500, f"internal error: {err}", type="server_error").body(), status_code=500)
 
 
-def create_app(engine: BatchEngine, served: ServedModel, api_key: str | None = None) -> Starlette:
+def create_app(engine: Engine, served: ServedModel, api_key: str | None = None) -> Starlette:
     """The server's ASGI app; it starts ``engine`` on startup and stops it on shutdown."""
 
     @contextlib.asynccontextmanager

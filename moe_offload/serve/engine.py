@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .batch import PaddedBatch, cache_argument
+from .logprobs import TokenLogprobs, token_logprobs
 from .text import IncrementalText
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class SamplingParams:
     """What one request asked for: ``temperature`` 0 is greedy; ``stop`` strings end the text.
     ``logit_bias`` ((token, bias) pairs) and the penalties adjust the logits before either greedy or sampled
     choice; the penalties count the tokens generated so far (not the prompt's), as OpenAI describes them:
-    ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``. ``top_k`` 0 keeps every token."""
+    ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``. ``top_k`` 0 keeps every token.
+    ``logprobs`` None computes no log probabilities; k >= 0 sends each token's and the k most likely."""
 
     max_tokens: int
     temperature: float = 0.0
@@ -53,6 +55,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
 
     @property
     def adjusts_logits(self) -> bool:
@@ -73,6 +76,7 @@ class Update:
     completion_tokens: int
     finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", or None while running
     error: str | None = None
+    logprobs: TokenLogprobs | None = None  # the token's, when the request asked for them
 
 
 class QueueFull(Exception):
@@ -304,7 +308,8 @@ class BatchEngine:
         self.counters.prefills += len(done)
         self.counters.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
         joined.last_tokens = self._choose(logits[done], requests)
-        kept = [row for row, (r, t) in enumerate(zip(requests, joined.last_tokens.tolist())) if not self._emit(r, t)]
+        kept = [row for row, (r, t) in enumerate(zip(requests, joined.last_tokens.tolist()))
+                if not self._emit(r, t, logits[done[row]])]
         joined.keep(kept)
         self._batch.merge(joined)
         self._running += [requests[row] for row in kept]
@@ -321,7 +326,7 @@ class BatchEngine:
         self.counters.decode_rows += len(self._running)
         tokens = self._choose(logits, self._running)
         self._batch.last_tokens = tokens
-        self._keep([r for r, t in zip(self._running, tokens.tolist()) if not self._emit(r, t)])
+        self._keep([r for r, t, row in zip(self._running, tokens.tolist(), logits) if not self._emit(r, t, row)])
 
     @staticmethod
     def _choose(logits: torch.Tensor, requests: list[GenerationRequest]) -> torch.Tensor:
@@ -353,8 +358,13 @@ class BatchEngine:
         self._batch.keep(rows)
         self._running = requests
 
-    def _emit(self, request: GenerationRequest, token: int) -> bool:
-        """Hand ``token``'s text to the request's sink; True when the request is finished."""
+    def _emit(self, request: GenerationRequest, token: int, logits: torch.Tensor) -> bool:
+        """Hand ``token``'s text (and log probability, chosen from ``logits`` [V]) to the request's sink; True
+        when the request is finished."""
+        logprobs = None
+        if request.params.logprobs is not None:
+            used = adjusted(logits, request.params, request.text.tokens)  # [V] what the token was chosen from
+            logprobs = token_logprobs(used, token, request.params.logprobs)
         piece = request.text.add(token)
         self.counters.completion_tokens += 1
         if request.text.stopped or token in self.eos_ids:
@@ -367,7 +377,8 @@ class BatchEngine:
             piece += request.text.finish()
             request.finished = True
             self.counters.requests["completed"] += 1
-        self._send(request, Update(piece, len(request.prompt_ids), request.completion_tokens, reason))
+        self._send(request, Update(piece, len(request.prompt_ids), request.completion_tokens, reason,
+                                   logprobs=logprobs))
         return reason is not None
 
     def _fail(self, request: GenerationRequest, message: str) -> None:

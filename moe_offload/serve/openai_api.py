@@ -4,7 +4,8 @@ and the JSON of responses, stream chunks and errors.
 Bad input raises ApiError, which the server sends as ``{"error": {"message", "type", "param",
 "code"}}`` with its HTTP status. The sampling fields are honoured (``temperature``, ``top_p``, ``top_k``,
 ``seed``, ``stop``, ``frequency_penalty``, ``presence_penalty``, ``logit_bias``,
-``stream_options.include_usage``); ``logprobs`` / ``top_logprobs`` are refused with a 400 that names them.
+``stream_options.include_usage``, ``logprobs``: an integer on /v1/completions, ``logprobs`` + ``top_logprobs`` on
+chat, see ``logprobs.py``).
 Fields outside the API this server does not know are ignored, as OpenAI's are.
 """
 
@@ -15,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 from .engine import SamplingParams, Update
+from .logprobs import MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS, LogprobsShape, TokenLogprobs
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 MAX_STOP_STRINGS = 4
@@ -66,8 +68,10 @@ def check_model(body: dict, served: ServedModel) -> None:
                        "model", "model_not_found")
 
 
-def sampling_params(body: dict, served: ServedModel, prompt_tokens: int, default_max: int | None) -> SamplingParams:
-    """The request's sampling fields, checked against the context left after ``prompt_tokens``."""
+def sampling_params(body: dict, served: ServedModel, prompt_tokens: int, default_max: int | None,
+                    chat: bool = False) -> SamplingParams:
+    """The request's sampling fields (of a chat request with ``chat``), checked against the context left after
+    ``prompt_tokens``."""
     room = served.context_length - prompt_tokens
     if room <= 0:
         raise ApiError(400, f"This model's maximum context length is {served.context_length} tokens, and the "
@@ -93,19 +97,32 @@ def sampling_params(body: dict, served: ServedModel, prompt_tokens: int, default
     n = _field(body, "n", (int,), 1, "an integer")
     _check_range(n == 1, "n", f"must be 1 on this server (one choice per request), got {n}")
     _field(body, "stream", (bool,), False, "a boolean")
-    _refuse_logprobs(body)
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                           seed=_field(body, "seed", (int,), None, "an integer"), stop=_stop_strings(body),
-                          logit_bias=_logit_bias(body, len(served.tokenizer)), **penalties)
+                          logit_bias=_logit_bias(body, len(served.tokenizer)),
+                          logprobs=_chat_logprobs(body) if chat else _completion_logprobs(body), **penalties)
 
 
-def _refuse_logprobs(body: dict) -> None:
-    """Log probabilities are not computed by this server: asking for them is a 400, never a silent null."""
-    for name in ("logprobs", "top_logprobs"):
-        value = body.get(name)
-        if value is not None and value is not False:
-            raise ApiError(400, f"'{name}' is not supported by this server; leave it unset", name,
-                           "unsupported_parameter")
+def _completion_logprobs(body: dict) -> int | None:
+    """/v1/completions' ``logprobs``: how many most likely tokens to send beside each chosen one (None: off)."""
+    if body.get("top_logprobs") is not None:
+        raise ApiError(400, "'top_logprobs' is a chat field; /v1/completions takes 'logprobs' (an integer)",
+                       "top_logprobs", "invalid_value")
+    top = _field(body, "logprobs", (int,), None, "an integer")
+    _check_range(top is None or 0 <= top <= MAX_COMPLETION_LOGPROBS, "logprobs",
+                 f"must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {top}")
+    return top
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    """Chat's ``logprobs`` (a boolean) and ``top_logprobs`` (how many most likely tokens, which needs it)."""
+    wanted = _field(body, "logprobs", (bool,), False, "a boolean")
+    top = _field(body, "top_logprobs", (int,), None, "an integer")
+    if top is None:
+        return 0 if wanted else None
+    _check_range(0 <= top <= MAX_TOP_LOGPROBS, "top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {top}")
+    _check_range(wanted, "top_logprobs", "needs 'logprobs': true")
+    return top
 
 
 def _logit_bias(body: dict, vocab: int) -> tuple[tuple[int, float], ...]:
@@ -194,24 +211,29 @@ def _message(message, index: int) -> dict:
 
 
 class ResponseShape:
-    """Builds one request's response JSON: the whole answer, or its stream chunks (``chat`` or not)."""
+    """Builds one request's response JSON: the whole answer, or its stream chunks (``chat`` or not), with
+    log probabilities when ``logprobs`` (a LogprobsShape) is given."""
 
-    def __init__(self, chat: bool, model: str) -> None:
+    def __init__(self, chat: bool, model: str, logprobs: LogprobsShape | None = None) -> None:
         self.chat = chat
         self.model = model
+        self.logprobs = logprobs
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.sent_role = False
 
-    def _envelope(self, obj: str, choice: dict, update: Update) -> dict:
+    def _envelope(self, obj: str, choice: dict, update: Update, tokens: list[TokenLogprobs] = ()) -> dict:
+        logprobs = self.logprobs.json(list(tokens)) if self.logprobs is not None else None
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": update.finish_reason}],
+                "choices": [{"index": 0, **choice, "logprobs": logprobs, "finish_reason": update.finish_reason}],
                 "usage": usage(update)}
 
-    def full(self, text: str, last: Update) -> dict:
+    def full(self, text: str, last: Update, tokens: list[TokenLogprobs] = ()) -> dict:
+        """The whole answer; ``tokens``: every generated token's log probabilities, when asked for."""
         if self.chat:
-            return self._envelope("chat.completion", {"message": {"role": "assistant", "content": text}}, last)
-        return self._envelope("text_completion", {"text": text}, last)
+            return self._envelope("chat.completion", {"message": {"role": "assistant", "content": text}}, last,
+                                  tokens)
+        return self._envelope("text_completion", {"text": text}, last, tokens)
 
     def usage_chunk(self, last: Update) -> dict:
         """The extra last chunk ``stream_options.include_usage`` asks for: no choices, the request's usage."""
@@ -219,13 +241,14 @@ class ResponseShape:
                 "created": self.created, "model": self.model, "choices": [], "usage": usage(last)}
 
     def chunk(self, update: Update) -> dict:
-        """A stream chunk; usage rides on the last one (the one with a finish_reason)."""
+        """A stream chunk (one generated token); usage rides on the last one (the one with a finish_reason)."""
+        tokens = [update.logprobs] if update.logprobs is not None else []
         if self.chat:
             delta = {"content": update.text} | ({} if self.sent_role else {"role": "assistant"})
             self.sent_role = True
-            body = self._envelope("chat.completion.chunk", {"delta": delta}, update)
+            body = self._envelope("chat.completion.chunk", {"delta": delta}, update, tokens)
         else:
-            body = self._envelope("text_completion", {"text": update.text}, update)
+            body = self._envelope("text_completion", {"text": update.text}, update, tokens)
         if update.finish_reason is None:
             body["usage"] = None
         return body

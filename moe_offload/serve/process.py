@@ -25,18 +25,23 @@ def parse_metrics(text: str) -> dict[str, float]:
     return {name: float(value) for name, value in samples}
 
 
-class ServerProcess:
-    """``python -m moe_offload serve --port P <flags>`` with its output in ``log``; ``stop()`` ends it."""
+MOE_OFFLOAD_SERVE = (sys.executable, "-m", "moe_offload", "serve")
 
-    def __init__(self, flags: list[str], log: Path, api_key: str | None = None) -> None:
+
+class ServerProcess:
+    """``python -m moe_offload serve --port P <flags>`` (or another OpenAI server's ``command`` that takes
+    ``--port``) with its output in ``log``; ``stop()`` ends it."""
+
+    def __init__(self, flags: list[str], log: Path, api_key: str | None = None,
+                 command: tuple[str, ...] = MOE_OFFLOAD_SERVE, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(log)
         self.api_key = api_key
-        argv = [sys.executable, "-m", "moe_offload", "serve", "--port", str(self.port), *flags]
+        argv = [*command, "--port", str(self.port), *flags]
         argv += ["--api-key", api_key] if api_key else []
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def get(self, path: str, timeout: float = 10) -> str:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
