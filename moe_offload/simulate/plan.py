@@ -13,6 +13,9 @@ experts kept at the recall R the shipped models' predictors reach.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
 
 from ..errors import MoEOffloadError
 from ..loading.config import OffloadConfig
@@ -26,6 +29,8 @@ SHIPPED_RECALL = 0.8      # the shipped models' learned predictor reaches 0.84-0
 COARSE_DEPTHS = (1, 8)
 KV_RESERVES = (2048, 1024)   # tokens of KV cache left free on the device: the default, then half (refinement)
 PREFILL_TOKENS = 512
+PLANNED_FIELDS = ("gpu_memory", "host_memory", "expert_dtype", "cache_policy", "slot_allocation", "cpu_experts",
+                  "predictor", "prefetch_depth", "kv_reserve_tokens", "hardware")
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,26 @@ class PlanResult:
     @property
     def best(self) -> Candidate:
         return self.candidates[0]
+
+    def summary(self) -> str:
+        """The best configuration and its projection, in a sentence."""
+        best = self.best
+        return (f"{best.row()['expert_dtype']} experts, {best.slots} slots (KV reserve {best.kv_reserve_tokens} "
+                f"tokens), {best.cell.policy} cache, {best.cell.allocation} slots, CPU experts {best.cell.cpu_experts}, "
+                f"prefetch depth {best.cell.prefetch_depth}: projected decode {best.decode_tokens_per_s:.2f} tokens/s, "
+                f"prefill {best.prefill_tokens_per_s:.1f} tokens/s, hit rate {best.result.hit_rate:.1%}, "
+                f"{best.result.bytes_copied_per_token / 1e6:.1f} MB copied per token")
+
+    def fields(self, request: PlanRequest) -> dict:
+        """The OffloadConfig fields the plan sets (what its YAML holds)."""
+        return {k: v for k, v in self.config(request).to_dict().items() if k in PLANNED_FIELDS and v is not None}
+
+    def write(self, path: str | Path, request: PlanRequest, command: str) -> Path:
+        """The plan as an OffloadConfig YAML (``run --config``), headed by the ``command`` that made it."""
+        path = Path(path)
+        path.write_text(f"# {command}\n# projected decode {self.best.decode_tokens_per_s:.2f} tokens/s "
+                        f"(replayed with {self.predictor})\n" + yaml.safe_dump(self.fields(request), sort_keys=False))
+        return path
 
     def config(self, request: PlanRequest) -> OffloadConfig:
         """The best candidate as an OffloadConfig for ``run --config``."""
