@@ -86,9 +86,10 @@ class PlanResult:
     def summary(self) -> str:
         """The best configuration and its projection, in a sentence."""
         best = self.best
+        cell = best.cell
         return (f"{best.row()['expert_dtype']} experts, {best.slots} slots (KV reserve {best.kv_reserve_tokens} "
-                f"tokens), {best.cell.policy} cache, {best.cell.allocation} slots, CPU experts {best.cell.cpu_experts}, "
-                f"prefetch depth {best.cell.prefetch_depth}: projected decode {best.decode_tokens_per_s:.2f} tokens/s, "
+                f"tokens), {cell.policy} cache, {cell.allocation} slots, CPU experts {cell.cpu_experts}, "
+                f"prefetch depth {cell.prefetch_depth}: projected decode {best.decode_tokens_per_s:.2f} tokens/s, "
                 f"prefill {best.prefill_tokens_per_s:.1f} tokens/s, hit rate {best.result.hit_rate:.1%}, "
                 f"{best.result.bytes_copied_per_token / 1e6:.1f} MB copied per token")
 
