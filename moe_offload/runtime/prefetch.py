@@ -115,6 +115,8 @@ class Prefetcher:
         host = self.residency.host
         queued, device = 0, True
         for distance, weight in enumerate(prediction.weights, 1):                    # [E] each
+            if host is None and (not device or (budget is not None and budget.closed(distance, queued))):
+                break                                       # nothing more can be queued (nor read from disk)
             members = np.flatnonzero(weight >= 0)
             ranked = members[np.argsort(-weight[members], kind="stable")]
             fits = device
