@@ -156,7 +156,7 @@ class CallProtocol:
         the layer or names too many experts to plan cheaply."""
         if distance > len(prediction.weights):
             return None
-        members = np.flatnonzero(prediction.weights[distance - 1] >= 0).tolist()
+        members = sorted(prediction.ranked(distance))
         if not members or len(members) > PROJECTED_EXPERTS * self.layout.top_k:
             return None
         shares, k = prediction.shares[distance - 1], self.layout.top_k

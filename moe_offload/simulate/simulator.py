@@ -217,12 +217,12 @@ class Simulator:
         decode = np.asarray(self.routing.decode, dtype=bool)
         for calls in self.calls:
             summary = None if summaries is None else next(summaries)
-            span_s = 0.0
+            generated = decode[calls[0].start]
             for call in calls:
-                span_s += self._replay(protocol, link, call, disk, None if summary is None else summary(call.layer))
-            seconds += span_s
-            if decode[calls[0].start]:
-                decode_s += span_s
+                call_s = self._replay(protocol, link, call, disk, None if summary is None else summary(call.layer))
+                seconds += call_s
+                if generated:
+                    decode_s += call_s
         name = allocation if isinstance(allocation, str) else "custom"
         return SimulationResult(policy.name, name, num_slots, self.routing.num_tokens, int(stats.hits.sum()),
                                 int(stats.misses.sum()), link.demand, link.copies * self.bytes_per_expert, seconds,
