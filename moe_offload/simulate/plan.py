@@ -206,13 +206,15 @@ def _trace(request: PlanRequest, notes: list[str]):
 def _format(request: PlanRequest, dtype: str | None, kv: int, trace, predictor: str, weights: bool,
             notes: list[str], shared: dict) -> _Format | None:
     """The replay and slot counts of expert format ``dtype`` with a KV reserve of ``kv`` tokens, or None when
-    the dense weights and one layer's experts do not fit. ``shared``: the predictor's router tensors, read
-    from the first format's parts."""
+    the dense weights and one layer's experts do not fit. ``shared``: the skeleton's parts, built once, and the
+    predictor's router tensors, read from them."""
     from ..loading.parts import ModelParts
 
     cfg = OffloadConfig(device="cpu", gpu_memory=request.gpu_memory, expert_dtype=dtype, kv_reserve_tokens=kv)
     try:
-        parts = ModelParts(request.model, cfg, weights=weights)
+        if "parts" not in shared:    # the skeleton, built once: each format and reserve replans it
+            shared["parts"] = ModelParts(request.model, OffloadConfig(device="cpu"), weights=weights)
+        parts = shared["parts"].replanned(cfg)
     except MoEOffloadError as err:
         if kv == KV_RESERVES[0]:
             notes.append(f"{dtype or 'checkpoint format'}: {err}")
