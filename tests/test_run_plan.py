@@ -97,3 +97,14 @@ def test_plan_without_a_profile_or_with_config_is_refused(model_dir, tmp_path, m
     assert "moe-offload calibrate" in capsys.readouterr().err
     assert run_planned(model_dir, "rtx4090-pcie4", "--config", str(tmp_path / "x.yaml")) == 2
     assert "either --plan or --config" in capsys.readouterr().err
+
+
+def test_serve_takes_plan_as_run_does(model_dir, profile, searches):
+    from moe_offload.cli import build_parser
+    from moe_offload.cli.common import offload_config
+
+    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--plan", "--device", "cpu",
+                                      "--gpu-memory", GPU])
+    cfg = offload_config(args)              # what `serve` loads the model with
+    assert searches["searches"] == 1 and cfg.hardware == str(profile)
+    assert cfg.prefetch_depth is not None and cfg.cpu_experts is not None
