@@ -162,10 +162,12 @@ class CallProtocol:
                                                                  tokens, known))
 
     def _predicted(self, target: int, prediction: Prediction, distance: int, tokens: int,
-                   known: dict) -> list[PredictedExpert] | None:
+                   known: dict | None) -> list[PredictedExpert] | None:
         """The experts predicted for layer ``target`` with their expected token counts and costs (made once per
-        router call and distance, kept in ``known``); None when the prediction does not reach the layer or
-        names too many experts to plan cheaply."""
+        router call and distance, kept in ``known``; None: made now); None when the prediction does not reach
+        the layer or names too many experts to plan cheaply."""
+        if known is None:
+            return self._predicted_experts(target, prediction, distance, tokens)
         if distance not in known:
             known[distance] = self._predicted_experts(target, prediction, distance, tokens)
         return known[distance]
@@ -185,7 +187,8 @@ class CallProtocol:
                                          prediction.chance(distance, e) * costs.cpu_s(count), costs.gpu_s(count)))
         return found
 
-    def _projected_s(self, target: int, prediction: Prediction, distance: int, tokens: int, known: dict) -> float:
+    def _projected_s(self, target: int, prediction: Prediction, distance: int, tokens: int,
+                     known: dict | None = None) -> float:
         """Layer ``target``'s duration as the scheduler would plan it for its predicted experts, resident if
         they hold a slot (copies queued for them included); its last duration when the prediction does not say."""
         predicted = self._predicted(target, prediction, distance, tokens, known)
@@ -196,7 +199,7 @@ class CallProtocol:
                                 for p in predicted]).finish_s
 
     def _slack_s(self, target: int, prediction: Prediction, distance: int, expert: int, tokens: int,
-                 known: dict) -> float:
+                 known: dict | None = None) -> float:
         """How late into layer ``target`` a copy of ``expert`` may land without delaying the layer: the CPU
         time of its predicted experts without a slot (each weighed by its predicted chance), which run
         meanwhile, beyond the device time of those with one and ``expert``'s; 0 when misses are copied."""
