@@ -50,6 +50,7 @@ SMOKE: dict[str, Smoke] = {
     "prefetch_budget.py": Smoke(writes="prefetch_budget.json"),
     "quantize_speed.py": Smoke(writes="quantize_speed.json"),
     "quantized_experts.py": Smoke(writes="quantized_experts.json"),
+    "runtime_defaults.py": Smoke(writes="runtime-defaults.yaml"),
     "routing_stats.py": Smoke("--model tiny-mixtral --smoke --out {out}", writes="routing-tiny-mixtral.json"),
     "run_all.py": Smoke(writes="run_all.json"),
     "scheduler_quality.py": Smoke(writes="scheduler_quality.json"),

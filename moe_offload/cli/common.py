@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..corpus import PROMPT_LINES, read_prompts, stdlib_prompts
 from ..errors import MoEOffloadError
-from ..loading.config import OffloadConfig
+from ..loading.config import OffloadConfig, parse_bytes
 from .argtypes import positive_int
 
 DEFAULT_MODEL = "tiny-mixtral"
@@ -34,12 +34,56 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_budget_args(p)
 
 
+def add_plan_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", nargs="?", const="", metavar="PROFILE",
+                   help="run with what `moe-offload plan` picks for this model and memory on this machine's "
+                        "calibrated profile (or the named PROFILE / YAML): searched once, then read from the plans "
+                        "kept beside the profile (a changed profile or checkpoint plans again); flags override it")
+
+
 def offload_config(args: argparse.Namespace, **extra) -> OffloadConfig:
-    cfg = OffloadConfig.from_yaml(args.config) if getattr(args, "config", None) else OffloadConfig()
+    cfg = planned_config(args) if getattr(args, "plan", None) is not None else \
+        OffloadConfig.from_yaml(args.config) if getattr(args, "config", None) else OffloadConfig()
     fields = {"device": args.device, "dtype": args.dtype, "gpu_memory": args.gpu_memory,
               "expert_slots": args.expert_slots, "expert_dtype": getattr(args, "expert_dtype", None),
               "host_memory": getattr(args, "host_memory", None)} | extra
     return cfg.replace(**{k: v for k, v in fields.items() if v is not None})
+
+
+PLAN_DEVICE_MARGIN = 2**30   # device memory a plan leaves to the CUDA context and other users (no --gpu-memory)
+
+
+def planned_config(args: argparse.Namespace) -> OffloadConfig:
+    """``--plan``: the cached plan for this model, memory and profile (searched now on a miss)."""
+    from ..simulate.plan import PlanRequest
+    from ..simulate.plan_cache import cached_plan
+
+    if args.config:
+        raise MoEOffloadError("give either --plan or --config, not both (write the plan with `moe-offload plan "
+                              "--out FILE` and edit it to combine them)")
+    if args.expert_slots is not None:
+        raise MoEOffloadError("--plan picks the expert slots itself; give --gpu-memory (or nothing) instead of "
+                              "--expert-slots")
+    request = PlanRequest(args.model, plan_gpu_memory(args), parse_bytes(args.host_memory) if args.host_memory
+                          else None)
+    found = cached_plan(request, args.plan or None)
+    if found.hit:
+        print(f"[moe-offload] plan read from {found.path}", flush=True)
+    else:
+        print(f"[moe-offload] planned: {found.result.summary()}; kept in {found.path}", flush=True)
+    return found.config
+
+
+def plan_gpu_memory(args: argparse.Namespace) -> int:
+    """The device memory a plan is made for: --gpu-memory, else the GPU's total less PLAN_DEVICE_MARGIN."""
+    import torch
+
+    if args.gpu_memory:
+        return parse_bytes(args.gpu_memory)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        raise MoEOffloadError("--plan on the CPU needs --gpu-memory (the memory the model may use there)")
+    return torch.cuda.get_device_properties(device).total_memory - PLAN_DEVICE_MARGIN
 
 
 def add_prompt_args(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:

@@ -11,9 +11,6 @@ runner-up rows, and writes the best as an OffloadConfig YAML for ``run --config`
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-import yaml
 
 from ..loading.config import parse_bytes
 from ..simulate.plan import PlanRequest, plan
@@ -48,23 +45,12 @@ def main(args: argparse.Namespace) -> int:
                           args.disk_gbps, args.trace, args.predictor, args.tokens, ray_address=args.ray)
     result = plan(request)
     print_rows([c.row() for c in result.candidates[:SHOWN]])
-    best = result.best
-    print(f"[moe-offload] best: {best.row()['expert_dtype']} experts, {best.slots} slots "
-          f"(KV reserve {best.kv_reserve_tokens} tokens), {best.cell.policy} cache, {best.cell.allocation} slots, "
-          f"CPU experts {best.cell.cpu_experts}, prefetch depth {best.cell.prefetch_depth}: projected decode "
-          f"{best.decode_tokens_per_s:.2f} tokens/s, prefill {best.prefill_tokens_per_s:.1f} tokens/s, hit rate "
-          f"{best.result.hit_rate:.1%}, {best.result.bytes_copied_per_token / 1e6:.1f} MB copied per token")
+    print(f"[moe-offload] best: {result.summary()}")
     for note in result.notes:
         print(f"[moe-offload] {note}")
-    fields = {k: v for k, v in result.config(request).to_dict().items()
-              if k in ("gpu_memory", "host_memory", "expert_dtype", "cache_policy", "slot_allocation", "cpu_experts",
-                       "predictor", "prefetch_depth", "kv_reserve_tokens", "hardware") and v is not None}
-    out = Path(args.out)
-    out.write_text(f"# moe-offload plan --model {args.model} --gpu-memory {args.gpu_memory}"
-                   + (f" --host-memory {args.host_memory}" if args.host_memory else "")
-                   + f" --hardware {args.hardware}\n"
-                   + f"# projected decode {best.decode_tokens_per_s:.2f} tokens/s (replayed with {result.predictor})\n"
-                   + yaml.safe_dump(fields, sort_keys=False))
+    command = (f"moe-offload plan --model {args.model} --gpu-memory {args.gpu_memory}"
+               + (f" --host-memory {args.host_memory}" if args.host_memory else "") + f" --hardware {args.hardware}")
+    out = result.write(args.out, request, command)
     print(f"[moe-offload] wrote {out} (moe-offload run --config {out})")
     return 0
 

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import MoEOffloadError
 from .argtypes import non_negative_float, positive_int
-from .common import add_model_args, offload_config
+from .common import add_model_args, add_plan_arg, offload_config
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
 
@@ -18,6 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("run", help="generate text, streaming it, then print speed and cache stats")
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     add_model_args(p)
+    add_plan_arg(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
     p.add_argument("--cache-policy", help="expert cache policy")

@@ -11,13 +11,14 @@ from pathlib import Path
 
 from ..errors import MoEOffloadError
 from .argtypes import positive_int
-from .common import add_model_args, load_tokenizer, offload_config, tokenizer_at
+from .common import add_model_args, add_plan_arg, load_tokenizer, offload_config, tokenizer_at
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``serve`` subcommand."""
     p = subparsers.add_parser("serve", help="OpenAI-compatible server (completions, chat, streaming, metrics)")
     add_model_args(p)
+    add_plan_arg(p)
     p.add_argument("--cache-policy", help="expert cache policy")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")

@@ -31,7 +31,7 @@ import torch
 
 from ..cache import ALLOCATIONS, POLICIES, SIMULATION_ONLY
 from ..errors import MoEOffloadError
-from ..loading.config import GPU_DEFAULTS, OffloadConfig, check_predictor
+from ..loading.config import OffloadConfig, check_predictor, device_defaults
 from ..predictor.registry import NO_PREDICTOR, PREDICTOR_NAMES, predictor_entry
 from ..runtime.scheduler import CPU_EXPERTS
 from ..simulate.sweep import (
@@ -235,8 +235,9 @@ def main(args: argparse.Namespace) -> int:
         notes.append(f"{args.model} has no weights to trace: replayed a synthetic trace of {args.synthetic_tokens} "
                      "tokens shaped like it")
     prompts = [] if args.trace or synthetic else sweep_prompts(parts, args.prompts, args.prompt_tokens)
-    cpu_experts = args.cpu_experts or (GPU_DEFAULTS["cpu_experts"] if args.simulate else cfg.resolved_cpu_experts)
-    gate_inputs = any(predictor_entry(n).needs_gate_inputs for n in predictors or [GPU_DEFAULTS["predictor"]]
+    gpu = device_defaults("cuda")
+    cpu_experts = args.cpu_experts or (gpu["cpu_experts"] if args.simulate else cfg.resolved_cpu_experts)
+    gate_inputs = any(predictor_entry(n).needs_gate_inputs for n in predictors or [gpu["predictor"]]
                       if n != NO_PREDICTOR)
     setup = SweepSetup(args.model, cfg.device, args.dtype, args.allocation, prompts, args.new_tokens, cfg.progress,
                        cpu_experts, None, args.trace, args.synthetic_tokens if synthetic else 0, args.hardware,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,13 +119,45 @@ def check_predictor(name: str | None) -> None:
     raise MoEOffloadError(f"unknown predictor {name!r}; choose one of {', '.join(RUNTIME_PREDICTORS)}")
 
 
-# What unset fields become on each device type: beside a GPU the hybrid scheduler and the cross-layer gate's
-# prefetch over CUDA streams; on the CPU plain copies that land at once and no prefetch.
-DEVICE_DEFAULTS = {
-    "cuda": {"cpu_experts": "auto", "predictor": "cross_layer", "copy_backend": "cuda"},
-    "cpu": {"cpu_experts": "never", "predictor": "none", "copy_backend": "immediate"},
+# What unset fields become on each device type: beside a GPU the hybrid scheduler and prefetch over CUDA streams
+# with the predictor and depth searched over the shipped models (SEARCHED_DEFAULTS_FILE); on the CPU plain copies
+# that land at once and no prefetch.
+STATIC_DEFAULTS = {
+    "cuda": {"cpu_experts": "auto", "copy_backend": "cuda"},
+    "cpu": {"cpu_experts": "never", "predictor": "none", "copy_backend": "immediate", "prefetch_depth": 1},
 }
-GPU_DEFAULTS = DEVICE_DEFAULTS["cuda"]
+SEARCHED_DEFAULTS_FILE = "runtime-defaults.yaml"   # in moe_offload.configs, written by bench/runtime_defaults.py
+SEARCHED_FIELDS = ("predictor", "prefetch_depth")
+
+
+def read_searched_defaults(path: str | Path) -> dict[str, Any]:
+    """The CUDA defaults a defaults search wrote to ``path``: {"predictor": ..., "prefetch_depth": ...}."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise MoEOffloadError(f"cannot read the searched defaults {path}: {err}; reinstall moe-offload or "
+                              "regenerate it with `python bench/runtime_defaults.py`") from None
+    found = {name: data.get(name) for name in SEARCHED_FIELDS}
+    depth = found["prefetch_depth"]
+    if found["predictor"] not in RUNTIME_PREDICTORS or isinstance(depth, bool) or not isinstance(depth, int) \
+            or depth < 1:
+        raise MoEOffloadError(f"the searched defaults {path} need a runtime predictor and a prefetch_depth >= 1, "
+                              f"got {found}; regenerate it with `python bench/runtime_defaults.py`")
+    return found
+
+
+@functools.cache
+def searched_defaults() -> dict[str, Any]:
+    """The shipped searched CUDA defaults (read once)."""
+    from ..resources import shipped_path
+
+    return read_searched_defaults(shipped_path("moe_offload.configs", SEARCHED_DEFAULTS_FILE))
+
+
+def device_defaults(device_type: str) -> dict[str, Any]:
+    """What unset fields become on ``device_type`` ('cuda' or 'cpu')."""
+    static = STATIC_DEFAULTS[device_type]
+    return static | searched_defaults() if device_type == "cuda" else static
 
 
 def default_device() -> str:
@@ -162,7 +195,7 @@ class OffloadConfig:
     hardware: str | None = None               # hardware profile (YAML path, or name of a calibrated or shipped one);
                                               # None: measured at load when the scheduler needs costs
     predictor: str | None = None              # "none", "cross_layer", "learned", ...; None: cross_layer on CUDA
-    prefetch_depth: int = 1                   # layers ahead to prefetch
+    prefetch_depth: int | None = None         # layers ahead to prefetch; None: the searched default on CUDA
     prefetch_width: int | None = None         # experts per token prefetched per layer (default: top-k)
     copy_backend: str | None = None           # "cuda" (streams and events); on CPU "immediate" (a copy lands
                                               # when issued) or "deferred" (copies land late, in a seeded random
@@ -215,7 +248,8 @@ class OffloadConfig:
         if self.host_wait not in HOST_WAITS:
             raise MoEOffloadError(f"host_wait must be one of {', '.join(HOST_WAITS)}, got {self.host_wait!r}")
         check_predictor(self.predictor)
-        if self.prefetch_depth < 0 or (self.prefetch_width is not None and self.prefetch_width < 1):
+        if (self.prefetch_depth is not None and self.prefetch_depth < 0) or \
+                (self.prefetch_width is not None and self.prefetch_width < 1):
             raise MoEOffloadError("prefetch_depth must be >= 0 and prefetch_width >= 1")
         if self.copy_backend is not None and self.copy_backend not in COPY_BACKENDS:
             raise MoEOffloadError(f"copy_backend must be one of {', '.join(COPY_BACKENDS)}, got {self.copy_backend!r}")
@@ -237,7 +271,7 @@ class OffloadConfig:
     def _resolved(self, name: str) -> str:
         """Field ``name`` as the engine runs it: its value, or the device's default when unset."""
         value = getattr(self, name)
-        return DEVICE_DEFAULTS[self.torch_device.type][name] if value is None else value
+        return device_defaults(self.torch_device.type)[name] if value is None else value
 
     @property
     def resolved_cpu_experts(self) -> str:
@@ -257,8 +291,13 @@ class OffloadConfig:
         return self._resolved("copy_backend")
 
     @property
+    def resolved_prefetch_depth(self) -> int:
+        """prefetch_depth as the engine runs it; unset: the searched default on CUDA."""
+        return self._resolved("prefetch_depth")
+
+    @property
     def resolved_predictor(self) -> str:
-        """predictor as the engine runs it; unset: the cross-layer gate on CUDA, none on CPU."""
+        """predictor as the engine runs it; unset: the searched default on CUDA, none on CPU."""
         return self._resolved("predictor")
 
     def replace(self, **fields: Any) -> "OffloadConfig":

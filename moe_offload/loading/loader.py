@@ -209,7 +209,8 @@ def expert_pools(parts: ModelParts, cfg: OffloadConfig) -> tuple[ExpertLayout, S
 def attach_prefetcher(model: PreTrainedModel, cfg: OffloadConfig, parts: ModelParts) -> None:
     """Predictor-driven prefetch for the next ``prefetch_depth`` layers, unless predictor is 'none'."""
     name = cfg.resolved_predictor
-    if name == "none" or cfg.prefetch_depth == 0:
+    depth = cfg.resolved_prefetch_depth
+    if name == "none" or depth == 0:
         return
     from ..predictor.registry import load_predictor
     from ..runtime.prefetch import Prefetcher
@@ -222,7 +223,7 @@ def attach_prefetcher(model: PreTrainedModel, cfg: OffloadConfig, parts: ModelPa
     protocol = model.offload.engine.protocol
     width = cfg.prefetch_width or parts.hf_config.num_experts_per_tok
     protocol.prefetcher = Prefetcher(predictor, protocol.residency, protocol.layout, protocol.stats,
-                                     cfg.prefetch_depth, width)
+                                     depth, width)
 
 
 def assemble(parts: ModelParts, cfg: OffloadConfig) -> PreTrainedModel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import warnings
@@ -78,19 +79,36 @@ class ModelParts:
         self.shape = ExpertShape(hidden=hidden, intermediate=two_i // 2)
         if gguf:
             self.checkpoint.bind(self.model, [s.model_layer for s in self.sites], num_experts, hidden, two_i // 2)
-            self.format = gguf_expert_format(cfg, self)
-        else:
-            self.format = expert_format(cfg, self.shape, self.dtype, self.quantization)
+        self.format = self._expert_format(cfg)
         if self.checkpoint is not None:
             check_tensors(self)  # every tensor present, shaped and typed as config.json implies
-        self.plan: MemoryPlan = plan_memory(
+        self.plan = self._memory_plan(cfg)
+
+    def _expert_format(self, cfg: OffloadConfig) -> ExpertFormat:
+        if self.is_gguf:
+            return gguf_expert_format(cfg, self)
+        return expert_format(cfg, self.shape, self.dtype, self.quantization)
+
+    def _memory_plan(self, cfg: OffloadConfig) -> MemoryPlan:
+        return plan_memory(
             cfg,
             dense_bytes=self._dense_bytes(),
             bytes_per_expert=self.format.nbytes,
             num_moe_layers=len(self.sites),
-            experts_per_layer=num_experts,
+            experts_per_layer=self.num_experts,
             kv_bytes_per_token=self.adapter.kv_bytes_per_token(self.hf_config, self.dtype.itemsize),
         )
+
+    def replanned(self, cfg: OffloadConfig) -> "ModelParts":
+        """These parts with the format and memory plan of another ``cfg`` of the same compute dtype (expert
+        format, memory budget, KV reserve), without building the skeleton again (what a planner's search
+        varies)."""
+        if (cfg.dtype or self.dtype) != self.dtype:
+            raise ValueError(f"replanned keeps the compute dtype {self.dtype}; got {cfg.dtype}")
+        other = copy.copy(self)
+        other.format = other._expert_format(cfg)
+        other.plan = other._memory_plan(cfg)
+        return other
 
     def _dense_bytes(self) -> int:
         expert_params = {id(p) for s in self.sites for p in s.module.parameters()}

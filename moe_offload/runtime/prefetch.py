@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,15 @@ class Prediction:
     weights: list[np.ndarray]      # per distance 1.., [E] total score of each expert among the tokens' top
                                    # ``width`` (-1: in no token's top)
     top_k: int = 1
+    _ranked: dict = field(default_factory=dict, compare=False, repr=False)   # distance -> ranked members
+
+    def ranked(self, distance: int) -> list[int]:
+        """The experts in some token's top at ``distance``, best total score first (ties: lower id first)."""
+        if distance not in self._ranked:
+            weight = self.weights[distance - 1]                                  # [E]
+            members = (weight >= 0).nonzero()[0]
+            self._ranked[distance] = members[np.argsort(-weight[members], kind="stable")].tolist()
+        return self._ranked[distance]
 
     @property
     def next_shares(self) -> np.ndarray | None:
@@ -114,11 +123,11 @@ class Prefetcher:
         locked = {self.layout.key(layer, int(e)) for e in selected} | set(self.pending)
         host = self.residency.host
         queued, device = 0, True
-        for distance, weight in enumerate(prediction.weights, 1):                    # [E] each
-            members = np.flatnonzero(weight >= 0)
-            ranked = members[np.argsort(-weight[members], kind="stable")]
+        for distance in range(1, len(prediction.weights) + 1):
+            if host is None and (not device or (budget is not None and budget.closed(distance, queued))):
+                break                                       # nothing more can be queued (nor read from disk)
             fits = device
-            for e in ranked.tolist():
+            for e in prediction.ranked(distance):
                 key = self.layout.key(layer + distance, e)
                 if host is not None and not host.ready(key):    # on disk: read it into host memory first
                     if host.prefetch(key, locked):

@@ -23,7 +23,7 @@ plan. The copier is the engine's CopyEngine or the simulator's link model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -38,6 +38,17 @@ from .stats import OffloadStats
 from .worth import ExpectedUse, LinkBudget
 
 PROJECTED_EXPERTS = 4   # a coming layer's duration is planned from its prediction up to this many experts per top-k
+
+
+class PredictedExpert(NamedTuple):
+    """An expert predicted for a coming layer: its key, expected tokens, and its CPU seconds weighed by its
+    predicted chance and device seconds at that many tokens."""
+
+    expert: int
+    key: int
+    tokens: int
+    weighed_cpu_s: float
+    gpu_s: float
 
 
 @dataclass(frozen=True)
@@ -144,45 +155,62 @@ class CallProtocol:
         start = self.costs.link_s(self.copier.pending_bytes()) + len(plan.experts(COPY)) * copy_s
         depth = min(self.prefetcher.depth, self.layout.num_layers - 1 - layer)
         tokens = sum(counts) // max(1, self.layout.top_k)
+        known = {}     # distance -> the predicted experts of layer + distance (made once for this call)
         return LinkBudget(start, copy_s, [plan.finish_s], depth,
-                          lambda distance: self._projected_s(layer + distance, prediction, distance, tokens),
+                          lambda distance: self._projected_s(layer + distance, prediction, distance, tokens, known),
                           lambda distance, expert: self._slack_s(layer + distance, prediction, distance, expert,
-                                                                 tokens))
+                                                                 tokens, known))
 
-    def _predicted_loads(self, target: int, prediction: Prediction, distance: int, tokens: int,
-                         landed: int = -1) -> list[ExpertLoad] | None:
-        """The experts predicted for layer ``target`` with their expected token counts, resident if they hold
-        a slot (copies queued for them included) or are ``landed``; None when the prediction does not reach
+    def _predicted(self, target: int, prediction: Prediction, distance: int, tokens: int,
+                   known: dict | None) -> list[PredictedExpert] | None:
+        """The experts predicted for layer ``target`` with their expected token counts and costs (made once per
+        router call and distance, kept in ``known``; None: made now); None when the prediction does not reach
         the layer or names too many experts to plan cheaply."""
+        if known is None:
+            return self._predicted_experts(target, prediction, distance, tokens)
+        if distance not in known:
+            known[distance] = self._predicted_experts(target, prediction, distance, tokens)
+        return known[distance]
+
+    def _predicted_experts(self, target: int, prediction: Prediction, distance: int,
+                           tokens: int) -> list[PredictedExpert] | None:
         if distance > len(prediction.weights):
             return None
-        members = np.flatnonzero(prediction.weights[distance - 1] >= 0).tolist()
+        members = sorted(prediction.ranked(distance))
         if not members or len(members) > PROJECTED_EXPERTS * self.layout.top_k:
             return None
-        shares, k = prediction.shares[distance - 1], self.layout.top_k
-        return [ExpertLoad(e, max(1, round(tokens * k * float(shares[e]))),
-                           resident=e == landed or self.cache.lookup(self.layout.key(target, e)) >= 0)
-                for e in members]
+        shares, k, costs = prediction.shares[distance - 1], self.layout.top_k, self.costs
+        found = []
+        for e in members:
+            count = max(1, round(tokens * k * float(shares[e])))
+            found.append(PredictedExpert(e, self.layout.key(target, e), count,
+                                         prediction.chance(distance, e) * costs.cpu_s(count), costs.gpu_s(count)))
+        return found
 
-    def _projected_s(self, target: int, prediction: Prediction, distance: int, tokens: int) -> float:
-        """Layer ``target``'s duration as the scheduler would plan it for its predicted experts; its last
-        duration when the prediction does not say."""
-        loads = self._predicted_loads(target, prediction, distance, tokens)
-        if loads is None:
+    def _projected_s(self, target: int, prediction: Prediction, distance: int, tokens: int,
+                     known: dict | None = None) -> float:
+        """Layer ``target``'s duration as the scheduler would plan it for its predicted experts, resident if
+        they hold a slot (copies queued for them included); its last duration when the prediction does not say."""
+        predicted = self._predicted(target, prediction, distance, tokens, known)
+        if predicted is None:
             return float(self.layer_s[target])
-        return self.plans.plan(loads).finish_s
+        lookup = self.cache.lookup
+        return self.plans.plan([ExpertLoad(p.expert, p.tokens, resident=lookup(p.key) >= 0)
+                                for p in predicted]).finish_s
 
-    def _slack_s(self, target: int, prediction: Prediction, distance: int, expert: int, tokens: int) -> float:
+    def _slack_s(self, target: int, prediction: Prediction, distance: int, expert: int, tokens: int,
+                 known: dict | None = None) -> float:
         """How late into layer ``target`` a copy of ``expert`` may land without delaying the layer: the CPU
         time of its predicted experts without a slot (each weighed by its predicted chance), which run
         meanwhile, beyond the device time of those with one and ``expert``'s; 0 when misses are copied."""
-        loads = None if self.cpu_experts == "never" else \
-            self._predicted_loads(target, prediction, distance, tokens, landed=expert)
-        if loads is None:
+        predicted = None if self.cpu_experts == "never" else \
+            self._predicted(target, prediction, distance, tokens, known)
+        if predicted is None:
             return 0.0
-        cpu_s = sum(prediction.chance(distance, load.expert) * self.costs.cpu_s(load.tokens) for load in loads
-                    if not load.resident)
-        return max(0.0, cpu_s - sum(self.costs.gpu_s(load.tokens) for load in loads if load.resident))
+        lookup = self.cache.lookup
+        resident = [p.expert == expert or lookup(p.key) >= 0 for p in predicted]
+        cpu_s = sum(p.weighed_cpu_s for p, held in zip(predicted, resident) if not held)
+        return max(0.0, cpu_s - sum(p.gpu_s for p, held in zip(predicted, resident) if held))
 
     def count(self, ids: torch.Tensor) -> torch.Tensor:
         """[E] tokens per expert of flat ids ``ids`` [T*k], on their device with no host sync (a fixed-size

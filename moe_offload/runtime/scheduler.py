@@ -16,8 +16,8 @@ expert) and decode (few) differ only through the costs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 RESIDENT, COPY, CPU = "resident", "copy", "cpu"
 CPU_EXPERTS = ("auto", "never", "always")   # how misses are placed (OffloadConfig.cpu_experts)
@@ -30,8 +30,9 @@ class Costs(Protocol):
     def cpu_s(self, tokens: int) -> float: ...
 
 
-@dataclass(frozen=True)
-class ExpertLoad:
+class ExpertLoad(NamedTuple):
+    """One selected expert of a layer call (a named tuple: made per expert per call, and a plan's memo key)."""
+
     expert: int
     tokens: int
     resident: bool
@@ -43,9 +44,14 @@ class ExpertLoad:
 class Plan:
     placement: dict[int, str]   # expert -> RESIDENT | COPY | CPU
     finish_s: float             # projected end of the layer
+    _groups: dict = field(default_factory=dict, compare=False, repr=False)   # where -> its experts (read-only)
 
     def experts(self, where: str) -> list[int]:
-        return [e for e, p in self.placement.items() if p == where]
+        """The experts placed ``where``, in placement order (the same list on every call: do not change it)."""
+        group = self._groups.get(where)
+        if group is None:
+            group = self._groups[where] = [e for e, p in self.placement.items() if p == where]
+        return group
 
 
 def _device_finish(items: Sequence[ExpertLoad], costs: Costs, copy_backlog_s: float) -> float:

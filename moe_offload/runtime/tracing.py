@@ -94,10 +94,16 @@ def trace_key(model, prompts: list[str], max_new_tokens: int, gate_inputs: bool)
         "gate_inputs": gate_inputs, "dtype": str(model.dtype), "device": model.device.type,
         "model_type": model.config.model_type,
     }, sort_keys=True).encode())
+    hash_checkpoint(digest, directory)
+    return digest.hexdigest()[:24]
+
+
+def hash_checkpoint(digest, directory: Path) -> None:
+    """Feed ``digest`` what a checkpoint directory's results depend on: its config.json and weight files (files
+    up to HASHED_FILE_BYTES by content; larger ones by name, size, modification time and safetensors header)."""
     for file in sorted(directory.glob("config.json")) + sorted(directory.glob("*.safetensors")):
         digest.update(file.name.encode())
         _hash_file(digest, file)
-    return digest.hexdigest()[:24]
 
 
 def _hash_file(digest, file: Path) -> None:

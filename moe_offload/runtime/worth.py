@@ -93,14 +93,17 @@ class LinkBudget:
             self._durations.append(self._predict(len(self._durations)))
         return sum(self._durations[:distance])
 
+    def closed(self, distance: int, queued: int) -> bool:
+        """Whether no copy for distance ``distance`` or beyond fits after ``queued`` already queued now (a farther
+        layer, or more copies queued, never fits where this one does not)."""
+        return distance > self.depth or (distance > 1 and self.start_s + queued * self.copy_s >= self._durations[0])
+
     def fits(self, distance: int, queued: int, expert: int = -1) -> bool:
         """Whether one more copy for distance ``distance``, after ``queued`` already queued now, lands in time
         and, beyond the next layer, starts before this call ends."""
-        if distance > self.depth:
+        if self.closed(distance, queued):
             return False
         begin = self.start_s + queued * self.copy_s
-        if distance > 1 and begin >= self._durations[0]:
-            return False
         lands, deadline = begin + self.copy_s, self.deadline(distance)
         if lands <= deadline:
             return True

@@ -13,6 +13,9 @@ experts kept at the recall R the shipped models' predictors reach.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
 
 from ..errors import MoEOffloadError
 from ..loading.config import OffloadConfig
@@ -26,6 +29,8 @@ SHIPPED_RECALL = 0.8      # the shipped models' learned predictor reaches 0.84-0
 COARSE_DEPTHS = (1, 8)
 KV_RESERVES = (2048, 1024)   # tokens of KV cache left free on the device: the default, then half (refinement)
 PREFILL_TOKENS = 512
+PLANNED_FIELDS = ("gpu_memory", "host_memory", "expert_dtype", "cache_policy", "slot_allocation", "cpu_experts",
+                  "predictor", "prefetch_depth", "kv_reserve_tokens", "hardware")
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,27 @@ class PlanResult:
     @property
     def best(self) -> Candidate:
         return self.candidates[0]
+
+    def summary(self) -> str:
+        """The best configuration and its projection, in a sentence."""
+        best = self.best
+        cell = best.cell
+        return (f"{best.row()['expert_dtype']} experts, {best.slots} slots (KV reserve {best.kv_reserve_tokens} "
+                f"tokens), {cell.policy} cache, {cell.allocation} slots, CPU experts {cell.cpu_experts}, "
+                f"prefetch depth {cell.prefetch_depth}: projected decode {best.decode_tokens_per_s:.2f} tokens/s, "
+                f"prefill {best.prefill_tokens_per_s:.1f} tokens/s, hit rate {best.result.hit_rate:.1%}, "
+                f"{best.result.bytes_copied_per_token / 1e6:.1f} MB copied per token")
+
+    def fields(self, request: PlanRequest) -> dict:
+        """The OffloadConfig fields the plan sets (what its YAML holds)."""
+        return {k: v for k, v in self.config(request).to_dict().items() if k in PLANNED_FIELDS and v is not None}
+
+    def write(self, path: str | Path, request: PlanRequest, command: str) -> Path:
+        """The plan as an OffloadConfig YAML (``run --config``), headed by the ``command`` that made it."""
+        path = Path(path)
+        path.write_text(f"# {command}\n# projected decode {self.best.decode_tokens_per_s:.2f} tokens/s "
+                        f"(replayed with {self.predictor})\n" + yaml.safe_dump(self.fields(request), sort_keys=False))
+        return path
 
     def config(self, request: PlanRequest) -> OffloadConfig:
         """The best candidate as an OffloadConfig for ``run --config``."""
@@ -180,13 +206,15 @@ def _trace(request: PlanRequest, notes: list[str]):
 def _format(request: PlanRequest, dtype: str | None, kv: int, trace, predictor: str, weights: bool,
             notes: list[str], shared: dict) -> _Format | None:
     """The replay and slot counts of expert format ``dtype`` with a KV reserve of ``kv`` tokens, or None when
-    the dense weights and one layer's experts do not fit. ``shared``: the predictor's router tensors, read
-    from the first format's parts."""
+    the dense weights and one layer's experts do not fit. ``shared``: the skeleton's parts, built once, and the
+    predictor's router tensors, read from them."""
     from ..loading.parts import ModelParts
 
     cfg = OffloadConfig(device="cpu", gpu_memory=request.gpu_memory, expert_dtype=dtype, kv_reserve_tokens=kv)
     try:
-        parts = ModelParts(request.model, cfg, weights=weights)
+        if "parts" not in shared:    # the skeleton, built once: each format and reserve replans it
+            shared["parts"] = ModelParts(request.model, OffloadConfig(device="cpu"), weights=weights)
+        parts = shared["parts"].replanned(cfg)
     except MoEOffloadError as err:
         if kv == KV_RESERVES[0]:
             notes.append(f"{dtype or 'checkpoint format'}: {err}")

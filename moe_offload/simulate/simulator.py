@@ -82,6 +82,12 @@ class SimulationResult:
     disk_reads: int = 0         # experts read from disk into the host cache (the disk tier; prefetches included)
     bytes_per_expert: int = 0
     disk_prefetches: int = 0    # ... of them read ahead of need (the rest: demand reads, on the calls' path)
+    decode_tokens: int = 0      # generated tokens of the trace (one call each) ...
+    decode_seconds: float = 0.0  # ... and their projected time (prompts left out)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else float("inf")
 
     @property
     def disk_bytes_per_token(self) -> float:
@@ -113,7 +119,8 @@ class SimulationResult:
         return asdict(self) | {"hit_rate": self.hit_rate, "bytes_copied_per_token": self.bytes_copied_per_token,
                                "disk_bytes_per_token": self.disk_bytes_per_token,
                                "demand_bytes_per_token": self.demand_bytes_per_token,
-                               "seconds_per_token": self.seconds_per_token, "tokens_per_s": self.tokens_per_s}
+                               "seconds_per_token": self.seconds_per_token, "tokens_per_s": self.tokens_per_s,
+                               "decode_tokens_per_s": self.decode_tokens_per_s}
 
 
 class Simulator:
@@ -206,18 +213,24 @@ class Simulator:
                                              self.prefetch_depth, self.prefetch_width)
         disk = self._disk_tier(protocol, link, stats)
         summaries = self._summaries(protocol.prefetcher)
-        seconds = 0.0
+        seconds = decode_s = 0.0
+        decode = np.asarray(self.routing.decode, dtype=bool)
         for calls in self.calls:
             summary = None if summaries is None else next(summaries)
+            generated = decode[calls[0].start]
             for call in calls:
-                seconds += self._replay(protocol, link, call, disk, None if summary is None else summary(call.layer))
+                call_s = self._replay(protocol, link, call, disk, None if summary is None else summary(call.layer))
+                seconds += call_s
+                if generated:
+                    decode_s += call_s
         name = allocation if isinstance(allocation, str) else "custom"
         return SimulationResult(policy.name, name, num_slots, self.routing.num_tokens, int(stats.hits.sum()),
                                 int(stats.misses.sum()), link.demand, link.copies * self.bytes_per_expert, seconds,
                                 tuple(stats.hits.tolist()), tuple(stats.misses.tolist()), int(stats.cpu_fills.sum()),
                                 int((stats.prefetch_issued - stats.prefetch_cancelled).sum()),
                                 int(stats.prefetch_used.sum()), int(stats.promotions.sum()),
-                                int(stats.disk_reads.sum()), self.bytes_per_expert, int(stats.disk_prefetches.sum()))
+                                int(stats.disk_reads.sum()), self.bytes_per_expert, int(stats.disk_prefetches.sum()),
+                                int(decode.sum()), decode_s)
 
     def _disk_tier(self, protocol: CallProtocol, link: SimulatedLink, stats: OffloadStats) -> SimulatedDisk | None:
         """With ``host_rows``: the runtime's HostTier over bookkeeping rows and a simulated disk."""

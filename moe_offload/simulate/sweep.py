@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import MoEOffloadError
-from ..loading.config import GPU_DEFAULTS, OffloadConfig, parse_bytes
+from ..loading.config import OffloadConfig, device_defaults, parse_bytes
 from ..predictor.registry import NO_PREDICTOR, PREDICTORS, predictor_entry
 
 # Locality of the synthetic traces, (skew, repeat, cross_layer) of predictor.synthetic, matched to the routing
@@ -221,7 +221,7 @@ def runnable(parts, setup: SweepSetup, policies: list[str], budgets: list[Budget
 
 def default_predictor(parts, trace, notes: list[str]) -> str:
     """The runtime's predictor on a GPU (cross_layer) when the trace and the model let it run, else none."""
-    name = GPU_DEFAULTS["predictor"]
+    name = device_defaults("cuda")["predictor"]
     entry = predictor_entry(name)
     missing = [what for what, lacking in (("gate inputs in the trace", entry.needs_gate_inputs
                                            and trace.gate_inputs is None),
