@@ -24,7 +24,7 @@ import torch
 
 from .activations import activate
 from .formats import _f16_bits_to_f32
-from .ggml_blocks import QK_K, GGMLType, dequantize
+from .ggml_blocks import GGMLType, dequantize
 
 # Kernel codes of the block types, and values / bytes per block.
 KINDS = {"Q8_0": 0, "Q4_0": 1, "Q4_K": 2, "Q5_K": 3, "Q6_K": 4}

@@ -313,7 +313,7 @@ def test_cli_exit_2_and_info(tmp_path):
     done = subprocess.run(["moe-offload", "info", "--model", str(path)], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     fmt = load(path).offload.store.format
-    assert f"GGUF (" in done.stdout and fmt.describe() in done.stdout and f"{fmt.nbytes:,} bytes" in done.stdout
+    assert "GGUF (" in done.stdout and fmt.describe() in done.stdout and f"{fmt.nbytes:,} bytes" in done.stdout
 
 
 def test_sweep_simulate_counts_gguf_bytes(tmp_path):
