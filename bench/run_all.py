@@ -268,7 +268,7 @@ BENCHES = (
                                                      ("fp8", 1.19)))),
     Bench("serve under load", ("bench/serve_load.py", "--requests", "4", "--max-tokens", "32", "--out", "{out}"),
           "serve_load.json", quick=("--requests", "1"),
-          numbers=tuple(serve_tokens(b, c, v) for b, vs in (("25%", (101, 196, 211)), ("100%", (119, 156, 332)))
+          numbers=tuple(serve_tokens(b, c, v) for b, vs in (("25%", (106, 163, 409)), ("100%", (116, 195, 502)))
                         for c, v in zip((1, 4, 16), vs))),
     quantized_experts(),
     Bench("the disk tier", ("bench/disk_tier.py", "--model", "{full_size}", "--host-memory", "3GiB", "--out", "{out}"),
