@@ -19,14 +19,15 @@ from __future__ import annotations
 import itertools
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import numba
 import numpy as np
 import torch
 
-from .backends import (BUCKETS, bucket_of, job_format, measured_shape, median_time, pick, sample_copies, sample_expert,
-                       time_buckets)
+from .backends import (BACKENDS, BUCKETS, bucket_of, job_format, measured_shape, median_time, pick, sample_copies,
+                       sample_expert, time_buckets)
 from .blocks import infer_inter
 from .ffn import check_act, check_weights, expert_ffn
 from .packed import ExpertFormat, canonical_expert_format
@@ -193,14 +194,11 @@ class CpuRunner:
         key, bucket = job.fmt.kernel_key, bucket_of(xs.shape[0])
         chosen = self._choices.setdefault(key, {})
         if bucket not in chosen:
-            def run(backend: str) -> None:
-                self._run_expert(job, xs, ys, hs, inter, code, backend)
-
-            timings = {b: median_time(lambda b=b: run(b), FIRST_USE_S, min_runs=1) for b in ("numba", "torch")}
+            timings = {b: median_time(partial(self._run_expert, job, xs, ys, hs, inter, code, b), FIRST_USE_S,
+                                      min_runs=1) for b in BACKENDS}
             self.timings.setdefault(key, {})[bucket] = timings
             chosen[bucket] = pick({bucket: timings})[bucket]
         return chosen[bucket]
-
 
     def backend(self, fmt: str, tokens: int) -> str:
         """"numba" or "torch": the backend a job of ``tokens`` tokens in format ``fmt`` runs on (Numba

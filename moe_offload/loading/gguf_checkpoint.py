@@ -97,6 +97,19 @@ def _read_file(path: Path):
     return reader
 
 
+def _dequantize(data: np.ndarray, type_id: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """float32 values [*shape] of a tensor's bytes ``data`` (the reader's view): the Numba kernels for the block
+    types the engine reads (bit for bit the gguf package's values, on every core), the gguf package's own
+    dequantization for the rest."""
+    from gguf import GGMLQuantizationType, dequantize
+
+    ggml_type = GGML_TYPES.get(type_id)
+    if ggml_type is not None and ggml_type.name not in PLAIN:
+        columns = shape[-1]
+        return dequantize_cpu(data, ggml_type, int(np.prod(shape)) // columns, columns).reshape(shape)
+    return torch.from_numpy(np.array(dequantize(data, GGMLQuantizationType(type_id)), dtype=np.float32))
+
+
 def _field(reader, key: str, default=None):
     field = reader.fields.get(key)
     if field is None:
@@ -237,16 +250,7 @@ class GGUFCheckpoint:
 
     # -- reads ---------------------------------------------------------------------------------------------------
     def _dequantized(self, t: _Stored) -> torch.Tensor:
-        """float32 values of a tensor: the Numba kernels for the block types the engine reads (bit for bit
-        the gguf package's values, on every core), the gguf package's own dequantization for the rest."""
-        from gguf import GGMLQuantizationType, dequantize
-
-        ggml_type = GGML_TYPES.get(t.type_id)
-        if ggml_type is not None and ggml_type.name not in PLAIN:
-            columns = t.shape[-1]
-            return dequantize_cpu(t.data, ggml_type, int(np.prod(t.shape)) // columns, columns).reshape(t.shape)
-        return torch.from_numpy(np.array(dequantize(t.data, GGMLQuantizationType(t.type_id)),
-                                                     dtype=np.float32))
+        return _dequantize(t.data, t.type_id, t.shape)
 
     def get(self, name: str) -> torch.Tensor:
         """A dense tensor under its transformers name, dequantized to float32 (llama's q/k permutation and
@@ -285,11 +289,8 @@ class GGUFCheckpoint:
         return torch.cat([self._dequantized_expert(layer, p, index) for p in projs])
 
     def _dequantized_expert(self, layer: int, proj: str, index: int) -> torch.Tensor:
-        from gguf import GGMLQuantizationType, dequantize
-
         t = self._expert_proj(layer, proj)
-        return torch.from_numpy(np.array(dequantize(t.data[index], GGMLQuantizationType(t.type_id)),
-                                                     dtype=np.float32))
+        return _dequantize(t.data[index], t.type_id, t.shape[1:])
 
     def expert_type(self, layer: int, proj: str) -> GGMLType:
         return GGML_TYPES[self._expert_proj(layer, proj).type_id]
