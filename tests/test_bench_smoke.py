@@ -46,6 +46,7 @@ SMOKE: dict[str, Smoke] = {
     # gpu_check.py's --dry-run (alias --smoke) runs every section on the CPU, each inside its cap
     "gpu_check.py": Smoke("--dry-run --out {out}", writes="gpu-check-*.json"),
     "int8_accuracy.py": Smoke(writes="int8_accuracy.json"),
+    "offline_projection.py": Smoke(writes="offline_projection.json"),
     "predictor_accuracy.py": Smoke(writes="predictor-accuracy-tiny-mixtral.json"),
     "prefetch_budget.py": Smoke(writes="prefetch_budget.json"),
     "quantize_speed.py": Smoke(writes="quantize_speed.json"),

@@ -2,18 +2,25 @@
 
     moe-offload plan --model mixtral-8x7b --gpu-memory 24GiB --host-memory 64GiB --hardware rtx4090-pcie4
     moe-offload plan --model /path/to/ckpt --gpu-memory 12GiB --trace trace.npz --out plan.yaml --ray
+    moe-offload plan --model mixtral-8x7b --gpu-memory 24GiB --host-memory 64GiB --batch 1,16,64,256,1024
 
 Searches expert format, device slots (the KV reserve they leave), slot allocation, cache policy, CPU experts
 and prefetch depth with the simulator (moe_offload.simulate.plan), prints the best configuration and the
 runner-up rows, and writes the best as an OffloadConfig YAML for ``run --config`` and ``serve --config``.
+With --batch it also projects offline throughput (``moe-offload batch``: B sequences decoded together, their KV
+in host memory counted against --host-memory) per batch size and expert format, against the physical bound
+(moe_offload.simulate.offline), and prints the best format for each batch size.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from dataclasses import replace
+
 from ..loading.config import parse_bytes
-from ..simulate.plan import PlanRequest, plan
+from ..simulate.offline import OfflineSetup, parse_batches
+from ..simulate.plan import PlanRequest, plan, plan_offline
 from .argtypes import positive_int
 
 SHOWN = 8   # rows printed
@@ -32,6 +39,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    "replayed with the runtime's predictor; default a synthetic trace and oracle@R")
     p.add_argument("--predictor", default="cross_layer", help="the runtime predictor (default cross_layer)")
     p.add_argument("--tokens", type=positive_int, default=200, help="synthetic decode tokens per replay of the refinement (200; the coarse grid's a third)")
+    p.add_argument("--batch", metavar="B[,B2,...]",
+                   help="also project offline tokens/s at these batch sizes (module-based batching), per expert format")
+    p.add_argument("--prompt-tokens", type=positive_int, default=512,
+                   help="with --batch: prompt tokens per sequence (512)")
+    p.add_argument("--new-tokens", type=positive_int, default=256,
+                   help="with --batch: tokens generated per sequence (256)")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run the cells as Ray tasks (a local Ray, or the cluster at ADDRESS); default: a process "
                         "pool over this machine's cores")
@@ -52,7 +65,27 @@ def main(args: argparse.Namespace) -> int:
                + (f" --host-memory {args.host_memory}" if args.host_memory else "") + f" --hardware {args.hardware}")
     out = result.write(args.out, request, command)
     print(f"[moe-offload] wrote {out} (moe-offload run --config {out})")
+    if args.batch:
+        offline = OfflineSetup(parse_batches(args.batch), args.prompt_tokens, args.new_tokens)
+        best = result.best.cell
+        print_offline(plan_offline(request, offline, replace(best, predictor=result.predictor)), offline)
     return 0
+
+
+def print_offline(choices, offline) -> None:
+    """One line per batch size: the fastest expert format there, its tokens/s and the physical bounds."""
+    print(f"[moe-offload] offline batches ({offline.prompt_tokens} prompt + {offline.new_tokens} new tokens per "
+          "sequence; bound: experts over the link or FLOPs, +KV: also reading the host KV)")
+    print(f"{'batch':>6} {'experts':>10} {'tokens/s':>10} {'bound':>10} {'of bound':>8} {'+KV bound':>10} "
+          f"{'of +KV':>7} {'attention':>9} {'host KV GiB':>11}")
+    for choice in choices:
+        r = choice.best
+        if r is None:
+            print(f"{choice.batch:>6}  does not fit: {choice.rows[0]['note'] if choice.rows else 'no format fits'}")
+            continue
+        print(f"{choice.batch:>6} {r['expert_dtype']:>10} {r['tokens_per_s']:>10.1f} {r['bound_tokens_per_s']:>10.1f} "
+              f"{r['of_bound']:>8.0%} {r['bound_kv_tokens_per_s']:>10.1f} {r['of_bound_kv']:>7.0%} "
+              f"{r['attention_on']:>9} {r['host_kv_bytes'] / 2**30:>11.1f}")
 
 
 def print_rows(rows: list[dict]) -> None:

@@ -40,10 +40,12 @@ from ..simulate.sweep import (
     engine_rows,
     parse_budgets,
     runnable,
+    simulate_offline_rows,
     simulate_rows,
     sweep_prompts,
     sweep_trace,
 )
+from ..simulate.offline import OfflineSetup, parse_batches
 from .argtypes import positive_int
 
 DEFAULT_BUDGETS = "10%,25%,50%,75%,100%"
@@ -51,6 +53,8 @@ DEFAULT_POLICIES = "lru,score,arc,belady"
 RESULT_FIELDS = ("policy", "predictor", "budget", "slots", "budget_bytes", "budget_fraction", "hit_rate",
                  "bytes_copied_per_token", "tokens_per_s", "host_memory", "disk_bytes_per_token",
                  "demand_bytes_per_token")
+OFFLINE_FIELDS = ("batch", "fits", "bound_tokens_per_s", "of_bound", "bound_kv_tokens_per_s", "of_bound_kv", "step_s", "expert_s", "attention_s",
+                  "attention_on", "dense_s", "missing_experts_per_step", "host_kv_bytes", "host_expert_rows", "note")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -93,6 +97,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host-memory", help="with --simulate: host memory budgets for experts, e.g. 64GiB,128GiB,all "
                                          "(below the experts: the disk tier); one set of rows each (default: all)")
     p.add_argument("--disk-gbps", type=float, help="with --simulate: the disk's read GB/s (default: the profile's)")
+    p.add_argument("--batch", metavar="B[,B2,...]",
+                   help="with --simulate: project offline throughput at these batch sizes (module-based batching: "
+                        "B sequences decoded together, their KV in host memory counted against --host-memory), "
+                        "one row per batch size with its physical bound")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="with --simulate: run the grid's cells as Ray tasks, on a local Ray or the cluster at "
                         "ADDRESS (pip install 'moe-offload[ray]'); default: a process pool over this machine's cores")
@@ -115,8 +123,10 @@ def parse_policies(text: str, simulate: bool) -> tuple[list[str], list[str]]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
+    offline = any("batch" in r for r in rows)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, restval="")
+        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS + (OFFLINE_FIELDS if offline else ()), restval="",
+                                extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -157,12 +167,58 @@ def write_outputs(out: Path, payload: dict) -> None:
     write_csv(out / "sweep.csv", payload["results"])
     (out / "sweep.json").write_text(json.dumps(payload, indent=2) + "\n")
     how = "simulated" if payload["simulated"] else "measured"
+    if any("batch" in r for r in payload["results"]):
+        plot_offline(out / "sweep.png", payload["results"],
+                     f"{Path(payload['model']).name} on {payload['hardware']}: offline tokens/s by batch size "
+                     f"(simulated; CPU experts: {payload['cpu_experts']})")
+        return
     plot_sweep(out / "sweep.png", payload["results"],
                f"{Path(payload['model']).name} on {payload['hardware']} ({how}; prefetch: {payload['predictor']}, "
                f"CPU experts: {payload['cpu_experts']})")
 
 
+def plot_offline(path: Path, rows: list[dict], title: str) -> None:
+    """Offline tokens/s against the batch size (log-log), one line per (policy, budget, predictor, host
+    memory), each with its physical bound dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fitting = [r for r in rows if r.get("fits", True)]
+    for key in dict.fromkeys((r["policy"], r["budget"], r["predictor"], r["host_memory"]) for r in fitting):
+        mine = sorted((r for r in fitting if (r["policy"], r["budget"], r["predictor"], r["host_memory"]) == key),
+                      key=lambda r: r["batch"])
+        x = [r["batch"] for r in mine]
+        line, = ax.plot(x, [r["tokens_per_s"] for r in mine], marker="o",
+                        label=f"{key[0]}, {key[1]} slots, {key[2]}, host {key[3]}")
+        ax.plot(x, [r["bound_tokens_per_s"] for r in mine], linestyle="--", color=line.get_color(), alpha=0.6)
+    ax.set(xscale="log", yscale="log", xlabel="batch size (sequences per step)", ylabel="tokens / s",
+           title="projected (solid) and physical bound (dashed)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_offline_rows(rows: list[dict]) -> None:
+    print(f"{'policy':>8} {'budget':>8} {'host':>8} {'batch':>6} {'tokens/s':>10} {'bound':>10} {'of bound':>8} "
+          f"{'hit rate':>9} {'MB/token':>9} {'attention':>9} {'host KV GiB':>11}")
+    for r in rows:
+        if not r.get("fits", True):
+            print(f"{'':>8} {'':>8} {r['host_memory']:>8} {r['batch']:>6}  does not fit: {r['note']}")
+            continue
+        print(f"{r['policy']:>8} {r['budget']:>8} {r['host_memory']:>8} {r['batch']:>6} {r['tokens_per_s']:>10.1f} "
+              f"{r['bound_tokens_per_s']:>10.1f} {r['of_bound']:>8.0%} {r['hit_rate']:>9.1%} "
+              f"{r['bytes_copied_per_token'] / 1e6:>9.2f} {r['attention_on']:>9} {r['host_kv_bytes'] / 2**30:>11.1f}")
+
+
 def print_rows(rows: list[dict]) -> None:
+    if any("batch" in r for r in rows):
+        return print_offline_rows(rows)
     print(f"{'policy':>8} {'predictor':>12} {'budget':>8} {'slots':>6} {'host':>8} {'hit rate':>9} {'MB/token':>10} "
           f"{'disk MB/t':>10} {'waited MB/t':>11} {'tokens/s':>10}")
     for r in rows:
@@ -204,10 +260,13 @@ def parse_predictors(text: str | None, simulate: bool) -> list[str] | None:
 
 
 def simulate_all(parts, setup: SweepSetup, runs, notes: list[str], predictors: list[str] | None,
-                 ray_address: str | None = None):
-    """Rows of every predictor's runs over one trace; the predictors run (the default resolved)."""
+                 ray_address: str | None = None, offline: OfflineSetup | None = None):
+    """Rows of every predictor's runs over one trace (with ``offline``: per batch size); the predictors run
+    (the default resolved)."""
     trace = sweep_trace(parts, setup)
     names = predictors or [default_predictor(parts, trace, notes)]
+    if offline is not None:
+        return simulate_offline_rows(parts, setup, offline, runs, notes, trace, names, ray_address), names
     return simulate_rows(parts, setup, runs, notes, trace, names, ray_address), names
 
 
@@ -221,6 +280,9 @@ def main(args: argparse.Namespace) -> int:
         raise MoEOffloadError(f"--allocation {args.allocation} needs miss curves from a trace; use it with --simulate")
     if args.ray is not None and not args.simulate:
         raise MoEOffloadError("--ray runs simulated cells; add --simulate")
+    if args.batch is not None and not args.simulate:
+        raise MoEOffloadError("--batch projects offline batches with the simulator; add --simulate "
+                              "(to run a batch job, use moe-offload batch)")
     if (args.trace or args.synthetic) and not args.simulate:
         raise MoEOffloadError("--trace and --synthetic replay a trace; add --simulate")
     predictors = parse_predictors(args.predictor, args.simulate)
@@ -245,7 +307,9 @@ def main(args: argparse.Namespace) -> int:
                        host_budgets=parse_host_budgets(args.host_memory, args.simulate), disk_gbps=args.disk_gbps)
     runs = runnable(parts, setup, policies, budgets, notes)
     if args.simulate:
-        rows, predictors = simulate_all(parts, setup, runs, notes, predictors, args.ray)
+        offline = None if args.batch is None else OfflineSetup(parse_batches(args.batch), args.prompt_tokens,
+                                                                args.new_tokens)
+        rows, predictors = simulate_all(parts, setup, runs, notes, predictors, args.ray, offline)
         hardware = Path(args.hardware).stem
     else:
         rows = [row for name in predictors or [None] for row in engine_rows(parts, replace(setup, predictor=name),

@@ -241,3 +241,48 @@ def _synthetic(parts, tokens: int):
     return synthetic_trace(SyntheticTraceConfig(tokens=tokens, layers=len(parts.sites), experts=parts.num_experts,
                                                 top_k=parts.hf_config.num_experts_per_tok, skew=skew, repeat=repeat,
                                                 cross_layer=cross))
+
+
+@dataclass(frozen=True)
+class OfflineChoice:
+    """The best expert format at one batch size, and every format's projection there."""
+
+    batch: int
+    best: dict | None                # the fastest format's row (simulate.offline), None when no format fits
+    rows: list[dict]                 # every format's row at this batch size (fits False: why not)
+
+
+def plan_offline(request: PlanRequest, offline, cell: Cell | None = None,
+                 formats: tuple = FORMATS) -> list[OfflineChoice]:
+    """Offline tokens/s per batch size of ``offline`` (a simulate.offline.OfflineSetup) for every expert format
+    that fits, each with its own slots and host rows (the KV of the batch counted against
+    ``request.host_memory``), replayed with ``cell``'s policy, prefetch and CPU-expert mode (default: the score
+    cache, the synthetic trace's prefetcher, the hybrid scheduler)."""
+    from ..loading.parts import ModelParts, has_weights
+    from .sweep import Budget, simulate_offline_rows
+
+    notes: list[str] = []
+    cell = cell or Cell("score", 0, "global", f"oracle@{SHIPPED_RECALL:g}", 1, None, "auto")
+    base = ModelParts(request.model, OffloadConfig(device="cpu"), weights=has_weights(request.model))
+    host = request.host_memory
+    label = "all" if host is None else f"{host / 2**30:g}GiB"
+    rows: list[dict] = []
+    for dtype in formats:
+        try:
+            parts = base.replanned(OffloadConfig(device="cpu", gpu_memory=request.gpu_memory, expert_dtype=dtype))
+        except MoEOffloadError as err:
+            notes.append(f"{dtype or 'checkpoint format'}: {err}")
+            continue
+        setup = SweepSetup(request.model, "cpu", None, cell.allocation, [], 0, request.progress, cell.cpu_experts,
+                           cell.predictor, synthetic_tokens=1, hardware=request.hardware,
+                           prefetch_depth=cell.prefetch_depth, host_budgets=((label, host),),
+                           disk_gbps=request.disk_gbps)
+        found = simulate_offline_rows(parts, setup, offline, [(cell.policy, Budget("plan", parts.plan.slots))], notes,
+                                      _synthetic(parts, 64), [cell.predictor], request.ray_address)
+        rows += [r | {"expert_dtype": dtype or "checkpoint"} for r in found]
+    choices = []
+    for batch in offline.batches:
+        mine = [r for r in rows if r["batch"] == batch]
+        fitting = [r for r in mine if r["fits"]]
+        choices.append(OfflineChoice(batch, max(fitting, key=lambda r: r["tokens_per_s"]) if fitting else None, mine))
+    return choices

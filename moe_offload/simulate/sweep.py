@@ -292,3 +292,63 @@ def engine_rows(parts, setup: SweepSetup, runs: list[tuple[str, Budget]]) -> lis
         rows.append(result_row(policy, budget, parts.plan, hit_rate, bytes_per_token, tokens_per_s)
                     | {"predictor": setup.predictor or "default"})
     return rows
+
+
+def simulate_offline_rows(parts, setup: SweepSetup, offline, runs: list[tuple[str, Budget]], notes: list[str], trace,
+                          predictors: list[str], ray_address: str | None = None) -> list[dict]:
+    """``simulate_rows`` for offline batches (simulate.offline): one row per predictor, host budget, run and
+    batch size of ``offline`` (an OfflineSetup), each with offline tokens/s and its physical bound. A
+    synthetic sweep replays a synthetic trace of B sequences per batch size; else ``trace``'s tokens, as B
+    streams (a batch size it has too few tokens for is skipped with a note)."""
+    from .cells import Cell, Replay, run_jobs
+    from .offline import StepModel, batched_trace, host_split, offline_row, offline_trace, steps_for
+
+    cost = sweep_cost(parts, setup)
+    step = StepModel.of(parts, cost.profile)
+    plan = parts.plan
+    kv_per_token = parts.adapter.kv_bytes_per_token(parts.hf_config, parts.dtype.itemsize)
+    params = [predictor_params(replace_predictor(setup, name), trace, parts, notes) for name in predictors]
+    router = next((p for p in params if p is not None), None)
+    traces = {}
+    for batch in offline.batches:
+        if setup.synthetic_tokens:
+            traces[batch] = offline_trace(len(parts.sites), parts.num_experts, parts.hf_config.num_experts_per_tok,
+                                          batch, setup.locality)
+        elif trace.num_tokens >= batch:
+            traces[batch] = batched_trace(trace, batch, min(steps_for(batch), trace.num_tokens // batch))
+        else:
+            notes.append(f"batch {batch}: the trace has {trace.num_tokens} tokens, fewer than one step; skipped")
+    grid, skipped = [], []
+    for batch, batched in traces.items():
+        replay = Replay(batched, cost, plan.bytes_per_expert, router, str(parts.directory))
+        for name in predictors:
+            for label, host in setup.host_budgets:
+                rows, host_kv, why = host_split(plan, host, batch, kv_per_token, offline)
+                if why is not None:
+                    skipped.append({"batch": batch, "host_memory": label, "predictor": name or NO_PREDICTOR,
+                                    "fits": False, "note": why})
+                    notes.append(f"batch {batch}, host memory {label}: {why}; not projected")
+                    continue
+                for policy, budget in runs:
+                    cell = Cell(policy, budget.slots, setup.allocation, name or NO_PREDICTOR, setup.prefetch_depth,
+                                rows, setup.cpu_experts)
+                    grid.append((batch, name, label, policy, budget, host_kv, rows, replay, cell))
+    optimal = {(batch, budget.slots): (replay, Cell("belady", budget.slots, "global", NO_PREDICTOR, 1, None, "never"))
+               for batch, *_, budget, _, _, replay, _ in grid}   # the bound's fewest fetches
+    jobs = [(replay, cell) for *_, replay, cell in grid] + list(optimal.values())
+    try:
+        results = run_jobs(jobs, ray_address=ray_address, progress=setup.progress, desc="sweep (offline, simulated)")
+    except ValueError as err:
+        raise MoEOffloadError(f"simulated offline sweep: {err}") from None
+    fewest = dict(zip(optimal, results[len(grid):]))
+    out = []
+    for (batch, name, label, policy, budget, host_kv, rows, replay, _), result in zip(grid, results):
+        row = offline_row(step, offline, batch, result, fewest[batch, budget.slots],
+                          replay.trace.num_tokens // batch, cost, setup.cpu_experts)
+        out.append(result_row(policy, budget, plan, result.hit_rate, result.bytes_copied_per_token,
+                              row["tokens_per_s"])
+                   | row | {"predictor": name or NO_PREDICTOR, "host_memory": label, "fits": True,
+                            "host_kv_bytes": host_kv, "host_expert_rows": plan.num_experts if rows is None else rows,
+                            "disk_bytes_per_token": result.disk_bytes_per_token,
+                            "demand_bytes_per_token": result.demand_bytes_per_token})
+    return out + skipped
