@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -91,6 +91,9 @@ class CostModel:
     bytes_per_expert: int
     flops_per_token: int      # 2 * 3 * H * I for a gated FFN
     expert_format: str = ""   # the experts' stored format (canonical name): picks the profile's measured CPU seconds
+    # seconds already computed, by (device, tokens): the costs are pure functions of the fields, and a
+    # simulated sweep asks for the same few token counts millions of times
+    _memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def for_expert(cls, profile: HardwareProfile, hidden: int, intermediate: int, element_size: int,
@@ -102,8 +105,11 @@ class CostModel:
         return cls(profile, size, 6 * hidden * intermediate, expert_format)
 
     def copy_s(self) -> float:
-        p = self.profile
-        return p.copy_latency_us * 1e-6 + self.bytes_per_expert / (p.h2d_gbps * 1e9)
+        seconds = self._memo.get("copy")
+        if seconds is None:
+            p = self.profile
+            seconds = self._memo["copy"] = p.copy_latency_us * 1e-6 + self.bytes_per_expert / (p.h2d_gbps * 1e9)
+        return seconds
 
     def disk_s(self) -> float:
         """Seconds to read one expert from disk into host memory (0 without a disk rate)."""
@@ -115,12 +121,22 @@ class CostModel:
         return nbytes / (self.profile.h2d_gbps * 1e9)
 
     def gpu_s(self, tokens: int) -> float:
-        p = self.profile
-        return self._roofline(tokens, p.gpu_launch_us, p.gpu_mem_gbps, p.gpu_tflops * 1e12)
+        seconds = self._memo.get(("gpu", tokens))
+        if seconds is None:
+            p = self.profile
+            seconds = self._memo[("gpu", tokens)] = self._roofline(tokens, p.gpu_launch_us, p.gpu_mem_gbps,
+                                                                   p.gpu_tflops * 1e12)
+        return seconds
 
     def cpu_s(self, tokens: int) -> float:
         """Seconds on the CPU: start-up plus the profile's measured seconds for ``expert_format`` when it has
         them (scaled from the measured expert's size to this one's), else the roofline."""
+        seconds = self._memo.get(("cpu", tokens))
+        if seconds is None:
+            seconds = self._memo[("cpu", tokens)] = self._cpu_s(tokens)
+        return seconds
+
+    def _cpu_s(self, tokens: int) -> float:
         p = self.profile
         measured = (p.cpu_expert_s or {}).get(self.expert_format)
         if measured and p.cpu_expert_params > 0 and tokens > 0:
