@@ -10,12 +10,16 @@
 
 Hot loop: one int32 reduction per block of B inputs, over a constant trip count (a run-time count of
 64 would run LLVM's scalar remainder loop), with the activation codes stored as int16 so that only the
-weights are widened; ``np.int32(acc + ...)`` keeps the sum 32-bit. Numba 0.68 (LLVM 22), ``inspect_asm``:
-  AVX-512 VNNI host (znver4): int8 rows ``vpmovsxbw`` + ``vpmaddwd`` and ``vpdpwssd`` (int16 pairs
-    multiplied and added into int32 lanes) on ymm; int4 rows ``vpmovzxbw``/``vpand`` (low nibbles) and
-    ``vpsrld`` + ``vpmovdw`` (high nibbles), then ``vpmaddwd`` + ``vpdpwssd``.
+weights are widened; ``np.int32(acc + ...)`` keeps the sum 32-bit. An int4 byte's high nibble stays in
+place (byte & 0xF0: 16x the code, every product still within int16) and the block's high sum is shifted
+down once, so the loop never leaves 16-bit lanes. A row whose width is not a multiple of B ends in a short
+block run by its own function, called from outside the block loop (a branch to it inside made LLVM
+compile the loop 1.3-1.5x slower). Numba 0.68 (LLVM 22), ``inspect_asm`` of int_ffn:
+  AVX-512 VNNI host (znver4): int8 rows ``vpmovsxbw`` + ``vpmaddwd``/``vpdpwssd`` (int16 pairs
+    multiplied and added into int32 lanes) on ymm; int4 rows ``vpmovzxbw`` + ``vpand`` (both nibbles),
+    then ``vpmaddwd`` + ``vpdpwssd``; no shifts or narrowing in the loop.
   AVX2 (NUMBA_CPU_NAME=haswell): int8 rows ``vpmovsxbw`` + ``vpmaddwd`` + ``vpaddd`` on ymm; int4 rows
-    ``vpand``/``vpsrld`` for the nibbles, ``vpmovzxbw``, ``vpmaddwd``.
+    ``vpmovzxbw`` + ``vpand``, ``vpmaddwd`` + ``vpaddd``.
 LLVM forms neither ``vpdpbusd`` nor ``vpmaddubsw`` here (it cannot prove the uint8 x int8 pair sums stay
 within int16); the int16 forms do two multiply-adds per int32 lane.
 Rows are split over threads (prange); each row serves every token while it is in L1, so the weights
@@ -38,9 +42,10 @@ HALF_BLOCK = ACT_BLOCK // 2   # int4 bytes per activation block
 
 @njit(**_OPTS)
 def _q8_row(q, r, xq, xs):
-    """sum over blocks of xs[b] * (q[r] . xq over block b), int32 inside a block. Full blocks loop a
+    """sum over the full blocks b of xs[b] * (q[r] . xq over block b), int32 inside a block. They loop a
     constant ACT_BLOCK times, which LLVM vectorizes without a remainder (a run-time count of 64 would
-    run its scalar remainder loop); a short last block runs the plain loop."""
+    run its scalar remainder loop). A short last block is the caller's (_q8_short_block): a branch to it
+    in here makes LLVM compile the block loop about 1.5x slower."""
     width = q.shape[1]
     full = width // ACT_BLOCK
     acc = np.float32(0.0)
@@ -50,12 +55,19 @@ def _q8_row(q, r, xq, xs):
         for k in range(ACT_BLOCK):
             s = np.int32(s + np.int32(q[r, k0 + k]) * np.int32(xq[k0 + k]))
         acc += np.float32(s) * xs[b]
-    if full < xs.size:
-        s = np.int32(0)
-        for k in range(full * ACT_BLOCK, width):
-            s = np.int32(s + np.int32(q[r, k]) * np.int32(xq[k]))
-        acc += np.float32(s) * xs[full]
     return acc
+
+
+@njit(inline="never", **_OPTS)
+def _q8_short_block(q, r, xq, xs):
+    """The short last block of an int8 row (0 when K is a multiple of ACT_BLOCK)."""
+    b = q.shape[1] // ACT_BLOCK
+    if b == xs.size:
+        return np.float32(0.0)
+    s = np.int32(0)
+    for k in range(b * ACT_BLOCK, q.shape[1]):
+        s = np.int32(s + np.int32(q[r, k]) * np.int32(xq[k]))
+    return np.float32(s) * xs[b]
 
 
 @njit(**_OPTS)
@@ -63,7 +75,10 @@ def _q4_row(q, scale, zero, group, r, xe, xo, xs, xsum):
     """Row r of an int4 matrix (q uint8 [R, K/2], float16-bit scale/zero [R, K/G]) against the quantized
     activation's even inputs xe [K/2] and odd ones xo [K/2]: low nibbles meet xe, high ones xo. Per block:
     int32 sum of low * xe[j] + high * xo[j] (blocks as in _q8_row; two arrays, not one indexed at
-    half + j, whose possibly negative index numba wraps element by element)."""
+    half + j, whose possibly negative index numba wraps element by element). The high nibble is kept in
+    place (byte & 0xF0, 16x its value, so every product fits int16) and its sum shifted down once per
+    block: the loop then stays in 16-bit lanes (no widening to int32 and back for the shift). Full blocks
+    only; a short last block is the caller's (_q4_short_block), as in _q8_row."""
     half = q.shape[1]
     full = half // HALF_BLOCK
     per_group = group // ACT_BLOCK
@@ -71,21 +86,32 @@ def _q4_row(q, scale, zero, group, r, xe, xo, xs, xsum):
     g, in_group = 0, 0                          # the block's group, counted (a division per block is slow)
     for b in range(full):
         j0 = b * HALF_BLOCK
-        s = np.int32(0)
+        lo = np.int32(0)
+        hi = np.int32(0)
         for j in range(HALF_BLOCK):
-            byte = np.int32(q[r, j0 + j])
-            s = np.int32(s + (byte & 15) * np.int32(xe[j0 + j]) + (byte >> 4) * np.int32(xo[j0 + j]))
-        acc += _q4_block_value(scale, zero, r, g, s, xs[b], xsum[b])
+            byte = np.int16(q[r, j0 + j])
+            lo = np.int32(lo + np.int32(np.int16(byte & 15) * xe[j0 + j]))
+            hi = np.int32(hi + np.int32(np.int16(byte & 240) * xo[j0 + j]))
+        acc += _q4_block_value(scale, zero, r, g, np.int32(lo + (hi >> 4)), xs[b], xsum[b])
         in_group += 1
         if in_group == per_group:
             g, in_group = g + 1, 0
-    if full < xs.size:
-        s = np.int32(0)
-        for j in range(full * HALF_BLOCK, half):
-            byte = np.int32(q[r, j])
-            s = np.int32(s + (byte & 15) * np.int32(xe[j]) + (byte >> 4) * np.int32(xo[j]))
-        acc += _q4_block_value(scale, zero, r, g, s, xs[full], xsum[full])
     return acc
+
+
+@njit(inline="never", **_OPTS)
+def _q4_short_block(q, scale, zero, group, r, xe, xo, xs, xsum):
+    """The short last block of an int4 row (0 when K is a multiple of ACT_BLOCK)."""
+    b = q.shape[1] // HALF_BLOCK
+    if b == xs.size:
+        return np.float32(0.0)
+    lo = np.int32(0)
+    hi = np.int32(0)
+    for j in range(b * HALF_BLOCK, q.shape[1]):
+        byte = np.int16(q[r, j])
+        lo = np.int32(lo + np.int32(np.int16(byte & 15) * xe[j]))
+        hi = np.int32(hi + np.int32(np.int16(byte & 240) * xo[j]))
+    return _q4_block_value(scale, zero, r, b // (group // ACT_BLOCK), np.int32(lo + (hi >> 4)), xs[b], xsum[b])
 
 
 @njit(inline="always", **_OPTS)
@@ -105,11 +131,16 @@ def _int_row_overload(mat, r, xq, xs, xsum):
     if not isinstance(mat, types.BaseTuple):
         return None
     if len(mat) == 2:
-        return lambda mat, r, xq, xs, xsum: _q8_row(mat[0], r, xq, xs) * mat[1][r]
+        def q8(mat, r, xq, xs, xsum):
+            short = _q8_short_block(mat[0], r, xq, xs) if mat[0].shape[1] % ACT_BLOCK else np.float32(0.0)
+            return (_q8_row(mat[0], r, xq, xs) + short) * mat[1][r]
+        return q8
 
     def q4(mat, r, xq, xs, xsum):
         half = mat[0].shape[1]
-        return _q4_row(mat[0], mat[1], mat[2], mat[3], r, xq[:half], xq[half:], xs, xsum)
+        short = _q4_short_block(mat[0], mat[1], mat[2], mat[3], r, xq[:half], xq[half:], xs, xsum) \
+            if half % HALF_BLOCK else np.float32(0.0)
+        return _q4_row(mat[0], mat[1], mat[2], mat[3], r, xq[:half], xq[half:], xs, xsum) + short
     return q4
 
 
