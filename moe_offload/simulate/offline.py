@@ -24,7 +24,8 @@ every expert: the disk tier; below one MoE layer's experts: that B does not fit)
 
 The physical bound of a step is the larger of (a) the expert bytes that must arrive: the misses of Belady's
 optimal cache with the same slots on the same trace (no policy or prefetch order fetches fewer), each either
-copied or run by the CPU, the two working in parallel at their costed rates, and (b) the step's FLOPs
+copied or run by the CPU (for the step's mean tokens per selected expert), the two working in parallel at
+their costed rates, and (b) the step's FLOPs
 (experts and dense weights at the device's rate) or reading the dense weights from device memory. Attention and the disk tier are left out of that bound, so
 it is optimistic where they dominate; ``bound_kv_tokens_per_s`` adds (c) reading the host KV once per step at
 the host's memory rate (it overlaps with the link, so the bound is the largest of the three).
@@ -136,6 +137,8 @@ class StepModel:
     kv_bytes_per_token: int
     attention_flops_per_context: float   # FLOPs per token per context token (all layers)
     kv_reserve_bytes: int
+    top_k: int = 1
+    experts_per_layer: int = 1
 
     @classmethod
     def of(cls, parts, profile) -> "StepModel":
@@ -151,7 +154,7 @@ class StepModel:
         return cls(profile, parts.plan.dense_bytes, 2.0 * dense_params,
                    2.0 * 3 * hidden * parts.shape.intermediate * cfg.num_experts_per_tok * len(parts.sites),
                    parts.adapter.kv_bytes_per_token(cfg, itemsize), 4.0 * heads * head_dim * layers,
-                   parts.plan.kv_reserve_bytes)
+                   parts.plan.kv_reserve_bytes, cfg.num_experts_per_tok, parts.plan.experts_per_layer)
 
     def dense_s(self, batch: int) -> float:
         p = self.profile
@@ -169,8 +172,10 @@ class StepModel:
 
     def bound_s(self, batch: int, missing: float, cost, cpu: bool) -> float:
         """Physical bound of one step: ``missing`` experts beyond the slots to copy or (``cpu``) run on the CPU
-        in parallel, or the step's FLOPs on the device, whichever takes longer."""
-        rate = 1.0 / cost.copy_s() + (1.0 / cost.cpu_s(batch) if cpu else 0.0)   # experts per second
+        in parallel (each with the step's mean tokens per expert), or the step's FLOPs on the device,
+        whichever takes longer."""
+        tokens = max(1, round(batch * self.top_k / self.experts_per_layer))       # mean tokens per selected expert
+        rate = 1.0 / cost.copy_s() + (1.0 / cost.cpu_s(tokens) if cpu else 0.0)  # experts per second
         flops = batch * (self.expert_flops_per_token + self.dense_flops_per_token)
         p = self.profile
         return max(missing / rate, flops / (p.gpu_tflops * 1e12), self.dense_bytes / (p.gpu_mem_gbps * 1e9))
