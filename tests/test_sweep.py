@@ -8,6 +8,7 @@ import json
 import pytest
 
 from moe_offload.cli import main
+from moe_offload.loading.config import device_defaults
 
 SCHEMA = {"policy": str, "budget_bytes": int, "budget_fraction": float, "hit_rate": float,
           "bytes_copied_per_token": float, "tokens_per_s": float}
@@ -80,6 +81,8 @@ def test_simulated_sweep_places_misses_with_the_hybrid_scheduler_by_default(mixt
 
     mode, hybrid = sweep()
     assert mode == "auto"
+    depth = json.loads((tmp_path / "default" / "sweep.json").read_text())["prefetch_depth"]
+    assert depth == device_defaults("cuda")["prefetch_depth"]          # the searched runtime default
     _, copies = sweep("--cpu-experts", "never")
     _, cpu = sweep("--cpu-experts", "always")
     for run in hybrid:

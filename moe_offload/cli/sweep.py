@@ -81,7 +81,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         f"{NO_PREDICTOR}, or oracle@R (the oracle kept at recall R); with --simulate the runtime's "
                         "prefetcher replays them over the trace (default: the runtime's on a GPU, cross_layer, when "
                         "the trace and model allow it, else none), else the engine's (default: the device's)")
-    p.add_argument("--prefetch-depth", type=positive_int, default=1, help="layers ahead to prefetch (default 1)")
+    p.add_argument("--prefetch-depth", type=positive_int,
+                   help="layers ahead to prefetch (default: the runtime's on a GPU, searched over the shipped models' "
+                        "routing: configs/runtime-defaults.yaml)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--trace", help="routing trace .npz from `moe-offload trace` (with --simulate)")
     source.add_argument("--synthetic", action="store_true", help="a synthetic trace shaped like the model")
@@ -286,6 +288,8 @@ def main(args: argparse.Namespace) -> int:
     if (args.trace or args.synthetic) and not args.simulate:
         raise MoEOffloadError("--trace and --synthetic replay a trace; add --simulate")
     predictors = parse_predictors(args.predictor, args.simulate)
+    if args.prefetch_depth is None:
+        args.prefetch_depth = device_defaults("cuda")["prefetch_depth"]
     weights = has_weights(args.model)
     if not weights and not args.simulate:
         raise MoEOffloadError(f"{args.model} has config.json only (no weights): add --simulate to project it")
