@@ -64,6 +64,18 @@ def kernel_view(block: np.ndarray) -> np.ndarray:
 
 
 @intrinsic
+def _f32_bits(typingctx, value):
+    """float32 -> its uint32 bits (bitcast)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
 def _bf16_bits_to_f32(typingctx, bits):
     """uint16 bf16 bits -> float32 (zero-extend, shift into the high half, bitcast)."""
     if bits != types.uint16:

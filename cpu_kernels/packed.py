@@ -328,12 +328,15 @@ class ExpertFormat:
         return (gate_up if matrix == "gate_up" else down)[rows].clone()
 
 
-def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn, rounding=None) -> torch.Tensor:
+def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn, rounding=None,
+                   columns=None) -> torch.Tensor:
     """x [t, H] -> [t, H] = down @ (act(gate @ x) * (up @ x)) with transformers' ops; ``rounding``
-    (e.g. ExpertFormat.round_activations) is applied to each matmul's input."""
+    (e.g. ExpertFormat.round_activations) is applied to each matmul's input, then ``columns`` (the column
+    order of matrices stored with permuted columns, e.g. deinterleaved int4)."""
     rounding = rounding or (lambda v: v)
-    gate, up = F.linear(rounding(x), gate_up).chunk(2, dim=-1)                        # [t, I] each
-    return F.linear(rounding(act_fn(gate) * up), down)                                 # [t, H]
+    columns = columns or (lambda v: v)
+    gate, up = F.linear(columns(rounding(x)), gate_up).chunk(2, dim=-1)               # [t, I] each
+    return F.linear(columns(rounding(act_fn(gate) * up)), down)                        # [t, H]
 
 
 # -- the quantizers (torch, any device) ------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .activations import activate
-from .formats import _bf16_bits_to_f32, _f16_bits_to_f32
+from .formats import _bf16_bits_to_f32, _f16_bits_to_f32, _f32_bits
 from .kernels import _OPTS, TOKEN_BLOCK, _dot1, _dot2x1, _dot2x4
 from .packed import FP8_BLOCK
 
@@ -247,3 +247,75 @@ def packed_prefill(x, gate_up, down, act, out, h, work, rows):
             ra, rb = 2 * p, min(2 * p + 1, hidden - 1)   # odd H: the last row pairs with itself
             wa, wb = _decode_pair(down, ra, rb, rows[c], inter)
             _pair_tokens(wa, wb, hk, out, ra, rb, -1)
+
+
+def _store_weight(out, j, value):
+    """out[j] = a float32 value, as bfloat16 bits when out is uint16 (numba only)."""
+    raise NotImplementedError("_store_weight is only callable from numba-compiled code")
+
+
+@overload(_store_weight, inline="always")
+def _store_weight_overload(out, j, value):
+    if isinstance(out, types.Array) and out.dtype == types.uint16:
+        def store_bf16(out, j, value):
+            out[j] = _f32_to_bf16_bits(value)
+        return store_bf16
+
+    def store(out, j, value):
+        out[j] = value
+    return store
+
+
+@njit(inline="always", **_OPTS)
+def _int4_exact_bytes(q, r, j0, j1, z, s, low, high):
+    """low[j], high[j] = (low, high nibble of q[r, j] - z) * s for bytes j0..j1-1, in float32 without
+    fast-math (packed.dequantize_int4's operations), stored as float32 or bfloat16 bits (_store_weight)."""
+    for j in range(j0, j1):
+        b = np.int32(q[r, j])    # int32 constants too: an int64 literal makes the codes int64 (vcvtqq2ps)
+        _store_weight(low, j, (np.float32(b & np.int32(15)) - z) * s)
+        _store_weight(high, j, (np.float32(b >> np.int32(4)) - z) * s)
+
+
+@njit(inline="always", **_OPTS)
+def _int4_exact_row(q, scale, zero, r, low, high, chunk, per_group):
+    """Row r into low/high, ``chunk`` bytes at a time (inlined with a constant ``chunk``, as in
+    _int4_decode_chunks), then the bytes of a short last group."""
+    half = q.shape[1]
+    full = half // chunk
+    for k in range(full):
+        g = k // per_group
+        _int4_exact_bytes(q, r, k * chunk, k * chunk + chunk, _f16_bits_to_f32(zero[r, g]),
+                          _f16_bits_to_f32(scale[r, g]), low, high)
+    g = full // per_group
+    if full * chunk < half:
+        _int4_exact_bytes(q, r, full * chunk, half, _f16_bits_to_f32(zero[r, g]), _f16_bits_to_f32(scale[r, g]),
+                          low, high)
+
+
+@njit(parallel=True, **_OPTS)
+def dequantize_int4_exact(q, scale, zero, group, out):
+    """out [R, K] = an int4 matrix (q uint8 [R, K/2], float16-bit scale and zero int16 [R, ceil(K/G)])
+    dequantized bit for bit as packed.dequantize_int4 computes it, (code - zero) * scale in float32 (no
+    contraction applies), into float32 or (out uint16) bfloat16 bits rounded as torch's .to(torch.bfloat16)
+    rounds: the weights a device computes with. Deinterleaved column order: out[:, :K/2] the even columns,
+    out[:, K/2:] the odd ones. Rows over threads; per row, constant-trip chunks of INT4_CHUNK bytes
+    (INT4_SMALL_CHUNK for groups of 32 columns), which LLVM vectorizes (run-time trip counts it does not)."""
+    half = q.shape[1]
+    flat = out.reshape(-1)                       # 1-D slices of it are contiguous to numba (row slices are not)
+    small = group % (2 * INT4_CHUNK) != 0
+    for r in prange(q.shape[0]):
+        low, high = flat[r * 2 * half: r * 2 * half + half], flat[r * 2 * half + half: (r + 1) * 2 * half]
+        if small:
+            _int4_exact_row(q, scale, zero, r, low, high, INT4_SMALL_CHUNK, group // (2 * INT4_SMALL_CHUNK))
+        else:
+            _int4_exact_row(q, scale, zero, r, low, high, INT4_CHUNK, group // (2 * INT4_CHUNK))
+
+
+@njit(nogil=True, cache=True)
+def _f32_to_bf16_bits(v):
+    """float32 -> bfloat16 bits, round to nearest even (a NaN stays a quiet NaN). LLVM inlines it; numba's
+    own inlining (inline="always") of its branch warns about SSA."""
+    bits = _f32_bits(v)
+    if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16((bits >> np.uint32(16)) | np.uint32(0x40))
+    return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))

@@ -290,3 +290,45 @@ def test_cost_model_interpolates_measured_cpu_seconds():
     roofline = CostModel(base, 30_000, same)
     for fmt in ("", "fp8"):                                             # unmeasured: the roofline, as before
         assert CostModel(profile, 30_000, same, expert_format=fmt).cpu_s(4) == roofline.cpu_s(4)
+
+
+@pytest.mark.parametrize("name,shape", [("int4", (130, 200)), ("int4-g32", (66, 18)), ("int4-g128", (66, 258)),
+                                        ("int4-a8", (256, 128))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_exact_dequantization_is_the_devices_weights_bit_for_bit(name, shape, dtype):
+    """dequantize_int4_exact (the torch backend's int4 weights) equals ExpertFormat.unpack into the compute
+    dtype (what a device computes with), columns deinterleaved, bit for bit: also short last groups."""
+    from moe_offload.cpu_kernels.packed_kernels import dequantize_int4_exact
+
+    _, row = packed_row(name, *shape)
+    device = ExpertFormat(name, *shape, dtype)
+    views = device.numpy_views(row)
+    for matrix, expected in zip(("gate_up", "down"), device.unpack(torch.from_numpy(row))):
+        out = np.empty(expected.shape, np.float32 if dtype == torch.float32 else np.uint16)
+        dequantize_int4_exact(views[matrix], views[f"{matrix}_scale"].view(np.int16),
+                              views[f"{matrix}_zero"].view(np.int16), device.group, out)
+        got = torch.from_numpy(out) if dtype == torch.float32 else torch.from_numpy(out).view(torch.bfloat16)
+        assert torch.equal(got, torch.cat([expected[:, 0::2], expected[:, 1::2]], dim=1)), matrix
+
+
+@pytest.mark.parametrize("name", ["int4", "int4-a8"])
+def test_bf16_int4_experts_on_the_torch_backend_compute_what_a_bf16_device_computes(name):
+    """With a bfloat16 compute dtype the torch backend runs F.linear in bfloat16 on the device's weights:
+    within bfloat16 rounding of the device's expert (unpack, forward in bfloat16), and farther from the
+    float32 one (control: the float32 arithmetic is not what runs)."""
+    from moe_offload.cpu_kernels.torch_backend import TorchExperts
+    from moe_offload.cpu_kernels.activations import SILU
+
+    hidden, inter = 256, 128
+    _, row = packed_row(name, hidden, inter)
+    fmt = ExpertFormat(name, hidden, inter, torch.bfloat16)
+    x = torch.randn(5, hidden, generator=torch.Generator().manual_seed(1)).bfloat16().float()
+    out = np.full((5, hidden), np.nan, np.float32)
+    TorchExperts().run(x.numpy(), row, inter, SILU, out, fmt=fmt)
+    gate_up, down = fmt.unpack(torch.from_numpy(row))
+    device = fmt.forward(x.bfloat16(), gate_up, down, F.silu).float()
+    got = torch.from_numpy(out)
+    assert_close_scaled(got, device, tol=2e-2)
+    f32 = ExpertFormat(name, hidden, inter, torch.float32)
+    exact = f32.forward(x, *f32.unpack(torch.from_numpy(row)), F.silu)
+    assert (got - device).abs().max() < (device - exact).abs().max()
