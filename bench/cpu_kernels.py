@@ -49,6 +49,7 @@ from common import BenchRun, median, parallel_sum, parse_bench_args, print_table
 
 FORMATS = ["fp32", "fp16", "bf16", "int8", "int4", "int4-g128", "fp8", "int8-a8", "int4-a8", "int4-g128-a8"]
 BANDWIDTH_BYTES = 1 << 30
+COMPUTE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Environment that changes thread behaviour; recorded with the results.
 ENV_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "OMP_NUM_THREADS")
 TABLE = [
@@ -71,9 +72,10 @@ def memory_gbps(repeats: int, bandwidth_bytes: int = BANDWIDTH_BYTES) -> float:
     return values.nbytes / median(times) / 1e9
 
 
-def make_blocks(dtype: str, hidden: int, inter: int, count: int) -> list:
-    """`count` distinct copies of one random expert in format `dtype` (backends.sample_expert)."""
-    expert = sample_expert(dtype, hidden, inter)
+def make_blocks(dtype: str, hidden: int, inter: int, count: int, compute_dtype: torch.dtype) -> list:
+    """`count` distinct copies of one random expert in format `dtype` (backends.sample_expert), packed
+    formats computed in ``compute_dtype`` (what torch dequantizes int4 into)."""
+    expert = sample_expert(dtype, hidden, inter, compute_dtype=compute_dtype)
     return [(expert.block.copy(), expert.fmt) for _ in range(count)]
 
 
@@ -135,7 +137,8 @@ def runner_picks(formats: list[str], args, threads: int) -> dict[str, dict[int, 
     """{format: {bucket: backend}} as CpuRunner chooses on this machine for the benchmarked expert shape."""
     with CpuRunner(num_threads=threads) as runner:
         runner.warmup(dtypes=(), packed=formats)
-        runner.measure_backends(args.hidden, args.inter, formats, budget_s=args.pick_budget)
+        runner.measure_backends(args.hidden, args.inter, formats, budget_s=args.pick_budget,
+                                compute_dtype=COMPUTE[args.compute_dtype])
         return {name: {t: runner.backend(name, t) for t in args.tokens} for name in formats}
 
 
@@ -183,8 +186,9 @@ def main(args: argparse.Namespace) -> int:
     picks = runner_picks([canonical_expert_format(d) for d in args.dtypes], args, threads)
     results = []
     for dtype in args.dtypes:
-        one = make_blocks(dtype, args.hidden, args.inter, 1)
-        blocks = one + make_blocks(dtype, args.hidden, args.inter, expert_count(one[0][0].nbytes, args) - 1)
+        compute = COMPUTE[args.compute_dtype]
+        one = make_blocks(dtype, args.hidden, args.inter, 1, compute)
+        blocks = one + make_blocks(dtype, args.hidden, args.inter, expert_count(one[0][0].nbytes, args) - 1, compute)
         for tokens in args.tokens:
             picked = picks[canonical_expert_format(dtype)][tokens]
             results.append(bench_case(dtype, tokens, blocks, args, mem, picked))
@@ -210,7 +214,7 @@ def main(args: argparse.Namespace) -> int:
     for r in results:
         for key in ("shape_str", "speedup", "mem_pct"):
             r.pop(key)
-    out = run.write_json("cpu_kernels.json", {"threads": threads, "runner_picks": picks, "checks": checks,
+    out = run.write_json("cpu_kernels.json", {"threads": threads, "compute_dtype": args.compute_dtype, "runner_picks": picks, "checks": checks,
                                               "results": results}, machine=info)
     plot(results, run.path("cpu_kernels.png"), threads)
     print(f"wrote {out} and {out.with_suffix('.png')}")
@@ -249,6 +253,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=15, help="max timing passes per case")
     p.add_argument("--budget", type=float, default=1.2, help="seconds per timing (fewer passes when slow)")
     p.add_argument("--working-set", type=int, default=256, help="MiB of distinct expert weights per pass")
+    p.add_argument("--compute-dtype", choices=list(COMPUTE), default="bfloat16",
+                   help="the model dtype packed experts compute in (the torch backend dequantizes int4 into it; "
+                        "default bfloat16, the released checkpoints')")
     p.add_argument("--pick-budget", type=float, default=2.0, help="seconds CpuRunner.measure_backends spends")
     return parse_bench_args(p, argv, SMOKE)
 

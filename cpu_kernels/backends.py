@@ -71,9 +71,11 @@ def job_format(block: np.ndarray, fmt: ExpertFormat | None) -> str:
     return name
 
 
-def sample_expert(name: str, hidden: int, inter: int, seed: int = 0) -> SampleExpert:
+def sample_expert(name: str, hidden: int, inter: int, seed: int = 0,
+                  compute_dtype: torch.dtype = torch.float32) -> SampleExpert:
     """Random weights ~ N(0, 1/K) in format ``name`` (packed formats: quantized with ExpertFormat.write,
-    without the int4 zero-point refinement's cost mattering at these sizes)."""
+    without the int4 zero-point refinement's cost mattering at these sizes), computed in ``compute_dtype``
+    (the model's: the torch backend dequantizes int4 into it)."""
     name = canonical_expert_format(name)
     gen = torch.Generator().manual_seed(seed)
     gate_up = torch.randn(2 * inter, hidden, generator=gen) / math.sqrt(hidden)
@@ -81,7 +83,7 @@ def sample_expert(name: str, hidden: int, inter: int, seed: int = 0) -> SampleEx
     if name in NATIVE:
         block = torch.cat([gate_up.reshape(-1), down.reshape(-1)]).to(NATIVE[name])
         return SampleExpert(as_numpy_block(block), None, None)
-    fmt = ExpertFormat(name, hidden, inter, torch.float32)
+    fmt = ExpertFormat(name, hidden, inter, compute_dtype)
     row = torch.zeros(fmt.row_numel, dtype=torch.uint8)
     if fmt.group:          # random codes and fixed scales: the HQQ fit is slow and irrelevant to timing
         return SampleExpert(_random_int4_row(fmt, gen), None, fmt)
@@ -90,9 +92,9 @@ def sample_expert(name: str, hidden: int, inter: int, seed: int = 0) -> SampleEx
     return SampleExpert(row.numpy(), None, fmt)
 
 
-def sample_copies(name: str, hidden: int, inter: int) -> list[SampleExpert]:
+def sample_copies(name: str, hidden: int, inter: int, compute_dtype: torch.dtype = torch.float32) -> list[SampleExpert]:
     """One sample expert and distinct copies of it, COPIES_BYTES in all (at least two)."""
-    expert = sample_expert(name, hidden, inter)
+    expert = sample_expert(name, hidden, inter, compute_dtype=compute_dtype)
     count = max(2, math.ceil(COPIES_BYTES / expert.nbytes))
     return [expert] + [SampleExpert(expert.block.copy(), expert.scales, expert.fmt) for _ in range(count - 1)]
 

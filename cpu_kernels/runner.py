@@ -222,10 +222,12 @@ class CpuRunner:
             self._choices[canonical_expert_format(fmt)] = {int(b): v for b, v in per.items()}
 
     def measure_backends(self, hidden: int, inter: int, formats: Sequence[str], act: str = "silu",
-                         budget_s: float = 2.0) -> dict[str, dict[int, dict[str, float]]]:
+                         budget_s: float = 2.0, compute_dtype: torch.dtype = torch.float32
+                         ) -> dict[str, dict[int, dict[str, float]]]:
         """Time Numba and torch for each format and token bucket on one expert of the model's (H, I) (capped,
-        see backends.measured_shape), keep the faster per bucket, and return {format: {bucket: {backend:
-        seconds}}} (also kept in ``timings``, with the measured shape in ``measured_shape``).
+        see backends.measured_shape) and compute dtype (packed formats: what torch dequantizes into), keep the
+        faster per bucket, and return {format: {bucket: {backend: seconds}}} (also kept in ``timings``, with
+        the measured shape in ``measured_shape``).
 
         ``budget_s``: about the total time spent timing (the warm-up compile not included)."""
         hidden, inter = measured_shape(hidden, inter)
@@ -233,7 +235,7 @@ class CpuRunner:
         names = [canonical_expert_format(name) for name in formats]
         share = budget_s / max(1, len(names) * len(BUCKETS) * 2)
         for name in names:
-            experts = sample_copies(name, hidden, inter)
+            experts = sample_copies(name, hidden, inter, compute_dtype)
             timings = self._executor.submit(self._time_format, experts, hidden, inter, act, share).result()
             self.timings[name] = timings
             self._choices[name] = pick(timings)

@@ -86,14 +86,18 @@ def measure_profile(host_block: torch.Tensor, slot: torch.Tensor, shape: ExpertS
     formats = [fmt.name] if cpu_formats is None else cpu_formats
     if not formats:     # (a format without Numba kernels: the roofline above is its CPU cost)
         return profile
-    return dataclasses.replace(profile, **measure_cpu_experts(cpu_runner, shape, formats))
+    return dataclasses.replace(profile, **measure_cpu_experts(cpu_runner, shape, formats,
+                                                              compute_dtype=fmt.compute_dtype))
 
 
-def measure_cpu_experts(cpu_runner, shape: ExpertShape, formats: Sequence[str], budget_s: float = 2.0) -> dict:
+def measure_cpu_experts(cpu_runner, shape: ExpertShape, formats: Sequence[str], budget_s: float = 2.0,
+                        compute_dtype: torch.dtype = torch.float32) -> dict:
     """The CPU runner's backend choice per format and token bucket (CpuRunner.measure_backends, on an
-    expert of the model's shape, capped) and the chosen backend's seconds: HardwareProfile's
-    cpu_expert_s, cpu_expert_params and cpu_backend fields. The runner keeps using the choices."""
-    timings = cpu_runner.measure_backends(shape.hidden, shape.intermediate, formats, budget_s=budget_s)
+    expert of the model's shape, capped, computed in the model's dtype) and the chosen backend's seconds:
+    HardwareProfile's cpu_expert_s, cpu_expert_params and cpu_backend fields. The runner keeps using the
+    choices."""
+    timings = cpu_runner.measure_backends(shape.hidden, shape.intermediate, formats, budget_s=budget_s,
+                                          compute_dtype=compute_dtype)
     hidden, inter = cpu_runner.measured_shape
     choices = cpu_runner.choices
     seconds = {name: {bucket: float(per[choices[name][bucket]]) for bucket, per in buckets.items()}
