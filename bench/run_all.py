@@ -263,9 +263,9 @@ BENCHES = (
     prefetch_budget(),
     Bench("CPU expert kernels", ("bench/cpu_kernels.py", "--out", "{out}"), "cpu_kernels.json",
           quick=("--repeats", "5", "--budget", "0.4", "--pick-budget", "0.5"), quick_repeats_only=True,
-          numbers=tuple(kernel_ms(d, v) for d, v in (("bf16", 0.56), ("int8", 0.51), ("int8-a8", 0.51),
-                                                     ("int4", 1.29), ("int4-a8", 0.65), ("int4-g128-a8", 0.75),
-                                                     ("fp8", 1.19)))),
+          numbers=tuple(kernel_ms(d, v) for d, v in (("bf16", 1.10), ("int8", 0.85), ("int8-a8", 0.59),
+                                                     ("int4", 1.78), ("int4-a8", 0.94), ("int4-g128-a8", 0.91),
+                                                     ("fp8", 2.02)))),
     Bench("serve under load", ("bench/serve_load.py", "--requests", "4", "--max-tokens", "32", "--out", "{out}"),
           "serve_load.json", quick=("--requests", "1"),
           numbers=tuple(serve_tokens(b, c, v) for b, vs in (("25%", (106, 163, 409)), ("100%", (116, 195, 502)))
