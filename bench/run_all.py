@@ -287,8 +287,8 @@ BENCHES = (
           ("bench/vs_llamacpp.py", "--llama-cpp", "{llama_cpp}", "--model", "{full_size}", "--formats", "bf16",
            "int8-a8", "int4-a8", "--repeats", "2", "--new-tokens", "16", "--out", "{out}"),
           "vs_llamacpp.json", quick=("--repeats", "1"), quick_repeats_only=True, needs=("llama.cpp", "full-size"),
-          numbers=tuple(llamacpp_ratio(pair, phase, v) for phase, vs in (("decode", (0.53, 0.67, 0.40)),
-                                                                          ("prefill", (0.58, 0.56, 0.24)))
+          numbers=tuple(llamacpp_ratio(pair, phase, v) for phase, vs in (("decode", (0.63, 0.57, 0.37)),
+                                                                          ("prefill", (1.39, 0.69, 0.29)))
                         for pair, v in zip(("bf16", "int8-a8", "int4-a8"), vs))),
     Bench("quantize-once vs llama-quantize",
           ("bench/quantize_speed.py", "--checkpoint", "{full_size}", "--llama-cpp", "{llama_cpp}",
