@@ -45,6 +45,7 @@ from moe_offload.simulate.sweep import SYNTHETIC_LOCALITY  # noqa: E402
 from common import BenchRun, parse_bench_args, print_table  # noqa: E402
 
 FORMATS = ("float32", "bfloat16", *PACKED)
+GGUF_TYPES = ("Q8_0", "Q4_0")   # llama-quantize types scored in the GGUF rows (32-value blocks: the tiny rows' width)
 
 
 def held_out_ids(model_name: str, tokens: int) -> torch.Tensor:
@@ -71,6 +72,64 @@ def weight_error(model, reference) -> float:
     return sum(errors) / len(errors)
 
 
+def score(model, model_name: str, name: str, ids: torch.Tensor, logits: torch.Tensor, reference) -> dict:
+    """One accuracy row of ``model`` against the float32 model's ``logits`` on ``ids``."""
+    with torch.no_grad():
+        got = model(ids).logits[0]
+    loss = torch.nn.functional.cross_entropy(got[:-1], ids[0, 1:]).item()
+    base_loss = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:]).item()
+    return {"model": model_name, "format": name, "bytes_per_expert": model.offload.store.bytes_per_expert,
+            "weight_rel_err": weight_error(model, reference) if reference is not None else None,
+            "logits_rel_err": ((got - logits).norm() / logits.norm()).item(),
+            "loss": loss, "loss_delta": loss - base_loss, "loss_change_pct": 100 * (loss / base_loss - 1),
+            "top1_agree": (got.argmax(-1) == logits.argmax(-1)).float().mean().item()}
+
+
+def gguf_rows(model_name: str, ids: torch.Tensor, llama_cpp: str | None, work: Path) -> tuple[list[dict], list[str]]:
+    """The same scores for llama.cpp's own files of the shipped model: its converter's F32 file, then
+    llama-quantize's GGUF_TYPES (whole model, and experts only with every other weight in BF16), each
+    loaded by moe-offload's GGUF reader and run in float32 against the float32 checkpoint. (rows, notes);
+    no rows without a llama.cpp build (--llama-cpp or $LLAMA_CPP_DIR) or when its converter refuses the
+    model (a note says why). The tiny models' 128-wide rows hold only 32-value blocks, so K-quants
+    (256-value blocks) are not among the types."""
+    from llamacpp import LlamaCpp
+
+    from moe_offload.errors import MoEOffloadError
+    from moe_offload.loading.checkpoint import resolve_model_dir
+
+    build = LlamaCpp.locate(llama_cpp)
+    if build is None or not build.has_tool("llama-quantize"):
+        return [], [f"{model_name}: GGUF rows skipped, no llama.cpp build with llama-quantize (--llama-cpp DIR)"]
+    base = moe_offload.from_pretrained(model_name, device="cpu", dtype="float32", progress=False)
+    with torch.no_grad():
+        logits = base(ids).logits[0]
+    base.offload.close()
+    f32 = work / f"{model_name}-F32.gguf"
+    try:
+        build.convert(resolve_model_dir(model_name), f32, "f32")
+    except MoEOffloadError as err:
+        return [], [f"{model_name}: llama.cpp's converter refused it ({str(err).splitlines()[0][:200]})"]
+    files = {"GGUF F32": f32}
+    for qtype in GGUF_TYPES:
+        for experts_only in (False, True):
+            out = work / f"{model_name}-{qtype}{'-experts' if experts_only else ''}.gguf"
+            build.quantize(f32, out, qtype, experts_only=experts_only)
+            files[f"GGUF {qtype}" + (" experts (dense BF16)" if experts_only else "")] = out
+    rows, notes = [], []
+    for name, path in files.items():
+        start = time.perf_counter()
+        try:
+            model = moe_offload.from_pretrained(str(path), device="cpu", dtype="float32", progress=False)
+        except MoEOffloadError as err:
+            notes.append(f"{model_name} {name}: not loaded ({err})")
+            continue
+        row = score(model, model_name, name, ids, logits, None) | {"first_load_s": time.perf_counter() - start,
+                                                                   "second_load_s": None, "file_bytes": path.stat().st_size}
+        model.offload.close()
+        rows.append(row)
+    return rows, notes
+
+
 def accuracy_rows(model_name: str, ids: torch.Tensor, cache: Path, formats=FORMATS) -> list[dict]:
     base = moe_offload.from_pretrained(model_name, device="cpu", dtype="float32", progress=False)
     store = base.offload.store
@@ -88,16 +147,8 @@ def accuracy_rows(model_name: str, ids: torch.Tensor, cache: Path, formats=FORMA
         moe_offload.from_pretrained(model_name, device="cpu", dtype="float32", expert_dtype=name, progress=False,
                                     quant_cache=str(cache)).offload.close()
         second = time.perf_counter() - start
-        with torch.no_grad():
-            got = model(ids).logits[0]
-        loss = torch.nn.functional.cross_entropy(got[:-1], ids[0, 1:]).item()
-        base_loss = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:]).item()
-        rows.append({"model": model_name, "format": name, "bytes_per_expert": model.offload.store.bytes_per_expert,
-                     "weight_rel_err": weight_error(model, reference),
-                     "logits_rel_err": ((got - logits).norm() / logits.norm()).item(),
-                     "loss": loss, "loss_delta": loss - base_loss, "loss_change_pct": 100 * (loss / base_loss - 1),
-                     "top1_agree": (got.argmax(-1) == logits.argmax(-1)).float().mean().item(),
-                     "first_load_s": first, "second_load_s": second})
+        rows.append(score(model, model_name, name, ids, logits, reference)
+                    | {"first_load_s": first, "second_load_s": second})
         model.offload.close()
     return rows
 
@@ -137,11 +188,12 @@ def plot(accuracy: list[dict], projection: list[dict], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     models = list(dict.fromkeys(r["model"] for r in accuracy))
     width = 0.8 / len(models)
+    formats = list(dict.fromkeys(r["format"] for r in accuracy))     # every model's bars at its format's place
     for i, name in enumerate(models):
-        mine = [r for r in accuracy if r["model"] == name]
-        ax1.bar([j + i * width for j in range(len(mine))], [max(r["logits_rel_err"], 1e-9) for r in mine], width,
-                label=name)
-        ax1.set_xticks([j + width / 2 for j in range(len(mine))], [r["format"] for r in mine], rotation=30)
+        mine = {r["format"]: r for r in accuracy if r["model"] == name}
+        ax1.bar([j + i * width for j, f in enumerate(formats) if f in mine],
+                [max(mine[f]["logits_rel_err"], 1e-9) for f in formats if f in mine], width, label=name)
+    ax1.set_xticks([j + width / 2 for j in range(len(formats))], formats, rotation=40, ha="right", fontsize=7)
     ax1.set(yscale="log", ylabel="logits relative error vs float32", title="accuracy (shipped models)")
     ax1.legend(fontsize=8)
     ax2.bar([r["format"] for r in projection], [r["tokens_per_s"] for r in projection])
@@ -156,9 +208,15 @@ def main(args: argparse.Namespace) -> int:
     run = BenchRun.start(args)
     start = time.perf_counter()
     accuracy = []
+    notes = []
     with tempfile.TemporaryDirectory() as cache:
         for name in args.models:
-            accuracy += accuracy_rows(name, held_out_ids(name, args.tokens), Path(cache), args.formats)
+            ids = held_out_ids(name, args.tokens)
+            accuracy += accuracy_rows(name, ids, Path(cache), args.formats)
+            if not args.no_gguf:
+                rows, why = gguf_rows(name, ids, args.llama_cpp, Path(cache))
+                accuracy += rows
+                notes += why
     for row in accuracy:
         row["activations"] = activation_rounding(row["format"])
     print_table(accuracy, [("model", "model", ""), ("format", "format", ""), ("activations", "activations", ""),
@@ -174,7 +232,9 @@ def main(args: argparse.Namespace) -> int:
                              ("speedup", "x bf16", ".2f")])
     out = run.write_json("quantized_experts.json", {
         "tokens": args.tokens, "budget": args.budget, "hardware": args.hardware, "sim_tokens": args.sim_tokens,
-        "seconds": time.perf_counter() - start, "accuracy": accuracy, "projection": projection})
+        "seconds": time.perf_counter() - start, "accuracy": accuracy, "projection": projection, "notes": notes})
+    for note in notes:
+        print(note)
     plot(accuracy, projection, run.path("quantized_experts.png"))
     print(f"wrote {out} and .png")
     return 0
@@ -195,6 +255,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hardware", default="rtx4090-pcie4")
     p.add_argument("--sim-tokens", type=int, default=200, help="decode tokens of the projection's trace")
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS, help="formats of the accuracy part")
+    p.add_argument("--llama-cpp", help="llama.cpp build for the GGUF rows: its converter's and llama-quantize's files "
+                                       "of each model, scored the same way (default $LLAMA_CPP_DIR; none: skipped)")
+    p.add_argument("--no-gguf", action="store_true", help="skip the GGUF rows")
     return parse_bench_args(p, argv, {"models": ["tiny-mixtral"], "tokens": 16, "sim_tokens": 8,
                                       "formats": ["bfloat16", "int8-a8", "int4", "fp8"]})
 
