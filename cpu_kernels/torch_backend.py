@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .activations import GELU, GELU_TANH, SILU
 from .blocks import as_torch_block
+from .act_quant import act_blocks, fake_quantize_deinterleaved
 from .packed import ExpertFormat, expert_forward
 from .packed_kernels import dequantize_int4_exact
 
@@ -87,7 +88,9 @@ class TorchExperts:
         gate_up, down = self.matrices(block, x.shape[1], inter, scales, fmt)
         xt = torch.from_numpy(x).to(gate_up.dtype)                          # [n, H]
         rounding = fmt.round_activations if fmt is not None else None
-        columns = _deinterleave if fmt is not None and fmt.packed and _deinterleaved(fmt) else None
+        columns = None
+        if fmt is not None and fmt.packed and _deinterleaved(fmt):   # rounded (-a8) and reordered in one kernel
+            rounding, columns = None, (_round_deinterleave if fmt.act_quant else _deinterleave)
         torch.from_numpy(out).copy_(expert_forward(xt, gate_up, down, _TORCH_ACTS[act], rounding, columns))
 
 
@@ -99,3 +102,14 @@ def _deinterleaved(fmt: ExpertFormat) -> bool:
 def _deinterleave(v: torch.Tensor) -> torch.Tensor:
     """[t, K] -> its even columns, then its odd ones (the column order of dequantize_int4_exact's output)."""
     return torch.cat([v[:, 0::2], v[:, 1::2]], dim=1)
+
+
+def _round_deinterleave(v: torch.Tensor) -> torch.Tensor:
+    """_deinterleave(fake_quantize(v)) in v's dtype, by the Numba kernel (act_quant.fake_quantize_deinterleaved)."""
+    x = v.float().contiguous().numpy()
+    tokens, width = x.shape
+    blocks = act_blocks(width)
+    out = np.empty_like(x)
+    fake_quantize_deinterleaved(x, out, np.empty((tokens, width), np.int16), np.empty((tokens, blocks), np.float32),
+                                np.empty((tokens, blocks), np.int32))
+    return torch.from_numpy(out).to(v.dtype)
