@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 
 ACT_BLOCK = 64
 Q_MAX = 127.0
@@ -83,18 +83,3 @@ def quantize_rows(x, q, scale, qsum, deinterleave):
                     q[t, k] = code
             qsum[t, b] = total
 
-
-@njit(parallel=True, nogil=True, cache=True)
-def fake_quantize_deinterleaved(x, out, codes, scale, qsum):
-    """out float32 [T, K] = fake_quantize(x) with its columns deinterleaved (even columns, then odd ones), for
-    x float32 [T, K], K even; codes int16 [T, K], scale float32 [T, NB] and qsum int32 [T, NB] are scratch.
-    The same float32 operations as fake_quantize (quantize_rows, then code * its block's scale), so casting
-    ``out`` to a dtype gives fake_quantize's values in it: what the int4 torch backend feeds its
-    deinterleaved weights."""
-    quantize_rows(x, codes, scale, qsum, True)
-    tokens, width = x.shape
-    half = width // 2
-    for t in prange(tokens):
-        for p in range(half):
-            out[t, p] = np.float32(codes[t, p]) * scale[t, (2 * p) // ACT_BLOCK]
-            out[t, half + p] = np.float32(codes[t, half + p]) * scale[t, (2 * p + 1) // ACT_BLOCK]

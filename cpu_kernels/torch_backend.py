@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .activations import GELU, GELU_TANH, SILU
 from .blocks import as_torch_block
-from .act_quant import act_blocks, fake_quantize_deinterleaved
+from .act_quant import ACT_BLOCK, act_blocks, quantize_rows
 from .packed import ExpertFormat, expert_forward
 from .packed_kernels import dequantize_int4_exact
 
@@ -105,11 +105,13 @@ def _deinterleave(v: torch.Tensor) -> torch.Tensor:
 
 
 def _round_deinterleave(v: torch.Tensor) -> torch.Tensor:
-    """_deinterleave(fake_quantize(v)) in v's dtype, by the Numba kernel (act_quant.fake_quantize_deinterleaved)."""
+    """_deinterleave(fake_quantize(v)) in v's dtype: the codes and scales from the Numba quantizer (quantize_rows,
+    which writes the codes deinterleaved), then code * its block's scale in float32, as fake_quantize computes."""
     x = v.float().contiguous().numpy()
     tokens, width = x.shape
     blocks = act_blocks(width)
-    out = np.empty_like(x)
-    fake_quantize_deinterleaved(x, out, np.empty((tokens, width), np.int16), np.empty((tokens, blocks), np.float32),
-                                np.empty((tokens, blocks), np.int32))
-    return torch.from_numpy(out).to(v.dtype)
+    codes = np.empty((tokens, width), np.int16)
+    scale = np.empty((tokens, blocks), np.float32)
+    quantize_rows(x, codes, scale, np.empty((tokens, blocks), np.int32), True)
+    block = np.concatenate([np.arange(0, width, 2), np.arange(1, width, 2)]) // ACT_BLOCK   # each column's block
+    return torch.from_numpy(codes.astype(np.float32) * scale[:, block]).to(v.dtype)

@@ -337,7 +337,7 @@ def test_bf16_int4_experts_on_the_torch_backend_compute_what_a_bf16_device_compu
 @pytest.mark.parametrize("width", [64, 130, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_numba_rounding_in_deinterleaved_order_is_fake_quantize_bit_for_bit(width, dtype):
-    """act_quant.fake_quantize_deinterleaved (the int4 torch backend's "-a8" rounding) equals fake_quantize
+    """The int4 torch backend's "-a8" rounding (Numba codes and scales, deinterleaved) equals fake_quantize
     followed by the deinterleaved column order, in float32 and cast to bfloat16: short blocks, an all-zero
     block and an outlier included."""
     from moe_offload.cpu_kernels.torch_backend import _round_deinterleave
