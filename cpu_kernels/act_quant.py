@@ -82,4 +82,3 @@ def quantize_rows(x, q, scale, qsum, deinterleave):
                 else:
                     q[t, k] = code
             qsum[t, b] = total
-

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from .activations import GELU, GELU_TANH, SILU
 from .blocks import as_torch_block
-from .act_quant import ACT_BLOCK, act_blocks, quantize_rows
 from .packed import ExpertFormat, expert_forward
 from .packed_kernels import dequantize_int4_exact
 
@@ -74,9 +73,7 @@ class TorchExperts:
         for name, out in (("gate_up", gate_up), ("down", down)):
             dequantize_int4_exact(views[name], views[f"{name}_scale"].view(np.int16),
                                   views[f"{name}_zero"].view(np.int16), fmt.group, out)
-        as_torch = (lambda a: torch.from_numpy(a)) if numpy_dtype == np.float32 else \
-            (lambda a: torch.from_numpy(a).view(torch.bfloat16))
-        return as_torch(gate_up), as_torch(down)
+        return tuple(torch.from_numpy(m).view(fmt.compute_dtype) for m in (gate_up, down))
 
     def _scratch_for(self, fmt: ExpertFormat) -> torch.Tensor:
         self._weights(fmt.hidden, fmt.inter)
@@ -88,9 +85,7 @@ class TorchExperts:
         gate_up, down = self.matrices(block, x.shape[1], inter, scales, fmt)
         xt = torch.from_numpy(x).to(gate_up.dtype)                          # [n, H]
         rounding = fmt.round_activations if fmt is not None else None
-        columns = None
-        if fmt is not None and fmt.packed and _deinterleaved(fmt):   # rounded (-a8) and reordered in one kernel
-            rounding, columns = None, (_round_deinterleave if fmt.act_quant else _deinterleave)
+        columns = _deinterleave if fmt is not None and fmt.packed and _deinterleaved(fmt) else None
         torch.from_numpy(out).copy_(expert_forward(xt, gate_up, down, _TORCH_ACTS[act], rounding, columns))
 
 
@@ -103,15 +98,3 @@ def _deinterleave(v: torch.Tensor) -> torch.Tensor:
     """[t, K] -> its even columns, then its odd ones (the column order of dequantize_int4_exact's output)."""
     return torch.cat([v[:, 0::2], v[:, 1::2]], dim=1)
 
-
-def _round_deinterleave(v: torch.Tensor) -> torch.Tensor:
-    """_deinterleave(fake_quantize(v)) in v's dtype: the codes and scales from the Numba quantizer (quantize_rows,
-    which writes the codes deinterleaved), then code * its block's scale in float32, as fake_quantize computes."""
-    x = v.float().contiguous().numpy()
-    tokens, width = x.shape
-    blocks = act_blocks(width)
-    codes = np.empty((tokens, width), np.int16)
-    scale = np.empty((tokens, blocks), np.float32)
-    quantize_rows(x, codes, scale, np.empty((tokens, blocks), np.int32), True)
-    block = np.concatenate([np.arange(0, width, 2), np.arange(1, width, 2)]) // ACT_BLOCK   # each column's block
-    return torch.from_numpy(codes.astype(np.float32) * scale[:, block]).to(v.dtype)

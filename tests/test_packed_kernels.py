@@ -333,20 +333,3 @@ def test_bf16_int4_experts_on_the_torch_backend_compute_what_a_bf16_device_compu
     exact = f32.forward(x, *f32.unpack(torch.from_numpy(row)), F.silu)
     assert (got - device).abs().max() < (device - exact).abs().max()
 
-
-@pytest.mark.parametrize("width", [64, 130, 256])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_numba_rounding_in_deinterleaved_order_is_fake_quantize_bit_for_bit(width, dtype):
-    """The int4 torch backend's "-a8" rounding (Numba codes and scales, deinterleaved) equals fake_quantize
-    followed by the deinterleaved column order, in float32 and cast to bfloat16: short blocks, an all-zero
-    block and an outlier included."""
-    from moe_offload.cpu_kernels.torch_backend import _round_deinterleave
-
-    gen = torch.Generator().manual_seed(width)
-    x = (torch.randn(4, width, generator=gen) * torch.logspace(-3, 3, 4)[:, None]).to(dtype)
-    x[2, :64] = 0.0
-    x[3, 1] = 1e4
-    expected = fake_quantize(x)
-    expected = torch.cat([expected[:, 0::2], expected[:, 1::2]], dim=1)
-    got = _round_deinterleave(x)
-    assert got.dtype == dtype and torch.equal(got, expected)
