@@ -30,6 +30,8 @@ reference is transformers running ``dequantized`` weights.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,7 +95,7 @@ class Segment:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _ceil(a: int, b: int) -> int:
@@ -181,11 +183,13 @@ class ExpertFormat:
 
     def numpy_views(self, row: np.ndarray) -> dict[str, np.ndarray]:
         """The same views of a numpy uint8 row (what the CPU kernels read); float16 stays float16."""
-        out = {}
-        for name, s in self.segments.items():
-            dtype = np.dtype(str(s.dtype).removeprefix("torch."))
-            out[name] = row[s.offset: s.offset + s.nbytes].view(dtype).reshape(s.shape)
-        return out
+        return {name: row[start:end].view(dtype).reshape(shape) for name, start, end, dtype, shape in self._numpy_segments}
+
+    @functools.cached_property
+    def _numpy_segments(self) -> list[tuple]:
+        """(name, start, end, numpy dtype, shape) of each segment, computed once (numpy_views runs per call)."""
+        return [(name, s.offset, s.offset + s.nbytes, np.dtype(str(s.dtype).removeprefix("torch.")), s.shape)
+                for name, s in self.segments.items()]
 
     # -- writing -------------------------------------------------------------------------------------------------
     def write(self, row: torch.Tensor, role: str, weight: torch.Tensor) -> None:

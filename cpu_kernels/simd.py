@@ -1,0 +1,278 @@
+"""Explicit-vector block dots of the integer kernels (int_kernels), written as LLVM vector IR.
+
+    # B = ACT_BLOCK (64) inputs per activation block; L = 32 int16 lanes per step
+    q8_blocks_dot(q, r, xq, xs)                              sum_b xs[b] * (q[r] . xq over block b)
+    q4_blocks_dot(q, r, scale, zero, group_shift, xq, xs, xsum)      xq = [even inputs | odd inputs]
+        sum_b xs[b] * scale[r, g] * (sum_j lo_j * xq[j] + hi_j * xq[K/2 + j] - zero[r, g] * xsum[b]),  g = b >> group_shift
+
+Both cover the full blocks of row r only (a short last block is the caller's). Each block's integer
+dot is exact in int32 lanes: the weights are widened to int16 (int8 sign-extended; an int4 byte's low
+nibble ``& 15``, its high one ``>> 4``), multiplied by the int16 activation codes in adjacent pairs
+and summed into 16 int32 lanes (``pmaddwd``). The 16 lanes are converted to float32 once per block and
+accumulated, times the block's scale, into 16 float32 lanes; one horizontal sum ends the row. There is
+no per-block horizontal reduction, which was the cost of the scalar-loop form (LLVM's vectorizer
+reduced each block's lanes to one int32 and back).
+
+Instructions of the hot loop, by the target numba compiles for:
+  * AVX-512 BW (``llvm.x86.avx512.pmaddw.d.512``): int8 ``vpmovsxbw`` zmm + ``vpmaddwd``/``vpdpwssd``;
+    int4 ``vpmovzxbw`` zmm + ``vpandq`` / ``vpsrlw`` + ``vpmaddwd``/``vpdpwssd``; ``vcvtdq2ps`` +
+    ``vfmadd`` per block (verified with ``inspect_asm`` on znver4, numba 0.68).
+  * AVX2 (``llvm.x86.avx2.pmadd.wd`` on two ymm halves): ``vpmovsxbw``/``vpmovzxbw`` + ``vpmaddwd``.
+  * anything else: the same arithmetic in target-independent vector IR (even/odd lanes multiplied and
+    added), which LLVM lowers as it can.
+``MOE_OFFLOAD_SIMD=avx512|avx2|generic`` forces one (use a fresh ``NUMBA_CACHE_DIR``: numba's cache does
+not key on it). With ``NUMBA_CPU_NAME`` set (a portable cache), the generic form is used unless forced.
+"""
+
+from __future__ import annotations
+
+import os
+
+from llvmlite import binding as _ll
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, config
+from numba.core.errors import TypingError
+from numba.extending import intrinsic
+
+I8, I16, I32, F16, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.HalfType(), ir.FloatType()
+LANES = 32                 # int16 lanes per step: 32 int4 bytes or 32 int8 codes
+SIMD_FORMS = ("avx512", "avx2", "generic")
+
+
+def simd_form() -> str:
+    """The form the block dots compile to on this process's numba target (module docstring)."""
+    forced = os.environ.get("MOE_OFFLOAD_SIMD", "").strip().lower()
+    if forced:
+        if forced not in SIMD_FORMS:
+            raise ValueError(f"MOE_OFFLOAD_SIMD={forced!r}: expected one of {', '.join(SIMD_FORMS)}")
+        return forced
+    if config.CPU_NAME:
+        return "generic"
+    features = _ll.get_host_cpu_features()
+    if features.get("avx512bw"):
+        return "avx512"
+    if features.get("avx2"):
+        return "avx2"
+    return "generic"
+
+
+def _vec(kind, count: int) -> ir.VectorType:
+    return ir.VectorType(kind, count)
+
+
+def _indices(values) -> ir.Constant:
+    values = list(values)
+    return ir.Constant(_vec(I32, len(values)), values)
+
+
+def _splat(builder, value, count: int):
+    """<count x T> with every lane ``value``."""
+    vt = _vec(value.type, count)
+    one = builder.insert_element(ir.Constant(vt, ir.Undefined), value, ir.Constant(I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vt, ir.Undefined), _indices([0] * count))
+
+
+def _madd(builder, a, b, form: str):
+    """<32 x i16> a, b -> <16 x i32>: lane i = a[2i] * b[2i] + a[2i+1] * b[2i+1], exact."""
+    module = builder.module
+    if form == "avx512":
+        fn = cgutils.get_or_insert_function(
+            module, ir.FunctionType(_vec(I32, 16), [_vec(I16, 32)] * 2), "llvm.x86.avx512.pmaddw.d.512")
+        return builder.call(fn, [a, b])
+    if form == "avx2":
+        fn = cgutils.get_or_insert_function(
+            module, ir.FunctionType(_vec(I32, 8), [_vec(I16, 16)] * 2), "llvm.x86.avx2.pmadd.wd")
+        low, high = _indices(range(16)), _indices(range(16, 32))
+        first = builder.call(fn, [builder.shuffle_vector(a, a, low), builder.shuffle_vector(b, b, low)])
+        second = builder.call(fn, [builder.shuffle_vector(a, a, high), builder.shuffle_vector(b, b, high)])
+        return builder.shuffle_vector(first, second, _indices(range(16)))
+    even, odd, wide = _indices(range(0, LANES, 2)), _indices(range(1, LANES, 2)), _vec(I32, LANES // 2)
+    undef = ir.Constant(a.type, ir.Undefined)
+
+    def lanes(v, which):
+        return builder.sext(builder.shuffle_vector(v, undef, which), wide)
+    return builder.add(builder.mul(lanes(a, even), lanes(b, even)), builder.mul(lanes(a, odd), lanes(b, odd)))
+
+
+def _hsum(builder, v):
+    """Sum of a float vector's lanes, halving (a fixed order)."""
+    count = v.type.count
+    while count > 1:
+        half = count // 2
+        v = builder.fadd(builder.shuffle_vector(v, v, _indices(range(half))),
+                         builder.shuffle_vector(v, v, _indices(range(half, count))))
+        count = half
+    return builder.extract_element(v, ir.Constant(I32, 0))
+
+
+def _load_vector(builder, base, offset, vt, align: int):
+    """<vt> at base + offset elements of base's type (unaligned as ``align`` says)."""
+    return builder.load(builder.bitcast(builder.gep(base, [offset]), vt.as_pointer()), align=align)
+
+
+def _row_pointer(builder, array, row, element):
+    """Pointer to row ``row`` of a 2-D array struct, as ``element``*."""
+    stride = cgutils.unpack_tuple(builder, array.strides)[0]
+    raw = builder.gep(builder.bitcast(array.data, I8.as_pointer()), [builder.mul(row, stride)])
+    return builder.bitcast(raw, element.as_pointer())
+
+
+def _half_to_float(builder, bits):
+    return builder.fpext(builder.bitcast(bits, F16), F32)
+
+
+def _block_accumulate(builder, facc, sums, scale):
+    """facc += float(sums) * scale (16 lanes)."""
+    lanes = builder.sitofp(sums, _vec(F32, LANES // 2))
+    builder.store(builder.fadd(builder.load(facc), builder.fmul(lanes, _splat(builder, scale, LANES // 2))), facc)
+
+
+def _require(array, dtype, ndim: int, name: str) -> None:
+    if not (isinstance(array, types.Array) and array.dtype == dtype and array.ndim == ndim and array.layout == "C"):
+        raise TypingError(f"{name} must be a C-contiguous {ndim}-D {dtype} array, got {array}")
+
+
+def _padded_tail(builder, sources, count, intp):
+    """Zero-filled stack copies of ``count`` (< the buffer's lanes) elements at each (pointer, vector type) of
+    ``sources``: the short last block then runs the full-block body, its missing lanes multiplying 0."""
+    copies = []
+    for pointer, vt in sources:
+        buffer = cgutils.alloca_once(builder, vt)
+        builder.store(ir.Constant(vt, None), buffer)
+        flat = builder.bitcast(buffer, vt.element.as_pointer())
+        with cgutils.for_range(builder, count) as loop:
+            builder.store(builder.load(builder.gep(pointer, [loop.index])), builder.gep(flat, [loop.index]))
+        copies.append(flat)
+    return copies
+
+
+def _row_blocks(builder, intp, width, per_block: int, body, tail: bool):
+    """body(b, j0, tail, chain) for each block of a row ``width`` elements wide (``per_block`` per block;
+    j0 its first element, tail None or a short last block's element count; that block only with ``tail``: it
+    costs the full blocks' loop 10-25% when present, so rows without one compile without it). Blocks alternate between two
+    accumulator chains (0 and 1), so consecutive blocks' float additions do not wait on each other."""
+    step, one = ir.Constant(intp, per_block), ir.Constant(intp, 1)
+    full = builder.udiv(width, step)
+    with cgutils.for_range(builder, builder.lshr(full, one)) as loop:
+        b = builder.shl(loop.index, one)
+        body(b, builder.mul(b, step), None, 0)
+        b = builder.add(b, one)
+        body(b, builder.mul(b, step), None, 1)
+    with builder.if_then(builder.trunc(full, ir.IntType(1)), likely=False):      # an odd count: the last one
+        b = builder.sub(full, one)
+        body(b, builder.mul(b, step), None, 0)
+    if tail:
+        count = builder.urem(width, step)
+        with builder.if_then(builder.icmp_unsigned("!=", count, ir.Constant(intp, 0)), likely=False):
+            body(full, builder.mul(full, step), count, 1)
+
+
+def _accumulators(builder, value, chains: int = 2):
+    return [cgutils.alloca_once_value(builder, value) for _ in range(chains)]
+
+
+def _sum_chains(builder, accumulators):
+    total = builder.load(accumulators[0])
+    for accumulator in accumulators[1:]:
+        total = builder.fadd(total, builder.load(accumulator))
+    return total
+
+
+def _q8_intrinsic(tail: bool):
+    @intrinsic
+    def q8_blocks_dot(typingctx, q, r, xq, xs):
+        """Row r of int8 codes q [R, K] . int16 activation codes xq [K], block b scaled by xs[b] (with ``tail``
+        a short last block included, else full blocks only)."""
+        _require(q, types.int8, 2, "q")
+        _require(xq, types.int16, 1, "xq")
+        _require(xs, types.float32, 1, "xs")
+        form = simd_form()
+        sig = types.float32(q, r, xq, xs)
+
+        def codegen(context, builder, signature, args):
+            row = args[1]
+            qa, xqa, xsa = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3))
+            intp = row.type
+            width = cgutils.unpack_tuple(builder, qa.shape)[1]
+            codes = _row_pointer(builder, qa, row, I8)
+            faccs = _accumulators(builder, ir.Constant(_vec(F32, LANES // 2), [0.0] * (LANES // 2)))
+            bytes_t, words_t = _vec(I8, LANES), _vec(I16, LANES)
+            second = ir.Constant(intp, LANES)
+
+            def block(b, k0, tail, chain):
+                w, x = builder.gep(codes, [k0]), builder.gep(xqa.data, [k0])
+                if tail is not None:
+                    w, x = _padded_tail(builder, [(w, _vec(I8, 2 * LANES)), (x, _vec(I16, 2 * LANES))], tail, intp)
+                zero = ir.Constant(intp, 0)
+                w0 = builder.sext(_load_vector(builder, w, zero, bytes_t, 1), words_t)
+                w1 = builder.sext(_load_vector(builder, w, second, bytes_t, 1), words_t)
+                sums = builder.add(_madd(builder, w0, _load_vector(builder, x, zero, words_t, 2), form),
+                                   _madd(builder, w1, _load_vector(builder, x, second, words_t, 2), form))
+                _block_accumulate(builder, faccs[chain], sums, builder.load(builder.gep(xsa.data, [b])))
+
+            _row_blocks(builder, intp, width, 2 * LANES, block, tail)
+            return _hsum(builder, _sum_chains(builder, faccs))
+        return sig, codegen
+    return q8_blocks_dot
+
+
+def _q4_intrinsic(tail: bool):
+    @intrinsic
+    def q4_blocks_dot(typingctx, q, r, scale, zero, group_shift, xq, xs, xsum):
+        """Row r of int4 bytes q [R, K/2] (low nibble: input 2j, high: 2j + 1) . the activation's codes xq [K],
+        deinterleaved (xq[:K/2] the even inputs, xq[K/2:] the odd ones); float16-bit scale / zero [R, K/G],
+        2 ** group_shift = G / ACT_BLOCK blocks per weight group (shifted, not divided: a division per block is
+        slow); block b scaled by xs[b], its code sum xsum[b] (with ``tail`` a short last block included)."""
+        _require(q, types.uint8, 2, "q")
+        _require(scale, types.int16, 2, "scale")
+        _require(zero, types.int16, 2, "zero")
+        _require(xq, types.int16, 1, "xq")
+        _require(xs, types.float32, 1, "xs")
+        _require(xsum, types.int32, 1, "xsum")
+        form = simd_form()
+        sig = types.float32(q, r, scale, zero, group_shift, xq, xs, xsum)
+
+        def codegen(context, builder, signature, args):
+            row = args[1]
+            qa, sa, za, xqa, xsa, xsuma = (context.make_array(signature.args[i])(context, builder, args[i])
+                                           for i in (0, 2, 3, 5, 6, 7))
+            intp = row.type
+            group_shift_v = context.cast(builder, args[4], signature.args[4], types.intp)
+            half = cgutils.unpack_tuple(builder, qa.shape)[1]
+            even, odd = xqa.data, builder.gep(xqa.data, [half])          # xq = [even inputs | odd inputs]
+            codes = _row_pointer(builder, qa, row, I8)
+            scales, zeros = _row_pointer(builder, sa, row, I16), _row_pointer(builder, za, row, I16)
+            faccs = _accumulators(builder, ir.Constant(_vec(F32, LANES // 2), [0.0] * (LANES // 2)))
+            offsets = _accumulators(builder, ir.Constant(F32, 0.0))      # sums of scale * zero * xsum
+            bytes_t, words_t = _vec(I8, LANES), _vec(I16, LANES)
+            first = ir.Constant(intp, 0)
+
+            def block(b, j0, tail, chain):
+                w, xe, xo = builder.gep(codes, [j0]), builder.gep(even, [j0]), builder.gep(odd, [j0])
+                if tail is not None:
+                    w, xe, xo = _padded_tail(builder, [(w, bytes_t), (xe, words_t), (xo, words_t)], tail, intp)
+                g = builder.lshr(b, group_shift_v)
+                packed = builder.zext(_load_vector(builder, w, first, bytes_t, 1), words_t)
+                low = builder.and_(packed, ir.Constant(words_t, [15] * LANES))
+                high = builder.lshr(packed, ir.Constant(words_t, [4] * LANES))
+                sums = builder.add(_madd(builder, low, _load_vector(builder, xe, first, words_t, 2), form),
+                                   _madd(builder, high, _load_vector(builder, xo, first, words_t, 2), form))
+                block_scale = builder.fmul(builder.load(builder.gep(xsa.data, [b])),
+                                           _half_to_float(builder, builder.load(builder.gep(scales, [g]))))
+                _block_accumulate(builder, faccs[chain], sums, block_scale)
+                shift = builder.fmul(_half_to_float(builder, builder.load(builder.gep(zeros, [g]))),
+                                     builder.sitofp(builder.load(builder.gep(xsuma.data, [b])), F32))
+                offset = offsets[chain]
+                builder.store(builder.fadd(builder.load(offset), builder.fmul(block_scale, shift)), offset)
+
+            _row_blocks(builder, intp, half, LANES, block, tail)
+            return builder.fsub(_hsum(builder, _sum_chains(builder, faccs)), _sum_chains(builder, offsets))
+        return sig, codegen
+    return q4_blocks_dot
+
+
+q8_blocks_dot = _q8_intrinsic(tail=True)          # any row width
+q8_full_blocks_dot = _q8_intrinsic(tail=False)    # widths that are a multiple of ACT_BLOCK (64)
+q4_blocks_dot = _q4_intrinsic(tail=True)
+q4_full_blocks_dot = _q4_intrinsic(tail=False)    # K/2 a multiple of 32
