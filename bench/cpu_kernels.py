@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_offload.cpu_kernels import CpuRunner, expert_ffn  # noqa: E402
 from moe_offload.cpu_kernels.backends import sample_expert  # noqa: E402
 from moe_offload.cpu_kernels.packed import PACKED, canonical_expert_format  # noqa: E402
-from moe_offload.cpu_kernels.packed_ffn import packed_ffn  # noqa: E402
+from moe_offload.cpu_kernels.packed_ffn import packed_ffn, packed_scratch_size  # noqa: E402
 from moe_offload.cpu_kernels.torch_backend import TorchExperts  # noqa: E402
 
 from common import BenchRun, median, parallel_sum, parse_bench_args, print_table  # noqa: E402
@@ -113,7 +113,8 @@ def bench_case(dtype: str, tokens: int, blocks: list, args, mem_gbps: float, pic
     hidden, inter = args.hidden, args.inter
     x = np.random.default_rng(tokens).standard_normal((tokens, hidden)).astype(np.float32)  # [T, H]
     out = np.empty((tokens, hidden), dtype=np.float32)  # [T, H]
-    scratch = np.empty(tokens * (2 * inter + hidden), dtype=np.float32)  # >= [T, I]; packed_scratch_size
+    scratch = np.empty(max(tokens * (2 * inter + hidden), *(packed_scratch_size(f, tokens) for _, f in blocks[:1] if f)),
+                       dtype=np.float32)
     rows = np.empty((numba.get_num_threads(), 2 * max(hidden, inter)), dtype=np.float32)  # packed_ffn row_buffer_width
     torch_backend = TorchExperts()
     numba_ms, cycled = time_per_call(

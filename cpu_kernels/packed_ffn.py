@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .act_quant import act_blocks
+from .act_quant import ACT_BLOCK, act_blocks
 from .ffn import _check_tokens, check_act
 from .int_kernels import int_ffn
 from .kernels import ffn_decode, ffn_prefill
 from .packed import ExpertFormat
-from .packed_kernels import INT4_SMALL_CHUNK, packed_decode, packed_prefill
+from .packed_kernels import INT4_SMALL_CHUNK, int4_direct_decode, packed_decode, packed_prefill
 
 
 def check_packed(row: np.ndarray, fmt: ExpertFormat, hidden: int) -> int:
@@ -61,11 +61,12 @@ def packed_matrices(fmt: ExpertFormat, row: np.ndarray) -> tuple:
 
 
 def packed_scratch_size(fmt: ExpertFormat, tokens: int) -> int:
-    """Floats of the ``scratch`` packed_ffn needs for ``tokens`` tokens: h [T, I], hk [T, I], xk [T, H]; for
-    "-a8" formats h and the quantized x and h (_quantized_views)."""
+    """Floats of the ``scratch`` packed_ffn needs for ``tokens`` tokens: h [T, I], hk [T, I], xk [T, H] and the
+    block sums of one token's x and h (int4_direct_decode); for "-a8" formats h and the quantized x and h
+    (_quantized_views)."""
     if fmt.act_quant:
         return sum(_quantized_sizes(fmt, tokens))
-    return tokens * (2 * fmt.inter + fmt.hidden)
+    return tokens * (2 * fmt.inter + fmt.hidden) + act_blocks(fmt.hidden) + act_blocks(fmt.inter)
 
 
 def _quantized_sizes(fmt: ExpertFormat, tokens: int) -> list[int]:
@@ -103,12 +104,16 @@ def _flat_scratch(scratch: np.ndarray, need: int) -> np.ndarray:
 
 
 def _scratch_views(scratch: np.ndarray, fmt: ExpertFormat, tokens: int) -> tuple:
-    """(h [T, I], (xk [T, H], hk [T, I])) views of a flat float32 scratch of >= packed_scratch_size floats."""
-    need, h_size = packed_scratch_size(fmt, tokens), tokens * fmt.inter
-    flat = _flat_scratch(scratch, need)
+    """(h [T, I], (xk [T, H], hk [T, I]), (x block sums [NBH], h block sums [NBI])) views of a flat float32
+    scratch of >= packed_scratch_size floats."""
+    h_size, x_size = tokens * fmt.inter, tokens * fmt.hidden
+    flat = _flat_scratch(scratch, packed_scratch_size(fmt, tokens))
     h = flat[:h_size].reshape(tokens, fmt.inter)
     hk = flat[h_size:2 * h_size].reshape(tokens, fmt.inter)
-    return h, (flat[2 * h_size:need].reshape(tokens, fmt.hidden), hk)
+    xk = flat[2 * h_size:2 * h_size + x_size].reshape(tokens, fmt.hidden)
+    sums = flat[2 * h_size + x_size:]
+    x_blocks, h_blocks = act_blocks(fmt.hidden), act_blocks(fmt.inter)
+    return h, (xk, hk), (sums[:x_blocks], sums[x_blocks:x_blocks + h_blocks])
 
 
 def row_buffer_width(fmt: ExpertFormat) -> int:
@@ -144,8 +149,11 @@ def packed_ffn(x: np.ndarray, row: np.ndarray, fmt: ExpertFormat, act: str | int
         h, xq, hq = _quantized_views(scratch, fmt, tokens)   # h [T, I]
         int_ffn(x, gate_up, down, code, out, h, xq, hq)
         return out
-    h, work = _scratch_views(scratch, fmt, tokens)  # h [T, I]
+    h, work, sums = _scratch_views(scratch, fmt, tokens)  # h [T, I]
     _check_rows(rows, fmt)
+    if tokens == 1 and fmt.group and fmt.group % ACT_BLOCK == 0:
+        int4_direct_decode(x, gate_up, down, code, out, h, work, sums)
+        return out
     if fmt.name == "int8":
         kernel = ffn_decode if tokens == 1 else ffn_prefill
         kernel(x, gate_up, down, hidden, inter, code, out, h)

@@ -41,7 +41,10 @@ from numba.extending import overload
 from .activations import activate
 from .formats import _bf16_bits_to_f32, _f16_bits_to_f32, _f32_bits
 from .kernels import _OPTS, TOKEN_BLOCK, _dot1, _dot2x1, _dot2x4
+from .act_quant import ACT_BLOCK
+from .int_kernels import _group_shift
 from .packed import FP8_BLOCK
+from .simd import q4f_blocks_dot, q4f_full_blocks_dot
 
 # Bytes (2 * INT4_CHUNK weights) per vectorized int4 decode step; groups of 64 or more columns are a multiple of it.
 INT4_CHUNK = 32
@@ -200,6 +203,49 @@ def packed_decode(x, gate_up, down, act, out, h, work, rows):
         for r in range(start, stop):
             decode_row(down, r, wd)
             out[0, r] = _dot1(wd, h0)
+
+
+@njit(**_OPTS)
+def _block_sums(x, sums):
+    """sums[b] = x[b * ACT_BLOCK: (b + 1) * ACT_BLOCK].sum() (the last block may be short)."""
+    width = x.size
+    for b in range(sums.size):
+        total = np.float32(0.0)
+        for k in range(b * ACT_BLOCK, min(width, (b + 1) * ACT_BLOCK)):
+            total += x[k]
+        sums[b] = total
+
+
+@njit(parallel=True, **_OPTS)
+def int4_direct_decode(x, gate_up, down, act, out, h, work, sums):
+    """One token through an int4 expert whose groups are whole ACT_BLOCKs (64 or 128 columns), weight-only:
+    each row's codes meet the float32 inputs in simd.q4f_blocks_dot (no decoded row written out and read
+    back). x [1, H], out [1, H]; float32 scratch h [1, I], work (xk [1, H], hk [1, I]) for the inputs in the
+    int4 rows' column order (kernel_input), sums (x's [NBH], h's [NBI]) block sums. Each row loop is written
+    for rows with and without a short last block (int_kernels.int_ffn)."""
+    hidden, inter = out.shape[1], h.shape[1]
+    x0 = kernel_input(gate_up, x, work[0])[0]
+    _block_sums(x[0], sums[0])
+    xsum = sums[0]
+    q, scale, zero, shift = gate_up[0], gate_up[1], gate_up[2], _group_shift(gate_up[3])
+    if hidden % ACT_BLOCK:
+        for j in prange(inter):
+            g = q4f_blocks_dot(q, j, scale, zero, shift, x0, xsum)
+            h[0, j] = activate(g, act) * q4f_blocks_dot(q, inter + j, scale, zero, shift, x0, xsum)
+    else:
+        for j in prange(inter):
+            g = q4f_full_blocks_dot(q, j, scale, zero, shift, x0, xsum)
+            h[0, j] = activate(g, act) * q4f_full_blocks_dot(q, inter + j, scale, zero, shift, x0, xsum)
+    h0 = kernel_input(down, h, work[1])[0]
+    _block_sums(h[0], sums[1])
+    hsum = sums[1]
+    q, scale, zero, shift = down[0], down[1], down[2], _group_shift(down[3])
+    if inter % ACT_BLOCK:
+        for r in prange(hidden):
+            out[0, r] = q4f_blocks_dot(q, r, scale, zero, shift, h0, hsum)
+    else:
+        for r in prange(hidden):
+            out[0, r] = q4f_full_blocks_dot(q, r, scale, zero, shift, h0, hsum)
 
 
 @njit(**_OPTS)

@@ -272,7 +272,73 @@ def _q4_intrinsic(tail: bool):
     return q4_blocks_dot
 
 
+def _contract(instruction):
+    """Let LLVM fuse this multiply or add with its neighbour (an FMA)."""
+    instruction.flags.append("contract")
+    return instruction
+
+
+def _q4f_intrinsic(tail: bool):
+    @intrinsic
+    def q4f_blocks_dot(typingctx, q, r, scale, zero, group_shift, x, xsum):
+        """Row r of int4 bytes q [R, K/2] . float32 inputs x [K], deinterleaved (x[:K/2] the even inputs, x[K/2:]
+        the odd ones), weight-only: sum_b scale[g] * (sum_j lo_j * x_even_j + hi_j * x_odd_j - zero[g] * xsum[b])
+        with xsum [NB] the sums of x over each block of ACT_BLOCK inputs, g = b >> group_shift (with ``tail``
+        a short last block included). Codes widen to int32 and convert to float32 (``vpmovzxbd`` +
+        ``vcvtdq2ps``); products accumulate in float32 lanes, one horizontal sum per row."""
+        _require(q, types.uint8, 2, "q")
+        _require(scale, types.int16, 2, "scale")
+        _require(zero, types.int16, 2, "zero")
+        _require(x, types.float32, 1, "x")
+        _require(xsum, types.float32, 1, "xsum")
+        sig = types.float32(q, r, scale, zero, group_shift, x, xsum)
+
+        def codegen(context, builder, signature, args):
+            row = args[1]
+            qa, sa, za, xa, xsuma = (context.make_array(signature.args[i])(context, builder, args[i])
+                                     for i in (0, 2, 3, 5, 6))
+            intp = row.type
+            group_shift_v = context.cast(builder, args[4], signature.args[4], types.intp)
+            half = cgutils.unpack_tuple(builder, qa.shape)[1]
+            even, odd = xa.data, builder.gep(xa.data, [half])
+            codes = _row_pointer(builder, qa, row, I8)
+            scales, zeros = _row_pointer(builder, sa, row, I16), _row_pointer(builder, za, row, I16)
+            faccs = _accumulators(builder, ir.Constant(_vec(F32, LANES // 2), [0.0] * (LANES // 2)))
+            offsets = _accumulators(builder, ir.Constant(F32, 0.0))      # sums of scale * zero * xsum
+            bytes_t, ints_t, floats_t = _vec(I8, LANES), _vec(I32, LANES), _vec(F32, LANES)
+            first = ir.Constant(intp, 0)
+
+            def block(b, j0, tail, chain):
+                w, xe, xo = builder.gep(codes, [j0]), builder.gep(even, [j0]), builder.gep(odd, [j0])
+                if tail is not None:
+                    w, xe, xo = _padded_tail(builder, [(w, bytes_t), (xe, floats_t), (xo, floats_t)], tail, intp)
+                g = builder.lshr(b, group_shift_v)
+                packed = builder.zext(_load_vector(builder, w, first, bytes_t, 1), ints_t)
+                low = builder.sitofp(builder.and_(packed, ir.Constant(ints_t, [15] * LANES)), floats_t)
+                high = builder.sitofp(builder.lshr(packed, ir.Constant(ints_t, [4] * LANES)), floats_t)
+                products = _contract(builder.fadd(
+                    _contract(builder.fmul(low, _load_vector(builder, xe, first, floats_t, 4))),
+                    _contract(builder.fmul(high, _load_vector(builder, xo, first, floats_t, 4)))))
+                folded = builder.fadd(builder.shuffle_vector(products, products, _indices(range(LANES // 2))),
+                                      builder.shuffle_vector(products, products, _indices(range(LANES // 2, LANES))))
+                weight_scale = _half_to_float(builder, builder.load(builder.gep(scales, [g])))
+                facc = faccs[chain]
+                builder.store(_contract(builder.fadd(builder.load(facc), _contract(builder.fmul(
+                    folded, _splat(builder, weight_scale, LANES // 2))))), facc)
+                shift = builder.fmul(_half_to_float(builder, builder.load(builder.gep(zeros, [g]))),
+                                     builder.load(builder.gep(xsuma.data, [b])))
+                offset = offsets[chain]
+                builder.store(builder.fadd(builder.load(offset), builder.fmul(weight_scale, shift)), offset)
+
+            _row_blocks(builder, intp, half, LANES, block, tail)
+            return builder.fsub(_hsum(builder, _sum_chains(builder, faccs)), _sum_chains(builder, offsets))
+        return sig, codegen
+    return q4f_blocks_dot
+
+
 q8_blocks_dot = _q8_intrinsic(tail=True)          # any row width
 q8_full_blocks_dot = _q8_intrinsic(tail=False)    # widths that are a multiple of ACT_BLOCK (64)
 q4_blocks_dot = _q4_intrinsic(tail=True)
 q4_full_blocks_dot = _q4_intrinsic(tail=False)    # K/2 a multiple of 32
+q4f_blocks_dot = _q4f_intrinsic(tail=True)         # int4 weight-only against float32 inputs
+q4f_full_blocks_dot = _q4f_intrinsic(tail=False)

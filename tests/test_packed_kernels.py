@@ -22,12 +22,13 @@ from moe_offload.runtime.cost import CostModel, HardwareProfile
 from moe_offload.transfer import ExpertShape
 
 # T = tokens, H = hidden, I = intermediate
-# (H, I) per format: odd where the format allows, never a multiple of the int4 group or the FP8 block.
+# (H, I) per format: odd where the format allows, never a multiple of the int4 group or the FP8 block; int4 also
+# whole blocks of 64 (T = 1 runs the direct int4 dot, compiled without a short block for those widths).
 SHAPES = {
     "int8": [(33, 7), (130, 257)],
-    "int4": [(130, 200), (66, 34)],
+    "int4": [(130, 200), (66, 34), (128, 192)],
     "int4-g32": [(130, 200), (66, 18)],
-    "int4-g128": [(66, 258), (300, 130)],
+    "int4-g128": [(66, 258), (300, 130), (256, 384)],
     "fp8": [(129, 257), (10, 6), (256, 131)],
     # "-a8": activation blocks of 64 whole, short (H or I % 64 != 0) and alone (K < 64)
     "int8-a8": [(33, 7), (130, 257), (128, 192)],
