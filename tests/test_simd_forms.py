@@ -1,5 +1,6 @@
 """The explicit-vector block dots (cpu_kernels/simd.py) in every form this CPU can run, against exact integer
-arithmetic in numpy: AVX-512 BW and AVX2 (x86 pmaddwd) and the target-independent vector IR.
+arithmetic in numpy (float64 for the weight-only int4 dot): AVX-512 BW and AVX2 (x86 pmaddwd) and the
+target-independent vector IR.
 
 Each form compiles in a subprocess with MOE_OFFLOAD_SIMD set and a fresh numba cache (numba's cache does not
 key on the variable), on rows with and without a short last block.
@@ -38,6 +39,14 @@ def rows4(q, scale, zero, shift, xq, xs, xsum, out, tail):
         else:
             out[r] = simd.q4_full_blocks_dot(q, r, scale, zero, shift, xq, xs, xsum)
 
+@njit
+def rows4f(q, scale, zero, shift, xf, xfsum, out, tail):
+    for r in range(q.shape[0]):
+        if tail:
+            out[r] = simd.q4f_blocks_dot(q, r, scale, zero, shift, xf, xfsum)
+        else:
+            out[r] = simd.q4f_full_blocks_dot(q, r, scale, zero, shift, xf, xfsum)
+
 data = np.load(sys.argv[1])
 result = {"form": simd.simd_form()}
 for width in json.loads(sys.argv[2]):
@@ -50,6 +59,9 @@ for width in json.loads(sys.argv[2]):
     out = np.zeros(q4.shape[0], np.float32)
     rows4(q4, scale, zero, int(data["shift"]), xd, xs, xsum, out, tail)
     result[f"int4_{width}"] = out.tolist()
+    out = np.zeros(q4.shape[0], np.float32)
+    rows4f(q4, scale, zero, int(data["shift"]), data[f"xfd_{width}"], data[f"xfsum_{width}"], out, tail)
+    result[f"int4f_{width}"] = out.tolist()
 print(json.dumps(result))
 """
 
@@ -70,7 +82,11 @@ def _forms() -> list[str]:
 def _case(width: int, rng) -> dict[str, np.ndarray]:
     rows, blocks, groups = 37, -(-width // ACT_BLOCK), -(-width // (ACT_BLOCK << SHIFT))
     x = rng.integers(-127, 128, width).astype(np.int16)
+    xf = rng.standard_normal(width).astype(np.float32)
     return {
+        f"xf_{width}": xf,
+        f"xfd_{width}": np.concatenate([xf[0::2], xf[1::2]]),
+        f"xfsum_{width}": np.array([xf[b * ACT_BLOCK:(b + 1) * ACT_BLOCK].sum() for b in range(blocks)], np.float32),
         f"q8_{width}": rng.integers(-127, 128, (rows, width)).astype(np.int8),
         f"x_{width}": x,
         f"xs_{width}": (rng.random(blocks) + 0.5).astype(np.float32),
@@ -82,8 +98,9 @@ def _case(width: int, rng) -> dict[str, np.ndarray]:
     }
 
 
-def _reference(data: dict, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact integer block sums (int64), then the blocks' float scales in float64."""
+def _reference(data: dict, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact integer block sums (int64), then the blocks' float scales in float64; the weight-only int4 dot
+    in float64."""
     x = data[f"x_{width}"].astype(np.int64)
     xs = data[f"xs_{width}"].astype(np.float64)
     blocks = np.arange(width) // ACT_BLOCK
@@ -97,11 +114,14 @@ def _reference(data: dict, width: int) -> tuple[np.ndarray, np.ndarray]:
     zero = data[f"zero_{width}"].view(np.float16).astype(np.float64)
     xsum = data[f"xsum_{width}"].astype(np.float64)
     ref4 = np.zeros(packed.shape[0])
+    xf = data[f"xf_{width}"].astype(np.float64)
+    ref4f = np.zeros(packed.shape[0])
     for b in range(xs.size):
         g = b >> SHIFT
         dot = (codes[:, blocks == b] * x[blocks == b]).sum(1)
         ref4 += xs[b] * scale[:, g] * (dot - zero[:, g] * xsum[b])
-    return ref8, ref4
+        ref4f += scale[:, g] * ((codes[:, blocks == b] - zero[:, g, None]) * xf[blocks == b]).sum(1)
+    return ref8, ref4, ref4f
 
 
 @pytest.mark.parametrize("form", _forms())
@@ -119,8 +139,8 @@ def test_block_dots_match_exact_integer_arithmetic(form, tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["form"] == form
     for width in WIDTHS:
-        ref8, ref4 = _reference(data, width)
-        for name, ref in (("int8", ref8), ("int4", ref4)):
+        ref8, ref4, ref4f = _reference(data, width)
+        for name, ref in (("int8", ref8), ("int4", ref4), ("int4f", ref4f)):
             got = np.asarray(result[f"{name}_{width}"], np.float64)
             scale = np.abs(ref).max()
             assert np.abs(got - ref).max() <= 1e-5 * scale, (form, name, width)
