@@ -179,6 +179,106 @@ def _sum_chains(builder, accumulators):
     return total
 
 
+CHUNK = 16                 # int4 blocks whose scales are computed as one vector (groups of 64 or 128 inputs)
+
+
+class _Int4Scales:
+    """The per-block factors of an int4 row: block b's integer (or float) sum is scaled by
+    d[b] = scale[g] (times xs[b], the activation's block scale, for "-a8"), and the zero point adds
+    -d[b] * zero[g] * xsum[b] per block. Full chunks of CHUNK blocks compute d and the zero term as one
+    vector each (groups of 64 or 128 inputs: g = b or b >> 1) and read d[b] back as a broadcast; the
+    rest, and other group sizes, compute them per block."""
+
+    def __init__(self, builder, intp, scales, zeros, shift, xs, xsum, xsum_is_int: bool):
+        self.builder, self.intp = builder, intp
+        self.scales, self.zeros, self.shift, self.xs, self.xsum = scales, zeros, shift, xs, xsum
+        self.xsum_is_int = xsum_is_int
+        self.factors = cgutils.alloca_once(builder, _vec(F32, CHUNK))              # d of the current chunk
+        self.offsets = _accumulators(builder, ir.Constant(F32, 0.0))              # per-block zero terms
+        self.chunk_offset = cgutils.alloca_once_value(builder, ir.Constant(_vec(F32, CHUNK), [0.0] * CHUNK))
+
+    def _group_bits(self, pointer, first_block):
+        """<CHUNK x i16> of the float16 bits of blocks first_block.. (g = b or b >> 1)."""
+        builder = self.builder
+        result = cgutils.alloca_once(builder, _vec(I16, CHUNK))
+        with builder.if_else(builder.icmp_unsigned("==", self.shift, ir.Constant(self.intp, 0))) as (same, halved):
+            with same:
+                builder.store(_load_vector(builder, pointer, first_block, _vec(I16, CHUNK), 2), result)
+            with halved:
+                pairs = _load_vector(builder, pointer, builder.lshr(first_block, ir.Constant(self.intp, 1)),
+                                     _vec(I16, CHUNK // 2), 2)
+                builder.store(builder.shuffle_vector(pairs, pairs, _indices(i // 2 for i in range(CHUNK))), result)
+        return builder.load(result)
+
+    def chunks(self, full):
+        """Full chunks of ``full`` blocks that take the vector path (none unless groups are 64 or 128)."""
+        builder = self.builder
+        vector = builder.icmp_unsigned("<=", self.shift, ir.Constant(self.intp, 1))
+        return builder.select(vector, builder.udiv(full, ir.Constant(self.intp, CHUNK)), ir.Constant(self.intp, 0))
+
+    def start_chunk(self, first_block):
+        builder = self.builder
+        halves = _vec(F16, CHUNK)
+        scale = builder.fpext(builder.bitcast(self._group_bits(self.scales, first_block), halves), _vec(F32, CHUNK))
+        zero = builder.fpext(builder.bitcast(self._group_bits(self.zeros, first_block), halves), _vec(F32, CHUNK))
+        if self.xs is not None:
+            scale = builder.fmul(scale, _load_vector(builder, self.xs, first_block, _vec(F32, CHUNK), 4))
+        xsum = _load_vector(builder, self.xsum, first_block, _vec(I32 if self.xsum_is_int else F32, CHUNK), 4)
+        if self.xsum_is_int:
+            xsum = builder.sitofp(xsum, _vec(F32, CHUNK))
+        builder.store(scale, self.factors)
+        term = builder.fmul(scale, builder.fmul(zero, xsum))
+        builder.store(builder.fadd(builder.load(self.chunk_offset), term), self.chunk_offset)
+
+    def in_chunk(self, k):
+        """d of in-chunk block k (start_chunk ran)."""
+        flat = self.builder.bitcast(self.factors, F32.as_pointer())
+        return self.builder.load(self.builder.gep(flat, [k]))
+
+    def per_block(self, b, chain):
+        """d of block b, computed alone; its zero term goes to chain ``chain``."""
+        builder = self.builder
+        g = builder.lshr(b, self.shift)
+        factor = _half_to_float(builder, builder.load(builder.gep(self.scales, [g])))
+        if self.xs is not None:
+            factor = builder.fmul(builder.load(builder.gep(self.xs, [b])), factor)
+        xsum = builder.load(builder.gep(self.xsum, [b]))
+        if self.xsum_is_int:
+            xsum = builder.sitofp(xsum, F32)
+        shift = builder.fmul(_half_to_float(builder, builder.load(builder.gep(self.zeros, [g]))), xsum)
+        offset = self.offsets[chain]
+        builder.store(builder.fadd(builder.load(offset), builder.fmul(factor, shift)), offset)
+        return factor
+
+    def total_offset(self):
+        return self.builder.fadd(_sum_chains(self.builder, self.offsets), _hsum(self.builder, self.builder.load(self.chunk_offset)))
+
+
+def _int4_row(builder, intp, half, factors: _Int4Scales, body, tail: bool):
+    """body(b, j0, tail, chain, factor) over an int4 row's blocks (LANES bytes each): full chunks of CHUNK
+    blocks with vector factors, then the blocks left and a short last block (with ``tail``) one by one."""
+    step, one = ir.Constant(intp, LANES), ir.Constant(intp, 1)
+    full = builder.udiv(half, step)
+    chunks = factors.chunks(full)
+    with cgutils.for_range(builder, chunks) as chunk:
+        first = builder.mul(chunk.index, ir.Constant(intp, CHUNK))
+        factors.start_chunk(first)
+        with cgutils.for_range(builder, ir.Constant(intp, CHUNK // 2)) as pair:
+            k = builder.shl(pair.index, one)
+            b = builder.add(first, k)
+            body(b, builder.mul(b, step), None, 0, factors.in_chunk(k))
+            k, b = builder.add(k, one), builder.add(b, one)
+            body(b, builder.mul(b, step), None, 1, factors.in_chunk(k))
+    done = builder.mul(chunks, ir.Constant(intp, CHUNK))
+    with cgutils.for_range_slice(builder, done, full, one) as (b, _):
+        chain = 0
+        body(b, builder.mul(b, step), None, chain, factors.per_block(b, chain))
+    if tail:
+        count = builder.urem(half, step)
+        with builder.if_then(builder.icmp_unsigned("!=", count, ir.Constant(intp, 0)), likely=False):
+            body(full, builder.mul(full, step), count, 1, factors.per_block(full, 1))
+
+
 def _q8_intrinsic(tail: bool):
     @intrinsic
     def q8_blocks_dot(typingctx, q, r, xq, xs):
@@ -242,32 +342,25 @@ def _q4_intrinsic(tail: bool):
             half = cgutils.unpack_tuple(builder, qa.shape)[1]
             even, odd = xqa.data, builder.gep(xqa.data, [half])          # xq = [even inputs | odd inputs]
             codes = _row_pointer(builder, qa, row, I8)
-            scales, zeros = _row_pointer(builder, sa, row, I16), _row_pointer(builder, za, row, I16)
+            factors = _Int4Scales(builder, intp, _row_pointer(builder, sa, row, I16), _row_pointer(builder, za, row, I16),
+                                  group_shift_v, xsa.data, xsuma.data, xsum_is_int=True)
             faccs = _accumulators(builder, ir.Constant(_vec(F32, LANES // 2), [0.0] * (LANES // 2)))
-            offsets = _accumulators(builder, ir.Constant(F32, 0.0))      # sums of scale * zero * xsum
             bytes_t, words_t = _vec(I8, LANES), _vec(I16, LANES)
             first = ir.Constant(intp, 0)
 
-            def block(b, j0, tail, chain):
+            def block(b, j0, tail, chain, factor):
                 w, xe, xo = builder.gep(codes, [j0]), builder.gep(even, [j0]), builder.gep(odd, [j0])
                 if tail is not None:
                     w, xe, xo = _padded_tail(builder, [(w, bytes_t), (xe, words_t), (xo, words_t)], tail, intp)
-                g = builder.lshr(b, group_shift_v)
                 packed = builder.zext(_load_vector(builder, w, first, bytes_t, 1), words_t)
                 low = builder.and_(packed, ir.Constant(words_t, [15] * LANES))
                 high = builder.lshr(packed, ir.Constant(words_t, [4] * LANES))
                 sums = builder.add(_madd(builder, low, _load_vector(builder, xe, first, words_t, 2), form),
                                    _madd(builder, high, _load_vector(builder, xo, first, words_t, 2), form))
-                block_scale = builder.fmul(builder.load(builder.gep(xsa.data, [b])),
-                                           _half_to_float(builder, builder.load(builder.gep(scales, [g]))))
-                _block_accumulate(builder, faccs[chain], sums, block_scale)
-                shift = builder.fmul(_half_to_float(builder, builder.load(builder.gep(zeros, [g]))),
-                                     builder.sitofp(builder.load(builder.gep(xsuma.data, [b])), F32))
-                offset = offsets[chain]
-                builder.store(builder.fadd(builder.load(offset), builder.fmul(block_scale, shift)), offset)
+                _block_accumulate(builder, faccs[chain], sums, factor)
 
-            _row_blocks(builder, intp, half, LANES, block, tail)
-            return builder.fsub(_hsum(builder, _sum_chains(builder, faccs)), _sum_chains(builder, offsets))
+            _int4_row(builder, intp, half, factors, block, tail)
+            return builder.fsub(_hsum(builder, _sum_chains(builder, faccs)), factors.total_offset())
         return sig, codegen
     return q4_blocks_dot
 
@@ -302,17 +395,16 @@ def _q4f_intrinsic(tail: bool):
             half = cgutils.unpack_tuple(builder, qa.shape)[1]
             even, odd = xa.data, builder.gep(xa.data, [half])
             codes = _row_pointer(builder, qa, row, I8)
-            scales, zeros = _row_pointer(builder, sa, row, I16), _row_pointer(builder, za, row, I16)
+            factors = _Int4Scales(builder, intp, _row_pointer(builder, sa, row, I16), _row_pointer(builder, za, row, I16),
+                                  group_shift_v, None, xsuma.data, xsum_is_int=False)
             faccs = _accumulators(builder, ir.Constant(_vec(F32, LANES // 2), [0.0] * (LANES // 2)))
-            offsets = _accumulators(builder, ir.Constant(F32, 0.0))      # sums of scale * zero * xsum
             bytes_t, ints_t, floats_t = _vec(I8, LANES), _vec(I32, LANES), _vec(F32, LANES)
             first = ir.Constant(intp, 0)
 
-            def block(b, j0, tail, chain):
+            def block(b, j0, tail, chain, factor):
                 w, xe, xo = builder.gep(codes, [j0]), builder.gep(even, [j0]), builder.gep(odd, [j0])
                 if tail is not None:
                     w, xe, xo = _padded_tail(builder, [(w, bytes_t), (xe, floats_t), (xo, floats_t)], tail, intp)
-                g = builder.lshr(b, group_shift_v)
                 packed = builder.zext(_load_vector(builder, w, first, bytes_t, 1), ints_t)
                 low = builder.sitofp(builder.and_(packed, ir.Constant(ints_t, [15] * LANES)), floats_t)
                 high = builder.sitofp(builder.lshr(packed, ir.Constant(ints_t, [4] * LANES)), floats_t)
@@ -321,17 +413,12 @@ def _q4f_intrinsic(tail: bool):
                     _contract(builder.fmul(high, _load_vector(builder, xo, first, floats_t, 4)))))
                 folded = builder.fadd(builder.shuffle_vector(products, products, _indices(range(LANES // 2))),
                                       builder.shuffle_vector(products, products, _indices(range(LANES // 2, LANES))))
-                weight_scale = _half_to_float(builder, builder.load(builder.gep(scales, [g])))
                 facc = faccs[chain]
                 builder.store(_contract(builder.fadd(builder.load(facc), _contract(builder.fmul(
-                    folded, _splat(builder, weight_scale, LANES // 2))))), facc)
-                shift = builder.fmul(_half_to_float(builder, builder.load(builder.gep(zeros, [g]))),
-                                     builder.load(builder.gep(xsuma.data, [b])))
-                offset = offsets[chain]
-                builder.store(builder.fadd(builder.load(offset), builder.fmul(weight_scale, shift)), offset)
+                    folded, _splat(builder, factor, LANES // 2))))), facc)
 
-            _row_blocks(builder, intp, half, LANES, block, tail)
-            return builder.fsub(_hsum(builder, _sum_chains(builder, faccs)), _sum_chains(builder, offsets))
+            _int4_row(builder, intp, half, factors, block, tail)
+            return builder.fsub(_hsum(builder, _sum_chains(builder, faccs)), factors.total_offset())
         return sig, codegen
     return q4f_blocks_dot
 
