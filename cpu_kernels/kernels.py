@@ -172,3 +172,15 @@ def ffn_prefill(x, w, scales, hidden, inter, act, out, h):
         _down_rows(w, scales, hidden, inter, h, out, 2 * p)
     if hidden % 2:
         _down_last_row(w, scales, hidden, inter, h, out)
+
+
+@njit(parallel=True, **_OPTS)
+def linear_rows(x, w, out):
+    """out [T, N] = x [T, K] float32 . w [N, K]^T, w's elements widened to float32 in registers (bf16 as uint16
+    bits, fp16 as int16 bits: formats.widen) and products summed in float32. Rows of w are split over threads;
+    each row serves every token while it is in L1, so w is read from memory once per call (a dense nn.Linear
+    on a CPU-only run: runtime/dense_cpu.py)."""
+    for n in prange(w.shape[0]):
+        wn = w[n]
+        for t in range(x.shape[0]):
+            out[t, n] = _dot1(wn, x[t])

@@ -27,6 +27,30 @@ def test_upcast_rows_follow_the_timings(native, upcast, rows):
     assert DenseTiming((8, 8), native, upcast).upcast_tokens == rows
 
 
+@pytest.mark.parametrize(("native", "upcast", "kernel", "rows"), [
+    ({1: 2.0, 4: 2.0, 16: 2.0}, {1: 1.5, 4: 1.5, 16: 1.5}, {1: 1.0, 4: 1.0, 16: 3.0}, (4, 16)),
+    ({1: 2.0, 4: 2.0}, {1: 1.0, 4: 1.0}, {1: 1.0, 4: 0.5}, (0, 4)),       # a tie with upcast goes to upcast
+    ({1: 2.0, 4: 2.0}, {1: 3.0, 4: 3.0}, {1: 1.0, 4: 1.0}, (4, 0)),
+], ids=["kernel-gemv", "tie", "kernel-only"])
+def test_kernel_rows_follow_the_timings(native, upcast, kernel, rows):
+    timing = DenseTiming((8, 8), native, upcast, kernel)
+    assert (timing.kernel_tokens, timing.upcast_tokens) == rows
+
+
+def test_kernel_linear_computes_the_float32_products_of_the_same_weights():
+    linear = nn.Linear(96, 40).to(torch.bfloat16)
+    layer = UpcastLinear(linear, upcast_tokens=0, kernel_tokens=4)
+    assert layer.weight_float32 is None                          # the kernel reads the bf16 weights themselves
+    small, large = torch.randn(2, 2, 96).to(torch.bfloat16), torch.randn(8, 96).to(torch.bfloat16)
+    upcast = nn.functional.linear(small.float(), linear.weight.float(), linear.bias.float()).to(torch.bfloat16)
+    got = layer(small)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 2, 40)
+    # the same float32 products, summed in another order, rounded once: at most one bf16 step apart
+    assert torch.allclose(got.float(), upcast.float(), rtol=2**-7, atol=1e-6)
+    assert (got != upcast).float().mean() < 0.1
+    assert torch.equal(layer(large), linear(large))
+
+
 def test_timing_stops_at_the_first_count_native_wins():
     timing = time_shape(torch.randn(64, 32).to(torch.bfloat16), tokens=(1, 4, 16, 64))
     counts = sorted(timing.native_s)
@@ -45,7 +69,7 @@ def test_upcast_linear_runs_float32_up_to_its_rows_and_native_above():
     assert torch.equal(layer(large), linear(large))
 
 
-@pytest.mark.parametrize("mode", ["float32", "auto", "native"])
+@pytest.mark.parametrize("mode", ["float32", "kernel", "auto", "native"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_bf16_logits_match_transformers_in_every_dense_mode(checkpoints, family, mode):
     """The law with the dense layers upcast (all, measured, none), under late out-of-order copies."""
@@ -55,8 +79,9 @@ def test_bf16_logits_match_transformers_in_every_dense_mode(checkpoints, family,
                                         cpu_dense=mode, copy_backend="deferred", copy_seed=1)
     upcast = [m for m in model.modules() if isinstance(m, UpcastLinear)]
     plain = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16]
-    if mode == "float32":
+    if mode in ("float32", "kernel"):
         assert upcast and not plain
+        assert all((m.kernel_tokens > 0) == (mode == "kernel") for m in upcast)
     if mode == "native":
         assert not upcast
     with torch.no_grad():
@@ -70,5 +95,5 @@ def test_float32_models_are_left_alone():
 
 
 def test_bad_cpu_dense_names_the_choices():
-    with pytest.raises(MoEOffloadError, match="cpu_dense must be one of auto, native, float32"):
+    with pytest.raises(MoEOffloadError, match="cpu_dense must be one of auto, native, float32, kernel"):
         moe_offload.OffloadConfig(device="cpu", cpu_dense="fp16")

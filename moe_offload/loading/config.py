@@ -209,9 +209,9 @@ class OffloadConfig:
                                               # them: the rest stay on disk and are read on demand and ahead
     host_policy: str = "lru"                  # the host cache's eviction policy (the device cache's names)
     disk_threads: int = 4                     # reads from disk kept in flight
-    cpu_dense: str = "auto"                   # dense nn.Linear layers on a CPU device: "auto" (the faster of the
-                                              # model's dtype and a float32 upcast, measured at load per shape),
-                                              # "native" or "float32"
+    cpu_dense: str = "auto"                   # dense nn.Linear layers on a CPU device: "auto" (the fastest of the
+                                              # model's dtype, a float32 upcast and the Numba kernel, measured at
+                                              # load per shape), "native", "float32" or "kernel"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
