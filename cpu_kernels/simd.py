@@ -429,3 +429,95 @@ q4_blocks_dot = _q4_intrinsic(tail=True)
 q4_full_blocks_dot = _q4_intrinsic(tail=False)    # K/2 a multiple of 32
 q4f_blocks_dot = _q4f_intrinsic(tail=True)         # int4 weight-only against float32 inputs
 q4f_full_blocks_dot = _q4f_intrinsic(tail=False)
+
+
+def _to_bf16_bits(builder, values):
+    """<n x float> -> <n x i16> bfloat16 bits, rounded to nearest even as torch's .to(torch.bfloat16) (a NaN
+    stays a quiet NaN)."""
+    count = values.type.count
+    ints = _vec(I32, count)
+    bits = builder.bitcast(values, ints)
+
+    def const(v):
+        return ir.Constant(ints, [v] * count)
+    upper = builder.lshr(bits, const(16))
+    nan = builder.icmp_unsigned(">", builder.and_(bits, const(0x7FFFFFFF)), const(0x7F800000))
+    rounded = builder.lshr(builder.add(builder.add(bits, const(0x7FFF)), builder.and_(upper, const(1))), const(16))
+    return builder.trunc(builder.select(nan, builder.or_(upper, const(0x40)), rounded), _vec(I16, count))
+
+
+def _int4_dequant_intrinsic(tail: bool):
+    @intrinsic
+    def int4_dequant_row(typingctx, q, r, scale, zero, group_shift, low, high):
+        """Row r of int4 bytes q [R, K/2] dequantized as packed.dequantize_int4 computes it, (code - zero) *
+        scale in float32 (a subtraction, then a multiplication: nothing fused), into low [K/2] (the even
+        columns) and high [K/2] (the odd ones): float32, or uint16 bfloat16 bits rounded to nearest even.
+        float16-bit scale / zero [R, K/G] with G = ACT_BLOCK << group_shift (with ``tail`` a short last
+        block included). 32 bytes per step: ``vpmovzxbd`` + ``vcvtdq2ps``, ``vsubps`` + ``vmulps``, and for
+        bfloat16 the rounding in integer lanes and ``vpmovdw``."""
+        _require(q, types.uint8, 2, "q")
+        _require(scale, types.int16, 2, "scale")
+        _require(zero, types.int16, 2, "zero")
+        for array, name in ((low, "low"), (high, "high")):
+            if not (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
+                    and array.dtype in (types.float32, types.uint16)):
+                raise TypingError(f"{name} must be a C-contiguous 1-D float32 or uint16 array, got {array}")
+        if low.dtype != high.dtype:
+            raise TypingError("low and high must have the same dtype")
+        bf16 = low.dtype == types.uint16
+        sig = types.void(q, r, scale, zero, group_shift, low, high)
+
+        def codegen(context, builder, signature, args):
+            row = args[1]
+            qa, sa, za, la, ha = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 5, 6))
+            intp = row.type
+            shift_v = context.cast(builder, args[4], signature.args[4], types.intp)
+            half = cgutils.unpack_tuple(builder, qa.shape)[1]
+            codes = _row_pointer(builder, qa, row, I8)
+            scales, zeros = _row_pointer(builder, sa, row, I16), _row_pointer(builder, za, row, I16)
+            bytes_t, ints_t, floats_t = _vec(I8, LANES), _vec(I32, LANES), _vec(F32, LANES)
+            out_t = _vec(I16, LANES) if bf16 else floats_t
+            first = ir.Constant(intp, 0)
+
+            def values(pointer, b):
+                g = builder.lshr(b, shift_v)
+                zero_v = _splat(builder, _half_to_float(builder, builder.load(builder.gep(zeros, [g]))), LANES)
+                scale_v = _splat(builder, _half_to_float(builder, builder.load(builder.gep(scales, [g]))), LANES)
+                packed = builder.zext(_load_vector(builder, pointer, first, bytes_t, 1), ints_t)
+                out = []
+                for nibble in (builder.and_(packed, ir.Constant(ints_t, [15] * LANES)),
+                               builder.lshr(packed, ir.Constant(ints_t, [4] * LANES))):
+                    v = builder.fmul(builder.fsub(builder.sitofp(nibble, floats_t), zero_v), scale_v)
+                    out.append(_to_bf16_bits(builder, v) if bf16 else v)
+                return out
+
+            def store(value, array, j0):
+                builder.store(value, builder.bitcast(builder.gep(array.data, [j0]), out_t.as_pointer()), align=2)
+
+            step = ir.Constant(intp, LANES)
+            full = builder.udiv(half, step)
+            with cgutils.for_range(builder, full) as loop:
+                j0 = builder.mul(loop.index, step)
+                lo, hi = values(builder.gep(codes, [j0]), loop.index)
+                store(lo, la, j0)
+                store(hi, ha, j0)
+            if tail:
+                count = builder.urem(half, step)
+                with builder.if_then(builder.icmp_unsigned("!=", count, ir.Constant(intp, 0)), likely=False):
+                    j0 = builder.mul(full, step)
+                    (padded,) = _padded_tail(builder, [(builder.gep(codes, [j0]), bytes_t)], count, intp)
+                    lo, hi = values(padded, full)
+                    for value, array in ((lo, la), (hi, ha)):
+                        buffer = cgutils.alloca_once(builder, out_t)
+                        builder.store(value, buffer)
+                        flat = builder.bitcast(buffer, out_t.element.as_pointer())
+                        with cgutils.for_range(builder, count) as k:
+                            target = builder.gep(array.data, [builder.add(j0, k.index)])
+                            builder.store(builder.load(builder.gep(flat, [k.index])), target)
+            return context.get_dummy_value()
+        return sig, codegen
+    return int4_dequant_row
+
+
+int4_dequant_row = _int4_dequant_intrinsic(tail=True)
+int4_dequant_full_row = _int4_dequant_intrinsic(tail=False)

@@ -294,6 +294,7 @@ def test_cost_model_interpolates_measured_cpu_seconds():
 
 
 @pytest.mark.parametrize("name,shape", [("int4", (130, 200)), ("int4-g32", (66, 18)), ("int4-g128", (66, 258)),
+                                        ("int4-g128", (256, 384)),
                                         ("int4-a8", (256, 128))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_exact_dequantization_is_the_devices_weights_bit_for_bit(name, shape, dtype):
