@@ -82,3 +82,4 @@ def quantize_rows(x, q, scale, qsum, deinterleave):
                 else:
                     q[t, k] = code
             qsum[t, b] = total
+

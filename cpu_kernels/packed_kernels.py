@@ -38,11 +38,11 @@ import torch
 from numba import njit, prange, types
 from numba.extending import overload
 
+from .act_quant import ACT_BLOCK, Q_MAX
 from .activations import activate
-from .formats import _bf16_bits_to_f32, _f16_bits_to_f32, _f32_bits
-from .kernels import _OPTS, TOKEN_BLOCK, _dot1, _dot2x1, _dot2x4
-from .act_quant import ACT_BLOCK
+from .formats import _bf16_bits_to_f32, _f16_bits_to_f32, _f32_bits, widen
 from .int_kernels import _group_shift
+from .kernels import _OPTS, TOKEN_BLOCK, _dot1, _dot2x1, _dot2x4
 from .packed import FP8_BLOCK
 from .simd import int4_dequant_full_row, int4_dequant_row, q4f_blocks_dot, q4f_full_blocks_dot
 
@@ -377,3 +377,26 @@ def _f32_to_bf16_bits(v):
     if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
         return np.uint16((bits >> np.uint32(16)) | np.uint32(0x40))
     return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def fake_quantize_rows(x, out, deinterleave):
+    """act_quant.fake_quantize on a CPU: x [T, K] float32, or bfloat16 bits as uint16 -> out [T, K] of the same
+    dtype, each value q * scale computed as fake_quantize computes it, bit for bit (the float32 block max,
+    division, round half to even and product, then bfloat16's round to nearest even); with ``deinterleave``
+    out[t] holds the even inputs, then the odd ones (the column order of the int4 weights the torch backend
+    dequantizes), in one pass. Tokens over threads; no fast-math (a reciprocal would change the codes)."""
+    tokens, width = x.shape
+    half = width // 2
+    for t in prange(tokens):
+        for b in range((width + ACT_BLOCK - 1) // ACT_BLOCK):
+            k0, k1 = b * ACT_BLOCK, min(width, (b + 1) * ACT_BLOCK)
+            amax = np.float32(0.0)
+            for k in range(k0, k1):
+                amax = max(amax, abs(widen(x[t, k])))
+            s = amax / np.float32(Q_MAX)
+            for k in range(k0, k1):
+                v = np.float32(0.0)
+                if s > 0:
+                    v = min(max(np.rint(widen(x[t, k]) / s), np.float32(-Q_MAX)), np.float32(Q_MAX))
+                _store_weight(out[t], (k % 2) * half + k // 2 if deinterleave else k, v * s)

@@ -4,7 +4,8 @@
     native blocks (float32 / float16 / bf16): torch.from_numpy views, F.linear in the block's dtype
         (oneDNN's bf16 matmuls beat the Numba kernels for many tokens on CPUs with AVX-512 BF16 or AMX);
     int8 blocks and packed rows: dequantized into one reused float32 scratch, then F.linear in float32
-        ("-a8" formats: each matmul's input rounded as their Numba kernels round it, act_quant.py);
+        ("-a8" formats: each matmul's input rounded as their Numba kernels round it, act_quant.py; in bf16
+        and float32 by packed_kernels.fake_quantize_rows, bit for bit the torch rounding);
     int4 rows (every group size, "-a8" too) with a float32 or bfloat16 compute dtype: dequantized by a
         parallel Numba kernel (packed_kernels.dequantize_int4_exact) into a scratch of the compute dtype,
         bit for bit the weights a device dequantizes into, with their columns deinterleaved (each
@@ -17,6 +18,8 @@ The runner chooses between this and the Numba kernels per format and token count
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from .activations import GELU, GELU_TANH, SILU
 from .blocks import as_torch_block
 from .packed import ExpertFormat, expert_forward
-from .packed_kernels import dequantize_int4_exact
+from .packed_kernels import dequantize_int4_exact, fake_quantize_rows
 
 _TORCH_ACTS = {SILU: F.silu, GELU: F.gelu, GELU_TANH: lambda v: F.gelu(v, approximate="tanh")}
 
@@ -86,12 +89,27 @@ class TorchExperts:
         xt = torch.from_numpy(x).to(gate_up.dtype)                          # [n, H]
         rounding = fmt.round_activations if fmt is not None else None
         columns = _deinterleave if fmt is not None and fmt.packed and _deinterleaved(fmt) else None
+        if fmt is not None and fmt.act_quant and xt.dtype in _ROUNDED:   # both in one Numba pass, bit for bit
+            rounding, columns = partial(_round_rows, deinterleave=columns is not None), None
         torch.from_numpy(out).copy_(expert_forward(xt, gate_up, down, _TORCH_ACTS[act], rounding, columns))
 
 
 def _deinterleaved(fmt: ExpertFormat) -> bool:
     """Whether the torch backend dequantizes ``fmt`` with the Numba int4 kernel (deinterleaved columns)."""
     return bool(getattr(fmt, "group", 0)) and fmt.compute_dtype in (torch.float32, torch.bfloat16)
+
+
+_ROUNDED = {torch.bfloat16: np.uint16, torch.float32: np.float32}   # dtypes fake_quantize_rows reads (bits)
+
+
+def _round_rows(v: torch.Tensor, deinterleave: bool) -> torch.Tensor:
+    """act_quant.fake_quantize(v) [t, K] (then deinterleaved) by packed_kernels.fake_quantize_rows: the same
+    values, 1.6-2x faster than the torch ops at 64 x 3584 on a 2-core AVX-512 EPYC."""
+    v = v.contiguous()
+    source = v.view(torch.int16).numpy().view(np.uint16) if v.dtype == torch.bfloat16 else v.numpy()
+    out = np.empty_like(source)
+    fake_quantize_rows(source, out, deinterleave)
+    return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16) if v.dtype == torch.bfloat16 else torch.from_numpy(out)
 
 
 def _deinterleave(v: torch.Tensor) -> torch.Tensor:

@@ -335,3 +335,23 @@ def test_bf16_int4_experts_on_the_torch_backend_compute_what_a_bf16_device_compu
     exact = f32.forward(x, *f32.unpack(torch.from_numpy(row)), F.silu)
     assert (got - device).abs().max() < (device - exact).abs().max()
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [130, 256])
+def test_numba_fake_quantize_is_the_torch_rounding_bit_for_bit(dtype, width):
+    """packed_kernels.fake_quantize_rows (the torch backend's "-a8" rounding) equals act_quant.fake_quantize,
+    deinterleaved or not: a zero block, a short last block, values on rounding ties."""
+    from moe_offload.cpu_kernels.act_quant import fake_quantize
+    from moe_offload.cpu_kernels.packed_kernels import fake_quantize_rows
+
+    x = (torch.randn(5, width, generator=torch.Generator().manual_seed(width)) * 3).to(dtype)
+    x[0, :64] = 0                                        # a zero block: scale 0, codes 0
+    x[1, :64] = torch.arange(64) - 31.75                 # max 32.25: many x / scale land near .5
+    expected = fake_quantize(x)
+    source = x.view(torch.int16).numpy().view(np.uint16) if dtype == torch.bfloat16 else x.numpy()
+    for deinterleave, want in ((False, expected), (True, torch.cat([expected[:, 0::2], expected[:, 1::2]], 1))):
+        out = np.empty_like(source)
+        fake_quantize_rows(source, out, deinterleave)
+        got = torch.from_numpy(out.view(np.int16)).view(dtype) if dtype == torch.bfloat16 else torch.from_numpy(out)
+        assert torch.equal(got, want), deinterleave
