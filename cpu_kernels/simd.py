@@ -22,6 +22,8 @@ Instructions of the hot loop, by the target numba compiles for:
     added), which LLVM lowers as it can.
 ``MOE_OFFLOAD_SIMD=avx512|avx2|generic`` forces one (use a fresh ``NUMBA_CACHE_DIR``: numba's cache does
 not key on it). With ``NUMBA_CPU_NAME`` set (a portable cache), the generic form is used unless forced.
+The intrinsics are compiled into their callers (int_kernels.py, packed_kernels.py), and numba's cache checks
+only the caller's source file: after editing this file, clear the cache (``__pycache__/*.nbi``, ``*.nbc``).
 """
 
 from __future__ import annotations

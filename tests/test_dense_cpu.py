@@ -97,3 +97,25 @@ def test_float32_models_are_left_alone():
 def test_bad_cpu_dense_names_the_choices():
     with pytest.raises(MoEOffloadError, match="cpu_dense must be one of auto, native, float32, kernel"):
         moe_offload.OffloadConfig(device="cpu", cpu_dense="fp16")
+
+
+def test_a_measured_choice_is_kept_per_machine_and_shape(monkeypatch, tmp_path):
+    """The first load times a shape; later loads read the kept choice; a corrupt file is timed again."""
+    from moe_offload.runtime import dense_cpu
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    timed = []
+
+    def fake_timing(weight, tokens=dense_cpu.TOKEN_COUNTS):
+        timed.append(tuple(weight.shape))
+        return DenseTiming(tuple(weight.shape), {1: 2.0, 4: 2.0}, {1: 1.5, 4: 3.0}, {1: 1.0, 4: 3.0})
+
+    monkeypatch.setattr(dense_cpu, "time_shape", fake_timing)
+    weight = torch.zeros(24, 16, dtype=torch.bfloat16)
+    assert dense_cpu.measured_choice(weight) == (1, 1) and timed == [(24, 16)]
+    assert dense_cpu.measured_choice(weight) == (1, 1) and timed == [(24, 16)]          # read, not timed
+    assert dense_cpu.measured_choice(torch.zeros(24, 8, dtype=torch.bfloat16)) == (1, 1)  # another shape: timed
+    assert timed == [(24, 16), (24, 8)]
+    (kept,) = [p for p in (tmp_path / "moe-offload" / "dense").iterdir() if "24, 16" in p.read_text()]
+    kept.write_text("{not json")
+    assert dense_cpu.measured_choice(weight) == (1, 1) and timed[-1] == (24, 16) and len(timed) == 3

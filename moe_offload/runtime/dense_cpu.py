@@ -17,13 +17,20 @@ calls up to the largest count where the upcast beat native run upcast. torch's b
 at about half the Numba kernel's speed on a 2-core AVX-512 EPYC. Upcast and kernel layers compute the exact
 products of the same bf16 weights in float32 and round once: at least as exact as the native matmul, so the
 parity tolerance holds either way. The routed experts are not nn.Linear modules and are untouched.
+A choice is measured once per machine and shape and kept in the user's cache folder (measured_choice);
+delete $XDG_CACHE_HOME/moe-offload/dense to measure again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import platform
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -164,8 +171,57 @@ def _cycle(weights: list[torch.Tensor], x: torch.Tensor, upcast: bool) -> None:
             F.linear(x, w)
 
 
+DENSE_CACHE_VERSION = 1   # bump when the variants or their timing change: every kept choice is measured again
+
+
+def dense_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/moe-offload/dense (~/.cache/... by default): the measured choices, one file per key."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moe-offload" / "dense"
+
+
+def _choice_key(weight: torch.Tensor) -> str:
+    """What a measured choice depends on: the CPU (model name and features), the thread counts, the torch
+    and numba versions, the weight's dtype and shape."""
+    import numba
+    from llvmlite import binding
+
+    features = sorted(name for name, on in binding.get_host_cpu_features().items() if on)
+    facts = {"version": DENSE_CACHE_VERSION, "cpu": platform.processor() or platform.machine(),
+             "cpu_name": binding.get_host_cpu_name(), "features": features, "torch": torch.__version__,
+             "numba": numba.__version__, "torch_threads": torch.get_num_threads(),
+             "numba_threads": numba.get_num_threads(), "dtype": str(weight.dtype), "shape": list(weight.shape)}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def measured_choice(weight: torch.Tensor) -> tuple[int, int]:
+    """(kernel_tokens, upcast_tokens) of ``weight``'s shape on this machine: read from the dense cache, else
+    timed now (time_shape, about 0.2-0.5 s a shape) and kept there. An unreadable cache file is timed again
+    and rewritten; a cache folder that cannot be written only costs the timing at the next load."""
+    path = dense_cache_dir() / f"{_choice_key(weight)}.json"
+    try:
+        kept = json.loads(path.read_text())
+        return int(kept["kernel_tokens"]), int(kept["upcast_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    timing = time_shape(weight)
+    choice = (timing.kernel_tokens, timing.upcast_tokens)
+    record = {"kernel_tokens": choice[0], "upcast_tokens": choice[1], "shape": list(weight.shape),
+              "dtype": str(weight.dtype), "native_s": timing.native_s, "upcast_s": timing.upcast_s,
+              "kernel_s": timing.kernel_s}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial_path = path.with_suffix(f".{os.getpid()}.tmp")
+        partial_path.write_text(json.dumps(record))
+        partial_path.replace(path)
+    except OSError:
+        pass
+    return choice
+
+
 def choose_dense_precision(model: nn.Module, dtype: torch.dtype, mode: str) -> dict[tuple[int, int], tuple[int, int]]:
-    """Apply ``mode`` to the model's dense nn.Linear layers in ``dtype`` ('auto': measured per shape; 'float32':
+    """Apply ``mode`` to the model's dense nn.Linear layers in ``dtype`` ('auto': measured per shape once per
+    machine, measured_choice; 'float32':
     every call upcast; 'kernel': every call on the Numba kernel (bf16 / fp16); 'native': none; a float32 model
     has nothing to do): each layer whose shape gains
     becomes an UpcastLinear. Returns {(N, K): (rows up to which calls run on the kernel, then upcast)}."""
@@ -177,8 +233,7 @@ def choose_dense_precision(model: nn.Module, dtype: torch.dtype, mode: str) -> d
         shape = tuple(linear.weight.shape)
         if shape not in chosen:
             if mode == "auto":
-                timing = time_shape(linear.weight)
-                chosen[shape] = (timing.kernel_tokens, timing.upcast_tokens)
+                chosen[shape] = measured_choice(linear.weight)
             elif mode == "kernel":
                 chosen[shape] = (torch.iinfo(torch.int64).max, 0)
             else:
