@@ -22,7 +22,7 @@ from .ffn import _check_tokens, check_act
 from .int_kernels import int_ffn
 from .kernels import ffn_decode, ffn_prefill
 from .packed import ExpertFormat
-from .packed_kernels import INT4_SMALL_CHUNK, int4_direct_decode, packed_decode, packed_prefill
+from .packed_kernels import INT4_SMALL_CHUNK, fp8_direct_decode, int4_direct_decode, packed_decode, packed_prefill
 
 
 def check_packed(row: np.ndarray, fmt: ExpertFormat, hidden: int) -> int:
@@ -153,6 +153,9 @@ def packed_ffn(x: np.ndarray, row: np.ndarray, fmt: ExpertFormat, act: str | int
     _check_rows(rows, fmt)
     if tokens == 1 and fmt.group and fmt.group % ACT_BLOCK == 0:
         int4_direct_decode(x, gate_up, down, code, out, h, work, sums)
+        return out
+    if tokens == 1 and fmt.storage == "fp8":
+        fp8_direct_decode(x, gate_up, down, code, out, h)
         return out
     if fmt.name == "int8":
         kernel = ffn_decode if tokens == 1 else ffn_prefill

@@ -44,7 +44,15 @@ from .formats import _bf16_bits_to_f32, _f16_bits_to_f32, _f32_bits, widen
 from .int_kernels import _group_shift
 from .kernels import _OPTS, TOKEN_BLOCK, _dot1, _dot2x1, _dot2x4
 from .packed import FP8_BLOCK
-from .simd import int4_dequant_full_row, int4_dequant_row, q4f_blocks_dot, q4f_full_blocks_dot
+from .simd import LANES as FP8_STEP
+from .simd import (
+    fp8_blocks_dot,
+    fp8_full_blocks_dot,
+    int4_dequant_full_row,
+    int4_dequant_row,
+    q4f_blocks_dot,
+    q4f_full_blocks_dot,
+)
 
 # Bytes (2 * INT4_CHUNK weights) per vectorized int4 decode step; groups of 64 or more columns are a multiple of it.
 INT4_CHUNK = 32
@@ -246,6 +254,38 @@ def int4_direct_decode(x, gate_up, down, act, out, h, work, sums):
     else:
         for r in prange(hidden):
             out[0, r] = q4f_full_blocks_dot(q, r, scale, zero, shift, h0, hsum)
+
+
+@njit(inline="always", **_OPTS)
+def _fp8_block_row(r, split):
+    """Row r's row of scale blocks (packed.py's block_row: rows below and from ``split`` blocked apart)."""
+    return (r // split) * ((split + FP8_BLOCK - 1) // FP8_BLOCK) + (r % split) // FP8_BLOCK
+
+
+@njit(parallel=True, **_OPTS)
+def fp8_direct_decode(x, gate_up, down, act, out, h):
+    """One token through an fp8 expert: each row's codes decode in registers and meet x (then h) in
+    simd.fp8_blocks_dot, no decoded row written out and read back. x [1, H], out [1, H], scratch h [1, I].
+    Each row loop is written for rows with and without a short last step (int_kernels.int_ffn)."""
+    hidden, inter = out.shape[1], h.shape[1]
+    q, scale, split = gate_up
+    x0 = x[0]
+    if hidden % FP8_STEP:
+        for j in prange(inter):
+            g = fp8_blocks_dot(q, j, scale[_fp8_block_row(j, split)], x0)
+            h[0, j] = activate(g, act) * fp8_blocks_dot(q, inter + j, scale[_fp8_block_row(inter + j, split)], x0)
+    else:
+        for j in prange(inter):
+            g = fp8_full_blocks_dot(q, j, scale[_fp8_block_row(j, split)], x0)
+            h[0, j] = activate(g, act) * fp8_full_blocks_dot(q, inter + j, scale[_fp8_block_row(inter + j, split)], x0)
+    q, scale, split = down
+    h0 = h[0]
+    if inter % FP8_STEP:
+        for r in prange(hidden):
+            out[0, r] = fp8_blocks_dot(q, r, scale[_fp8_block_row(r, split)], h0)
+    else:
+        for r in prange(hidden):
+            out[0, r] = fp8_full_blocks_dot(q, r, scale[_fp8_block_row(r, split)], h0)
 
 
 @njit(**_OPTS)

@@ -523,3 +523,67 @@ def _int4_dequant_intrinsic(tail: bool):
 
 int4_dequant_row = _int4_dequant_intrinsic(tail=True)
 int4_dequant_full_row = _int4_dequant_intrinsic(tail=False)
+
+
+FP8_SCALE_SHIFT = 2        # log2(FP8_BLOCK / LANES): steps of LANES columns per scale block of 128
+
+
+def _fp8_intrinsic(tail: bool):
+    @intrinsic
+    def fp8_blocks_dot(typingctx, q, r, scale_row, x):
+        """Row r of float8_e4m3fn codes q [R, K] . float32 inputs x [K], column block c (128 columns) times
+        scale_row[c]: the row's block-row of scales (with ``tail`` a short last step included). The codes
+        decode in integer lanes as packed_kernels._fp8_decode_cols does (normal values by shifting the
+        magnitude bits into a float32's exponent and mantissa, subnormals as magnitude * 2^-9, the NaN codes
+        NaN, the sign bit moved over), 32 a step, then meet x in float32 lanes; one horizontal sum per row."""
+        _require(q, types.uint8, 2, "q")
+        _require(scale_row, types.float32, 1, "scale_row")
+        _require(x, types.float32, 1, "x")
+        sig = types.float32(q, r, scale_row, x)
+
+        def codegen(context, builder, signature, args):
+            row = args[1]
+            qa, sa, xa = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3))
+            intp = row.type
+            width = cgutils.unpack_tuple(builder, qa.shape)[1]
+            codes = _row_pointer(builder, qa, row, I8)
+            faccs = _accumulators(builder, ir.Constant(_vec(F32, LANES // 2), [0.0] * (LANES // 2)))
+            bytes_t, ints_t, floats_t = _vec(I8, LANES), _vec(I32, LANES), _vec(F32, LANES)
+            first = ir.Constant(intp, 0)
+
+            def const(v):
+                return ir.Constant(ints_t, [v] * LANES)
+
+            def step(b, j0, tail, chain, factor):
+                w, xs = builder.gep(codes, [j0]), builder.gep(xa.data, [j0])
+                if tail is not None:
+                    w, xs = _padded_tail(builder, [(w, bytes_t), (xs, floats_t)], tail, intp)
+                packed = builder.zext(_load_vector(builder, w, first, bytes_t, 1), ints_t)
+                magnitude = builder.and_(packed, const(127))
+                normal = builder.bitcast(builder.add(builder.shl(magnitude, const(20)), const(120 << 23)), floats_t)
+                subnormal = builder.fmul(builder.sitofp(magnitude, floats_t),
+                                         ir.Constant(floats_t, [2.0 ** -9] * LANES))
+                value = builder.select(builder.icmp_unsigned("<", magnitude, const(8)), subnormal, normal)
+                value = builder.select(builder.icmp_unsigned("==", magnitude, const(127)),
+                                       ir.Constant(floats_t, [float("nan")] * LANES), value)
+                sign = builder.shl(builder.and_(packed, const(128)), const(24))
+                value = builder.bitcast(builder.xor(builder.bitcast(value, ints_t), sign), floats_t)
+                products = _contract(builder.fmul(value, _load_vector(builder, xs, first, floats_t, 4)))
+                folded = builder.fadd(builder.shuffle_vector(products, products, _indices(range(LANES // 2))),
+                                      builder.shuffle_vector(products, products, _indices(range(LANES // 2, LANES))))
+                facc = faccs[chain]
+                builder.store(_contract(builder.fadd(builder.load(facc), _contract(builder.fmul(
+                    folded, _splat(builder, factor, LANES // 2))))), facc)
+
+            def block(b, j0, tail, chain):
+                column_block = builder.lshr(b, ir.Constant(intp, FP8_SCALE_SHIFT))
+                step(b, j0, tail, chain, builder.load(builder.gep(sa.data, [column_block])))
+
+            _row_blocks(builder, intp, width, LANES, block, tail)
+            return _hsum(builder, _sum_chains(builder, faccs))
+        return sig, codegen
+    return fp8_blocks_dot
+
+
+fp8_blocks_dot = _fp8_intrinsic(tail=True)
+fp8_full_blocks_dot = _fp8_intrinsic(tail=False)

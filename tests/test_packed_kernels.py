@@ -29,7 +29,7 @@ SHAPES = {
     "int4": [(130, 200), (66, 34), (128, 192)],
     "int4-g32": [(130, 200), (66, 18)],
     "int4-g128": [(66, 258), (300, 130), (256, 384)],
-    "fp8": [(129, 257), (10, 6), (256, 131)],
+    "fp8": [(129, 257), (10, 6), (256, 131), (128, 256)],
     # "-a8": activation blocks of 64 whole, short (H or I % 64 != 0) and alone (K < 64)
     "int8-a8": [(33, 7), (130, 257), (128, 192)],
     "int4-a8": [(130, 200), (66, 34), (256, 128)],
@@ -355,3 +355,30 @@ def test_numba_fake_quantize_is_the_torch_rounding_bit_for_bit(dtype, width):
         fake_quantize_rows(source, out, deinterleave)
         got = torch.from_numpy(out.view(np.int16)).view(dtype) if dtype == torch.bfloat16 else torch.from_numpy(out)
         assert torch.equal(got, want), deinterleave
+
+
+def test_fp8_row_dot_decodes_every_code_as_the_table_does():
+    """simd.fp8_blocks_dot (the T = 1 fp8 kernel) against FP8_LUT: every finite code (normal, subnormal, both
+    zeros, both signs) with its block's scale, a short last step; a NaN code makes the row NaN."""
+    from numba import njit
+
+    from moe_offload.cpu_kernels.packed_kernels import FP8_LUT
+    from moe_offload.cpu_kernels.simd import fp8_blocks_dot
+
+    @njit
+    def rows(q, scale, x, out):
+        for r in range(q.shape[0]):
+            out[r] = fp8_blocks_dot(q, r, scale[r], x)
+
+    finite = np.array([c for c in range(256) if c not in (0x7F, 0xFF)], dtype=np.uint8)      # 254 codes
+    q = np.stack([finite, finite[::-1], finite]).copy()
+    q[2, 5] = 0x7F
+    scale = np.array([[0.5, 2.0], [1.0, 0.25], [1.0, 1.0]], dtype=np.float32)               # [rows, 2 blocks]
+    x = np.random.default_rng(1).standard_normal(254).astype(np.float32)
+    out = np.empty(3, np.float32)
+    rows(q, scale, x, out)
+    for r in range(2):
+        weights = FP8_LUT[q[r]].astype(np.float64) * np.repeat(scale[r], 128)[:254]
+        expected = weights @ x.astype(np.float64)
+        assert abs(out[r] - expected) <= 1e-5 * np.abs(weights * x).sum(), r
+    assert np.isnan(out[2])
