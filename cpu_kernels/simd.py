@@ -181,6 +181,16 @@ def _sum_chains(builder, accumulators):
     return total
 
 
+def _arrays(context, builder, signature, args, indices):
+    """The array structs of the intrinsic's arguments at ``indices``."""
+    return [context.make_array(signature.args[i])(context, builder, args[i]) for i in indices]
+
+
+def _float_lanes(builder):
+    """Two zeroed accumulator chains of LANES // 2 float32 lanes."""
+    return _accumulators(builder, ir.Constant(_vec(F32, LANES // 2), [0.0] * (LANES // 2)))
+
+
 CHUNK = 16                 # int4 blocks whose scales are computed as one vector (groups of 64 or 128 inputs)
 
 
@@ -294,11 +304,11 @@ def _q8_intrinsic(tail: bool):
 
         def codegen(context, builder, signature, args):
             row = args[1]
-            qa, xqa, xsa = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3))
+            qa, xqa, xsa = _arrays(context, builder, signature, args, (0, 2, 3))
             intp = row.type
             width = cgutils.unpack_tuple(builder, qa.shape)[1]
             codes = _row_pointer(builder, qa, row, I8)
-            faccs = _accumulators(builder, ir.Constant(_vec(F32, LANES // 2), [0.0] * (LANES // 2)))
+            faccs = _float_lanes(builder)
             bytes_t, words_t = _vec(I8, LANES), _vec(I16, LANES)
             second = ir.Constant(intp, LANES)
 
@@ -337,8 +347,7 @@ def _q4_intrinsic(tail: bool):
 
         def codegen(context, builder, signature, args):
             row = args[1]
-            qa, sa, za, xqa, xsa, xsuma = (context.make_array(signature.args[i])(context, builder, args[i])
-                                           for i in (0, 2, 3, 5, 6, 7))
+            qa, sa, za, xqa, xsa, xsuma = _arrays(context, builder, signature, args, (0, 2, 3, 5, 6, 7))
             intp = row.type
             group_shift_v = context.cast(builder, args[4], signature.args[4], types.intp)
             half = cgutils.unpack_tuple(builder, qa.shape)[1]
@@ -346,7 +355,7 @@ def _q4_intrinsic(tail: bool):
             codes = _row_pointer(builder, qa, row, I8)
             factors = _Int4Scales(builder, intp, _row_pointer(builder, sa, row, I16), _row_pointer(builder, za, row, I16),
                                   group_shift_v, xsa.data, xsuma.data, xsum_is_int=True)
-            faccs = _accumulators(builder, ir.Constant(_vec(F32, LANES // 2), [0.0] * (LANES // 2)))
+            faccs = _float_lanes(builder)
             bytes_t, words_t = _vec(I8, LANES), _vec(I16, LANES)
             first = ir.Constant(intp, 0)
 
@@ -390,8 +399,7 @@ def _q4f_intrinsic(tail: bool):
 
         def codegen(context, builder, signature, args):
             row = args[1]
-            qa, sa, za, xa, xsuma = (context.make_array(signature.args[i])(context, builder, args[i])
-                                     for i in (0, 2, 3, 5, 6))
+            qa, sa, za, xa, xsuma = _arrays(context, builder, signature, args, (0, 2, 3, 5, 6))
             intp = row.type
             group_shift_v = context.cast(builder, args[4], signature.args[4], types.intp)
             half = cgutils.unpack_tuple(builder, qa.shape)[1]
@@ -399,7 +407,7 @@ def _q4f_intrinsic(tail: bool):
             codes = _row_pointer(builder, qa, row, I8)
             factors = _Int4Scales(builder, intp, _row_pointer(builder, sa, row, I16), _row_pointer(builder, za, row, I16),
                                   group_shift_v, None, xsuma.data, xsum_is_int=False)
-            faccs = _accumulators(builder, ir.Constant(_vec(F32, LANES // 2), [0.0] * (LANES // 2)))
+            faccs = _float_lanes(builder)
             bytes_t, ints_t, floats_t = _vec(I8, LANES), _vec(I32, LANES), _vec(F32, LANES)
             first = ir.Constant(intp, 0)
 
@@ -471,7 +479,7 @@ def _int4_dequant_intrinsic(tail: bool):
 
         def codegen(context, builder, signature, args):
             row = args[1]
-            qa, sa, za, la, ha = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 5, 6))
+            qa, sa, za, la, ha = _arrays(context, builder, signature, args, (0, 2, 3, 5, 6))
             intp = row.type
             shift_v = context.cast(builder, args[4], signature.args[4], types.intp)
             half = cgutils.unpack_tuple(builder, qa.shape)[1]
@@ -543,11 +551,11 @@ def _fp8_intrinsic(tail: bool):
 
         def codegen(context, builder, signature, args):
             row = args[1]
-            qa, sa, xa = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3))
+            qa, sa, xa = _arrays(context, builder, signature, args, (0, 2, 3))
             intp = row.type
             width = cgutils.unpack_tuple(builder, qa.shape)[1]
             codes = _row_pointer(builder, qa, row, I8)
-            faccs = _accumulators(builder, ir.Constant(_vec(F32, LANES // 2), [0.0] * (LANES // 2)))
+            faccs = _float_lanes(builder)
             bytes_t, ints_t, floats_t = _vec(I8, LANES), _vec(I32, LANES), _vec(F32, LANES)
             first = ir.Constant(intp, 0)
 
