@@ -6,6 +6,7 @@ sys.path).
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -49,6 +50,17 @@ def mixtral_dir(checkpoints) -> Path:
 # Relative error ||got - expected|| / ||expected|| (in float32) allowed per dtype: float32 math differs from
 # transformers' only in summation order; half types round every activation.
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
+
+
+def live_objects(cls) -> int:
+    """How many objects the collector tracks are ``cls`` instances. A weak proxy whose referent is gone raises
+    ReferenceError on isinstance (whatever left it in the heap): it is not an instance of anything."""
+    def instance(o) -> bool:
+        try:
+            return isinstance(o, cls)
+        except ReferenceError:
+            return False
+    return sum(instance(o) for o in gc.get_objects())
 
 
 def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import live_objects
 
 import moe_offload
 from moe_offload import MoEOffloadError
@@ -137,14 +138,14 @@ def test_budget_below_one_expert(mixtral_dir):
 def test_nothing_half_loaded_stays(ckpt):
     _drop_tensors(ckpt, lambda k: k.startswith("model.layers.2.block_sparse_moe.experts.5."))
     gc.collect()
-    before = sum(isinstance(o, HostExpertStore) for o in gc.get_objects())
+    before = live_objects(HostExpertStore)
     try:
         load(ckpt)
     except MoEOffloadError as err:
         kept = err  # a caller holding on to the error must not hold the half-loaded store
     gc.collect()
     assert kept.__traceback__ is not None
-    assert sum(isinstance(o, HostExpertStore) for o in gc.get_objects()) == before
+    assert live_objects(HostExpertStore) == before
 
 
 def test_shape_mismatch(ckpt):

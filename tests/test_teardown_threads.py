@@ -9,6 +9,7 @@ import weakref
 
 import pytest
 import torch
+from conftest import live_objects
 
 from moe_offload.models import shipped_model_dir
 
@@ -28,7 +29,7 @@ def rss_bytes() -> int:
 
 
 def live_tensors() -> int:
-    return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+    return live_objects(torch.Tensor)
 
 
 def test_del_frees_everything_without_the_cycle_collector(deepseek):
