@@ -14,9 +14,9 @@ accumulated times the block's scale into 16 float32 lanes; one horizontal sum pe
 target are listed in simd.py (AVX-512 BW: ``vpmovsxbw``/``vpmovzxbw`` zmm + ``vpmaddwd``/``vpdpwssd``;
 AVX2: the same on ymm). This replaced a scalar loop that LLVM vectorized with one horizontal int32
 reduction per block: 1.5-1.8x faster per thread at H=1024 / I=3584 (int4 18 -> 31 GMAC/s, int8 27 ->
-50, one thread, weights in cache, znver4). A row whose width is not a multiple of B ends in a short
-block runs the same vector body on zero-padded stack copies (a call to a separate scalar function
-there cost 25% of the row loop even when never taken).
+50, one thread, weights in cache, znver4). The short last block of a row whose width is not a multiple
+of B runs the same vector body on zero-padded stack copies (a call to a separate scalar function there
+cost 25% of the row loop even when never taken).
 Rows are split over threads (prange); each row serves every token while it is in L1, so the weights
 are read from memory once per call at any T. Nothing is allocated.
 """

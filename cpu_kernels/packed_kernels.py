@@ -125,11 +125,17 @@ def _fp8_decode_cols(q, r, c0, c1, scale, w):
         w[c] = v * scale
 
 
+@njit(inline="always", **_OPTS)
+def _fp8_block_row(r, split):
+    """Row r's row of scale blocks (packed.py's block_row: rows below and from ``split`` blocked apart)."""
+    return (r // split) * ((split + FP8_BLOCK - 1) // FP8_BLOCK) + (r % split) // FP8_BLOCK
+
+
 @njit(**_OPTS)
 def _fp8_decode_row(q, scale, split, r, w):
     """w[:K] = row r of an fp8 matrix, block by block (the last block may be short)."""
     width = q.shape[1]
-    br = (r // split) * ((split + FP8_BLOCK - 1) // FP8_BLOCK) + (r % split) // FP8_BLOCK   # packed.py's block_row
+    br = _fp8_block_row(r, split)
     for b in range(scale.shape[1]):
         c0 = b * FP8_BLOCK
         if c0 + FP8_BLOCK <= width:
@@ -254,12 +260,6 @@ def int4_direct_decode(x, gate_up, down, act, out, h, work, sums):
     else:
         for r in prange(hidden):
             out[0, r] = q4f_full_blocks_dot(q, r, scale, zero, shift, h0, hsum)
-
-
-@njit(inline="always", **_OPTS)
-def _fp8_block_row(r, split):
-    """Row r's row of scale blocks (packed.py's block_row: rows below and from ``split`` blocked apart)."""
-    return (r // split) * ((split + FP8_BLOCK - 1) // FP8_BLOCK) + (r % split) // FP8_BLOCK
 
 
 @njit(parallel=True, **_OPTS)

@@ -99,7 +99,7 @@ def _deinterleaved(fmt: ExpertFormat) -> bool:
     return bool(getattr(fmt, "group", 0)) and fmt.compute_dtype in (torch.float32, torch.bfloat16)
 
 
-_ROUNDED = {torch.bfloat16: np.uint16, torch.float32: np.float32}   # dtypes fake_quantize_rows reads (bits)
+_ROUNDED = (torch.bfloat16, torch.float32)   # the dtypes fake_quantize_rows reads (bf16 as uint16 bits)
 
 
 def _round_rows(v: torch.Tensor, deinterleave: bool) -> torch.Tensor:
