@@ -19,6 +19,7 @@ class ExpertSlots:
         self.buffers = torch.empty((num_slots, block_numel), dtype=dtype, device=device)  # [S, 3HI]
         self.expert_to_slot = np.full(num_keys, -1, dtype=np.int64)
         self.slot_to_expert = np.full(num_slots, -1, dtype=np.int64)
+        self.slot_of: list[int] = [-1] * num_keys     # expert_to_slot as a list: lookups are on every hot path
         self._free = list(range(num_slots - 1, -1, -1))
         self.frees = 0      # free() calls so far: caches keeping their own residency lists resync on change
 
@@ -36,7 +37,7 @@ class ExpertSlots:
         return self.buffers.numel() * self.buffers.element_size()
 
     def lookup(self, key: int) -> int:
-        return int(self.expert_to_slot[key])
+        return self.slot_of[key]
 
     def has_free(self) -> bool:
         return bool(self._free)
@@ -49,16 +50,16 @@ class ExpertSlots:
     def assign(self, key: int, slot: int) -> None:
         old = self.slot_to_expert[slot]
         if old >= 0:
-            self.expert_to_slot[old] = -1
+            self.expert_to_slot[old] = self.slot_of[old] = -1
         self.slot_to_expert[slot] = key
-        self.expert_to_slot[key] = slot
+        self.expert_to_slot[key] = self.slot_of[key] = int(slot)
 
     def evict(self, key: int) -> int:
         """Forget ``key``; its slot stays taken until reassigned. Returns the slot."""
-        slot = int(self.expert_to_slot[key])
+        slot = self.slot_of[key]
         if slot < 0:
             raise KeyError(f"expert {key} holds no slot")
-        self.expert_to_slot[key] = -1
+        self.expert_to_slot[key] = self.slot_of[key] = -1
         self.slot_to_expert[slot] = -1
         return slot
 

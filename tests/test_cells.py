@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from moe_offload.predictor.synthetic import SyntheticTraceConfig, synthetic_trace
@@ -28,5 +30,6 @@ def test_the_process_pool_gives_the_inline_results(inline):
 
 
 def test_a_local_ray_gives_the_inline_results(inline):
-    pytest.importorskip("ray")
+    if not os.environ.get("CI"):        # the test extra installs ray; CI must run this, never skip it
+        pytest.importorskip("ray")
     assert run_cells(REPLAY, CELLS, ray_address="", progress=False) == inline

@@ -27,11 +27,13 @@ class Prediction:
 
     def ranked(self, distance: int) -> list[int]:
         """The experts in some token's top at ``distance``, best total score first (ties: lower id first)."""
-        if distance not in self._ranked:
-            weight = self.weights[distance - 1]                                  # [E]
-            members = (weight >= 0).nonzero()[0]
-            self._ranked[distance] = members[np.argsort(-weight[members], kind="stable")].tolist()
-        return self._ranked[distance]
+        ranked = self._ranked.get(distance)
+        if ranked is None:
+            weight = self.weights[distance - 1].tolist()                         # [E]
+            ranked = [e for e, w in enumerate(weight) if w >= 0]                 # ascending ids: a stable sort
+            ranked.sort(key=lambda e: -weight[e])                                # keeps ties in id order
+            self._ranked[distance] = ranked
+        return ranked
 
     @property
     def next_shares(self) -> np.ndarray | None:

@@ -222,11 +222,17 @@ class CallProtocol:
     def record(self, layer: int, ids: torch.Tensor) -> RouterRecord:
         """The router call's record for the experts call with flat ids ``ids`` [T*k]; read here when the
         router hook did not run for this call."""
-        record = self._routed.pop(layer, None)
-        if record is None or sum(record.counts) != ids.numel():
+        record = self.routed(layer, ids.numel())
+        if record is None:
             counts = self.readback.read([self.count(ids)])[0]
             return RouterRecord(counts.astype(np.int64).tolist(), None)
         return record
+
+    def routed(self, layer: int, assignments: int) -> RouterRecord | None:
+        """The record ``route`` kept for layer ``layer``'s call, taken, if it counts ``assignments`` (T*k)
+        routings; else None (``record`` then counts the ids)."""
+        record = self._routed.pop(layer, None)
+        return record if record is not None and sum(record.counts) == assignments else None
 
     # -- 2. the experts call -----------------------------------------------------------------------------------
     def run(self, layer: int, tokens: int, record: RouterRecord, compute: Compute) -> Plan:

@@ -291,7 +291,8 @@ class Simulator:
             protocol.on_router(layer, gates, probs, ids)
         else:
             protocol.route(layer, self._record(call))
-        record = protocol.record(layer, self._ids[rows, layer].reshape(-1))
+        record = protocol.routed(layer, (call.end - call.start) * self.layout.top_k) \
+            or protocol.record(layer, self._ids[rows, layer].reshape(-1))
         plan = protocol.run(layer, call.end - call.start, record, _NO_COMPUTE)
         if self.cost is None:
             return 0.0
