@@ -20,7 +20,8 @@ Instructions of the hot loop, by the target numba compiles for:
   * AVX2 (``llvm.x86.avx2.pmadd.wd`` on two ymm halves): ``vpmovsxbw``/``vpmovzxbw`` + ``vpmaddwd``.
   * anything else: the same arithmetic in target-independent vector IR (even/odd lanes multiplied and
     added), which LLVM lowers as it can.
-The int4 loops also prefetch 4 KB ahead of the current block (``prefetcht0``; PREFETCH below).
+The int4 loops prefetch 4 KB ahead of the current block into L2 (``prefetcht1``), the int8 ones 8 KB ahead
+on rows of at least 8192 inputs (PREFETCH below).
 ``MOE_OFFLOAD_SIMD=avx512|avx2|generic`` forces one (use a fresh ``NUMBA_CACHE_DIR``: numba's cache does
 not key on it). With ``NUMBA_CPU_NAME`` set (a portable cache), the generic form is used unless forced.
 The intrinsics are compiled into their callers (int_kernels.py, packed_kernels.py), and numba's cache checks
@@ -125,19 +126,26 @@ def _half_to_float(builder, bits):
     return builder.fpext(builder.bitcast(bits, F16), F32)
 
 
-# Bytes ahead of a row's current block that the int4 loops prefetch. Streaming int4 Mixtral-8x7B rows from
-# memory (4096 x 14336 and 28672 x 4096) ran 1.4-1.5x faster with 4096 on one thread (2048: 1.3x, 8192: less)
-# and 1.47-1.65x on two, side by side in one process; the weights-in-cache shape (7168 x 1024) the same. The
-# int8 and fp8 loops (twice the bytes per weight) measured no gain on two threads, so they do not prefetch
-# (znver4, 2 cores).
+# Bytes ahead of a row's current block that the int4 loops prefetch, and into which cache level. Streaming
+# int4 Mixtral-8x7B rows from memory (4096 x 14336 and 28672 x 4096) ran 1.4-1.5x faster with 4096 bytes
+# ahead on one thread (2048: 1.3x, 8192: less) and 1.47-1.65x on two. Into L2 only (``prefetcht1``), not L1:
+# a prefetch into L1 evicts the activation codes the row meets (28 KB of int16 codes for a 14336-wide row,
+# most of a 32 KB L1), and the 14336-wide rows then streamed at 16.7 GB/s against 23.6 into L2 (28672 x 4096:
+# 27.7 against 30.5), both threads, side by side in one process (znver4). The int8 loops (twice the bytes per
+# weight) lose with a prefetch on 4096-wide rows (42 against 38 GB/s) and gain on 14336-wide ones (16 against
+# 21): they prefetch PREFETCH_INT8 bytes ahead on rows of at least WIDE_ROW inputs only.
 PREFETCH = 4096
+PREFETCH_INT8 = 8192
+PREFETCH_LEVEL = 2          # llvm.prefetch locality: 3 = prefetcht0 (L1), 2 = prefetcht1 (L2)
+WIDE_ROW = 8192             # inputs per row from which the int8 loops prefetch (int16 codes: 16 KB, half an L1)
 
 
 def _prefetch(builder, pointer):
-    """A read prefetch of ``pointer``'s cache line into every level (``llvm.prefetch``: ``prefetcht0``)."""
+    """A read prefetch of ``pointer``'s cache line into L2 (``llvm.prefetch`` locality PREFETCH_LEVEL:
+    ``prefetcht1``)."""
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
                                         "llvm.prefetch.p0")
-    builder.call(fn, [builder.bitcast(pointer, I8.as_pointer()), ir.Constant(I32, 0), ir.Constant(I32, 3),
+    builder.call(fn, [builder.bitcast(pointer, I8.as_pointer()), ir.Constant(I32, 0), ir.Constant(I32, PREFETCH_LEVEL),
                       ir.Constant(I32, 1)])
 
 
@@ -328,11 +336,15 @@ def _q8_intrinsic(tail: bool):
             faccs = _float_lanes(builder)
             bytes_t, words_t = _vec(I8, LANES), _vec(I16, LANES)
             second = ir.Constant(intp, LANES)
+            wide = builder.icmp_unsigned(">=", width, ir.Constant(intp, WIDE_ROW))
 
             def block(b, k0, tail, chain):
                 w, x = builder.gep(codes, [k0]), builder.gep(xqa.data, [k0])
                 if tail is not None:
                     w, x = _padded_tail(builder, [(w, _vec(I8, 2 * LANES)), (x, _vec(I16, 2 * LANES))], tail, intp)
+                else:
+                    with builder.if_then(wide):               # loop-invariant: LLVM unswitches the row loop
+                        _prefetch(builder, builder.gep(w, [ir.Constant(intp, PREFETCH_INT8)]))
                 zero = ir.Constant(intp, 0)
                 w0 = builder.sext(_load_vector(builder, w, zero, bytes_t, 1), words_t)
                 w1 = builder.sext(_load_vector(builder, w, second, bytes_t, 1), words_t)
