@@ -106,7 +106,7 @@ class Prefetcher:
     def read(self, layer: int, host: list[np.ndarray]) -> Prediction:
         """Host half, first step: the parts ``summarize`` returned, read back, as a Prediction; counts
         the live recall."""
-        found, total = (int(x) for x in host[0])
+        found, total = (int(x) for x in host[0].tolist())
         if found >= 0:
             self.stats.predicted_found[layer] += found
             self.stats.predicted_total[layer] += total
