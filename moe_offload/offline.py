@@ -192,6 +192,19 @@ def run_jobs(model, tokenizer, jobs: Sequence[BatchJob], batch_size: int, prefil
         yield from _step_loop(model, tokenizer, jobs, batch_size, prefill_chunk, progress)
 
 
+def submission_order(lengths: Sequence[int], window: int) -> list[int]:
+    """The order jobs are handed to the engine: each run of ``window`` consecutive jobs (the batch size)
+    shortest prompt first. A prefill forward pads its rows to the longest prompt among them (and takes rows
+    while rows x longest stays within its token budget), so prompts of similar length prefilled together
+    waste less compute; windows keep the input's order between them, so answers, written in input order,
+    never wait on a job more than a window later. Stable: equal lengths keep their input order."""
+    window = max(1, window)
+    order = []
+    for start in range(0, len(lengths), window):
+        order += sorted(range(start, min(start + window, len(lengths))), key=lambda i: lengths[i])
+    return order
+
+
 def _step_loop(model, tokenizer, jobs: Sequence[BatchJob], batch_size: int, prefill_chunk: int,
                progress: bool) -> Iterator[BatchResult]:
     """The engine's own thread runs the steps (as in the server: the model computes off the caller's thread,
@@ -200,8 +213,8 @@ def _step_loop(model, tokenizer, jobs: Sequence[BatchJob], batch_size: int, pref
                          prefill_chunk=prefill_chunk, prefill_tokens=max(4096, 8 * prefill_chunk))
     finished: queue.SimpleQueue = queue.SimpleQueue()
     collectors = [_Collector(i, job, finished) for i, job in enumerate(jobs)]
-    for job, collector in zip(jobs, collectors):
-        engine.submit(GenerationRequest(job.prompt_ids, job.params, tokenizer, collector))
+    for i in submission_order([len(job.prompt_ids) for job in jobs], batch_size):
+        engine.submit(GenerationRequest(jobs[i].prompt_ids, jobs[i].params, tokenizer, collectors[i]))
     flushed, start = 0, time.perf_counter()
     engine.start()
     try:

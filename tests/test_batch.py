@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import moe_offload
 from moe_offload.cli import main
 from moe_offload.errors import MoEOffloadError
+from moe_offload.offline import submission_order
 from moe_offload.serve.engine import BatchEngine, GenerationRequest, SamplingParams
 
 from tiny_checkpoints import FAMILIES, add_char_tokenizer, num_experts
@@ -143,6 +144,14 @@ def test_generate_batch_equals_generate_per_prompt(shipped):
     assert [r.text for r in results] == expected
     assert all(r.finish_reason == "length" and r.completion_tokens == NEW_TOKENS for r in results)
     assert [r.prompt_tokens for r in results] == [len(tokenizer(p)["input_ids"]) for p in TEXT_PROMPTS]
+
+
+def test_jobs_go_to_the_engine_shortest_first_within_each_batch_window():
+    lengths = [5, 2, 9, 2, 7, 1, 3]
+    assert submission_order(lengths, 3) == [1, 0, 2, 5, 3, 4, 6]   # windows [0, 3), [3, 6), [6, 7); ties in input order
+    assert submission_order(lengths, 100) == sorted(range(7), key=lambda i: (lengths[i], i))
+    assert submission_order(lengths, 1) == list(range(7))
+    assert submission_order([], 4) == []
 
 
 def test_generate_batch_per_prompt_fields(shipped):
