@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -109,21 +111,28 @@ def _random_int4_row(fmt: ExpertFormat, gen: torch.Generator) -> np.ndarray:
     return row.numpy()
 
 
-def median_time(fn, budget_s: float, min_runs: int = 3, max_runs: int = 15, give_up_s: float = math.inf) -> float:
-    """Median seconds of ``fn()`` after one warm-up call; as many runs as fit in ``budget_s`` (within limits).
-    A warm-up call slower than ``give_up_s`` is returned as it is (a backend that slow cannot win)."""
-    start = time.perf_counter()
-    fn()
-    first = max(time.perf_counter() - start, 1e-9)
-    if first > give_up_s:
-        return first
-    runs = max(min_runs, min(max_runs, int(budget_s / first)))
-    times = []
-    for _ in range(runs):
+def alternated_medians(fns: dict[str, Callable[[], None]], budget_s: float, min_runs: int = 3, max_runs: int = 15,
+                       give_up: float = GIVE_UP) -> dict[str, float]:
+    """{name: median seconds of fns[name]()}, the functions called in turn, round after round, so that a drift in
+    the machine's speed (its memory bandwidth can move by half within seconds) weighs on every one alike; timed
+    one after the other, the later ones met a different machine. One warm-up call each first; as many rounds
+    as fit in ``budget_s`` (within limits). A function whose warm-up call takes ``give_up`` times the fastest
+    warm-up is timed no further (its warm-up time is returned: it cannot win)."""
+    first = {}
+    for name, fn in fns.items():
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        first[name] = max(time.perf_counter() - start, 1e-9)
+    fastest = min(first.values())
+    timed = [name for name in fns if first[name] <= give_up * fastest]
+    rounds = max(min_runs, min(max_runs, int(budget_s / sum(first[name] for name in timed))))
+    times: dict[str, list[float]] = {name: [] for name in timed}
+    for _ in range(rounds):
+        for name in timed:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(times[name])) if name in times else first[name] for name in fns}
 
 
 def pick(timings: dict[int, dict[str, float]]) -> dict[int, str]:
@@ -132,12 +141,11 @@ def pick(timings: dict[int, dict[str, float]]) -> dict[int, str]:
 
 
 def time_buckets(run, hidden: int, share: float) -> dict[int, dict[str, float]]:
-    """{bucket: {backend: median seconds}}: ``run(x [T, H], backend)`` timed for T in BUCKETS, about ``share``
-    seconds per (bucket, backend); torch gives up early when clearly slower (GIVE_UP)."""
+    """{bucket: {backend: median seconds}}: ``run(x [T, H], backend)`` timed for T in BUCKETS, the backends
+    alternated (``alternated_medians``), about ``share`` seconds per (bucket, backend); a backend whose first call
+    is clearly slower is timed no further (GIVE_UP)."""
     timings = {}
     for tokens in BUCKETS:
         xs = np.random.default_rng(tokens).standard_normal((tokens, hidden)).astype(np.float32)   # [T, H]
-        numba_s = median_time(lambda: run(xs, "numba"), share)
-        torch_s = median_time(lambda: run(xs, "torch"), share, give_up_s=GIVE_UP * numba_s)
-        timings[tokens] = {"numba": numba_s, "torch": torch_s}
+        timings[tokens] = alternated_medians({b: partial(run, xs, b) for b in BACKENDS}, 2 * share)
     return timings

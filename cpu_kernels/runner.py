@@ -26,7 +26,7 @@ import numba
 import numpy as np
 import torch
 
-from .backends import (BACKENDS, BUCKETS, bucket_of, job_format, measured_shape, median_time, pick, sample_copies,
+from .backends import (BACKENDS, BUCKETS, alternated_medians, bucket_of, job_format, measured_shape, pick, sample_copies,
                        sample_expert, time_buckets)
 from .blocks import infer_inter
 from .ffn import check_act, check_weights, expert_ffn
@@ -194,8 +194,8 @@ class CpuRunner:
         key, bucket = job.fmt.kernel_key, bucket_of(xs.shape[0])
         chosen = self._choices.setdefault(key, {})
         if bucket not in chosen:
-            timings = {b: median_time(partial(self._run_expert, job, xs, ys, hs, inter, code, b), FIRST_USE_S,
-                                      min_runs=1) for b in BACKENDS}
+            timings = alternated_medians({b: partial(self._run_expert, job, xs, ys, hs, inter, code, b)
+                                          for b in BACKENDS}, 2 * FIRST_USE_S, min_runs=1)
             self.timings.setdefault(key, {})[bucket] = timings
             chosen[bucket] = pick({bucket: timings})[bucket]
         return chosen[bucket]

@@ -4,6 +4,7 @@ round their activations) vs the torch backend, and the backend choice."""
 from __future__ import annotations
 
 import dataclasses
+import time
 import tracemalloc
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 from moe_offload.cpu_kernels import CpuJob, CpuRunner
 from moe_offload.cpu_kernels.act_quant import act_blocks, fake_quantize, quantize_activations, quantize_rows
-from moe_offload.cpu_kernels.backends import BUCKETS, MAX_PARAMS, bucket_of, measured_shape, pick
+from moe_offload.cpu_kernels.backends import BUCKETS, MAX_PARAMS, alternated_medians, bucket_of, measured_shape, pick
 from moe_offload.cpu_kernels.packed import ExpertFormat
 from moe_offload.cpu_kernels.packed_ffn import packed_ffn, packed_scratch_size, row_buffer_width
 from moe_offload.cpu_kernels.packed_kernels import FP8_LUT, _fp8_decode_row
@@ -382,3 +383,18 @@ def test_fp8_row_dot_decodes_every_code_as_the_table_does():
         expected = weights @ x.astype(np.float64)
         assert abs(out[r] - expected) <= 1e-5 * np.abs(weights * x).sum(), r
     assert np.isnan(out[2])
+
+
+def test_backends_are_timed_in_alternation_and_a_clearly_slower_one_gives_up():
+    calls = []
+
+    def timed(name, seconds):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+        return run
+
+    seconds = alternated_medians({"a": timed("a", 0.002), "b": timed("b", 0.002), "slow": timed("slow", 0.05)},
+                                 budget_s=0.0, min_runs=3, give_up=4.0)
+    assert calls == ["a", "b", "slow"] + ["a", "b"] * 3       # warm-ups, then rounds in turn; "slow" given up
+    assert seconds["slow"] >= 0.05 and 0.002 <= seconds["a"] < 0.05 and 0.002 <= seconds["b"] < 0.05

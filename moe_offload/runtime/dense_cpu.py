@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..cpu_kernels.backends import COPIES_BYTES, median_time
+from ..cpu_kernels.backends import COPIES_BYTES, alternated_medians
 from ..cpu_kernels.kernels import linear_rows
 
 KERNEL_DTYPES = {torch.bfloat16: torch.uint16, torch.float16: torch.int16}   # the bit views formats.widen reads
@@ -45,7 +45,6 @@ KERNEL_DTYPES = {torch.bfloat16: torch.uint16, torch.float16: torch.int16}   # t
 CPU_DENSE = ("auto", "native", "float32", "kernel")
 TOKEN_COUNTS = (1, 4, 16, 64)   # rows per call timed, smallest first; a count where native wins ends the search
 MEASURE_S = 0.05                # seconds of timing per (shape, variant, token count)
-GIVE_UP = 4.0                   # the upcast is timed no further when its first call takes this many times native's
 MAX_COPIES = 64                 # copies of a small weight cycled (enough to leave the cache)
 
 
@@ -137,12 +136,13 @@ def time_shape(weight: torch.Tensor, tokens: tuple[int, ...] = TOKEN_COUNTS) -> 
     native_s, upcast_s, kernel_s = {}, {}, {}
     for t in tokens:
         x = torch.randn(t, weight.shape[1], generator=torch.Generator().manual_seed(t)).to(weight.dtype)  # [T, K]
-        native_s[t] = median_time(partial(_cycle, native, x, False), MEASURE_S, min_runs=1)
-        upcast_s[t] = median_time(partial(_cycle, upcast, x, True), MEASURE_S, min_runs=1,
-                                  give_up_s=GIVE_UP * native_s[t])
+        variants = {"native": partial(_cycle, native, x, False), "upcast": partial(_cycle, upcast, x, True)}
         if kernel is not None:
-            kernel_s[t] = median_time(partial(_cycle_kernel, kernel, x), MEASURE_S, min_runs=1,
-                                      give_up_s=GIVE_UP * native_s[t])
+            variants["kernel"] = partial(_cycle_kernel, kernel, x)
+        seconds = alternated_medians(variants, MEASURE_S * len(variants), min_runs=1)
+        native_s[t], upcast_s[t] = seconds["native"], seconds["upcast"]
+        if kernel is not None:
+            kernel_s[t] = seconds["kernel"]
         if min(upcast_s[t], kernel_s.get(t, math.inf)) >= native_s[t]:
             break
     return DenseTiming(tuple(weight.shape), native_s, upcast_s, kernel_s)
