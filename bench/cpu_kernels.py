@@ -9,8 +9,9 @@ I = intermediate) on the CPU runner's two backends, with the same thread count: 
 kernels (`expert_ffn` for native blocks, `packed_ffn` for packed rows) and torch (F.linear on
 the block's own dtype; packed rows dequantized into one float32 scratch first). Each timing
 cycles through enough distinct expert copies (>= --working-set MiB) that the weights come from
-DRAM, not the last-level cache. memory_gbps is a parallel numba reduction over a 1 GiB float32
-array measured in the same run. `picked` is the backend CpuRunner.measure_backends chooses for
+DRAM, not the last-level cache; the two backends' passes alternate, so a drift in bandwidth weighs
+on both alike. memory_gbps is a parallel numba reduction over a 1 GiB float32 array measured in the
+same run. `picked` is the backend CpuRunner.measure_backends chooses for
 that format and T on this machine (its own short measurement), and `picked/best` how its time
 here compares with the faster of the two. The JSON records the CPU model and SIMD flags.
 Prints one table and the checks at T = 1 (every packed format's weight GB/s as % of the read
@@ -92,25 +93,31 @@ def numba_expert(x, block, fmt, inter, out, scratch, rows) -> None:
         expert_ffn(x, block, x.shape[1], inter, "silu", out, scratch)
 
 
-def time_per_call(run, blocks: list[tuple], repeats: int, budget_s: float) -> tuple[float, int]:
-    """(median over passes of pass time / blocks per pass in ms, blocks per pass).
+def time_per_call(runs: dict, blocks: list[tuple], repeats: int, budget_s: float) -> dict[str, tuple[float, int]]:
+    """{name: (median over passes of pass time / blocks per pass in ms, blocks per pass)} of each of ``runs``,
+    their passes alternated (so a drift in the machine's bandwidth weighs on each alike).
 
     Slow (compute-bound) cases cycle fewer blocks and take fewer passes (>= 3), so that one
     case takes about budget_s; fast (memory-bound) cases cycle all blocks.
     """
-    run(*blocks[0])
-    start = time.perf_counter()
-    run(*blocks[-1])
-    call = max(time.perf_counter() - start, 1e-9)
-    used = blocks[: max(1, min(len(blocks), int(budget_s / (3 * call))))]
-    passes = max(3, min(repeats, int(budget_s / (call * len(used)))))
-    times = []
-    for _ in range(passes):
+    plans = {}
+    for name, run in runs.items():
+        run(*blocks[0])
         start = time.perf_counter()
-        for block, fmt in used:
-            run(block, fmt)
-        times.append((time.perf_counter() - start) / len(used))
-    return median(times) * 1e3, len(used)
+        run(*blocks[-1])
+        call = max(time.perf_counter() - start, 1e-9)
+        used = blocks[: max(1, min(len(blocks), int(budget_s / (3 * call))))]
+        plans[name] = (used, max(3, min(repeats, int(budget_s / (call * len(used))))))
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for turn in range(max(passes for _, passes in plans.values())):
+        for name, run in runs.items():
+            used, passes = plans[name]
+            if turn < passes:
+                start = time.perf_counter()
+                for block, fmt in used:
+                    run(block, fmt)
+                times[name].append((time.perf_counter() - start) / len(used))
+    return {name: (median(times[name]) * 1e3, len(plans[name][0])) for name in runs}
 
 
 def bench_case(dtype: str, tokens: int, blocks: list, args, mem_gbps: float, picked: str) -> dict:
@@ -123,10 +130,10 @@ def bench_case(dtype: str, tokens: int, blocks: list, args, mem_gbps: float, pic
     scratch = np.empty(need, dtype=np.float32)
     rows = np.empty((numba.get_num_threads(), 2 * max(hidden, inter)), dtype=np.float32)  # packed_ffn row_buffer_width
     torch_backend = TorchExperts()
-    numba_ms, cycled = time_per_call(
-        lambda b, f: numba_expert(x, b, f, inter, out, scratch, rows), blocks, args.repeats, args.budget)
-    torch_ms, _ = time_per_call(
-        lambda b, f: torch_backend.run(x, b, inter, 0, out, None, f), blocks, args.repeats, args.budget)
+    timed = time_per_call({"numba": lambda b, f: numba_expert(x, b, f, inter, out, scratch, rows),
+                           "torch": lambda b, f: torch_backend.run(x, b, inter, 0, out, None, f)},
+                          blocks, args.repeats, args.budget)
+    (numba_ms, cycled), (torch_ms, _) = timed["numba"], timed["torch"]
     weight_gbps = blocks[0][0].nbytes / (numba_ms * 1e-3) / 1e9
     return {
         "dtype": dtype, "tokens": tokens, "shape": [hidden, inter], "numba_ms": round(numba_ms, 4),
