@@ -263,9 +263,9 @@ BENCHES = (
     prefetch_budget(),
     Bench("CPU expert kernels", ("bench/cpu_kernels.py", "--out", "{out}"), "cpu_kernels.json",
           quick=("--repeats", "5", "--budget", "0.4", "--pick-budget", "0.5"), quick_repeats_only=True,
-          numbers=tuple(kernel_ms(d, v) for d, v in (("bf16", 0.56), ("int8", 0.36), ("int8-a8", 0.30),
-                                                     ("int4", 0.31), ("int4-a8", 0.24), ("int4-g128-a8", 0.24),
-                                                     ("fp8", 0.72)))),
+          numbers=tuple(kernel_ms(d, v) for d, v in (("bf16", 0.71), ("int8", 0.40), ("int8-a8", 0.38),
+                                                     ("int4", 0.34), ("int4-a8", 0.26), ("int4-g128-a8", 0.26),
+                                                     ("fp8", 0.73)))),
     Bench("serve under load", ("bench/serve_load.py", "--requests", "4", "--max-tokens", "32", "--out", "{out}"),
           "serve_load.json", quick=("--requests", "1"),
           numbers=tuple(serve_tokens(b, c, v) for b, vs in (("25%", (106, 163, 409)), ("100%", (116, 195, 502)))
@@ -287,8 +287,8 @@ BENCHES = (
           ("bench/vs_llamacpp.py", "--llama-cpp", "{llama_cpp}", "--model", "{full_size}", "--formats", "bf16",
            "int8-a8", "int4-a8", "--repeats", "2", "--new-tokens", "16", "--out", "{out}"),
           "vs_llamacpp.json", quick=("--repeats", "1"), quick_repeats_only=True, needs=("llama.cpp", "full-size"),
-          numbers=tuple(llamacpp_ratio(pair, phase, v) for phase, vs in (("decode", (0.89, 1.10, 0.62)),
-                                                                          ("prefill", (1.19, 1.13, 0.49)))
+          numbers=tuple(llamacpp_ratio(pair, phase, v) for phase, vs in (("decode", (0.73, 0.86, 0.62)),
+                                                                          ("prefill", (0.56, 0.80, 0.51)))
                         for pair, v in zip(("bf16", "int8-a8", "int4-a8"), vs))),
     Bench("quantize-once vs llama-quantize",
           ("bench/quantize_speed.py", "--checkpoint", "{full_size}", "--llama-cpp", "{llama_cpp}",
