@@ -42,6 +42,16 @@ def run_sweep(python: str, tokens: int) -> tuple[float, dict]:
     return seconds, {key: row[key] for key in COMPARED}
 
 
+def checkout_of(python: str) -> dict:
+    """Where ``python`` imports moe-offload from, and that folder's git commit (None outside a git checkout)."""
+    with tempfile.TemporaryDirectory() as cwd:      # not from a checkout's root (see run_sweep)
+        folder = subprocess.run([python, "-c", "import moe_offload, pathlib; print(pathlib.Path(moe_offload.__file__)"
+                                 ".resolve().parent.parent)"], check=True, capture_output=True, text=True,
+                                cwd=cwd).stdout.strip()
+    found = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True)
+    return {"python": python, "folder": folder, "git_commit": found.stdout.strip() if found.returncode == 0 else None}
+
+
 def same_to_4_digits(a: float, b: float) -> bool:
     return f"{a:.4g}" == f"{b:.4g}"
 
@@ -63,7 +73,8 @@ def main(args: argparse.Namespace) -> int:
                         ("calls_per_s", "MoE calls/s", ".0f"), ("tokens_per_s", "tokens/s", ".6g"),
                         ("hit_rate", "hit rate", ".4f"), ("bytes_copied_per_token", "B/token", ".6g")])
     payload = {"sweep": "moe-offload " + " ".join(SWEEP) + f" --synthetic-tokens {tokens}", "tokens": tokens,
-               "repeats": repeats, "runs": table, "seconds": times}
+               "repeats": repeats, "runs": table, "seconds": times,
+               "checkouts": {name: checkout_of(python) for name, python in pythons.items()}}
     if "baseline" in rows:
         payload["speedup"] = median(times["baseline"]) / median(times["this"])
         payload["same_to_4_digits"] = all(same_to_4_digits(rows["this"][k], rows["baseline"][k]) for k in COMPARED)
