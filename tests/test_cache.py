@@ -46,3 +46,6 @@ def test_slot_maps_stay_consistent():
     for slot, key in enumerate(slots.slot_to_expert):
         assert slots.expert_to_slot[key] == slot
     assert (slots.expert_to_slot >= 0).sum() == 3
+    assert slots.slot_of == slots.expert_to_slot.tolist()     # the list lookups read mirrors the array
+    cache.remove(int(slots.slot_to_expert[0]))
+    assert slots.slot_of == slots.expert_to_slot.tolist() and (slots.expert_to_slot >= 0).sum() == 2
