@@ -7,8 +7,9 @@
 Runs ``moe-offload sweep --model mixtral-8x7b --simulate --synthetic --hardware rtx4090-pcie4 --budgets 25%
 --policies score --predictor oracle --prefetch-depth 8`` (``--synthetic-tokens`` from ``--tokens``; 4096 is the
 CLI's default) as a subprocess with this Python and, given ``--baseline-python`` (an interpreter that imports
-another checkout of moe-offload, e.g. the commit before a change), with that one, alternating, ``--repeats``
-times each. Reports the median wall time of each, the ratio, and each run's projected tokens/s, hit rate and
+another version of moe-offload: a wheel of the old commit installed in a virtual environment, since an
+editable install maps the ``cache``, ``predictor`` and ``cpu_kernels`` packages to its own checkout), with
+that one, alternating, ``--repeats`` times each. Reports the median wall time of each, the ratio, and each run's projected tokens/s, hit rate and
 bytes per token, which must agree to 4 significant digits. Writes simulator_speed.json under --out.
 """
 
@@ -43,13 +44,21 @@ def run_sweep(python: str, tokens: int) -> tuple[float, dict]:
 
 
 def checkout_of(python: str) -> dict:
-    """Where ``python`` imports moe-offload from, and that folder's git commit (None outside a git checkout)."""
+    """Where ``python`` imports moe-offload's two halves of the simulator from (``moe_offload`` and its
+    ``cache`` package, which an editable install maps to a folder of its own checkout, whatever PYTHONPATH
+    says), and the git commit of each folder (None for an installed copy: compare with a wheel of the old
+    commit installed in a virtual environment)."""
+    code = ("import pathlib, moe_offload, moe_offload.cache as c; "
+            "print(pathlib.Path(moe_offload.__file__).resolve().parent); print(pathlib.Path(c.__file__).resolve().parent)")
     with tempfile.TemporaryDirectory() as cwd:      # not from a checkout's root (see run_sweep)
-        folder = subprocess.run([python, "-c", "import moe_offload, pathlib; print(pathlib.Path(moe_offload.__file__)"
-                                 ".resolve().parent.parent)"], check=True, capture_output=True, text=True,
-                                cwd=cwd).stdout.strip()
-    found = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True)
-    return {"python": python, "folder": folder, "git_commit": found.stdout.strip() if found.returncode == 0 else None}
+        folders = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True,
+                                 cwd=cwd).stdout.split()
+
+    def commit(folder: str) -> str | None:
+        found = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True)
+        return found.stdout.strip() if found.returncode == 0 else None
+    return {"python": python, "moe_offload": folders[0], "cache": folders[1],
+            "git_commits": sorted({str(commit(f)) for f in folders})}
 
 
 def same_to_4_digits(a: float, b: float) -> bool:
