@@ -9,8 +9,8 @@ Runs ``moe-offload sweep --model mixtral-8x7b --simulate --synthetic --hardware 
 CLI's default) as a subprocess with this Python and, given ``--baseline-python`` (an interpreter that imports
 another version of moe-offload: a wheel of the old commit installed in a virtual environment, since an
 editable install maps the ``cache``, ``predictor`` and ``cpu_kernels`` packages to its own checkout), with
-that one, alternating, ``--repeats`` times each. Reports the median wall time of each, the ratio, and each run's projected tokens/s, hit rate and
-bytes per token, which must agree to 4 significant digits. Writes simulator_speed.json under --out.
+that one, alternating, ``--repeats`` times each. Reports the median wall time of each, the ratio, and each
+run's projected tokens/s, hit rate and bytes per token, which must agree to 4 significant digits. Writes simulator_speed.json under --out.
 """
 
 from __future__ import annotations

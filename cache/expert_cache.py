@@ -39,7 +39,7 @@ class ExpertCache:
 
     def lookup(self, key: int) -> int:
         """Slot of ``key`` or -1."""
-        return self.slots.slot_of[key]
+        return self.slots.lookup(key)
 
     def touch(self, key: int) -> None:
         self.policy.touch(key)

@@ -54,6 +54,12 @@ def _high_nibble(byte):
     return np.floor(byte * np.float32(0.0625))
 
 
+@numba.njit(inline="always")
+def _low_nibble(byte):
+    """byte mod 16 of a byte held as a float32, exact (see _high_nibble)."""
+    return byte - np.float32(16.0) * _high_nibble(byte)
+
+
 @numba.njit(nogil=True, cache=True)
 def _decode(kind, w, base, vals):
     """vals[:B] = the float32 values of the block of type ``kind`` starting at byte ``base`` of ``w``."""
@@ -66,9 +72,8 @@ def _decode(kind, w, base, vals):
         codes = w[base + 2: base + 18]
         for j in range(16):
             byte = np.float32(codes[j])
-            high = _high_nibble(byte)
-            vals[j] = d * (byte - np.float32(16.0) * high - np.float32(8.0))
-            vals[j + 16] = d * (high - np.float32(8.0))
+            vals[j] = d * (_low_nibble(byte) - np.float32(8.0))
+            vals[j + 16] = d * (_high_nibble(byte) - np.float32(8.0))
     elif kind == 2:                                         # Q4_K
         d, dmin = _f16(w, base), _f16(w, base + 2)
         for s in range(8):
@@ -82,8 +87,7 @@ def _decode(kind, w, base, vals):
                     out[i] = scale * _high_nibble(np.float32(codes[i])) - offset
             else:
                 for i in range(32):
-                    byte = np.float32(codes[i])
-                    out[i] = scale * (byte - np.float32(16.0) * _high_nibble(byte)) - offset
+                    out[i] = scale * _low_nibble(np.float32(codes[i])) - offset
     elif kind == 3:                                         # Q5_K
         d, dmin = _f16(w, base), _f16(w, base + 2)
         codes = base + 48
@@ -108,7 +112,7 @@ def _decode(kind, w, base, vals):
                     out = vals[at + 16 * part: at + 16 * part + 16]
                     for i in range(16):
                         byte = np.float32(lows[16 * part + i])
-                        low = _high_nibble(byte) if j >= 2 else byte - np.float32(16.0) * _high_nibble(byte)
+                        low = _high_nibble(byte) if j >= 2 else _low_nibble(byte)
                         bits = np.float32(highs[16 * part + i])
                         high = np.floor(bits * step) - np.float32(4.0) * np.floor(bits * above)
                         out[i] = scale * (low + np.float32(16.0) * high - np.float32(32.0))
